@@ -1,0 +1,110 @@
+"""Definitions shared by server, tasker and clients.
+
+Imports only the standard library: the CLI and the tasker load it at start-up.
+
+Tasker protocol (all bodies JSON, tasker token):
+
+``POST /api/v1/taskers/{name}/register``
+    request: ``{"host", "pid", "slots", "resources", "boot_id", "rebooted",
+    "running": [Running], "finished": [Result]}``;
+    answer: ``{"kill": [Attempt], "ack": [Attempt], "heartbeat": s, "instance": id}``.
+``POST /api/v1/taskers/{name}/sync`` (long poll up to ``wait`` seconds)
+    request: ``{"started": [Running], "finished": [Result], "running": [Attempt], "wait": s}``;
+    answer: ``{"dispatch": [Dispatch], "kill": [Attempt], "ack": [Attempt]}``;
+    409 ``unknown_tasker`` means: register again.
+
+``Attempt`` is ``{"job": id, "attempt": n}``. ``Running`` adds ``pid`` and ``started``.
+``Result`` adds ``exit_code`` (None when killed), ``signal``, ``started``, ``ended``,
+``reason``. ``Dispatch`` adds ``command``, ``cwd``, ``env``, ``log``, ``name``.
+``ack`` lists the started/finished reports the server has made durable: the tasker may
+forget them. A report for a superseded attempt is acked too (and its attempt is in ``kill``).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+API = "/api/v1"
+DEFAULT_QUEUE = "vnc"
+PORT_BASE = 6200
+PORT_SPAN = 256
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+STOPPED = "stopped"
+LOST = "lost"
+JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, STOPPED, LOST)
+FINAL_STATES = frozenset((DONE, FAILED, STOPPED, LOST))
+
+MODE_NORMAL = "normal"
+MODE_RECOVERING = "recovering"
+MODE_STOPPED = "stopped"
+
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 15, 4
+MAX_ATTEMPTS_DEFAULT = 3
+
+USER_HEADER = "X-Crq-User"
+
+
+def default_port(queue: str) -> int:
+    """The queue's name hashed into 6200-6455, so each queue has a stable home port."""
+    return PORT_BASE + zlib.crc32(queue.encode()) % PORT_SPAN
+
+
+def crq_home() -> Path:
+    return Path(os.environ.get("CRQ_HOME") or Path.home() / ".config" / "crq")
+
+
+class Swd:
+    """The file layout of a server working directory (SPEC section 3)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+
+    @property
+    def server_json(self) -> Path:
+        return self.root / "server.json"
+
+    @property
+    def server_lock(self) -> Path:
+        return self.root / "server.lock"
+
+    @property
+    def trace(self) -> Path:
+        return self.root / "trace.db"
+
+    @property
+    def clean_marker(self) -> Path:
+        return self.trace / "clean"
+
+    @property
+    def recovery_lock(self) -> Path:
+        return self.trace / "recovery.lock"
+
+    @property
+    def security(self) -> Path:
+        return self.root / "security"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.security / "admin.token"
+
+    @property
+    def tasker_token(self) -> Path:
+        return self.security / "tasker.token"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+
+def attempt_key(report: dict) -> tuple[int, int]:
+    return int(report["job"]), int(report["attempt"])

@@ -1,0 +1,1 @@
+"""The crq queue server: event-sourced state, CR journal, snapshots, HTTP API."""

@@ -1,0 +1,425 @@
+"""The HTTP API (SPEC section 4): thin handlers over commands, engine and state.
+
+Every handler that answers from the state first awaits the journal barrier, so nothing
+leaves the process before the events it reflects are durable (invariant 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse, Response
+
+from client.wire import MODE_NORMAL, MODE_RECOVERING, QUEUED, USER_HEADER
+from server import commands
+from server.engine import Engine, Link
+from server.models import BadRequest, Register, Sync, parse_json, parse_submit, validate
+from server.settings import Settings
+from server.state import TASKER_LOST, Job, State
+
+log = logging.getLogger("crq.http")
+STATIC = Path(__file__).parent / "static"
+VERSION = "0.1.0"
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> JSON:
+    return JSON({"error": code, "message": message, **extra}, status_code=status)
+
+
+class Server:
+    """What the handlers share: settings, engine, tokens, identity of this process."""
+
+    def __init__(self, settings: Settings, engine: Engine, admin: str, tasker: str,
+                 instance: str, url: str) -> None:  # fmt: skip
+        self.settings = settings
+        self.engine = engine
+        self.admin_token = admin.encode()
+        self.tasker_token = tasker.encode()
+        self.instance = instance
+        self.url = url
+        self.started_at = time.time()
+        self.recovery: Callable[[], dict[str, Any] | None] = lambda: None
+        self.request_stop: Callable[[bool], None] = lambda freeze: None
+        self.sanity: Callable[[bool], dict[str, Any]] = self._sanity
+        self.on_register: Callable[[str, Register, commands.Outcome], None] = lambda *a: None
+        self.recovery_task: asyncio.Task[None] | None = None
+
+    def _sanity(self, fix: bool) -> dict[str, Any]:
+        from server import sanity
+
+        engine = self.engine
+        return sanity.check(engine.state, set(engine.links), fix, engine.emit).as_dict()
+
+    @property
+    def state(self) -> State:
+        return self.engine.state
+
+
+def _token(request: Request) -> bytes:
+    auth = request.headers.get("authorization", "")
+    if not auth.startswith("Bearer "):
+        raise BadRequest(401, "unauthorized", "missing bearer token (Authorization: Bearer …)")
+    return auth[7:].strip().encode()
+
+
+def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
+    spec = orjson.loads(job.spec)
+    cur = job.current()
+    out = {
+        "id": job.id, "name": job.name, "user": job.user, "state": job.state,
+        "priority": job.priority, "resources": job.need.text, "command": spec["command"],
+        "cwd": spec["cwd"], "log": log_path(job.id, spec), "rerunnable": job.rerunnable,
+        "max_attempts": job.max_attempts, "attempt": job.attempt, "tasker": job.tasker,
+        "host": cur.host if cur and job.tasker else None, "pid": job.pid,
+        "submitted": job.submitted, "started": job.started, "ended": job.ended,
+        "exit_code": job.exit_code, "signal": job.signal, "reason": job.reason,
+    }  # fmt: skip
+    if full:
+        out["env"] = state.env_of(job)
+        out["attempts"] = [a.to_dict() for a in job.attempts or ()]
+    return out
+
+
+def log_path(job_id: int, spec: dict[str, Any]) -> str:
+    return spec["log"] or os.path.join(spec["cwd"], f"crq.{job_id}.log")
+
+
+def create_app(srv: Server) -> FastAPI:
+    app = FastAPI(title="crq", version=VERSION, docs_url="/api/docs", redoc_url=None,
+                  openapi_url="/api/openapi.json")  # fmt: skip
+    engine = srv.engine
+    api = "/api/v1"
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, e: BadRequest) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        resp = error(e.status, e.code, e.message)
+        if headers:
+            resp.headers.update(headers)
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> Response:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return error(422, "invalid", f"{where}: {err['msg']}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}")
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error(500, "internal", f"internal error: {type(e).__name__}: {e}")
+
+    def client(request: Request) -> str:
+        """Admits an admin-token holder outside crash recovery; returns the user."""
+        if not hmac.compare_digest(_token(request), srv.admin_token):
+            if hmac.compare_digest(_token(request), srv.tasker_token):
+                raise BadRequest(403, "forbidden", "the tasker token opens only tasker endpoints")
+            raise BadRequest(401, "unauthorized", "bad token")
+        if engine.mode == MODE_RECOVERING:
+            raise Recovering(srv.recovery() or {})
+        return request.headers.get(USER_HEADER) or "admin"
+
+    def admin(request: Request) -> None:
+        if not hmac.compare_digest(_token(request), srv.admin_token):
+            raise BadRequest(401, "unauthorized", "bad token: this needs the admin token")
+
+    def tasker_auth(request: Request) -> None:
+        token = _token(request)
+        if not (
+            hmac.compare_digest(token, srv.tasker_token)
+            or hmac.compare_digest(token, srv.admin_token)
+        ):
+            raise BadRequest(401, "unauthorized", "bad tasker token")
+
+    @app.exception_handler(Recovering)
+    async def _recovering(request: Request, e: Recovering) -> Response:
+        left = e.progress.get("seconds_left") or 5
+        resp = error(503, "crash_recovery",
+                     "the queue is in crash recovery; retry later", recovery=e.progress)  # fmt: skip
+        resp.headers["Retry-After"] = str(max(1, min(30, int(left))))
+        return resp
+
+    # -- clients --------------------------------------------------------------------------
+
+    @app.post(api + "/jobs", status_code=201)
+    async def submit(request: Request) -> Response:
+        user = client(request)
+        if engine.shutting_down:
+            raise BadRequest(503, "stopping", "the server is stopping")
+        batch = parse_submit(parse_json(await request.body()))
+        events, ids = commands.submit(srv.state, batch, user, time.time())
+        engine.emit(events)
+        await engine.durable()
+        return JSON({"ids": ids}, status_code=201)
+
+    @app.get(api + "/jobs")
+    async def list_jobs(request: Request, state: str | None = None, user: str | None = None,
+                        limit: int = 1000, after: int = 0) -> Response:  # fmt: skip
+        client(request)
+        limit = max(1, min(limit, 10_000))
+        out = []
+        nxt = None
+        st = srv.state
+        ids = st.jobs.keys() if after <= 0 else (i for i in st.jobs if i > after)
+        for job_id in ids:
+            job = st.jobs[job_id]
+            if (state and job.state != state) or (user and job.user != user):
+                continue
+            if len(out) == limit:
+                nxt = out[-1]["id"]
+                break
+            out.append(job_json(st, job, full=False))
+        await engine.durable()
+        return JSON({"jobs": out, "next": nxt})
+
+    def _get_job(job_id: int) -> Job:
+        job = srv.state.jobs.get(job_id)
+        if job is None:
+            raise BadRequest(404, "not_found", f"no job {job_id}")
+        return job
+
+    @app.get(api + "/jobs/{job_id}")
+    async def get_job(request: Request, job_id: int) -> Response:
+        client(request)
+        job = _get_job(job_id)
+        await engine.durable()
+        return JSON(job_json(srv.state, job))
+
+    @app.get(api + "/jobs/{job_id}/wait")
+    async def wait_job(request: Request, job_id: int, timeout: float = 30.0) -> Response:
+        client(request)
+        job = _get_job(job_id)
+        if job.state in ("queued", "running"):
+            await engine.wait_final(job_id, max(0.0, min(timeout, 300.0)))
+        await engine.durable()
+        job = srv.state.jobs.get(job_id, job)
+        return JSON(job_json(srv.state, job))
+
+    @app.get(api + "/queue")
+    async def queue(request: Request) -> Response:
+        client(request)
+        ids = list(srv.state.queue_order())
+        await engine.durable()
+        return JSON({"ids": ids})
+
+    async def _control(request: Request, job_id: int, command: Any) -> Response:
+        client(request)
+        engine.emit(command(srv.state, job_id, time.time()))
+        await engine.durable()
+        return JSON(job_json(srv.state, _get_job(job_id)))
+
+    @app.post(api + "/jobs/{job_id}/stop")
+    async def stop_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, commands.stop)
+
+    @app.post(api + "/jobs/{job_id}/rerun")
+    async def rerun_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, commands.rerun)
+
+    @app.delete(api + "/jobs/{job_id}")
+    async def forget_job(request: Request, job_id: int) -> Response:
+        client(request)
+        engine.emit(commands.forget(srv.state, job_id, time.time()))
+        await engine.durable()
+        return JSON({"id": job_id, "forgotten": True})
+
+    @app.get(api + "/taskers")
+    async def taskers(request: Request) -> Response:
+        client(request)
+        out = [tasker_json(srv, t.name) for t in srv.state.taskers.values()]
+        await engine.durable()
+        return JSON({"taskers": out})
+
+    @app.get(api + "/server")
+    async def server_info(request: Request) -> Response:
+        token = _token(request)
+        if not (
+            hmac.compare_digest(token, srv.admin_token)
+            or hmac.compare_digest(token, srv.tasker_token)
+        ):
+            raise BadRequest(401, "unauthorized", "bad token")
+        st = srv.state
+        await engine.durable()
+        return JSON({
+            "queue": srv.settings.queue, "mode": engine.mode, "pid": os.getpid(),
+            "host": os.uname().nodename, "url": srv.url, "instance": srv.instance,
+            "version": VERSION, "started_at": srv.started_at, "counts": st.counts,
+            "taskers": len(st.taskers), "recovery": srv.recovery(),
+            "journal": {"seq": st.seq, "durable_seq": engine.journal.durable_seq,
+                        "segment": engine.journal.segment,
+                        "disk_full_since": engine.journal.stalled_since},
+        })  # fmt: skip
+
+    @app.post(api + "/server/stop")
+    async def server_stop(request: Request) -> Response:
+        admin(request)
+        body = await request.body()
+        data = parse_json(body) if body else {}
+        freeze = bool(data.get("freeze")) if isinstance(data, dict) else False
+        srv.request_stop(freeze)
+        return JSON({"stopping": True, "freeze": freeze})
+
+    @app.post(api + "/server/sanity")
+    async def sanity(request: Request, fix: int = 0) -> Response:
+        admin(request)
+        result = srv.sanity(bool(fix))
+        await engine.durable()
+        return JSON(result)
+
+    # -- taskers --------------------------------------------------------------------------
+
+    @app.post(api + "/taskers/{name}/register")
+    async def register(request: Request, name: str) -> Response:
+        tasker_auth(request)
+        _check_name(name)
+        body = validate(Register, parse_json(await request.body()))
+        now = time.time()
+        out = commands.register(srv.state, name, body, now)
+        engine.emit(out.events)
+        srv.on_register(name, body, out)
+        link = engine.links.get(name)
+        if link is None:
+            link = engine.links[name] = Link(name)
+        link.last_contact = now
+        link.generation += 1
+        link.wake.set()
+        await engine.durable()
+        return JSON({
+            "kill": [{"job": j, "attempt": a} for j, a in sorted(out.kill)],
+            "ack": [{"job": j, "attempt": a} for j, a in out.ack],
+            "heartbeat": srv.settings.heartbeat, "instance": srv.instance,
+        })  # fmt: skip
+
+    @app.post(api + "/taskers/{name}/sync")
+    async def sync(request: Request, name: str) -> Response:
+        tasker_auth(request)
+        body = validate(Sync, parse_json(await request.body()))
+        st = srv.state
+        tasker = st.taskers.get(name)
+        link = engine.links.get(name)
+        if tasker is None or link is None or tasker.state == TASKER_LOST:
+            raise BadRequest(409, "unknown_tasker", f"tasker {name} must register first")
+        now = time.time()
+        link.last_contact = now
+        link.generation += 1
+        generation = link.generation
+        out = commands.reports(st, name, body.started, body.finished, now)
+        engine.emit(out.events)
+        reported = {(r.job, r.attempt) for r in body.started} | {
+            (r.job, r.attempt) for r in body.finished
+        }
+        deadline = now + min(body.wait, srv.settings.heartbeat * 3)
+        while True:
+            link.wake.clear()
+            send, kill = commands.sync_orders(st, name, body.running, reported)
+            kill |= out.kill | link.kill
+            left = deadline - time.time()
+            if send or kill or out.ack or left <= 0 or engine.shutting_down \
+                    or link.generation != generation:  # fmt: skip
+                break
+            try:
+                await asyncio.wait_for(link.wake.wait(), left)
+            except TimeoutError:
+                pass
+        link.kill -= kill
+        await engine.durable()
+        link.last_contact = time.time()
+        return JSON({
+            "dispatch": [dispatch_json(st, job) for job in send],
+            "kill": [{"job": j, "attempt": a} for j, a in sorted(kill)],
+            "ack": [{"job": j, "attempt": a} for j, a in out.ack],
+            "shutdown": engine.shutting_down and not engine.freeze,
+        })  # fmt: skip
+
+    # -- probes, metrics, UI --------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSON({"ok": True})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if engine.mode != MODE_NORMAL:
+            return error(
+                503, "crash_recovery", "the queue is in crash recovery", recovery=srv.recovery()
+            )
+        return JSON({"ok": True, "mode": engine.mode})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from server.metrics import render
+
+        body, content_type = render(srv)
+        return Response(body, media_type=content_type)
+
+    @app.get("/")
+    async def index() -> Response:
+        if engine.mode == MODE_RECOVERING:
+            return error(503, "crash_recovery", "the queue is in crash recovery; retry later",
+                         recovery=srv.recovery())  # fmt: skip
+        return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+class Recovering(Exception):
+    def __init__(self, progress: dict[str, Any]) -> None:
+        super().__init__("crash recovery")
+        self.progress = progress
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > 128 or not all(c.isalnum() or c in "._-@" for c in name):
+        raise BadRequest(422, "invalid", f"bad tasker name {name[:40]!r}")
+
+
+def tasker_json(srv: Server, name: str) -> dict[str, Any]:
+    t = srv.state.taskers[name]
+    link = srv.engine.links.get(name)
+    if t.state == TASKER_LOST:
+        state = "lost"
+    elif link is None:
+        state = "gone"
+    elif t.free_slots <= 0:
+        state = "full"
+    else:
+        state = "ready"
+    return {
+        "name": t.name, "host": t.host, "state": state, "slots": t.slots,
+        "free_slots": t.free_slots, "resources": t.resources, "running": sorted(t.running),
+        "last_contact": link.last_contact if link else None, "registered": t.registered,
+    }  # fmt: skip
+
+
+def dispatch_json(state: State, job: Job) -> dict[str, Any]:
+    spec = orjson.loads(job.spec)
+    return {
+        "job": job.id, "attempt": job.attempt, "command": spec["command"], "cwd": spec["cwd"],
+        "env": state.env_of(job), "log": log_path(job.id, spec), "name": job.name,
+    }  # fmt: skip
+
+
+__all__ = ["Server", "create_app", "job_json", "QUEUED"]

@@ -1,0 +1,200 @@
+"""Commands: check a request against the state and return the events that carry it out.
+
+Nothing here changes the state; the engine applies and journals what is returned. A
+refused command raises BadRequest and so changes nothing (invariant 6). Reports from
+taskers are fenced by ``(job, attempt)``: only the current attempt on the tasker it was
+sent to may start or finish a job (invariant 4).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from client.wire import FINAL_STATES, QUEUED, RUNNING
+from server.models import AttemptRef, BadRequest, Batch, Register, ResultReport, RunningReport
+from server.resources import ResourceError
+from server.state import Event, Job, State, env_digest
+
+Ref = tuple[int, int]
+
+
+def _job(state: State, job_id: int) -> Job:
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise BadRequest(404, "not_found", f"no job {job_id}")
+    return job
+
+
+def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Event], list[int]]:
+    events: list[Event] = []
+    new_envs: dict[str, int] = {}
+    next_env = state.next_env
+    jobs = []
+    first = state.next_id
+    for i, spec in enumerate(batch.jobs):
+        try:
+            need = state.needs.get(spec.resources)
+        except ResourceError as e:
+            raise BadRequest(422, "invalid", f"jobs[{i}].resources: {e}") from None
+        for k, _ in need.globals:
+            if k not in state.global_total:
+                raise BadRequest(422, "invalid", f"jobs[{i}].resources: unknown resource {k}")
+        env = spec.env if spec.env is not None else batch.env
+        env_id = None
+        if env:
+            digest = env_digest(env)
+            env_id = state.env_by_digest.get(digest) or new_envs.get(digest)
+            if env_id is None:
+                env_id = new_envs[digest] = next_env
+                next_env += 1
+                events.append({"e": "env", "id": env_id, "env": env})
+        job_id = first + i
+        jobs.append({
+            "id": job_id,
+            "priority": spec.priority,
+            "resources": need.text,
+            "name": spec.name or _default_name(spec.command),
+            "env": env_id,
+            "rerunnable": spec.rerunnable,
+            "max_attempts": spec.max_attempts,
+            "spec": {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log},
+        })  # fmt: skip
+    events.append({"e": "submit", "t": now, "user": sys.intern(user), "jobs": jobs})
+    return events, [j["id"] for j in jobs]
+
+
+def _default_name(command: list[str] | str) -> str:
+    word = command[0] if isinstance(command, list) else command.split(maxsplit=1)[0]
+    return os.path.basename(word)[:256]
+
+
+def stop(state: State, job_id: int, now: float) -> list[Event]:
+    job = _job(state, job_id)
+    if job.state in FINAL_STATES:
+        raise BadRequest(409, "conflict", f"job {job_id} is already {job.state}")
+    if job.stop_requested:
+        return []
+    return [{"e": "stop", "t": now, "job": job_id}]
+
+
+def rerun(state: State, job_id: int, now: float) -> list[Event]:
+    job = _job(state, job_id)
+    if job.state not in FINAL_STATES:
+        raise BadRequest(409, "conflict", f"job {job_id} is {job.state}; only ended jobs rerun")
+    return [{"e": "rerun", "t": now, "job": job_id}]
+
+
+def forget(state: State, job_id: int, now: float) -> list[Event]:
+    job = _job(state, job_id)
+    if job.state == RUNNING:
+        raise BadRequest(409, "conflict", f"job {job_id} is running; stop it first")
+    return [{"e": "forget", "t": now, "jobs": [job_id]}]
+
+
+@dataclass
+class Outcome:
+    """What a tasker's reports lead to: events to apply, reports to ack, attempts to kill."""
+
+    events: list[Event] = field(default_factory=list)
+    ack: list[Ref] = field(default_factory=list)
+    kill: set[Ref] = field(default_factory=set)
+
+
+def _current(state: State, tasker: str, ref: Ref) -> Job | None:
+    job = state.jobs.get(ref[0])
+    if job is not None and job.state == RUNNING and job.attempt == ref[1] and job.tasker == tasker:
+        return job
+    return None
+
+
+def reports(
+    state: State,
+    tasker: str,
+    started: Iterable[RunningReport],
+    finished: Iterable[ResultReport],
+    now: float,
+    out: Outcome | None = None,
+) -> Outcome:
+    out = out or Outcome()
+    done: set[Ref] = set()
+    for r in started:
+        ref = (r.job, r.attempt)
+        out.ack.append(ref)
+        job = _current(state, tasker, ref)
+        if job is None:
+            if not _ended(state, ref):
+                out.kill.add(ref)  # superseded: its job went on without it
+        elif job.started is None:
+            out.events.append({"e": "start", "t": now, "job": r.job, "attempt": r.attempt,
+                               "pid": r.pid, "started": r.started or now})  # fmt: skip
+    for r in finished:
+        ref = (r.job, r.attempt)
+        out.ack.append(ref)
+        if ref in done or _current(state, tasker, ref) is None:
+            continue  # a duplicate or a superseded attempt: recorded at most once
+        done.add(ref)
+        out.events.append({
+            "e": "finish", "t": now, "job": r.job, "attempt": r.attempt,
+            "exit_code": r.exit_code, "signal": r.signal, "reason": r.reason,
+            "started": r.started or now, "ended": r.ended or now,
+        })  # fmt: skip
+    return out
+
+
+def _ended(state: State, ref: Ref) -> bool:
+    """Whether this very attempt already finished (a late duplicate, not a stale rival)."""
+    job = state.jobs.get(ref[0])
+    return job is not None and job.attempt == ref[1] and job.state in FINAL_STATES
+
+
+def register(state: State, name: str, body: Register, now: float) -> Outcome:
+    """A tasker (re)joins: adopt what it still runs, record what it finished, fence the rest."""
+    out = Outcome()
+    out.events.append({
+        "e": "tasker", "t": now, "name": name, "host": body.host, "pid": body.pid,
+        "slots": body.slots, "resources": body.resources, "boot_id": body.boot_id,
+    })  # fmt: skip
+    reports(state, name, body.running, body.finished, now, out)
+    known = {(r.job, r.attempt) for r in body.running} | {(r.job, r.attempt) for r in body.finished}
+    tasker = state.taskers.get(name)
+    for job_id in sorted(tasker.running) if tasker else ():
+        job = state.jobs[job_id]
+        if (job_id, job.attempt) in known:
+            continue
+        if body.rebooted:
+            reason = f"host {body.host} rebooted"
+        elif job.started is not None:
+            reason = f"tasker {name} restarted without it"
+        else:
+            continue  # dispatched but never received: it is sent again
+        out.events.append({"e": "recover", "t": now, "job": job_id, "attempt": job.attempt,
+                           "reason": reason})  # fmt: skip
+    return out
+
+
+def sync_orders(
+    state: State, name: str, running: Iterable[AttemptRef], reported: set[Ref]
+) -> tuple[list[Job], set[Ref]]:
+    """Dispatches still to deliver and attempts to kill, derived from the state.
+
+    A dispatch is repeated until the tasker reports the attempt, so a lost answer loses
+    nothing; the tasker ignores attempts it already has.
+    """
+    have = {(r.job, r.attempt) for r in running} | reported
+    kill: set[Ref] = set()
+    for ref in have:
+        job = state.jobs.get(ref[0])
+        if job is None or job.state == QUEUED or job.attempt != ref[1]:
+            kill.add(ref)
+        elif job.state == RUNNING and (job.tasker != name or job.stop_requested):
+            kill.add(ref)
+    tasker = state.taskers.get(name)
+    send = []
+    for job_id in tasker.running if tasker else ():
+        job = state.jobs[job_id]
+        if job.started is None and (job_id, job.attempt) not in have:
+            send.append(job)
+    return send, kill

@@ -1,0 +1,220 @@
+"""The server process: lock the swd, rebuild the state, serve, and stop cleanly.
+
+Start-up failures print one line ``crq-server: …`` and exit 3, so ``ncmgr start`` can show
+the reason. A clean stop waits for the journal, writes a snapshot, prunes what it covers,
+and leaves ``trace.db/clean``: the next start knows nothing was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import logging.handlers
+import os
+import secrets
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from client.wire import MODE_NORMAL, MODE_STOPPED, Swd
+from server import checkpoint, replay
+from server.app import Server, create_app
+from server.engine import Engine
+from server.journal import Journal, fsync_dir
+from server.settings import Settings, SettingsError, load
+
+log = logging.getLogger("crq.server")
+
+
+class StartError(Exception):
+    pass
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def lock_swd(paths: Swd) -> int:
+    fd = os.open(paths.server_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartError(f"{paths.root} is in use by another server (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def ensure_token(path: Path) -> str:
+    if not path.exists():
+        write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
+    token = path.read_text().strip()
+    if not token:
+        raise StartError(f"{path} is empty")
+    return token
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise StartError(
+            f"cannot listen on {host}:{port}: {e.strerror} (port busy? use --port)"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def setup_logging(paths: Swd) -> None:
+    handler = logging.handlers.WatchedFileHandler(paths.logs / "server.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def server_json(srv: Server, mode: str) -> None:
+    s = srv.settings
+    info = {
+        "pid": os.getpid(), "host": os.uname().nodename, "port": s.port, "url": srv.url,
+        "queue": s.queue, "swd": str(s.swd), "instance": srv.instance, "mode": mode,
+        "started_at": srv.started_at,
+    }  # fmt: skip
+    write_atomic(s.paths.server_json, orjson.dumps(info, option=orjson.OPT_INDENT_2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load(argv)
+    except SettingsError as e:
+        print(f"crq-server: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(settings)
+    except StartError as e:
+        print(f"crq-server: {e}", file=sys.stderr)
+        log.error("cannot start: %s", e)
+        return 3
+
+
+def run(settings: Settings) -> int:
+    paths = settings.paths
+    for d in (paths.root, paths.trace, paths.logs):
+        d.mkdir(parents=True, exist_ok=True)
+    paths.security.mkdir(mode=0o700, exist_ok=True)
+    lock_fd = lock_swd(paths)
+    setup_logging(paths)
+    admin = ensure_token(paths.admin_token)
+    tasker = ensure_token(paths.tasker_token)
+    sock = bind(settings.host, settings.port)
+    if settings.port == 0:
+        settings.port = sock.getsockname()[1]
+
+    clean = paths.clean_marker.exists()
+    started = time.time()
+    try:
+        loaded = replay.load(paths.trace, None, settings.accept_loss)
+    except replay.ReplayError as e:
+        raise StartError(str(e)) from None
+    except OSError as e:
+        raise StartError(f"cannot read {paths.trace}: {e}") from None
+    unclean = not clean and (loaded.snapshot is not None or loaded.events_replayed > 0)
+    log.info("loaded %d jobs (snapshot %s, %d events) in %.2f s; last stop %s",
+             len(loaded.state.jobs), loaded.snapshot, loaded.events_replayed,
+             time.time() - started, "clean" if clean else "unclean" if unclean else "none")  # fmt: skip
+    if clean:
+        os.unlink(paths.clean_marker)
+        fsync_dir(paths.trace)
+
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else socket.getfqdn()
+    url = (
+        f"http://{host}:{settings.port}" if ":" not in host else f"http://[{host}]:{settings.port}"
+    )
+    journal = Journal(paths.trace, next_seq=loaded.state.seq + 1, fsync=settings.fsync == "always")
+    engine = Engine(loaded.state, journal)
+    srv = Server(settings, engine, admin, tasker, uuid.uuid4().hex[:12], url)
+
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(srv, sock, loaded, unclean))
+    os.close(lock_fd)
+    return 0
+
+
+async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, unclean: bool) -> None:
+    import uvicorn
+
+    engine, settings = srv.engine, srv.settings
+    config = uvicorn.Config(
+        create_app(srv), loop="none", http="httptools", lifespan="off", access_log=False,
+        log_config=None, timeout_graceful_shutdown=3, timeout_keep_alive=30,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    def request_stop(freeze: bool) -> None:
+        if engine.shutting_down:
+            return
+        log.info("stop requested (freeze=%s)", freeze)
+        engine.shutting_down, engine.freeze = True, freeze
+        if not freeze:
+            engine.emit(checkpoint.release_running(engine.state, time.time()))
+        engine.wake_all()
+        asyncio.get_running_loop().call_later(0.5, lambda: setattr(server, "should_exit", True))
+
+    srv.request_stop = request_stop
+    _signals(request_stop)
+    if settings.resources != engine.state.global_total:
+        engine.emit([{"e": "resources", "t": time.time(), "totals": settings.resources}])
+    await _open(srv, loaded, unclean)
+    server_json(srv, engine.mode)
+    tasks = [asyncio.create_task(t) for t in checkpoint.background(srv)]
+    log.info("serving queue %s at %s (pid %d)", settings.queue, srv.url, os.getpid())
+    await server.serve(sockets=[sock])
+    for t in tasks:
+        t.cancel()
+    await engine.durable()
+    await checkpoint.final(srv)
+    server_json(srv, MODE_STOPPED)
+    log.info("stopped cleanly")
+
+
+async def _open(srv: Server, loaded: replay.Replayed, unclean: bool) -> None:
+    """Normal service at once after a clean stop; crash recovery mode after an unclean one."""
+    if unclean:
+        from server import recovery
+
+        await recovery.begin(srv, loaded)
+    else:
+        srv.engine.mode = MODE_NORMAL
+        srv.engine.schedule_dispatch()
+
+
+def _signals(request_stop: Any) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, False)

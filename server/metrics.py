@@ -1,0 +1,50 @@
+"""Prometheus metrics, computed from the state at scrape time (nothing to keep in step)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+
+class _Queue(Collector):
+    def __init__(self, srv: Server) -> None:
+        self.srv = srv
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        st, engine = self.srv.state, self.srv.engine
+        jobs = GaugeMetricFamily("crq_jobs", "Jobs by state", labels=["state"])
+        for state, n in st.counts.items():
+            jobs.add_metric([state], n)
+        yield jobs
+        taskers = GaugeMetricFamily("crq_taskers", "Taskers by state", labels=["state"])
+        by_state: dict[str, int] = {}
+        for t in st.taskers.values():
+            by_state[t.state] = by_state.get(t.state, 0) + 1
+        for state, n in by_state.items():
+            taskers.add_metric([state], n)
+        yield taskers
+        yield GaugeMetricFamily("crq_taskers_connected", "Taskers with a live link",
+                                value=len(engine.links))  # fmt: skip
+        yield CounterMetricFamily(
+            "crq_dispatches", "Dispatches since start", value=engine.dispatched
+        )
+        yield GaugeMetricFamily("crq_journal_seq", "Last journaled event", value=st.seq)
+        yield GaugeMetricFamily("crq_journal_durable_seq", "Last durable event",
+                                value=engine.journal.durable_seq)  # fmt: skip
+        yield GaugeMetricFamily("crq_recovering", "1 while in crash recovery mode",
+                                value=1 if engine.mode == "recovering" else 0)  # fmt: skip
+
+
+def render(srv: Server) -> tuple[bytes, str]:
+    registry = getattr(srv, "_metrics", None)
+    if registry is None:
+        registry = CollectorRegistry()
+        registry.register(_Queue(srv))
+        srv._metrics = registry  # type: ignore[attr-defined]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

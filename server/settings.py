@@ -1,0 +1,101 @@
+"""Server settings: defaults < ``<swd>/config.toml`` < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from client.wire import DEFAULT_QUEUE, Swd, default_port
+
+
+@dataclass
+class Settings:
+    queue: str = DEFAULT_QUEUE
+    swd: Path = Path()
+    host: str = "127.0.0.1"
+    port: int = 0
+    recovery_grace: float = 120.0
+    tasker_timeout: float = 90.0
+    heartbeat: float = 10.0
+    fsync: str = "always"
+    checkpoint_bytes: int = 256 << 20
+    autoforget_done: float = 3600.0
+    autoforget_other: float = 2 * 86400.0
+    accept_loss: bool = False
+    resources: dict[str, int] = field(default_factory=dict)  # global totals, config.toml only
+
+    @property
+    def paths(self) -> Swd:
+        return Swd(self.swd)
+
+
+TUNABLES = {
+    "recovery_grace": float, "tasker_timeout": float, "heartbeat": float, "fsync": str,
+    "checkpoint_bytes": int, "autoforget_done": float, "autoforget_other": float,
+}  # fmt: skip
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description="Run a crq queue server.")
+    p.add_argument("--queue", default=DEFAULT_QUEUE)
+    p.add_argument("--swd", help="server working directory (default ./<queue>.swd)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    for name, kind in TUNABLES.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "fsync":
+            p.add_argument(flag, choices=["always", "never"])
+        else:
+            p.add_argument(flag, type=kind)
+    p.add_argument("--accept-loss", action="store_true",
+                   help="start even if the journal or snapshot is damaged, dropping what is lost")  # fmt: skip
+    return p
+
+
+def load(argv: list[str] | None = None) -> Settings:
+    args = parser().parse_args(argv)
+    s = Settings(queue=args.queue)
+    s.swd = Path(args.swd or f"{args.queue}.swd").absolute()
+    cfg_path = s.paths.config
+    if cfg_path.exists():
+        try:
+            cfg = tomllib.loads(cfg_path.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as e:
+            raise SettingsError(f"{cfg_path}: {e}") from None
+        known = {f.name for f in fields(Settings)} - {"queue", "swd", "resources"}
+        for key, value in cfg.items():
+            if key == "resources":
+                if not isinstance(value, dict) or not all(
+                    isinstance(v, int) for v in value.values()
+                ):
+                    raise SettingsError(f"{cfg_path}: [resources] maps names to whole numbers")
+                s.resources = dict(value)
+            elif key in known:
+                setattr(s, key, _coerce(cfg_path, key, value))
+            else:
+                raise SettingsError(f"{cfg_path}: unknown setting {key!r}")
+    for name in ("host", "port", *TUNABLES):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(s, name, value)
+    s.accept_loss = s.accept_loss or args.accept_loss
+    if not s.port:
+        s.port = default_port(s.queue)
+    if s.fsync not in ("always", "never"):
+        raise SettingsError(f"fsync must be always or never, not {s.fsync!r}")
+    return s
+
+
+def _coerce(path: Path, key: str, value: object) -> object:
+    kind = {"host": str, "port": int, "accept_loss": bool, **TUNABLES}[key]
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise SettingsError(f"{path}: {key} should be {kind.__name__}")
+    return value

@@ -1,0 +1,166 @@
+"""Full snapshots of the state: ``trace.db/snapshot.<seq>``, framed like the journal.
+
+The first record is a versioned header, the last a footer with the record count, so a
+snapshot cut short or damaged anywhere is detected. Written to a temporary name, fsynced,
+renamed, and the directory fsynced: a snapshot file either exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from server.journal import RecordReader, frame, fsync_dir
+from server.state import Attempt, Job, State, Tasker, env_digest
+
+VERSION = 1
+PREFIX = "snapshot."
+KEEP = 2  # the newest and its predecessor, to fall back to
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def snapshot_seq(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def list_snapshots(trace: Path) -> list[Path]:
+    found = [p for p in trace.glob(PREFIX + "*") if p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=snapshot_seq)
+
+
+def _job_record(j: Job) -> list[Any]:
+    return [
+        j.id, j.state, j.priority, j.user, j.name, j.need.text, j.spec.decode(), j.env,
+        j.rerunnable, j.max_attempts, j.attempt, j.tries, j.tasker, j.pid, j.submitted,
+        j.started, j.ended, j.exit_code, j.signal, j.reason, j.stop_requested,
+        [a.to_dict() for a in j.attempts] if j.attempts else None,
+    ]  # fmt: skip
+
+
+def _job_from(r: list[Any], state: State) -> Job:
+    intern = sys.intern
+    job = Job(r[0], r[2], intern(r[3]), r[4], state.needs.get(r[5]), r[6].encode(), r[7],
+              r[8], r[9], r[14])  # fmt: skip
+    job.state = intern(r[1])
+    job.attempt, job.tries = r[10], r[11]
+    job.tasker = intern(r[12]) if r[12] is not None else None
+    job.pid, job.started, job.ended = r[13], r[15], r[16]
+    job.exit_code, job.signal, job.reason, job.stop_requested = r[17], r[18], r[19], r[20]
+    job.attempts = [Attempt.from_dict(a) for a in r[21]] if r[21] else None
+    return job
+
+
+def _tasker_record(t: Tasker) -> dict[str, Any]:
+    return {
+        "name": t.name, "host": t.host, "slots": t.slots, "resources": t.resources,
+        "running": sorted(t.running), "state": t.state, "boot_id": t.boot_id, "pid": t.pid,
+        "registered": t.registered,
+    }  # fmt: skip
+
+
+def write(state: State, trace: Path, *, fsync: bool = True) -> Path:
+    """Write a snapshot of ``state`` at ``state.seq``; returns its path."""
+    final = trace / f"{PREFIX}{state.seq:012d}"
+    tmp = trace / f".{final.name}.tmp"
+    header = {
+        "kind": "crq-snapshot", "version": VERSION, "seq": state.seq, "next_id": state.next_id,
+        "next_env": state.next_env, "created": time.time(), "global_total": state.global_total,
+        "jobs": len(state.jobs),
+    }  # fmt: skip
+    n = 0
+    dumps = orjson.dumps
+    with open(tmp, "wb", buffering=1 << 20) as f:
+
+        def put(obj: Any) -> None:
+            nonlocal n
+            n += 1
+            f.write(frame(n, dumps(obj)))
+
+        put(header)
+        for env_id, env in state.envs.items():
+            put({"env": env_id, "vars": env})
+        for t in state.taskers.values():
+            put({"tasker": _tasker_record(t)})
+        for job in state.jobs.values():
+            put(_job_record(job))
+        put({"end": n + 1})
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    if fsync:
+        fsync_dir(trace)
+    return final
+
+
+def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
+    """Load a snapshot whole, or raise SnapshotError naming the file and offset."""
+    reader = RecordReader(path)
+    state = State(global_resources)
+    header: dict[str, Any] | None = None
+    ended = False
+    expect = 1
+    for seq, payload in reader:
+        if ended:
+            raise SnapshotError(f"{path}: data after the end record")
+        if seq != expect:
+            raise SnapshotError(f"{path} at byte {reader.end}: record {seq}, expected {expect}")
+        expect += 1
+        rec = orjson.loads(payload)
+        if header is None:
+            if not isinstance(rec, dict) or rec.get("kind") != "crq-snapshot":
+                raise SnapshotError(f"{path}: not a crq snapshot")
+            if rec["version"] != VERSION:
+                raise SnapshotError(f"{path}: snapshot version {rec['version']} unsupported")
+            header = rec
+        elif isinstance(rec, list):
+            state.add_job(_job_from(rec, state))
+        elif "env" in rec:
+            state.envs[rec["env"]] = rec["vars"]
+        elif "tasker" in rec:
+            _load_tasker(state, rec["tasker"])
+        elif "end" in rec:
+            if rec["end"] != seq:
+                raise SnapshotError(f"{path}: end record says {rec['end']} records, found {seq}")
+            ended = True
+    if reader.damage is not None:
+        raise SnapshotError(f"snapshot damaged: {reader.damage}")
+    if header is None or not ended:
+        raise SnapshotError(f"{path}: snapshot incomplete (no end record)")
+    state.seq = header["seq"]
+    state.next_id = max(state.next_id, header["next_id"])
+    state.next_env = header["next_env"]
+    if global_resources is None:
+        state.global_total = header["global_total"]
+    _rebuild_derived(state)
+    return state
+
+
+def _load_tasker(state: State, r: dict[str, Any]) -> None:
+    state._tasker({**r, "t": r["registered"]})
+    t = state.taskers[r["name"]]
+    t.state = r["state"]
+    t.running = set(r["running"])
+
+
+def _rebuild_derived(state: State) -> None:
+    """Queue buckets, env index, resource use: derived from jobs, never stored."""
+    for env_id, env in state.envs.items():
+        state.env_by_digest[env_digest(env)] = env_id
+        state.env_refs.setdefault(env_id, 0)
+    for job in state.jobs.values():
+        if job.state == "queued":
+            state._enqueue(job)
+        elif job.state == "running":
+            for k, v in job.need.globals:
+                state.global_used[k] = state.global_used.get(k, 0) + v
+    for t in state.taskers.values():
+        state.recount_tasker(t)

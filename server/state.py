@@ -1,0 +1,417 @@
+"""The queue's in-memory state and the one function that changes it.
+
+``State.apply(event)`` is the only writer, used alike by live operation (after a command
+validated the event) and by replay of the journal, so both end in the same state
+(SPEC invariant 2). Events are plain dicts keyed by ``"e"``; they carry every time and
+decision they depend on, so applying them is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+
+from client.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
+from server.resources import Need, NeedCache, parse_capacity
+
+Event = dict[str, Any]
+
+TASKER_READY = "ready"
+TASKER_LOST = "lost"
+
+
+def env_digest(env: dict[str, str]) -> str:
+    return hashlib.blake2b(
+        orjson.dumps(env, option=orjson.OPT_SORT_KEYS), digest_size=16
+    ).hexdigest()
+
+
+class Attempt:
+    __slots__ = (
+        "attempt",
+        "tasker",
+        "host",
+        "dispatched",
+        "started",
+        "ended",
+        "outcome",
+        "exit_code",
+    )
+
+    def __init__(self, attempt: int, tasker: str, host: str, dispatched: float) -> None:
+        self.attempt = attempt
+        self.tasker = tasker
+        self.host = host
+        self.dispatched = dispatched
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.outcome: str | None = None
+        self.exit_code: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Attempt:
+        a = cls(d["attempt"], d["tasker"], d["host"], d["dispatched"])
+        a.started, a.ended, a.outcome, a.exit_code = (
+            d["started"],
+            d["ended"],
+            d["outcome"],
+            d["exit_code"],
+        )
+        return a
+
+
+class Job:
+    """One job. Cold fields (command, cwd, log) stay serialized in ``spec`` to save memory."""
+
+    __slots__ = (
+        "id", "state", "priority", "user", "name", "need", "spec", "env", "rerunnable",
+        "max_attempts", "attempt", "tries", "tasker", "pid", "submitted", "started", "ended",
+        "exit_code", "signal", "reason", "stop_requested", "attempts",
+    )  # fmt: skip
+
+    def __init__(self, id: int, priority: int, user: str, name: str, need: Need, spec: bytes,
+                 env: int | None, rerunnable: bool, max_attempts: int, submitted: float) -> None:  # fmt: skip
+        self.id = id
+        self.state = QUEUED
+        self.priority = priority
+        self.user = user
+        self.name = name
+        self.need = need
+        self.spec = spec
+        self.env = env
+        self.rerunnable = rerunnable
+        self.max_attempts = max_attempts
+        self.attempt = 0
+        self.tries = 0
+        self.tasker: str | None = None
+        self.pid: int | None = None
+        self.submitted = submitted
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.reason: str | None = None
+        self.stop_requested = False
+        self.attempts: list[Attempt] | None = None
+
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+
+class Tasker:
+    __slots__ = (
+        "name", "host", "slots", "resources", "capacity", "attributes", "free", "free_slots",
+        "running", "state", "boot_id", "pid", "registered",
+    )  # fmt: skip
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.host = ""
+        self.slots = 0
+        self.resources = ""
+        self.capacity: dict[str, int] = {}
+        self.attributes: frozenset[str] = frozenset()
+        self.free: dict[str, int] = {}
+        self.free_slots = 0
+        self.running: set[int] = set()
+        self.state = TASKER_READY
+        self.boot_id = ""
+        self.pid = 0
+        self.registered = 0.0
+
+    def fits(self, need: Need) -> bool:
+        if self.free_slots <= 0 or not need.attributes <= self.attributes:
+            return False
+        free = self.free
+        return all(free.get(k, 0) >= v for k, v in need.local)
+
+    def take(self, need: Need) -> None:
+        self.free_slots -= 1
+        for k, v in need.local:
+            self.free[k] = self.free.get(k, 0) - v
+
+    def give(self, need: Need) -> None:
+        self.free_slots += 1
+        for k, v in need.local:
+            self.free[k] = self.free.get(k, 0) + v
+
+
+class Bucket:
+    """Queued jobs of one priority and one need, a heap of ids (id order is queue order).
+
+    Entries go stale when a job leaves the queue; they are dropped lazily when they reach
+    the top, so leaving the queue costs O(1).
+    """
+
+    __slots__ = ("priority", "need", "heap", "count")
+
+    def __init__(self, priority: int, need: Need) -> None:
+        self.priority = priority
+        self.need = need
+        self.heap: list[int] = []
+        self.count = 0
+
+    def head(self, jobs: dict[int, Job]) -> int | None:
+        heap = self.heap
+        while heap:
+            job = jobs.get(heap[0])
+            if job is not None and job.state == QUEUED and job.need is self.need \
+                    and job.priority == self.priority:  # fmt: skip
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+
+class State:
+    def __init__(self, global_resources: dict[str, int] | None = None) -> None:
+        self.seq = 0  # sequence number of the last event applied
+        self.next_id = 1
+        self.jobs: dict[int, Job] = {}
+        self.taskers: dict[str, Tasker] = {}
+        self.envs: dict[int, dict[str, str]] = {}
+        self.env_refs: dict[int, int] = {}
+        self.env_by_digest: dict[str, int] = {}
+        self.next_env = 1
+        self.buckets: dict[tuple[int, str], Bucket] = {}
+        self.counts: dict[str, int] = dict.fromkeys(
+            (QUEUED, RUNNING, DONE, FAILED, STOPPED, LOST), 0
+        )
+        self.global_total: dict[str, int] = dict(global_resources or {})
+        self.global_used: dict[str, int] = {}
+        self.needs = NeedCache()
+        self.on_final: Callable[[Job], None] | None = None
+        self._apply = {
+            "env": self._env,
+            "submit": self._submit,
+            "dispatch": self._dispatch,
+            "start": self._start,
+            "finish": self._finish,
+            "recover": self._recover,
+            "stop": self._stop,
+            "rerun": self._rerun,
+            "forget": self._forget,
+            "tasker": self._tasker,
+            "tasker_lost": self._tasker_lost,
+            "resources": self._resources,
+        }
+
+    # -- the one writer -------------------------------------------------------------------
+
+    def apply(self, event: Event, seq: int | None = None) -> None:
+        self._apply[event["e"]](event)
+        self.seq = self.seq + 1 if seq is None else seq
+
+    # -- queries --------------------------------------------------------------------------
+
+    def queue_order(self) -> Iterator[int]:
+        """Queued ids in dispatch order: priority (high first), then id."""
+        jobs = self.jobs
+        ids = {
+            i for b in self.buckets.values() if b.count for i in b.heap
+            if (j := jobs.get(i)) is not None and j.state == QUEUED
+        }  # fmt: skip
+        return iter(sorted(ids, key=lambda i: (-jobs[i].priority, i)))
+
+    def global_free(self, name: str) -> int:
+        return self.global_total.get(name, 0) - self.global_used.get(name, 0)
+
+    def env_of(self, job: Job) -> dict[str, str]:
+        return self.envs.get(job.env, {}) if job.env is not None else {}
+
+    # -- helpers of apply -----------------------------------------------------------------
+
+    def _set_state(self, job: Job, state: str) -> None:
+        self.counts[job.state] -= 1
+        self.counts[state] += 1
+        job.state = state
+        if state in FINAL_STATES and self.on_final is not None:
+            self.on_final(job)
+
+    def _enqueue(self, job: Job) -> None:
+        key = (job.priority, job.need.text)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = Bucket(job.priority, job.need)
+        heapq.heappush(bucket.heap, job.id)
+        bucket.count += 1
+
+    def _dequeue(self, job: Job) -> None:
+        self.buckets[(job.priority, job.need.text)].count -= 1
+
+    def _release(self, job: Job) -> None:
+        tasker = self.taskers.get(job.tasker or "")
+        if tasker is not None and job.id in tasker.running:
+            tasker.running.discard(job.id)
+            tasker.give(job.need)
+        for k, v in job.need.globals:
+            self.global_used[k] = self.global_used.get(k, 0) - v
+
+    def _end_attempt(self, job: Job, outcome: str, ended: float, exit_code: int | None) -> None:
+        cur = job.current()
+        if cur is not None and cur.attempt == job.attempt and cur.outcome is None:
+            cur.ended, cur.outcome, cur.exit_code = ended, outcome, exit_code
+
+    # -- event handlers -------------------------------------------------------------------
+
+    def _env(self, ev: Event) -> None:
+        env_id = ev["id"]
+        self.envs[env_id] = ev["env"]
+        self.env_refs.setdefault(env_id, 0)
+        self.env_by_digest[env_digest(ev["env"])] = env_id
+        self.next_env = max(self.next_env, env_id + 1)
+
+    def _submit(self, ev: Event) -> None:
+        t, user = ev["t"], ev["user"]
+        for spec in ev["jobs"]:
+            job = Job(
+                spec["id"], spec["priority"], user, spec["name"],
+                self.needs.get(spec["resources"]), orjson.dumps(spec["spec"]), spec["env"],
+                spec["rerunnable"], spec["max_attempts"], t,
+            )  # fmt: skip
+            self.add_job(job)
+            self._enqueue(job)
+
+    def add_job(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        self.counts[job.state] += 1
+        if job.env is not None:
+            self.env_refs[job.env] = self.env_refs.get(job.env, 0) + 1
+        self.next_id = max(self.next_id, job.id + 1)
+
+    def _dispatch(self, ev: Event) -> None:
+        job = self.jobs[ev["job"]]
+        tasker = self.taskers[ev["tasker"]]
+        self._dequeue(job)
+        job.attempt = ev["attempt"]
+        job.tries += 1
+        job.tasker = tasker.name
+        job.pid = job.started = job.ended = job.exit_code = job.signal = job.reason = None
+        if job.attempts is None:
+            job.attempts = []
+        job.attempts.append(Attempt(job.attempt, tasker.name, tasker.host, ev["t"]))
+        tasker.running.add(job.id)
+        tasker.take(job.need)
+        for k, v in job.need.globals:
+            self.global_used[k] = self.global_used.get(k, 0) + v
+        self._set_state(job, RUNNING)
+
+    def _start(self, ev: Event) -> None:
+        job = self.jobs[ev["job"]]
+        job.pid = ev["pid"]
+        job.started = ev["started"]
+        cur = job.current()
+        if cur is not None:
+            cur.started = ev["started"]
+
+    def _finish(self, ev: Event) -> None:
+        job = self.jobs[ev["job"]]
+        self._release(job)
+        job.exit_code, job.signal, job.reason = ev["exit_code"], ev["signal"], ev["reason"]
+        if job.started is None:
+            job.started = ev["started"]
+            if (cur := job.current()) is not None:
+                cur.started = ev["started"]
+        job.ended = ev["ended"]
+        if job.stop_requested:
+            state = STOPPED
+        elif ev["exit_code"] == 0 and ev["signal"] is None and not ev["reason"]:
+            state = DONE
+        else:
+            state = FAILED
+        self._end_attempt(job, state, ev["ended"], ev["exit_code"])
+        self._set_state(job, state)
+
+    def _recover(self, ev: Event) -> None:
+        """The attempt is gone (tasker lost, host rebooted, operator): requeue or give up."""
+        job = self.jobs[ev["job"]]
+        self._release(job)
+        if not ev.get("charge", True):
+            job.tries -= 1  # not the job's fault (a planned stop): the attempt is not counted
+        job.ended = ev["t"]
+        job.reason = ev["reason"]
+        if job.stop_requested:
+            outcome = state = STOPPED
+        elif job.rerunnable and job.tries < job.max_attempts:
+            outcome, state = "requeued", QUEUED
+        else:
+            outcome = state = LOST
+            if job.rerunnable:
+                job.reason = f"{ev['reason']}; gave up after {job.tries} attempts"
+        self._end_attempt(job, outcome, ev["t"], None)
+        if state == QUEUED:
+            job.tasker = job.pid = job.started = job.ended = None
+            self._enqueue(job)
+        self._set_state(job, state)
+
+    def _stop(self, ev: Event) -> None:
+        job = self.jobs[ev["job"]]
+        if job.state == QUEUED:
+            self._dequeue(job)
+            job.ended = ev["t"]
+            job.reason = "stopped while queued"
+            self._set_state(job, STOPPED)
+        else:
+            job.stop_requested = True
+
+    def _rerun(self, ev: Event) -> None:
+        job = self.jobs[ev["job"]]
+        job.tries = 0
+        job.stop_requested = False
+        job.tasker = job.pid = job.started = job.ended = None
+        job.exit_code = job.signal = job.reason = None
+        self._enqueue(job)
+        self._set_state(job, QUEUED)
+
+    def _forget(self, ev: Event) -> None:
+        for job_id in ev["jobs"]:
+            job = self.jobs.pop(job_id, None)
+            if job is None:
+                continue
+            self.counts[job.state] -= 1
+            if job.state == QUEUED:
+                self._dequeue(job)
+            if job.env is not None:
+                left = self.env_refs[job.env] = self.env_refs[job.env] - 1
+                if left <= 0:
+                    self._drop_env(job.env)
+
+    def _drop_env(self, env_id: int) -> None:
+        env = self.envs.pop(env_id, None)
+        self.env_refs.pop(env_id, None)
+        if env is not None:
+            self.env_by_digest.pop(env_digest(env), None)
+
+    def _tasker(self, ev: Event) -> None:
+        tasker = self.taskers.get(ev["name"])
+        if tasker is None:
+            tasker = self.taskers[ev["name"]] = Tasker(ev["name"])
+        tasker.host, tasker.pid, tasker.boot_id = ev["host"], ev["pid"], ev["boot_id"]
+        tasker.slots, tasker.resources = ev["slots"], ev["resources"]
+        tasker.capacity, tasker.attributes = parse_capacity(ev["resources"], ev["slots"])
+        tasker.registered = ev["t"]
+        tasker.state = TASKER_READY
+        self.recount_tasker(tasker)
+
+    def recount_tasker(self, tasker: Tasker) -> None:
+        """Free capacity = offer minus what its running jobs hold (also used by sanity)."""
+        tasker.free = dict(tasker.capacity)
+        tasker.free_slots = tasker.slots
+        for job_id in tasker.running:
+            tasker.free_slots -= 1
+            for k, v in self.jobs[job_id].need.local:
+                tasker.free[k] = tasker.free.get(k, 0) - v
+
+    def _tasker_lost(self, ev: Event) -> None:
+        tasker = self.taskers.get(ev["name"])
+        if tasker is not None:
+            tasker.state = TASKER_LOST
+
+    def _resources(self, ev: Event) -> None:
+        self.global_total = dict(ev["totals"])
