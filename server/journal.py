@@ -126,7 +126,7 @@ class Journal:
         self._pending: asyncio.Future[None] | None = None
         self._inflight: asyncio.Future[None] | None = None
         self._kick_scheduled = False
-        self._rotate = False
+        self._rotate: tuple[int, int] | None = None  # (buffer offset, last seq) to rotate after
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="crq-journal")
         self._loop: asyncio.AbstractEventLoop | None = None
         segs = list_segments(trace)
@@ -150,7 +150,7 @@ class Journal:
 
     def barrier(self) -> asyncio.Future[None]:
         """Resolves once every record appended so far is durable."""
-        if self._buf or self._rotate:
+        if self._buf or self._rotate is not None:
             if self._pending is None:
                 self._pending = self._get_loop().create_future()
             return self._pending
@@ -162,7 +162,8 @@ class Journal:
 
     def rotate(self) -> None:
         """Close the current segment after the records appended so far; start a new one."""
-        self._rotate = True
+        if self._rotate is None:
+            self._rotate = (len(self._buf), self.next_seq - 1)
         self._schedule()
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
@@ -180,13 +181,21 @@ class Journal:
 
     def _kick(self) -> None:
         self._kick_scheduled = False
-        if self._inflight is not None or not (self._buf or self._rotate):
+        if self._inflight is not None or not (self._buf or self._rotate is not None):
             return
-        data, last = bytes(self._buf), self.next_seq - 1
-        self._buf.clear()
-        rotate, self._rotate = self._rotate, False
-        fut = self._pending or self._get_loop().create_future()
-        self._pending = None
+        rotate = self._rotate is not None
+        if self._rotate is not None:  # write up to the rotation point only
+            cut, last = self._rotate
+            self._rotate = None
+        else:
+            cut, last = len(self._buf), self.next_seq - 1
+        data = bytes(self._buf[:cut])
+        del self._buf[:cut]
+        if self._buf:  # records after a rotation point stay pending, with their waiters
+            fut = self._get_loop().create_future()
+        else:
+            fut = self._pending or self._get_loop().create_future()
+            self._pending = None
         self._inflight = fut
         work = self._get_loop().run_in_executor(self._executor, self._write, data, rotate)
         work.add_done_callback(lambda w: self._written(w, fut, last))

@@ -1,0 +1,356 @@
+// crq browser UI: plain JS, no build step, no external resources.
+// Everything shown comes from the JSON API (SPEC section 4) with the admin token.
+"use strict";
+
+const API = "/api/v1";
+const PAGE = 50;
+const STATES = ["queued", "running", "done", "failed", "stopped", "lost"];
+const $ = (id) => document.getElementById(id);
+
+const ui = {
+  token: "",
+  after: 0, // the `after=` of the jobs page shown
+  next: null, // the `next` the server gave for that page
+  selected: null, // job id shown in the detail panel
+  busy: false,
+  timer: null,
+};
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.message) || `HTTP ${status}`);
+    this.status = status;
+    this.code = (body && body.error) || "http_error";
+    this.body = body || {};
+  }
+}
+
+// ---- small helpers ------------------------------------------------------------------
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : String(c ?? ""));
+  return e;
+}
+
+function age(t) {
+  if (t === null || t === undefined) return "";
+  let s = Math.max(0, Date.now() / 1000 - t);
+  if (s < 60) return `${Math.round(s)}s ago`;
+  s /= 60;
+  if (s < 60) return `${Math.round(s)}m ago`;
+  s /= 60;
+  if (s < 48) return `${s.toFixed(1)}h ago`;
+  return `${(s / 24).toFixed(1)}d ago`;
+}
+
+function stamp(t) {
+  if (t === null || t === undefined) return "";
+  const d = new Date(t * 1000);
+  return `${d.toLocaleString()} (${age(t)})`;
+}
+
+function stateTag(state) {
+  return el("span", { class: `state st-${state}` }, state);
+}
+
+function showMsg(text, kind) {
+  const m = $("msg");
+  m.textContent = text;
+  m.className = `msg ${kind || "error"}`;
+  m.hidden = !text;
+}
+
+function fill(tbody, rows, emptyId) {
+  tbody.replaceChildren(...rows);
+  $(emptyId).hidden = rows.length > 0;
+}
+
+// ---- API ----------------------------------------------------------------------------
+
+async function call(method, path, body) {
+  const opts = { method, headers: { Authorization: `Bearer ${ui.token}` } };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(API + path, opts);
+  } catch (e) {
+    throw new ApiError(0, { error: "unreachable", message: `server unreachable (${e.message})` });
+  }
+  let data = null;
+  try {
+    data = await resp.json();
+  } catch (e) {
+    data = null;
+  }
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+
+function explain(err) {
+  if (err.status === 401) return `Bad token: ${err.message}. Enter the admin token again.`;
+  if (err.status === 0) return err.message;
+  return `${err.code}: ${err.message}`;
+}
+
+// ---- rendering ----------------------------------------------------------------------
+
+function renderServer(info) {
+  $("queue").textContent = info.queue;
+  document.title = `crq · ${info.queue}`;
+  const mode = $("mode");
+  mode.textContent = info.mode;
+  mode.className = `badge mode-${info.mode}`;
+  $("where").textContent = `${info.url} · pid ${info.pid} · v${info.version}`;
+  const counts = info.counts || {};
+  const filter = $("filter").value;
+  $("counts").replaceChildren(
+    ...STATES.map((s) =>
+      el("button", { type: "button", class: `count ${filter === s ? "on" : ""}`,
+        title: `show ${s} jobs`, "data-state": s, onclick: () => setFilter(filter === s ? "" : s) },
+      stateTag(s), el("b", {}, counts[s] || 0))),
+    el("span", { class: "muted" }, `${info.taskers} tasker(s)`),
+  );
+  renderRecovery(info.mode === "recovering" ? info.recovery || {} : null);
+}
+
+function renderRecovery(rec) {
+  $("recovery").hidden = !rec;
+  if (!rec) return;
+  const expected = rec.expected || [];
+  const back = rec.reconnected || [];
+  const missing = rec.missing || expected.filter((n) => !back.includes(n));
+  const left = rec.seconds_left ?? 0;
+  $("recovery-text").textContent =
+    `Taskers back: ${back.length} of ${expected.length} expected` +
+    (missing.length ? ` (waiting for ${missing.join(", ")})` : "") +
+    ` · ${Math.ceil(left)} s left of the grace period · ` +
+    `${rec.events_replayed ?? 0} journal events replayed. ` +
+    "Clients are refused until recovery ends; running jobs keep running.";
+  const pct = expected.length ? (100 * back.length) / expected.length : 100;
+  $("recovery-bar").style.width = `${pct}%`;
+}
+
+function renderJobs(page) {
+  ui.next = page.next;
+  const rows = page.jobs.map((j) =>
+    el("tr", { class: j.id === ui.selected ? "sel" : "", "data-id": j.id,
+      onclick: () => select(j.id) },
+    el("td", {}, j.id), el("td", {}, stateTag(j.state)), el("td", {}, j.priority),
+    el("td", {}, j.user), el("td", {}, j.name || ""), el("td", {}, j.tasker || ""),
+    el("td", { title: stamp(j.submitted) }, age(j.submitted)),
+    el("td", {}, j.exit_code ?? (j.signal ? `sig ${j.signal}` : ""))));
+  fill($("jobs").tBodies[0], rows, "jobs-empty");
+  $("next").disabled = page.next === null;
+  $("first").disabled = ui.after === 0;
+}
+
+function renderTaskers(list) {
+  const rows = list.map((t) =>
+    el("tr", {},
+      el("td", {}, t.name), el("td", {}, t.host), el("td", {}, stateTag(t.state)),
+      el("td", {}, t.slots), el("td", {}, t.free_slots), el("td", {}, t.running.length),
+      el("td", { title: stamp(t.last_contact) }, t.last_contact ? age(t.last_contact) : "never")));
+  fill($("taskers").tBodies[0], rows, "taskers-empty");
+}
+
+function renderDetail(j) {
+  $("detail").hidden = false;
+  $("d-id").textContent = j.id;
+  $("d-state").replaceWith(Object.assign(stateTag(j.state), { id: "d-state" }));
+  const cmd = Array.isArray(j.command) ? j.command.map((a) => JSON.stringify(a)).join(" ")
+    : j.command;
+  const fields = [
+    ["command", el("code", {}, cmd)], ["cwd", el("code", {}, j.cwd)],
+    ["log", el("code", {}, j.log)], ["name", j.name || ""], ["user", j.user],
+    ["priority", j.priority], ["resources", j.resources || "—"],
+    ["attempt", `${j.attempt} of ${j.max_attempts}${j.rerunnable ? "" : " (not rerunnable)"}`],
+    ["tasker", j.tasker ? `${j.tasker} on ${j.host || "?"} pid ${j.pid ?? "?"}` : "—"],
+    ["submitted", stamp(j.submitted)], ["started", stamp(j.started) || "—"],
+    ["ended", stamp(j.ended) || "—"],
+    ["exit code", j.exit_code ?? (j.signal ? `signal ${j.signal}` : "—")],
+  ];
+  if (j.reason) fields.push(["reason", j.reason]);
+  $("d-fields").replaceChildren(...fields.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  const rows = (j.attempts || []).map((a) =>
+    el("tr", {},
+      el("td", {}, a.attempt), el("td", {}, a.tasker || ""), el("td", {}, a.host || ""),
+      el("td", { title: stamp(a.started) }, age(a.started)),
+      el("td", { title: stamp(a.ended) }, age(a.ended)),
+      el("td", {}, a.outcome || ""), el("td", {}, a.exit_code ?? "")));
+  $("d-attempts").tBodies[0].replaceChildren(...rows);
+  const live = j.state === "queued" || j.state === "running";
+  $("d-stop").disabled = !live;
+  $("d-rerun").disabled = live;
+  $("d-forget").disabled = j.state === "running";
+}
+
+// ---- refresh loop -------------------------------------------------------------------
+
+function jobsQuery() {
+  const q = new URLSearchParams({ limit: PAGE });
+  if (ui.after) q.set("after", ui.after);
+  if ($("filter").value) q.set("state", $("filter").value);
+  return `/jobs?${q}`;
+}
+
+async function refresh() {
+  if (!ui.token || ui.busy) return;
+  ui.busy = true;
+  try {
+    const info = await call("GET", "/server"); // answers during recovery too
+    renderServer(info);
+    showLoggedIn(true);
+    if (info.mode === "recovering") return; // every other client call would be a 503
+    const [page, taskers] = await Promise.all([call("GET", jobsQuery()), call("GET", "/taskers")]);
+    renderJobs(page);
+    renderTaskers(taskers.taskers);
+    if (ui.selected !== null) await loadDetail();
+    if ($("msg").classList.contains("stale")) showMsg("");
+  } catch (err) {
+    handle(err);
+  } finally {
+    ui.busy = false;
+  }
+}
+
+function handle(err) {
+  if (!(err instanceof ApiError)) {
+    showMsg(`UI error: ${err.message}`);
+    return;
+  }
+  if (err.code === "crash_recovery") {
+    renderRecovery(err.body.recovery || {});
+    $("mode").textContent = "recovering";
+    $("mode").className = "badge mode-recovering";
+    return;
+  }
+  showMsg(explain(err));
+  if (err.status === 0) $("msg").classList.add("stale"); // cleared once the server answers
+  if (err.status === 401) showLoggedIn(false);
+}
+
+async function loadDetail() {
+  try {
+    renderDetail(await call("GET", `/jobs/${ui.selected}`));
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    showMsg(`job ${ui.selected} no longer exists`, "info");
+    closeDetail();
+  }
+}
+
+function restartTimer() {
+  clearInterval(ui.timer);
+  ui.timer = $("auto").checked ? setInterval(refresh, 2000) : null;
+}
+
+// ---- actions ------------------------------------------------------------------------
+
+function select(id) {
+  ui.selected = id;
+  for (const tr of $("jobs").tBodies[0].rows) tr.classList.toggle("sel", tr.dataset.id == id);
+  loadDetail().catch(handle);
+}
+
+function closeDetail() {
+  ui.selected = null;
+  $("detail").hidden = true;
+  for (const tr of $("jobs").tBodies[0].rows) tr.classList.remove("sel");
+}
+
+function setFilter(state) {
+  $("filter").value = state;
+  ui.after = 0;
+  refresh();
+}
+
+async function act(verb) {
+  const id = ui.selected;
+  if (id === null) return;
+  try {
+    if (verb === "forget") {
+      if (!window.confirm(`Forget job ${id}? It disappears from the queue for good.`)) return;
+      await call("DELETE", `/jobs/${id}`);
+      closeDetail();
+      showMsg(`job ${id} forgotten`, "info");
+    } else {
+      renderDetail(await call("POST", `/jobs/${id}/${verb}`));
+      showMsg(`job ${id}: ${verb} done`, "info");
+    }
+  } catch (err) {
+    handle(err);
+  }
+  refresh();
+}
+
+async function submitJob(ev) {
+  ev.preventDefault();
+  const spec = { command: $("s-command").value, cwd: $("s-cwd").value || "/tmp" };
+  if ($("s-name").value) spec.name = $("s-name").value;
+  if ($("s-priority").value) spec.priority = Number($("s-priority").value);
+  if ($("s-resources").value) spec.resources = $("s-resources").value;
+  try {
+    const out = await call("POST", "/jobs", spec);
+    showMsg(`submitted job ${out.ids.join(", ")}`, "info");
+    $("s-command").value = "";
+    refresh();
+  } catch (err) {
+    handle(err);
+  }
+}
+
+function showLoggedIn(yes) {
+  $("login").hidden = yes;
+  $("app").hidden = !yes;
+  if (!yes) $("token").focus();
+}
+
+function useToken(token) {
+  ui.token = token.trim();
+  localStorage.setItem("crq.token", ui.token);
+  showMsg("");
+  refresh();
+}
+
+function init() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    localStorage.setItem("crq.token", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search); // hide it again
+  }
+  ui.token = localStorage.getItem("crq.token") || "";
+  $("login").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    useToken($("token").value);
+  });
+  $("logout").addEventListener("click", () => {
+    localStorage.removeItem("crq.token");
+    ui.token = "";
+    showLoggedIn(false);
+  });
+  $("auto").addEventListener("change", restartTimer);
+  $("filter").addEventListener("change", () => setFilter($("filter").value));
+  $("first").addEventListener("click", () => { ui.after = 0; refresh(); });
+  $("next").addEventListener("click", () => {
+    if (ui.next !== null) { ui.after = ui.next; refresh(); }
+  });
+  $("d-close").addEventListener("click", closeDetail);
+  $("d-stop").addEventListener("click", () => act("stop"));
+  $("d-rerun").addEventListener("click", () => act("rerun"));
+  $("d-forget").addEventListener("click", () => act("forget"));
+  $("submit").addEventListener("submit", submitJob);
+  if (ui.token) refresh();
+  else showLoggedIn(false);
+  restartTimer();
+}
+
+init();

@@ -1,0 +1,98 @@
+"""Drive the core (commands + State.apply) without HTTP, as the engine does, for unit tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from server import commands, snapshot
+from server.journal import frame
+from server.models import Batch, JobSpec, Register, ResultReport, RunningReport
+from server.scheduler import dispatch_pass
+from server.state import Event, State
+
+
+class Core:
+    """A live state plus the list of every event applied to it, in order."""
+
+    def __init__(self, global_resources: dict[str, int] | None = None) -> None:
+        self.state = State()
+        self.events: list[Event] = []
+        self.now = 1_000_000.0
+        if global_resources:
+            self.emit([{"e": "resources", "t": self.now, "totals": global_resources}])
+
+    def emit(self, events: list[Event]) -> None:
+        for ev in events:
+            # round-trip through JSON, as the journal does, so live sees what replay sees
+            ev = orjson.loads(orjson.dumps(ev))
+            self.state.apply(ev, self.state.seq + 1)
+            self.events.append(ev)
+
+    def tick(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def submit(self, n: int = 1, **spec: Any) -> list[int]:
+        spec.setdefault("command", ["true"])
+        spec.setdefault("cwd", "/tmp")
+        batch = Batch(jobs=[JobSpec(**spec) for _ in range(n)])
+        events, ids = commands.submit(self.state, batch, "alice", self.tick())
+        self.emit(events)
+        return ids
+
+    def register(self, name: str, slots: int = 2, resources: str = "", **kw: Any) -> commands.Outcome:
+        body = Register(host=f"host-{name}", slots=slots, resources=resources, **kw)
+        out = commands.register(self.state, name, body, self.tick())
+        self.emit(out.events)
+        return out
+
+    def dispatch(self, live: set[str] | None = None) -> int:
+        return dispatch_pass(
+            self.state, lambda ev: self.emit([ev]), self.tick(),
+            lambda t: live is None or t.name in live,
+        )  # fmt: skip
+
+    def start(self, tasker: str, job: int, attempt: int) -> commands.Outcome:
+        out = commands.reports(
+            self.state, tasker, [RunningReport(job=job, attempt=attempt, pid=123, started=self.now)],
+            [], self.tick(),
+        )  # fmt: skip
+        self.emit(out.events)
+        return out
+
+    def finish(self, tasker: str, job: int, attempt: int, code: int | None = 0) -> commands.Outcome:
+        rep = ResultReport(job=job, attempt=attempt, exit_code=code, started=self.now, ended=self.now)
+        out = commands.reports(self.state, tasker, [], [rep], self.tick())
+        self.emit(out.events)
+        return out
+
+
+def fingerprint(state: State) -> dict[str, Any]:
+    """Everything a user or the scheduler can observe, in a comparable form."""
+    return {
+        "jobs": {i: snapshot._job_record(j) for i, j in sorted(state.jobs.items())},
+        "taskers": {
+            n: (snapshot._tasker_record(t), t.free_slots, sorted(t.free.items()))
+            for n, t in sorted(state.taskers.items())
+        },
+        "envs": dict(sorted(state.envs.items())),
+        "env_refs": {k: v for k, v in sorted(state.env_refs.items()) if v},
+        "counts": dict(state.counts),
+        "global_used": {k: v for k, v in state.global_used.items() if v},
+        "global_total": state.global_total,
+        "queue": list(state.queue_order()),
+        "next_id": state.next_id,
+        "seq": state.seq,
+    }
+
+
+def write_journal(trace: Path, events: list[Event], first_seq: int = 1, segment: int = 1) -> Path:
+    trace.mkdir(parents=True, exist_ok=True)
+    path = trace / f"CR.{segment:06d}"
+    with open(path, "ab") as f:
+        for i, ev in enumerate(events):
+            f.write(frame(first_seq + i, orjson.dumps(ev)))
+    return path
