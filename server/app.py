@@ -289,6 +289,42 @@ def create_app(srv: Server) -> FastAPI:
         await engine.durable()
         return JSON(result)
 
+    # -- manual recovery (ncmgr cleanup) -------------------------------------------------
+
+    @app.get(api + "/cleanup")
+    async def cleanup_list(request: Request) -> Response:
+        from server import cleanup
+
+        admin(request)
+        contact = {n: link.last_contact for n, link in engine.links.items()}
+        out = cleanup.incomplete(srv.state, contact, time.time(), srv.settings.heartbeat)
+        await engine.durable()
+        return JSON({"incomplete": out})
+
+    async def _cleanup(request: Request, make: Callable[[], list[Any]]) -> Response:
+        from server import cleanup
+
+        admin(request)
+        events = make()
+        engine.emit(events)
+        for ev in events:
+            if ev["e"] == "tasker_lost":
+                engine.links.pop(ev["name"], None)
+        await engine.durable()
+        return JSON({"recovered": cleanup.summary(srv.state, events)})
+
+    @app.post(api + "/cleanup/jobs/{job_id}")
+    async def cleanup_job(request: Request, job_id: int) -> Response:
+        from server import cleanup
+
+        return await _cleanup(request, lambda: cleanup.recover_job(srv.state, job_id, time.time()))
+
+    @app.post(api + "/cleanup/hosts/{host}")
+    async def cleanup_host(request: Request, host: str) -> Response:
+        from server import cleanup
+
+        return await _cleanup(request, lambda: cleanup.dead_host(srv.state, host, time.time()))
+
     # -- taskers --------------------------------------------------------------------------
 
     @app.post(api + "/taskers/{name}/register")
@@ -381,6 +417,13 @@ def create_app(srv: Server) -> FastAPI:
             return error(503, "crash_recovery", "the queue is in crash recovery; retry later",
                          recovery=srv.recovery())  # fmt: skip
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        kinds = {"app.js": "text/javascript", "style.css": "text/css"}  # a whitelist: no paths
+        if name not in kinds:
+            raise BadRequest(404, "not_found", f"no static file {name[:40]!r}")
+        return FileResponse(STATIC / name, media_type=kinds[name])
 
     return app
 

@@ -111,23 +111,27 @@ class Recovery:
         self.finished_during_outage += kinds.count("finish")
         killed = {ref for ref in out.kill}
         self.reattached += sum(1 for r in body.running if (r.job, r.attempt) not in killed)
-        if all(n in self.reconnected for n in self.expected):
-            self.back.set()
+        self.back.set()
+
+    def settled(self) -> bool:
+        """Every expected tasker is back, or was declared lost by the operator meanwhile."""
+        taskers = self.srv.state.taskers
+        return all(n in self.reconnected or taskers[n].state != TASKER_READY for n in self.expected)
 
     async def run(self) -> None:
-        if not self.expected:
-            self.back.set()
-        try:
-            await asyncio.wait_for(self.back.wait(), max(0.0, self.deadline - time.time()))
-        except TimeoutError:
-            pass
+        while not self.settled() and time.time() < self.deadline:
+            self.back.clear()
+            try:
+                await asyncio.wait_for(self.back.wait(), min(0.2, max(0.0, self.deadline - time.time())))
+            except TimeoutError:
+                pass
         await self.finish()
 
     async def finish(self) -> None:
         srv, engine, st = self.srv, self.srv.engine, self.srv.state
         now = time.time()
         for name in self.expected:
-            if name in self.reconnected:
+            if name in self.reconnected or st.taskers[name].state != TASKER_READY:
                 continue
             events = lose_tasker(st, name, f"tasker {name} did not return after the crash", now)
             jobs = [ev["job"] for ev in events if ev["e"] == "recover"]

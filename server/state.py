@@ -272,7 +272,7 @@ class State:
         for spec in ev["jobs"]:
             job = Job(
                 spec["id"], spec["priority"], user, spec["name"],
-                self.needs.get(spec["resources"]), orjson.dumps(spec["spec"]), spec["env"],
+                self.needs.get(spec["resources"]), _compact(orjson.dumps(spec["spec"])), spec["env"],
                 spec["rerunnable"], spec["max_attempts"], t,
             )  # fmt: skip
             self.add_job(job)
@@ -415,3 +415,8 @@ class State:
 
     def _resources(self, ev: Event) -> None:
         self.global_total = dict(ev["totals"])
+
+
+def _compact(data: bytes) -> bytes:
+    """An exact-size copy: orjson's output keeps its over-allocated buffer (8 KB a job)."""
+    return bytes(memoryview(data))

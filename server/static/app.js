@@ -12,7 +12,9 @@ const ui = {
   after: 0, // the `after=` of the jobs page shown
   next: null, // the `next` the server gave for that page
   selected: null, // job id shown in the detail panel
+  back: [], // the `after=` of the pages before, for « prev
   busy: false,
+  again: false, // a refresh was asked for while one was running
   timer: null,
 };
 
@@ -124,6 +126,7 @@ function renderServer(info) {
 
 function renderRecovery(rec) {
   $("recovery").hidden = !rec;
+  $("app").classList.toggle("dim", !!rec); // what is shown is as of before the crash
   if (!rec) return;
   const expected = rec.expected || [];
   const back = rec.reconnected || [];
@@ -150,7 +153,7 @@ function renderJobs(page) {
     el("td", {}, j.exit_code ?? (j.signal ? `sig ${j.signal}` : ""))));
   fill($("jobs").tBodies[0], rows, "jobs-empty");
   $("next").disabled = page.next === null;
-  $("first").disabled = ui.after === 0;
+  $("prev").disabled = ui.back.length === 0;
 }
 
 function renderTaskers(list) {
@@ -203,10 +206,15 @@ function jobsQuery() {
 }
 
 async function refresh() {
-  if (!ui.token || ui.busy) return;
+  if (!ui.token) return;
+  if (ui.busy) {
+    ui.again = true;
+    return;
+  }
   ui.busy = true;
   try {
     const info = await call("GET", "/server"); // answers during recovery too
+    if ($("msg").classList.contains("stale")) showMsg("");
     renderServer(info);
     showLoggedIn(true);
     if (info.mode === "recovering") return; // every other client call would be a 503
@@ -214,11 +222,14 @@ async function refresh() {
     renderJobs(page);
     renderTaskers(taskers.taskers);
     if (ui.selected !== null) await loadDetail();
-    if ($("msg").classList.contains("stale")) showMsg("");
   } catch (err) {
     handle(err);
   } finally {
     ui.busy = false;
+    if (ui.again) {
+      ui.again = false;
+      refresh();
+    }
   }
 }
 
@@ -270,6 +281,7 @@ function closeDetail() {
 function setFilter(state) {
   $("filter").value = state;
   ui.after = 0;
+  ui.back = [];
   refresh();
 }
 
@@ -339,9 +351,15 @@ function init() {
   });
   $("auto").addEventListener("change", restartTimer);
   $("filter").addEventListener("change", () => setFilter($("filter").value));
-  $("first").addEventListener("click", () => { ui.after = 0; refresh(); });
+  $("prev").addEventListener("click", () => {
+    ui.after = ui.back.pop() ?? 0;
+    refresh();
+  });
   $("next").addEventListener("click", () => {
-    if (ui.next !== null) { ui.after = ui.next; refresh(); }
+    if (ui.next === null) return;
+    ui.back.push(ui.after);
+    ui.after = ui.next;
+    refresh();
   });
   $("d-close").addEventListener("click", closeDetail);
   $("d-stop").addEventListener("click", () => act("stop"));
