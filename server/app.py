@@ -47,8 +47,9 @@ def error(status: int, code: str, message: str, **extra: Any) -> JSON:
 class Server:
     """What the handlers share: settings, engine, tokens, identity of this process."""
 
-    def __init__(self, settings: Settings, engine: Engine, admin: str, tasker: str,
-                 instance: str, url: str) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, engine: Engine, admin: str, tasker: str, instance: str, url: str
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.admin_token = admin.encode()
@@ -84,14 +85,28 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
     spec = orjson.loads(job.spec)
     cur = job.current()
     out = {
-        "id": job.id, "name": job.name, "user": job.user, "state": job.state,
-        "priority": job.priority, "resources": job.need.text, "command": spec["command"],
-        "cwd": spec["cwd"], "log": log_path(job.id, spec), "rerunnable": job.rerunnable,
-        "max_attempts": job.max_attempts, "attempt": job.attempt, "tasker": job.tasker,
-        "host": cur.host if cur and job.tasker else None, "pid": job.pid,
-        "submitted": job.submitted, "started": job.started, "ended": job.ended,
-        "exit_code": job.exit_code, "signal": job.signal, "reason": job.reason,
-    }  # fmt: skip
+        "id": job.id,
+        "name": job.name,
+        "user": job.user,
+        "state": job.state,
+        "priority": job.priority,
+        "resources": job.need.text,
+        "command": spec["command"],
+        "cwd": spec["cwd"],
+        "log": log_path(job.id, spec),
+        "rerunnable": job.rerunnable,
+        "max_attempts": job.max_attempts,
+        "attempt": job.attempt,
+        "tasker": job.tasker,
+        "host": cur.host if cur and job.tasker else None,
+        "pid": job.pid,
+        "submitted": job.submitted,
+        "started": job.started,
+        "ended": job.ended,
+        "exit_code": job.exit_code,
+        "signal": job.signal,
+        "reason": job.reason,
+    }
     if full:
         out["env"] = state.env_of(job)
         out["attempts"] = [a.to_dict() for a in job.attempts or ()]
@@ -103,8 +118,13 @@ def log_path(job_id: int, spec: dict[str, Any]) -> str:
 
 
 def create_app(srv: Server) -> FastAPI:
-    app = FastAPI(title="crq", version=VERSION, docs_url="/api/docs", redoc_url=None,
-                  openapi_url="/api/openapi.json")  # fmt: skip
+    app = FastAPI(
+        title="crq",
+        version=VERSION,
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
     engine = srv.engine
     api = "/api/v1"
 
@@ -157,8 +177,12 @@ def create_app(srv: Server) -> FastAPI:
     @app.exception_handler(Recovering)
     async def _recovering(request: Request, e: Recovering) -> Response:
         left = e.progress.get("seconds_left") or 5
-        resp = error(503, "crash_recovery",
-                     "the queue is in crash recovery; retry later", recovery=e.progress)  # fmt: skip
+        resp = error(
+            503,
+            "crash_recovery",
+            "the queue is in crash recovery; retry later",
+            recovery=e.progress,
+        )
         resp.headers["Retry-After"] = str(max(1, min(30, int(left))))
         return resp
 
@@ -176,8 +200,13 @@ def create_app(srv: Server) -> FastAPI:
         return JSON({"ids": ids}, status_code=201)
 
     @app.get(api + "/jobs")
-    async def list_jobs(request: Request, state: str | None = None, user: str | None = None,
-                        limit: int = 1000, after: int = 0) -> Response:  # fmt: skip
+    async def list_jobs(
+        request: Request,
+        state: str | None = None,
+        user: str | None = None,
+        limit: int = 1000,
+        after: int = 0,
+    ) -> Response:
         client(request)
         limit = max(1, min(limit, 10_000))
         out = []
@@ -263,15 +292,27 @@ def create_app(srv: Server) -> FastAPI:
             raise BadRequest(401, "unauthorized", "bad token")
         st = srv.state
         await engine.durable()
-        return JSON({
-            "queue": srv.settings.queue, "mode": engine.mode, "pid": os.getpid(),
-            "host": os.uname().nodename, "url": srv.url, "instance": srv.instance,
-            "version": VERSION, "started_at": srv.started_at, "counts": st.counts,
-            "taskers": len(st.taskers), "recovery": srv.recovery(),
-            "journal": {"seq": st.seq, "durable_seq": engine.journal.durable_seq,
-                        "segment": engine.journal.segment,
-                        "disk_full_since": engine.journal.stalled_since},
-        })  # fmt: skip
+        return JSON(
+            {
+                "queue": srv.settings.queue,
+                "mode": engine.mode,
+                "pid": os.getpid(),
+                "host": os.uname().nodename,
+                "url": srv.url,
+                "instance": srv.instance,
+                "version": VERSION,
+                "started_at": srv.started_at,
+                "counts": st.counts,
+                "taskers": len(st.taskers),
+                "recovery": srv.recovery(),
+                "journal": {
+                    "seq": st.seq,
+                    "durable_seq": engine.journal.durable_seq,
+                    "segment": engine.journal.segment,
+                    "disk_full_since": engine.journal.stalled_since,
+                },
+            }
+        )
 
     @app.post(api + "/server/stop")
     async def server_stop(request: Request) -> Response:
@@ -343,11 +384,14 @@ def create_app(srv: Server) -> FastAPI:
         link.generation += 1
         link.wake.set()
         await engine.durable()
-        return JSON({
-            "kill": [{"job": j, "attempt": a} for j, a in sorted(out.kill)],
-            "ack": [{"job": j, "attempt": a} for j, a in out.ack],
-            "heartbeat": srv.settings.heartbeat, "instance": srv.instance,
-        })  # fmt: skip
+        return JSON(
+            {
+                "kill": [{"job": j, "attempt": a} for j, a in sorted(out.kill)],
+                "ack": [{"job": j, "attempt": a} for j, a in out.ack],
+                "heartbeat": srv.settings.heartbeat,
+                "instance": srv.instance,
+            }
+        )
 
     @app.post(api + "/taskers/{name}/sync")
     async def sync(request: Request, name: str) -> Response:
@@ -373,8 +417,14 @@ def create_app(srv: Server) -> FastAPI:
             send, kill = commands.sync_orders(st, name, body.running, reported)
             kill |= out.kill | link.kill
             left = deadline - time.time()
-            if send or kill or out.ack or left <= 0 or engine.shutting_down \
-                    or link.generation != generation:  # fmt: skip
+            if (
+                send
+                or kill
+                or out.ack
+                or left <= 0
+                or engine.shutting_down
+                or link.generation != generation
+            ):
                 break
             try:
                 await asyncio.wait_for(link.wake.wait(), left)
@@ -383,12 +433,14 @@ def create_app(srv: Server) -> FastAPI:
         link.kill -= kill
         await engine.durable()
         link.last_contact = time.time()
-        return JSON({
-            "dispatch": [dispatch_json(st, job) for job in send],
-            "kill": [{"job": j, "attempt": a} for j, a in sorted(kill)],
-            "ack": [{"job": j, "attempt": a} for j, a in out.ack],
-            "shutdown": engine.shutting_down and not engine.freeze,
-        })  # fmt: skip
+        return JSON(
+            {
+                "dispatch": [dispatch_json(st, job) for job in send],
+                "kill": [{"job": j, "attempt": a} for j, a in sorted(kill)],
+                "ack": [{"job": j, "attempt": a} for j, a in out.ack],
+                "shutdown": engine.shutting_down and not engine.freeze,
+            }
+        )
 
     # -- probes, metrics, UI --------------------------------------------------------------
 
@@ -414,8 +466,12 @@ def create_app(srv: Server) -> FastAPI:
     @app.get("/")
     async def index() -> Response:
         if engine.mode == MODE_RECOVERING:
-            return error(503, "crash_recovery", "the queue is in crash recovery; retry later",
-                         recovery=srv.recovery())  # fmt: skip
+            return error(
+                503,
+                "crash_recovery",
+                "the queue is in crash recovery; retry later",
+                recovery=srv.recovery(),
+            )
         return FileResponse(STATIC / "index.html")
 
     @app.get("/static/{name}")
@@ -451,18 +507,29 @@ def tasker_json(srv: Server, name: str) -> dict[str, Any]:
     else:
         state = "ready"
     return {
-        "name": t.name, "host": t.host, "state": state, "slots": t.slots,
-        "free_slots": t.free_slots, "resources": t.resources, "running": sorted(t.running),
-        "last_contact": link.last_contact if link else None, "registered": t.registered,
-    }  # fmt: skip
+        "name": t.name,
+        "host": t.host,
+        "state": state,
+        "slots": t.slots,
+        "free_slots": t.free_slots,
+        "resources": t.resources,
+        "running": sorted(t.running),
+        "last_contact": link.last_contact if link else None,
+        "registered": t.registered,
+    }
 
 
 def dispatch_json(state: State, job: Job) -> dict[str, Any]:
     spec = orjson.loads(job.spec)
     return {
-        "job": job.id, "attempt": job.attempt, "command": spec["command"], "cwd": spec["cwd"],
-        "env": state.env_of(job), "log": log_path(job.id, spec), "name": job.name,
-    }  # fmt: skip
+        "job": job.id,
+        "attempt": job.attempt,
+        "command": spec["command"],
+        "cwd": spec["cwd"],
+        "env": state.env_of(job),
+        "log": log_path(job.id, spec),
+        "name": job.name,
+    }
 
 
 __all__ = ["Server", "create_app", "job_json", "QUEUED"]

@@ -33,10 +33,17 @@ log = logging.getLogger("crq.checkpoint")
 def release_running(state: State, now: float) -> list[Event]:
     """A clean stop without --freeze: taskers kill their jobs; requeue them, uncharged."""
     return [
-        {"e": "recover", "t": now, "job": j.id, "attempt": j.attempt,
-         "reason": "server stopped", "charge": False}
-        for j in state.jobs.values() if j.state == RUNNING
-    ]  # fmt: skip
+        {
+            "e": "recover",
+            "t": now,
+            "job": j.id,
+            "attempt": j.attempt,
+            "reason": "server stopped",
+            "charge": False,
+        }
+        for j in state.jobs.values()
+        if j.state == RUNNING
+    ]
 
 
 def prune(trace: Path) -> None:
@@ -126,11 +133,13 @@ async def _autoforget(srv: Server) -> None:
         for start in range(0, len(ids), 20_000):
             jobs = engine.state.jobs
             gone = [
-                i for i in ids[start : start + 20_000]
-                if (j := jobs.get(i)) is not None and j.ended is not None
+                i
+                for i in ids[start : start + 20_000]
+                if (j := jobs.get(i)) is not None
+                and j.ended is not None
                 and j.state not in ("queued", "running")
                 and j.ended < (old_done if j.state == DONE else old_other)
-            ]  # fmt: skip
+            ]
             if gone:
                 engine.emit([{"e": "forget", "t": now, "jobs": gone}])
             await asyncio.sleep(0)

@@ -27,7 +27,9 @@ from server.state import TASKER_READY, Event, State
 REASON = "manual cleanup"
 
 
-def incomplete(state: State, last_contact: dict[str, float], now: float, heartbeat: float) -> list[dict[str, Any]]:
+def incomplete(
+    state: State, last_contact: dict[str, float], now: float, heartbeat: float
+) -> list[dict[str, Any]]:
     """Running attempts no live tasker has confirmed within a few heartbeats."""
     out = []
     for job in state.jobs.values():
@@ -35,16 +37,28 @@ def incomplete(state: State, last_contact: dict[str, float], now: float, heartbe
             continue
         t = state.taskers.get(job.tasker or "")
         seen = last_contact.get(job.tasker or "")
-        if t is not None and t.state == TASKER_READY and seen is not None and now - seen <= 3 * heartbeat:
+        if (
+            t is not None
+            and t.state == TASKER_READY
+            and seen is not None
+            and now - seen <= 3 * heartbeat
+        ):
             continue
         cur = job.current()
-        out.append({
-            "id": job.id, "attempt": job.attempt, "tasker": job.tasker,
-            "host": t.host if t else None, "name": job.name, "user": job.user,
-            "since": cur.dispatched if cur else None,
-            "last_contact": seen, "age_s": round(now - seen, 1) if seen else None,
-            "tasker_state": t.state if t else "unknown",
-        })  # fmt: skip
+        out.append(
+            {
+                "id": job.id,
+                "attempt": job.attempt,
+                "tasker": job.tasker,
+                "host": t.host if t else None,
+                "name": job.name,
+                "user": job.user,
+                "since": cur.dispatched if cur else None,
+                "last_contact": seen,
+                "age_s": round(now - seen, 1) if seen else None,
+                "tasker_state": t.state if t else "unknown",
+            }
+        )
     return out
 
 
@@ -53,9 +67,18 @@ def recover_job(state: State, job_id: int, now: float) -> list[Event]:
     if job is None:
         raise BadRequest(404, "not_found", f"no job {job_id}")
     if job.state != RUNNING:
-        raise BadRequest(409, "conflict", f"job {job_id} is {job.state}, not running: nothing to recover")
-    return [{"e": "recover", "t": now, "job": job_id, "attempt": job.attempt,
-             "reason": f"{REASON}: job {job_id} recovered by the operator"}]  # fmt: skip
+        raise BadRequest(
+            409, "conflict", f"job {job_id} is {job.state}, not running: nothing to recover"
+        )
+    return [
+        {
+            "e": "recover",
+            "t": now,
+            "job": job_id,
+            "attempt": job.attempt,
+            "reason": f"{REASON}: job {job_id} recovered by the operator",
+        }
+    ]
 
 
 def dead_host(state: State, host: str, now: float) -> list[Event]:
@@ -74,8 +97,13 @@ def summary(state: State, events: list[Event]) -> list[dict[str, Any]]:
     for ev in events:
         if ev["e"] == "recover":
             job = state.jobs[ev["job"]]
-            out.append({"id": job.id, "attempt": ev["attempt"], "action":
-                        "requeued" if job.state == "queued" else job.state})  # fmt: skip
+            out.append(
+                {
+                    "id": job.id,
+                    "attempt": ev["attempt"],
+                    "action": "requeued" if job.state == "queued" else job.state,
+                }
+            )
         elif ev["e"] == "tasker_lost":
             out.append({"tasker": ev["name"], "action": "marked lost"})
     return out
@@ -89,8 +117,10 @@ def reset_lock(swd: Swd) -> str:
     if host == os.uname().nodename and pid and pid_alive(pid):
         raise LockError(f"recovery lock held by live pid {pid}: not removed")
     if host != os.uname().nodename:
-        raise LockError(f"recovery lock held by pid {pid} on {host}: check that host, then remove "
-                        f"{swd.recovery_lock} by hand")  # fmt: skip
+        raise LockError(
+            f"recovery lock held by pid {pid} on {host}: check that host, then remove "
+            f"{swd.recovery_lock} by hand"
+        )
     swd.recovery_lock.unlink()
     return f"removed stale recovery lock of pid {pid}"
 
@@ -107,8 +137,9 @@ class Standalone:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise LockError(f"a server is running on {self.swd.root}: use ncmgr cleanup without "
-                            "--standalone") from None  # fmt: skip
+            raise LockError(
+                f"a server is running on {self.swd.root}: use ncmgr cleanup without --standalone"
+            ) from None
         try:
             take_lock(self.swd.recovery_lock)
         except LockError:
@@ -148,8 +179,12 @@ def run_standalone(root: Path, action: str, arg: str | None) -> dict[str, Any]:
         elif action == "dead_host":
             events = dead_host(work.state, arg or "", now)
         elif action == "all":
-            events = [ev for j in list(work.state.jobs.values()) if j.state == RUNNING
-                      for ev in recover_job(work.state, j.id, now)]  # fmt: skip
+            events = [
+                ev
+                for j in list(work.state.jobs.values())
+                if j.state == RUNNING
+                for ev in recover_job(work.state, j.id, now)
+            ]
         else:
             raise ValueError(action)
         work.emit(events)

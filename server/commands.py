@@ -34,14 +34,18 @@ def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Even
     next_env = state.next_env
     jobs = []
     first = state.next_id
+
+    def where(i: int) -> str:
+        return f"jobs[{i}]." if len(batch.jobs) > 1 else ""
+
     for i, spec in enumerate(batch.jobs):
         try:
             need = state.needs.get(spec.resources)
         except ResourceError as e:
-            raise BadRequest(422, "invalid", f"jobs[{i}].resources: {e}") from None
+            raise BadRequest(422, "invalid", f"{where(i)}resources: {e}") from None
         for k, _ in need.globals:
             if k not in state.global_total:
-                raise BadRequest(422, "invalid", f"jobs[{i}].resources: unknown resource {k}")
+                raise BadRequest(422, "invalid", f"{where(i)}resources: unknown resource {k}")
         env = spec.env if spec.env is not None else batch.env
         env_id = None
         if env:
@@ -52,16 +56,18 @@ def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Even
                 next_env += 1
                 events.append({"e": "env", "id": env_id, "env": env})
         job_id = first + i
-        jobs.append({
-            "id": job_id,
-            "priority": spec.priority,
-            "resources": need.text,
-            "name": spec.name or _default_name(spec.command),
-            "env": env_id,
-            "rerunnable": spec.rerunnable,
-            "max_attempts": spec.max_attempts,
-            "spec": {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log},
-        })  # fmt: skip
+        jobs.append(
+            {
+                "id": job_id,
+                "priority": spec.priority,
+                "resources": need.text,
+                "name": spec.name or _default_name(spec.command),
+                "env": env_id,
+                "rerunnable": spec.rerunnable,
+                "max_attempts": spec.max_attempts,
+                "spec": {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log},
+            }
+        )
     events.append({"e": "submit", "t": now, "user": sys.intern(user), "jobs": jobs})
     return events, [j["id"] for j in jobs]
 
@@ -128,19 +134,35 @@ def reports(
             if not _ended(state, ref):
                 out.kill.add(ref)  # superseded: its job went on without it
         elif job.started is None:
-            out.events.append({"e": "start", "t": now, "job": r.job, "attempt": r.attempt,
-                               "pid": r.pid, "started": r.started or now})  # fmt: skip
+            out.events.append(
+                {
+                    "e": "start",
+                    "t": now,
+                    "job": r.job,
+                    "attempt": r.attempt,
+                    "pid": r.pid,
+                    "started": r.started or now,
+                }
+            )
     for r in finished:
         ref = (r.job, r.attempt)
         out.ack.append(ref)
         if ref in done or _current(state, tasker, ref) is None:
             continue  # a duplicate or a superseded attempt: recorded at most once
         done.add(ref)
-        out.events.append({
-            "e": "finish", "t": now, "job": r.job, "attempt": r.attempt,
-            "exit_code": r.exit_code, "signal": r.signal, "reason": r.reason,
-            "started": r.started or now, "ended": r.ended or now,
-        })  # fmt: skip
+        out.events.append(
+            {
+                "e": "finish",
+                "t": now,
+                "job": r.job,
+                "attempt": r.attempt,
+                "exit_code": r.exit_code,
+                "signal": r.signal,
+                "reason": r.reason,
+                "started": r.started or now,
+                "ended": r.ended or now,
+            }
+        )
     return out
 
 
@@ -153,10 +175,18 @@ def _ended(state: State, ref: Ref) -> bool:
 def register(state: State, name: str, body: Register, now: float) -> Outcome:
     """A tasker (re)joins: adopt what it still runs, record what it finished, fence the rest."""
     out = Outcome()
-    out.events.append({
-        "e": "tasker", "t": now, "name": name, "host": body.host, "pid": body.pid,
-        "slots": body.slots, "resources": body.resources, "boot_id": body.boot_id,
-    })  # fmt: skip
+    out.events.append(
+        {
+            "e": "tasker",
+            "t": now,
+            "name": name,
+            "host": body.host,
+            "pid": body.pid,
+            "slots": body.slots,
+            "resources": body.resources,
+            "boot_id": body.boot_id,
+        }
+    )
     reports(state, name, body.running, body.finished, now, out)
     known = {(r.job, r.attempt) for r in body.running} | {(r.job, r.attempt) for r in body.finished}
     tasker = state.taskers.get(name)
@@ -170,8 +200,9 @@ def register(state: State, name: str, body: Register, now: float) -> Outcome:
             reason = f"tasker {name} restarted without it"
         else:
             continue  # dispatched but never received: it is sent again
-        out.events.append({"e": "recover", "t": now, "job": job_id, "attempt": job.attempt,
-                           "reason": reason})  # fmt: skip
+        out.events.append(
+            {"e": "recover", "t": now, "job": job_id, "attempt": job.attempt, "reason": reason}
+        )
     return out
 
 

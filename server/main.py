@@ -97,10 +97,16 @@ def setup_logging(paths: Swd) -> None:
 def server_json(srv: Server, mode: str) -> None:
     s = srv.settings
     info = {
-        "pid": os.getpid(), "host": os.uname().nodename, "port": s.port, "url": srv.url,
-        "queue": s.queue, "swd": str(s.swd), "instance": srv.instance, "mode": mode,
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "port": s.port,
+        "url": srv.url,
+        "queue": s.queue,
+        "swd": str(s.swd),
+        "instance": srv.instance,
+        "mode": mode,
         "started_at": srv.started_at,
-    }  # fmt: skip
+    }
     write_atomic(s.paths.server_json, orjson.dumps(info, option=orjson.OPT_INDENT_2))
 
 
@@ -140,9 +146,14 @@ def run(settings: Settings) -> int:
     except OSError as e:
         raise StartError(f"cannot read {paths.trace}: {e}") from None
     unclean = not clean and (loaded.snapshot is not None or loaded.events_replayed > 0)
-    log.info("loaded %d jobs (snapshot %s, %d events) in %.2f s; last stop %s",
-             len(loaded.state.jobs), loaded.snapshot, loaded.events_replayed,
-             time.time() - started, "clean" if clean else "unclean" if unclean else "none")  # fmt: skip
+    log.info(
+        "loaded %d jobs (snapshot %s, %d events) in %.2f s; last stop %s",
+        len(loaded.state.jobs),
+        loaded.snapshot,
+        loaded.events_replayed,
+        time.time() - started,
+        "clean" if clean else "unclean" if unclean else "none",
+    )
     if clean:
         os.unlink(paths.clean_marker)
         fsync_dir(paths.trace)
@@ -168,9 +179,15 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
 
     engine, settings = srv.engine, srv.settings
     config = uvicorn.Config(
-        create_app(srv), loop="none", http="httptools", lifespan="off", access_log=False,
-        log_config=None, timeout_graceful_shutdown=3, timeout_keep_alive=30,
-    )  # fmt: skip
+        create_app(srv),
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=3,
+        timeout_keep_alive=30,
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
 

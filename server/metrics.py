@@ -29,16 +29,21 @@ class _Queue(Collector):
         for state, n in by_state.items():
             taskers.add_metric([state], n)
         yield taskers
-        yield GaugeMetricFamily("crq_taskers_connected", "Taskers with a live link",
-                                value=len(engine.links))  # fmt: skip
+        yield GaugeMetricFamily(
+            "crq_taskers_connected", "Taskers with a live link", value=len(engine.links)
+        )
         yield CounterMetricFamily(
             "crq_dispatches", "Dispatches since start", value=engine.dispatched
         )
         yield GaugeMetricFamily("crq_journal_seq", "Last journaled event", value=st.seq)
-        yield GaugeMetricFamily("crq_journal_durable_seq", "Last durable event",
-                                value=engine.journal.durable_seq)  # fmt: skip
-        yield GaugeMetricFamily("crq_recovering", "1 while in crash recovery mode",
-                                value=1 if engine.mode == "recovering" else 0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "crq_journal_durable_seq", "Last durable event", value=engine.journal.durable_seq
+        )
+        yield GaugeMetricFamily(
+            "crq_recovering",
+            "1 while in crash recovery mode",
+            value=1 if engine.mode == "recovering" else 0,
+        )
 
 
 def render(srv: Server) -> tuple[bytes, str]:

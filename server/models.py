@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from client.wire import MAX_ATTEMPTS_DEFAULT, PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 
@@ -30,6 +30,15 @@ class BadRequest(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def _absolute(path: str | None) -> str | None:
+    if path is not None and not path.startswith("/"):
+        raise ValueError("must be an absolute path (taskers run on other hosts and directories)")
+    return path
+
+
+AbsPath = Annotated[Path_, AfterValidator(_absolute)]
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,14 +46,14 @@ class JobSpec(BaseModel):
         Annotated[list[Arg], Field(min_length=1, max_length=10_000)]
         | Annotated[str, Field(min_length=1, max_length=MAX_ARG)]
     )
-    cwd: Path_ | None = None
+    cwd: AbsPath | None = None
     env: Env | None = None
     name: Name | None = None
     priority: Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)] = PRIORITY_DEFAULT
     resources: Annotated[str, Field(max_length=1000)] = ""
     rerunnable: bool = True
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = MAX_ATTEMPTS_DEFAULT
-    log: Path_ | None = None
+    log: AbsPath | None = None
 
 
 class Batch(BaseModel):

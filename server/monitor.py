@@ -27,8 +27,9 @@ def lose_tasker(state: State, name: str, reason: str, now: float) -> list[Event]
     events: list[Event] = [{"e": "tasker_lost", "t": now, "name": name, "reason": reason}]
     for job_id in sorted(tasker.running):
         job = state.jobs[job_id]
-        events.append({"e": "recover", "t": now, "job": job_id, "attempt": job.attempt,
-                       "reason": reason})  # fmt: skip
+        events.append(
+            {"e": "recover", "t": now, "job": job_id, "attempt": job.attempt, "reason": reason}
+        )
     return events
 
 
@@ -56,7 +57,11 @@ async def watch(srv: Server) -> None:
         now = time.time()
         for name in silent(srv, now):
             t = srv.state.taskers[name]
-            log.warning("tasker %s silent for over %.0f s: lost, recovering %d jobs",
-                        name, srv.settings.tasker_timeout, len(t.running))  # fmt: skip
+            log.warning(
+                "tasker %s silent for over %.0f s: lost, recovering %d jobs",
+                name,
+                srv.settings.tasker_timeout,
+                len(t.running),
+            )
             engine.emit(lose_tasker(srv.state, name, f"tasker {name} lost (silent)", now))
             engine.links.pop(name, None)

@@ -64,8 +64,10 @@ def take_lock(path: Path) -> None:
         when = datetime.fromtimestamp(held.get("time") or 0).strftime("%Y-%m-%d %H:%M:%S")
         who = f"pid {held.get('pid')} on {held.get('host')} since {when}"
         if held.get("host") == socket.gethostname() and not pid_alive(int(held.get("pid") or 0)):
-            raise LockError(f"stale recovery lock {path} ({who}, process gone): "
-                            "check the swd, then run `ncmgr cleanup --reset-lock`")  # fmt: skip
+            raise LockError(
+                f"stale recovery lock {path} ({who}, process gone): "
+                "check the swd, then run `ncmgr cleanup --reset-lock`"
+            )
         raise LockError(f"a recovery of this swd is already running ({who})")
     info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -85,7 +87,7 @@ class Recovery:
         st = srv.state
         self.expected = sorted(
             n for n, t in st.taskers.items() if t.running and t.state == TASKER_READY
-        )  # fmt: skip
+        )
         self.reconnected: list[str] = []
         self.reattached = 0
         self.finished_during_outage = 0
@@ -122,7 +124,9 @@ class Recovery:
         while not self.settled() and time.time() < self.deadline:
             self.back.clear()
             try:
-                await asyncio.wait_for(self.back.wait(), min(0.2, max(0.0, self.deadline - time.time())))
+                await asyncio.wait_for(
+                    self.back.wait(), min(0.2, max(0.0, self.deadline - time.time()))
+                )
             except TimeoutError:
                 pass
         await self.finish()
@@ -147,8 +151,13 @@ class Recovery:
             job = st.jobs[job_id]
             if job.state != RUNNING:
                 action = "requeued" if job.state == "queued" else job.state
-                self.lost.append({"id": job_id, "tasker": job.attempts[-1].tasker if job.attempts else None,
-                                  "action": action})  # fmt: skip
+                self.lost.append(
+                    {
+                        "id": job_id,
+                        "tasker": job.attempts[-1].tasker if job.attempts else None,
+                        "action": action,
+                    }
+                )
         await engine.durable()
         self.ended_at = time.time()
         self.write_report(result)
@@ -160,9 +169,13 @@ class Recovery:
         from server.main import server_json
 
         server_json(srv, MODE_NORMAL)
-        log.info("crash recovery done in %.2f s: %d reattached, %d finished meanwhile, %d lost",
-                 self.ended_at - self.started_at, self.reattached, self.finished_during_outage,
-                 len(self.lost))  # fmt: skip
+        log.info(
+            "crash recovery done in %.2f s: %d reattached, %d finished meanwhile, %d lost",
+            self.ended_at - self.started_at,
+            self.reattached,
+            self.finished_during_outage,
+            len(self.lost),
+        )
         await checkpoint.write_forked(srv)
 
     def report(self, result: sanity.Result) -> dict[str, Any]:
@@ -172,16 +185,29 @@ class Recovery:
             "started_at": _iso(self.started_at),
             "ended_at": _iso(ended),
             "duration_s": round(ended - self.started_at, 3),
-            "snapshot": {"seq": _snap_seq(ld.snapshot), "jobs": ld.snapshot_jobs,
-                         "path": str(ld.snapshot) if ld.snapshot else None},
-            "journal": {"segments": ld.segments, "events_replayed": ld.events_replayed,
-                        "bytes_discarded": ld.bytes_discarded, "losses": ld.losses},
-            "taskers": {"expected": self.expected, "reconnected": self.reconnected,
-                        "missing": [n for n in self.expected if n not in self.reconnected]},
-            "jobs": {"reattached": self.reattached,
-                     "finished_during_outage": self.finished_during_outage, "lost": self.lost},
+            "snapshot": {
+                "seq": _snap_seq(ld.snapshot),
+                "jobs": ld.snapshot_jobs,
+                "path": str(ld.snapshot) if ld.snapshot else None,
+            },
+            "journal": {
+                "segments": ld.segments,
+                "events_replayed": ld.events_replayed,
+                "bytes_discarded": ld.bytes_discarded,
+                "losses": ld.losses,
+            },
+            "taskers": {
+                "expected": self.expected,
+                "reconnected": self.reconnected,
+                "missing": [n for n in self.expected if n not in self.reconnected],
+            },
+            "jobs": {
+                "reattached": self.reattached,
+                "finished_during_outage": self.finished_during_outage,
+                "lost": self.lost,
+            },
             "sanity": result.as_dict(),
-        }  # fmt: skip
+        }
 
     def write_report(self, result: sanity.Result) -> Path:
         from server.main import write_atomic
@@ -222,8 +248,10 @@ def render_text(r: dict[str, Any]) -> str:
         f"the outage, {len(j['lost'])} recovered",
     ]
     lines += [f"          job {x['id']} (tasker {x['tasker']}): {x['action']}" for x in j["lost"]]
-    lines.append(f"sanity    {'ok' if s['ok'] else 'PROBLEMS REMAIN'}, {len(s['findings'])} findings, "
-                 f"{len(s['fixed'])} fixed")  # fmt: skip
+    lines.append(
+        f"sanity    {'ok' if s['ok'] else 'PROBLEMS REMAIN'}, {len(s['findings'])} findings, "
+        f"{len(s['fixed'])} fixed"
+    )
     lines += [f"          - {f}" for f in s["findings"]]
     return "\n".join(lines) + "\n"
 
@@ -242,6 +270,9 @@ async def begin(srv: Server, loaded: Replayed) -> None:
     srv.engine.mode = MODE_RECOVERING
     srv.recovery = rec.progress
     srv.on_register = rec.on_register
-    log.warning("unclean stop detected: crash recovery mode, expecting taskers %s (grace %.0f s)",
-                rec.expected, srv.settings.recovery_grace)  # fmt: skip
+    log.warning(
+        "unclean stop detected: crash recovery mode, expecting taskers %s (grace %.0f s)",
+        rec.expected,
+        srv.settings.recovery_grace,
+    )
     srv.recovery_task = asyncio.get_running_loop().create_task(rec.run())

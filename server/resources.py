@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-_WORD = re.compile(r"^([A-Za-z_][\w.:+-]*)(?:/(\d+))?$")
+_WORD = re.compile(r"^([A-Za-z_][\w.:+-]*)(?:/(\d{1,12}))?$")
 MAX_TEXT = 1000
 
 
@@ -43,7 +43,9 @@ def _words(text: str) -> list[tuple[str, int | None]]:
     for word in text.split():
         m = _WORD.match(word)
         if not m:
-            raise ResourceError(f"bad resource word {word!r} (expected NAME, NAME/N or Kind:NAME)")
+            raise ResourceError(
+                f"bad resource word {word!r} (expected NAME, NAME/N or Kind:NAME, N < 10^12)"
+            )
         out.append((m.group(1), int(m.group(2)) if m.group(2) is not None else None))
     return out
 

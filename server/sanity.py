@@ -63,23 +63,36 @@ def check(
         elif job.id not in t.running:
             why = f"tasker {t.name} does not hold it"
         if why:
-            orphans.append({"e": "recover", "t": now, "job": job.id, "attempt": job.attempt,
-                            "reason": f"sanity: {why}"})  # fmt: skip
-            found(f"job {job.id} is running but {why}",
-                  (lambda ev=orphans[-1]: emit([ev])) if emit else None)  # fmt: skip
+            orphans.append(
+                {
+                    "e": "recover",
+                    "t": now,
+                    "job": job.id,
+                    "attempt": job.attempt,
+                    "reason": f"sanity: {why}",
+                }
+            )
+            found(
+                f"job {job.id} is running but {why}",
+                (lambda ev=orphans[-1]: emit([ev])) if emit else None,
+            )
     for t in state.taskers.values():
         for job_id in sorted(t.running):
             job = state.jobs.get(job_id)
             if job is None or job.state != RUNNING or job.tasker != t.name:
-                found(f"tasker {t.name} holds job {job_id}, which does not run there",
-                      lambda t=t, job_id=job_id: t.running.discard(job_id))  # fmt: skip
+                found(
+                    f"tasker {t.name} holds job {job_id}, which does not run there",
+                    lambda t=t, job_id=job_id: t.running.discard(job_id),
+                )
     # slot and resource accounting
     for t in state.taskers.values():
         free, free_slots = dict(t.free), t.free_slots
         state.recount_tasker(t)
         if free != t.free or free_slots != t.free_slots:
-            msg = (f"tasker {t.name}: free {free_slots} slots {free}, "
-                   f"but its jobs leave {t.free_slots} slots {t.free}")  # fmt: skip
+            msg = (
+                f"tasker {t.name}: free {free_slots} slots {free}, "
+                f"but its jobs leave {t.free_slots} slots {t.free}"
+            )
             if not fix:
                 t.free, t.free_slots = free, free_slots
             found(msg, lambda: None)
@@ -90,8 +103,10 @@ def check(
                 used[k] += v
     actual = {k: v for k, v in state.global_used.items() if v}
     if actual != dict(+used):
-        found(f"global resources in use {actual}, running jobs hold {dict(+used)}",
-              lambda: setattr(state, "global_used", dict(used)))  # fmt: skip
+        found(
+            f"global resources in use {actual}, running jobs hold {dict(+used)}",
+            lambda: setattr(state, "global_used", dict(used)),
+        )
     for k, v in used.items():
         if v > state.global_total.get(k, 0):
             found(f"{k}: {v} in use, more than the {state.global_total.get(k, 0)} configured")
@@ -99,8 +114,10 @@ def check(
     counts = Counter(j.state for j in state.jobs.values())
     wrong = {s: (n, counts.get(s, 0)) for s, n in state.counts.items() if n != counts.get(s, 0)}
     if wrong:
-        found(f"state counters wrong (counted, actual): {wrong}",
-              lambda: state.counts.update({s: counts.get(s, 0) for s in state.counts}))  # fmt: skip
+        found(
+            f"state counters wrong (counted, actual): {wrong}",
+            lambda: state.counts.update({s: counts.get(s, 0) for s in state.counts}),
+        )
     per_bucket: Counter[tuple[int, str]] = Counter()
     missing = []
     heaps = {key: set(b.heap) for key, b in state.buckets.items()}
@@ -113,11 +130,16 @@ def check(
     bad = [k for k, b in state.buckets.items() if b.count != per_bucket.get(k, 0)]
     bad += [k for k in per_bucket if k not in state.buckets]
     if missing or bad:
-        found(f"queue buckets disagree with queued jobs ({len(missing)} jobs missing, "
-              f"{len(bad)} bucket counts wrong)", lambda: _rebuild_buckets(state))  # fmt: skip
+        found(
+            f"queue buckets disagree with queued jobs ({len(missing)} jobs missing, "
+            f"{len(bad)} bucket counts wrong)",
+            lambda: _rebuild_buckets(state),
+        )
     if state.jobs and max(state.jobs) >= state.next_id:
-        found(f"next id {state.next_id} not above the highest id {max(state.jobs)}",
-              lambda: setattr(state, "next_id", max(state.jobs) + 1))  # fmt: skip
+        found(
+            f"next id {state.next_id} not above the highest id {max(state.jobs)}",
+            lambda: setattr(state, "next_id", max(state.jobs) + 1),
+        )
     return r
 
 

@@ -21,9 +21,10 @@ def dispatch_pass(
 ) -> int:
     """Emit dispatch events until no queued job fits anywhere; returns how many."""
     ready = [
-        t for t in state.taskers.values()
+        t
+        for t in state.taskers.values()
         if t.state == TASKER_READY and t.free_slots > 0 and eligible(t)
-    ]  # fmt: skip
+    ]
     if not ready:
         return 0
     jobs = state.jobs

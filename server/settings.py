@@ -32,9 +32,14 @@ class Settings:
 
 
 TUNABLES = {
-    "recovery_grace": float, "tasker_timeout": float, "heartbeat": float, "fsync": str,
-    "checkpoint_bytes": int, "autoforget_done": float, "autoforget_other": float,
-}  # fmt: skip
+    "recovery_grace": float,
+    "tasker_timeout": float,
+    "heartbeat": float,
+    "fsync": str,
+    "checkpoint_bytes": int,
+    "autoforget_done": float,
+    "autoforget_other": float,
+}
 
 
 class SettingsError(ValueError):
@@ -53,8 +58,11 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(flag, choices=["always", "never"])
         else:
             p.add_argument(flag, type=kind)
-    p.add_argument("--accept-loss", action="store_true",
-                   help="start even if the journal or snapshot is damaged, dropping what is lost")  # fmt: skip
+    p.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="start even if the journal or snapshot is damaged, dropping what is lost",
+    )
     return p
 
 

@@ -38,17 +38,45 @@ def list_snapshots(trace: Path) -> list[Path]:
 
 def _job_record(j: Job) -> list[Any]:
     return [
-        j.id, j.state, j.priority, j.user, j.name, j.need.text, j.spec.decode(), j.env,
-        j.rerunnable, j.max_attempts, j.attempt, j.tries, j.tasker, j.pid, j.submitted,
-        j.started, j.ended, j.exit_code, j.signal, j.reason, j.stop_requested,
+        j.id,
+        j.state,
+        j.priority,
+        j.user,
+        j.name,
+        j.need.text,
+        j.spec.decode(),
+        j.env,
+        j.rerunnable,
+        j.max_attempts,
+        j.attempt,
+        j.tries,
+        j.tasker,
+        j.pid,
+        j.submitted,
+        j.started,
+        j.ended,
+        j.exit_code,
+        j.signal,
+        j.reason,
+        j.stop_requested,
         [a.to_dict() for a in j.attempts] if j.attempts else None,
-    ]  # fmt: skip
+    ]
 
 
 def _job_from(r: list[Any], state: State) -> Job:
     intern = sys.intern
-    job = Job(r[0], r[2], intern(r[3]), r[4], state.needs.get(r[5]), r[6].encode(), r[7],
-              r[8], r[9], r[14])  # fmt: skip
+    job = Job(
+        r[0],
+        r[2],
+        intern(r[3]),
+        r[4],
+        state.needs.get(r[5]),
+        r[6].encode(),
+        r[7],
+        r[8],
+        r[9],
+        r[14],
+    )
     job.state = intern(r[1])
     job.attempt, job.tries = r[10], r[11]
     job.tasker = intern(r[12]) if r[12] is not None else None
@@ -60,10 +88,16 @@ def _job_from(r: list[Any], state: State) -> Job:
 
 def _tasker_record(t: Tasker) -> dict[str, Any]:
     return {
-        "name": t.name, "host": t.host, "slots": t.slots, "resources": t.resources,
-        "running": sorted(t.running), "state": t.state, "boot_id": t.boot_id, "pid": t.pid,
+        "name": t.name,
+        "host": t.host,
+        "slots": t.slots,
+        "resources": t.resources,
+        "running": sorted(t.running),
+        "state": t.state,
+        "boot_id": t.boot_id,
+        "pid": t.pid,
         "registered": t.registered,
-    }  # fmt: skip
+    }
 
 
 def write(state: State, trace: Path, *, fsync: bool = True) -> Path:
@@ -71,10 +105,15 @@ def write(state: State, trace: Path, *, fsync: bool = True) -> Path:
     final = trace / f"{PREFIX}{state.seq:012d}"
     tmp = trace / f".{final.name}.tmp"
     header = {
-        "kind": "crq-snapshot", "version": VERSION, "seq": state.seq, "next_id": state.next_id,
-        "next_env": state.next_env, "created": time.time(), "global_total": state.global_total,
+        "kind": "crq-snapshot",
+        "version": VERSION,
+        "seq": state.seq,
+        "next_id": state.next_id,
+        "next_env": state.next_env,
+        "created": time.time(),
+        "global_total": state.global_total,
         "jobs": len(state.jobs),
-    }  # fmt: skip
+    }
     n = 0
     dumps = orjson.dumps
     with open(tmp, "wb", buffering=1 << 20) as f:

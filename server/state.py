@@ -71,13 +71,43 @@ class Job:
     """One job. Cold fields (command, cwd, log) stay serialized in ``spec`` to save memory."""
 
     __slots__ = (
-        "id", "state", "priority", "user", "name", "need", "spec", "env", "rerunnable",
-        "max_attempts", "attempt", "tries", "tasker", "pid", "submitted", "started", "ended",
-        "exit_code", "signal", "reason", "stop_requested", "attempts",
-    )  # fmt: skip
+        "id",
+        "state",
+        "priority",
+        "user",
+        "name",
+        "need",
+        "spec",
+        "env",
+        "rerunnable",
+        "max_attempts",
+        "attempt",
+        "tries",
+        "tasker",
+        "pid",
+        "submitted",
+        "started",
+        "ended",
+        "exit_code",
+        "signal",
+        "reason",
+        "stop_requested",
+        "attempts",
+    )
 
-    def __init__(self, id: int, priority: int, user: str, name: str, need: Need, spec: bytes,
-                 env: int | None, rerunnable: bool, max_attempts: int, submitted: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        id: int,
+        priority: int,
+        user: str,
+        name: str,
+        need: Need,
+        spec: bytes,
+        env: int | None,
+        rerunnable: bool,
+        max_attempts: int,
+        submitted: float,
+    ) -> None:
         self.id = id
         self.state = QUEUED
         self.priority = priority
@@ -107,9 +137,20 @@ class Job:
 
 class Tasker:
     __slots__ = (
-        "name", "host", "slots", "resources", "capacity", "attributes", "free", "free_slots",
-        "running", "state", "boot_id", "pid", "registered",
-    )  # fmt: skip
+        "name",
+        "host",
+        "slots",
+        "resources",
+        "capacity",
+        "attributes",
+        "free",
+        "free_slots",
+        "running",
+        "state",
+        "boot_id",
+        "pid",
+        "registered",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -162,8 +203,12 @@ class Bucket:
         heap = self.heap
         while heap:
             job = jobs.get(heap[0])
-            if job is not None and job.state == QUEUED and job.need is self.need \
-                    and job.priority == self.priority:  # fmt: skip
+            if (
+                job is not None
+                and job.state == QUEUED
+                and job.need is self.need
+                and job.priority == self.priority
+            ):
                 return heap[0]
             heapq.heappop(heap)
         return None
@@ -214,9 +259,12 @@ class State:
         """Queued ids in dispatch order: priority (high first), then id."""
         jobs = self.jobs
         ids = {
-            i for b in self.buckets.values() if b.count for i in b.heap
+            i
+            for b in self.buckets.values()
+            if b.count
+            for i in b.heap
             if (j := jobs.get(i)) is not None and j.state == QUEUED
-        }  # fmt: skip
+        }
         return iter(sorted(ids, key=lambda i: (-jobs[i].priority, i)))
 
     def global_free(self, name: str) -> int:
@@ -271,10 +319,17 @@ class State:
         t, user = ev["t"], ev["user"]
         for spec in ev["jobs"]:
             job = Job(
-                spec["id"], spec["priority"], user, spec["name"],
-                self.needs.get(spec["resources"]), _compact(orjson.dumps(spec["spec"])), spec["env"],
-                spec["rerunnable"], spec["max_attempts"], t,
-            )  # fmt: skip
+                spec["id"],
+                spec["priority"],
+                user,
+                spec["name"],
+                self.needs.get(spec["resources"]),
+                _compact(orjson.dumps(spec["spec"])),
+                spec["env"],
+                spec["rerunnable"],
+                spec["max_attempts"],
+                t,
+            )
             self.add_job(job)
             self._enqueue(job)
 

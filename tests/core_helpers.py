@@ -43,7 +43,9 @@ class Core:
         self.emit(events)
         return ids
 
-    def register(self, name: str, slots: int = 2, resources: str = "", **kw: Any) -> commands.Outcome:
+    def register(
+        self, name: str, slots: int = 2, resources: str = "", **kw: Any
+    ) -> commands.Outcome:
         body = Register(host=f"host-{name}", slots=slots, resources=resources, **kw)
         out = commands.register(self.state, name, body, self.tick())
         self.emit(out.events)
@@ -51,20 +53,27 @@ class Core:
 
     def dispatch(self, live: set[str] | None = None) -> int:
         return dispatch_pass(
-            self.state, lambda ev: self.emit([ev]), self.tick(),
+            self.state,
+            lambda ev: self.emit([ev]),
+            self.tick(),
             lambda t: live is None or t.name in live,
-        )  # fmt: skip
+        )
 
     def start(self, tasker: str, job: int, attempt: int) -> commands.Outcome:
         out = commands.reports(
-            self.state, tasker, [RunningReport(job=job, attempt=attempt, pid=123, started=self.now)],
-            [], self.tick(),
-        )  # fmt: skip
+            self.state,
+            tasker,
+            [RunningReport(job=job, attempt=attempt, pid=123, started=self.now)],
+            [],
+            self.tick(),
+        )
         self.emit(out.events)
         return out
 
     def finish(self, tasker: str, job: int, attempt: int, code: int | None = 0) -> commands.Outcome:
-        rep = ResultReport(job=job, attempt=attempt, exit_code=code, started=self.now, ended=self.now)
+        rep = ResultReport(
+            job=job, attempt=attempt, exit_code=code, started=self.now, ended=self.now
+        )
         out = commands.reports(self.state, tasker, [], [rep], self.tick())
         self.emit(out.events)
         return out

@@ -26,10 +26,21 @@ TASKERS = ["t1", "t2", "t3"]
 RESOURCES = ["", "CORES/2", "RAM/100", "License:vcs", "linux", "CORES/1 License:vcs/2"]
 
 op = st.one_of(
-    st.tuples(st.just("submit"), st.integers(1, 4), st.integers(1, 15), st.sampled_from(RESOURCES),
-              st.sampled_from([None, {"A": "1"}, {"B": "2"}]), st.booleans()),
-    st.tuples(st.just("register"), st.sampled_from(TASKERS), st.integers(0, 4),
-              st.sampled_from(["", "RAM/200 linux", "linux CORES/8"]), st.booleans()),
+    st.tuples(
+        st.just("submit"),
+        st.integers(1, 4),
+        st.integers(1, 15),
+        st.sampled_from(RESOURCES),
+        st.sampled_from([None, {"A": "1"}, {"B": "2"}]),
+        st.booleans(),
+    ),
+    st.tuples(
+        st.just("register"),
+        st.sampled_from(TASKERS),
+        st.integers(0, 4),
+        st.sampled_from(["", "RAM/200 linux", "linux CORES/8"]),
+        st.booleans(),
+    ),
     st.tuples(st.just("dispatch")),
     st.tuples(st.just("start"), st.integers(0, 50)),
     st.tuples(st.just("finish"), st.integers(0, 50), st.sampled_from([0, 1, None])),
@@ -38,7 +49,7 @@ op = st.one_of(
     st.tuples(st.just("rerun"), st.integers(0, 50)),
     st.tuples(st.just("forget"), st.integers(0, 50)),
     st.tuples(st.just("lose"), st.sampled_from(TASKERS)),
-)  # fmt: skip
+)
 
 
 def run(ops: list[tuple]) -> Core:

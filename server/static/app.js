@@ -189,6 +189,7 @@ function renderDetail(j) {
       el("td", { title: stamp(a.started) }, age(a.started)),
       el("td", { title: stamp(a.ended) }, age(a.ended)),
       el("td", {}, a.outcome || ""), el("td", {}, a.exit_code ?? "")));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "none yet")));
   $("d-attempts").tBodies[0].replaceChildren(...rows);
   const live = j.state === "queued" || j.state === "running";
   $("d-stop").disabled = !live;
@@ -295,8 +296,9 @@ async function act(verb) {
       closeDetail();
       showMsg(`job ${id} forgotten`, "info");
     } else {
-      renderDetail(await call("POST", `/jobs/${id}/${verb}`));
-      showMsg(`job ${id}: ${verb} done`, "info");
+      const job = await call("POST", `/jobs/${id}/${verb}`);
+      renderDetail(job);
+      showMsg(`job ${id}: ${verb} accepted, now ${job.state}`, "info");
     }
   } catch (err) {
     handle(err);

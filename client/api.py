@@ -1,0 +1,492 @@
+"""Typed Python client for a crq server (SPEC section 4).
+
+>>> with Client() as c:               # server and token found as SPEC section 2 says
+...     job_id = c.submit(command=["make", "all"], resources="CORES/2")
+...     job = c.wait(job_id)
+
+httpx is imported when a Client is built, not when this module is imported, so the CLIs start
+fast. Every failure is a :class:`CrqError` whose message is one printable line.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from client import registry, wire
+from client.errors import CrashRecovery, CrqError
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["Client", "CrqError", "CrashRecovery", "login"]
+
+VERSION = "0.1.0"
+#: Longest single long poll we ask for; the server caps it at 300 s.
+LONG_POLL_MAX = 60
+#: After the server has answered once, how long wait()/wait_all() ride out its absence.
+RECONNECT_FOR = 300.0
+
+#: Failures a read-only wait retries once the server has been seen (it may be restarting).
+TRANSIENT = frozenset({"unreachable", "timeout", "disconnected"})
+
+Job = dict[str, Any]
+Progress = Callable[[int, int, int], None]
+
+
+def login() -> str:
+    """The user name recorded on submitted jobs."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER") or str(os.getuid())
+
+
+class Client:
+    """One keep-alive connection to a crq server.
+
+    ``url``/``queue``/``token`` override the resolution of SPEC section 2
+    (``--server`` > ``CRQ_SERVER`` > ``CRQ_QUEUE`` > ``vnc``; ``CRQ_TOKEN`` > registry > swd).
+    ``transport`` is for tests (``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        queue: str | None = None,
+        user: str | None = None,
+        timeout: float = 30.0,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        import httpx
+
+        target = registry.resolve_server(url, queue)
+        self.url: str = target.url.rstrip("/")
+        self.queue_name: str | None = target.queue
+        self.token: str | None = token if token is not None else registry.resolve_token(target)
+        self.user: str = user or login()
+        self.timeout = timeout
+        self._reached = False
+        #: Called with one line when a wait rides out a recovery or an outage (the CLI prints it).
+        self.notify: Callable[[str], None] | None = None
+        headers = {
+            wire.USER_HEADER: self.user,
+            "Accept": "application/json",
+            "User-Agent": f"crq-client/{VERSION}",
+        }
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            transport=transport,
+            trust_env=False,  # a job queue on the LAN must not be routed through HTTP_PROXY
+        )
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        """How messages name the server: ``queue vnc`` or ``the crq server``."""
+        return f"queue {self.queue_name}" if self.queue_name else "the crq server"
+
+    def _hint(self) -> str:
+        if self.queue_name == wire.DEFAULT_QUEUE:
+            return "ncmgr start"
+        if self.queue_name:
+            return f"ncmgr start --queue {self.queue_name}"
+        return "ncmgr start"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send one request under ``/api/v1`` (or an absolute path); return the decoded JSON."""
+        import httpx
+
+        url = path if path.startswith("/") else f"{wire.API}/{path}"
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        kwargs: dict[str, Any] = {"params": clean}
+        if json is not None:
+            kwargs["json"] = json
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=min(timeout, 5.0))
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except httpx.ConnectError as e:
+            raise CrqError(self._unreachable(e), code="unreachable") from None
+        except httpx.TimeoutException:
+            used = timeout if timeout is not None else self.timeout
+            raise CrqError(
+                f"{self.name} at {self.url} did not answer within {used:g} s", code="timeout"
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+            # Connected, then the server went away (crash, restart) mid-request.
+            self._reached = True
+            maybe = (
+                "; the request may or may not have been applied, check before retrying"
+                if method not in ("GET", "HEAD")
+                else ""
+            )
+            reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
+            raise CrqError(
+                f"lost the connection to {self.name} at {self.url}: {reason}{maybe}",
+                code="disconnected",
+            ) from None
+        except httpx.HTTPError as e:
+            reason = " ".join(str(e).split()) or "connection failed"
+            raise CrqError(
+                f"{self.name} at {self.url}: {type(e).__name__}: {reason}", code="unreachable"
+            ) from None
+        self._reached = True
+        if response.status_code >= 400:
+            raise self._error(response)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise CrqError(
+                f"{self.name} at {self.url} sent a reply that is not JSON "
+                f"(HTTP {response.status_code})",
+                status=response.status_code,
+                code="bad_reply",
+            ) from None
+
+    def _unreachable(self, e: Exception) -> str:
+        text = str(e)
+        low = text.lower()
+        if "refused" in low:
+            reason = "connection refused"
+        elif "name or service" in low or "nodename" in low or "name resolution" in low:
+            reason = "unknown host"
+        elif "no route" in low or "unreachable" in low:
+            reason = "host unreachable"
+        else:
+            reason = text or type(e).__name__
+        where = f"cannot reach {self.name} at {self.url}"
+        return f"{where}: {reason} — is it started? try: {self._hint()}"
+
+    def _error(self, response: httpx.Response) -> CrqError:
+        status = response.status_code
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            body = {}
+        code = str(body.get("error") or f"http_{status}")
+        message = str(body.get("message") or response.reason_phrase or f"HTTP {status}")
+        message = " ".join(message.split())  # always one line
+        if status == 503 and code == "crash_recovery":
+            try:
+                retry_after = float(response.headers.get("Retry-After", "5"))
+            except ValueError:
+                retry_after = 5.0
+            recovery = body.get("recovery")
+            return CrashRecovery(
+                message,
+                retry_after=retry_after,
+                recovery=recovery if isinstance(recovery, dict) else None,
+                queue=self.queue_name,
+            )
+        if status == 401:
+            message = f"{message} (check CRQ_TOKEN or the token registered for {self.name})"
+        elif status == 403:
+            message = f"{message} (this needs the admin token)"
+        return CrqError(message, status=status, code=code)
+
+    def _riding_out(self, deadline: float | None, call: Callable[..., Any], *args: Any) -> Any:
+        """Run ``call``, retrying through crash recovery and, once the server has been seen,
+        through a restart of up to RECONNECT_FOR seconds. Used by the waits only: they are
+        read-only, so retrying is always safe."""
+        lost_since: float | None = None
+        told = ""
+        while True:
+            try:
+                return call(*args)
+            except CrashRecovery as e:
+                lost_since = None
+                pause = min(max(e.retry_after, 0.5), 5.0)
+                if self.notify and told != "recovery":
+                    self.notify(f"{e.summary()}; still waiting")
+                    told = "recovery"
+            except CrqError as e:
+                transient = e.code in TRANSIENT or (e.status or 0) in (500, 502, 503, 504)
+                if not transient or not self._reached:
+                    raise
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > RECONNECT_FOR:
+                    raise
+                pause = 1.0
+                if self.notify and told != "lost":
+                    self.notify(f"{e.message}; retrying for up to {RECONNECT_FOR:.0f} s")
+                    told = "lost"
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CrqError(f"timed out waiting for {self.name}", code="timeout")
+                pause = min(pause, left)
+            time.sleep(pause)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _spec(spec: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
+        body = {**(spec or {}), **fields}
+        if "command" not in body:
+            raise CrqError("a job needs a command", code="usage")
+        body.setdefault("cwd", os.getcwd())
+        return body
+
+    def submit(self, spec: dict[str, Any] | None = None, /, **fields: Any) -> int:
+        """Submit one job (spec dict and/or keyword fields); return its id once durable.
+
+        ``cwd`` defaults to this process's cwd; ``env`` is sent only if given.
+        """
+        answer = self.request("POST", "jobs", json=self._spec(spec, fields))
+        return int(answer["ids"][0])
+
+    def submit_many(
+        self, specs: Iterable[dict[str, Any]], env: dict[str, str] | None = None
+    ) -> list[int]:
+        """Submit a batch in one request: all accepted or none. ``env`` is the batch's default
+        environment, sent once instead of with every job."""
+        jobs = [self._spec(s, {}) for s in specs]
+        if not jobs:
+            return []
+        body: dict[str, Any] = {"jobs": jobs}
+        if env is not None:
+            body["env"] = env
+        answer = self.request("POST", "jobs", json=body)
+        return [int(i) for i in answer["ids"]]
+
+    def get(self, job_id: int) -> Job:
+        return self.request("GET", f"jobs/{int(job_id)}")
+
+    def queue(self) -> list[int]:
+        """Ids of the queued jobs, in dispatch order."""
+        return [int(i) for i in self.request("GET", "queue")["ids"]]
+
+    def stop(self, job_id: int) -> Job:
+        return self.request("POST", f"jobs/{int(job_id)}/stop")
+
+    def rerun(self, job_id: int) -> Job:
+        return self.request("POST", f"jobs/{int(job_id)}/rerun")
+
+    def forget(self, job_id: int) -> dict[str, Any]:
+        return self.request("DELETE", f"jobs/{int(job_id)}")
+
+    def _wait_once(self, job_id: int, seconds: float) -> Job:
+        poll = round(max(0.05, min(float(LONG_POLL_MAX), seconds)), 2)
+        return self.request(
+            "GET",
+            f"jobs/{int(job_id)}/wait",
+            params={"timeout": poll},
+            timeout=poll + max(10.0, self.timeout),
+        )
+
+    def wait(self, job_id: int, timeout: float | None = None) -> Job:
+        """Block until the job is final (done/failed/stopped/lost) or ``timeout`` passes;
+        return its latest JSON either way (check ``job["state"]``). Rides out a server crash
+        recovery or restart."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = LONG_POLL_MAX if deadline is None else deadline - time.monotonic()
+            job = self._riding_out(deadline, self._wait_once, job_id, left)
+            if job.get("state") in wire.FINAL_STATES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                return job
+
+    def wait_all(
+        self,
+        ids: Iterable[int],
+        progress: Progress | None = None,
+        timeout: float | None = None,
+    ) -> dict[int, Job]:
+        """Wait for many jobs; return ``{id: latest job JSON}``.
+
+        Every ``interval`` seconds (1 s, stretching to 5 s while nothing finishes) the states are
+        refreshed by paging through the id range of the unfinished jobs (one request per 1000);
+        in between, the newest unfinished job is long-polled, and its end triggers a refresh, so
+        the end of a batch is noticed at once at the cost of a few requests a second.
+        ``progress(done, failed, total)`` is called whenever the count changes (``failed``
+        counts every final state but done). An id the server does not know ends as
+        ``{"id": id, "state": "unknown"}``.
+        """
+        wanted = sorted({int(i) for i in ids})
+        total = len(wanted)
+        results: dict[int, Job] = {}
+        counts = [0, 0]  # done, failed
+
+        def record(job: Job) -> bool:
+            """Store a job; count it the first time it is final; True if it is final."""
+            jid = int(job["id"])
+            was_final = _final(results.get(jid))
+            results[jid] = job
+            if _final(job) and not was_final:
+                counts[0 if job.get("state") == wire.DONE else 1] += 1
+                return True
+            return _final(job)
+
+        pending = list(wanted)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = 1.0
+        next_refresh = 0.0
+        while pending:
+            now = time.monotonic()
+            if len(pending) > 1 and now >= next_refresh:
+                before = counts[0] + counts[1]
+                fresh: dict[int, Job] = {}
+                self._riding_out(deadline, self._refresh, pending, fresh)
+                for job in fresh.values():
+                    record(job)
+                pending = [i for i in pending if not _final(results.get(i))]
+                grew = counts[0] + counts[1] > before
+                interval = 1.0 if grew else min(interval * 1.5, 5.0)
+                next_refresh = time.monotonic() + interval
+                if progress and (grew or before == 0):
+                    progress(counts[0], counts[1], total)
+                if not pending:
+                    break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            # Block on the newest job: it tends to finish last, so when it does the batch is
+            # probably over and a refresh right away finds out.
+            target = pending[-1]
+            block = float(LONG_POLL_MAX)
+            if len(pending) > 1:
+                block = max(0.05, next_refresh - time.monotonic())
+            if deadline is not None:
+                block = min(block, max(deadline - time.monotonic(), 0.05))
+            try:
+                job = self._riding_out(deadline, self._wait_once, target, block)
+            except CrqError as e:
+                if e.status != 404:
+                    if e.code == "timeout" and deadline is not None:
+                        break
+                    raise
+                job = {"id": target, "state": "unknown", "reason": "not found"}
+            if record(job):
+                pending.pop()
+                next_refresh = 0.0
+                if progress:
+                    progress(counts[0], counts[1], total)
+        return {i: results.get(i, {"id": i, "state": "unknown"}) for i in wanted}
+
+    def _refresh(self, pending: list[int], results: dict[int, Job]) -> None:
+        """Update ``results`` for every id in ``pending``: page through the id range when it is
+        dense, GET each job when it is sparse."""
+        lo, hi = pending[0], pending[-1]
+        span = hi - lo + 1
+        want = set(pending)
+        seen: set[int] = set()
+        if span <= 3 * len(pending) + 1000:
+            after: int | None = lo - 1
+            while after is not None and after < hi:
+                page = self.request(
+                    "GET", "jobs", params={"after": after, "limit": min(1000, hi - after)}
+                )
+                jobs = page.get("jobs") or []
+                for job in jobs:
+                    jid = int(job["id"])
+                    if jid in want:
+                        results[jid] = job
+                        seen.add(jid)
+                nxt = page.get("next")
+                if not jobs or nxt is None:
+                    break
+                after = int(nxt)
+            missing = [i for i in pending if i not in seen]
+        else:
+            missing = pending
+        for jid in missing:
+            try:
+                results[jid] = self.get(jid)
+            except CrqError as e:
+                if e.status != 404:
+                    raise
+                results[jid] = {"id": jid, "state": "unknown", "reason": "not found"}
+
+    # -- server ---------------------------------------------------------------------------
+
+    def taskers(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "taskers")["taskers"])
+
+    def server(self) -> dict[str, Any]:
+        """Server status; answered even during crash recovery."""
+        return self.request("GET", "server")
+
+    def stop_server(self, freeze: bool = False) -> dict[str, Any]:
+        """Ask for a clean stop (``freeze``: taskers keep their jobs for the next server)."""
+        return self.request("POST", "server/stop", json={"freeze": bool(freeze)})
+
+    def sanity(self, fix: bool = False) -> dict[str, Any]:
+        """Run the global sanity check: ``{"ok", "findings", "fixed"}``."""
+        return self.request("POST", "server/sanity", params={"fix": 1 if fix else 0})
+
+    def healthz(self, timeout: float = 0.5) -> bool:
+        """True when the server process answers ``/healthz`` within ``timeout`` seconds."""
+        import httpx
+
+        try:
+            r = self._http.get("/healthz", timeout=httpx.Timeout(timeout))
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    # Last, so that ``list`` in the annotations above still means the builtin.
+    def list(
+        self,
+        state: str | None = None,
+        user: str | None = None,
+        limit: int | None = None,
+        *,
+        after: int | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[Job]:
+        """Every matching job (without env/attempts), oldest first, fetching page after page;
+        ``limit`` caps the total."""
+        count = 0
+        while True:
+            size = page_size if limit is None else min(page_size, limit - count)
+            if size <= 0:
+                return
+            page = self.request(
+                "GET", "jobs", params={"state": state, "user": user, "limit": size, "after": after}
+            )
+            for job in page.get("jobs") or []:
+                yield job
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+            nxt = page.get("next")
+            if nxt is None or not page.get("jobs"):
+                return
+            after = int(nxt)
+
+
+def _final(job: Job | None) -> bool:
+    return bool(job) and (job.get("state") in wire.FINAL_STATES or job.get("state") == "unknown")

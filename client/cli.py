@@ -1,0 +1,597 @@
+"""``crq``: submit, query and control jobs (SPEC section 2).
+
+Start-up stays fast: httpx is imported only when a command talks to the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from client import wire
+from client.clitools import ProgressLine, fail, format_ids, parse_ids, run
+from client.errors import CrashRecovery, CrqError
+from client.table import (
+    ago,
+    cell,
+    clip,
+    clock,
+    duration,
+    exit_status,
+    format_table,
+    key_values,
+    when,
+)
+
+if TYPE_CHECKING:
+    from client.api import Client
+
+#: Waiting on at least this many jobs shows a progress line on stderr.
+PROGRESS_FROM = 10
+#: Never copied into a job's environment: the job would carry the submitter's admin token.
+PRIVATE_ENV = frozenset({"CRQ_TOKEN", "CRQ_TASKER_TOKEN"})
+NAME_WIDTH = 32
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not wire.PRIORITY_MIN <= value <= wire.PRIORITY_MAX:
+        raise argparse.ArgumentTypeError(
+            f"priority must be {wire.PRIORITY_MIN}-{wire.PRIORITY_MAX}, not {value}"
+        )
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected VAR=VALUE, not {text!r}")
+    return name, value
+
+
+def _env_mode(text: str) -> str:
+    if text in ("none", "all"):
+        return text
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any("=" in n for n in names):
+        raise argparse.ArgumentTypeError("expected none, all or VAR,VAR,…")
+    return ",".join(names)
+
+
+def _ids(text: str) -> list[int]:
+    return parse_ids([text])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crq",
+        description="Submit, query and control jobs of a crq queue.",
+        epilog="The server is --server, else $CRQ_SERVER, else $CRQ_QUEUE (or vnc) looked up "
+        "in the registry written by `ncmgr start`.",
+    )
+    parser.add_argument("--server", metavar="URL", help="server URL (overrides CRQ_SERVER)")
+    parser.add_argument("--queue", "-q", metavar="Q", help="queue name (overrides CRQ_QUEUE)")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "submit",
+        help="submit a job (or a file of jobs); prints the id",
+        usage="crq submit [options] -- CMD ARGS…\n       crq submit [options] --file F",
+    )
+    p.add_argument("-r", "--resources", metavar="RES", help='e.g. "CORES/2 RAM/4000 linux"')
+    p.add_argument("-P", "--priority", type=_priority, metavar="PRIO", help="1-15 (default 4)")
+    p.add_argument("-J", "--name", metavar="NAME", help="job name")
+    p.add_argument("-d", "--dir", metavar="DIR", help="working directory (default: here)")
+    p.add_argument(
+        "-e",
+        dest="setenv",
+        action="append",
+        type=_assignment,
+        default=[],
+        metavar="VAR=VAL",
+        help="set a variable in the job's environment (repeatable)",
+    )
+    p.add_argument("-l", "--log", metavar="LOG", help="log file (default <dir>/crq.<id>.log)")
+    p.add_argument("--no-rerun", action="store_true", help="never rerun after a lost attempt")
+    p.add_argument("--max-attempts", type=_positive, metavar="N", help="attempts (default 3)")
+    p.add_argument(
+        "--env",
+        type=_env_mode,
+        default="all",
+        metavar="none|all|VAR,…",
+        help="environment to export (default all, like sbatch --export=ALL)",
+    )
+    p.add_argument("--file", "-f", metavar="F", help="one shell command per line ('-' = stdin)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job(s) and exit like `crq wait`; retry while the server recovers",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("list", help="list jobs")
+    p.add_argument("--state", "-s", choices=wire.JOB_STATES)
+    p.add_argument("--user", "-u", metavar="U")
+    p.add_argument("--queue-order", action="store_true", help="queued jobs in dispatch order")
+    p.add_argument("--limit", "-n", type=_positive, metavar="N", help="show at most N jobs")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="everything about a job, with its attempts")
+    p.add_argument("ids", nargs="+", type=_ids, metavar="ID")
+    p.add_argument("--env", action="store_true", help="also print the job's environment")
+    p.add_argument("--json", action="store_true", help="print the job JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("wait", help="wait for jobs; exit 1 if any did not end done")
+    p.add_argument("ids", nargs="+", type=_ids, metavar="ID", help="ids or ranges (1..100)")
+    p.add_argument("--timeout", "-t", type=_seconds, metavar="S", help="give up after S s")
+    p.set_defaults(func=cmd_wait)
+
+    for name, helptext in (
+        ("stop", "stop (kill or dequeue) jobs"),
+        ("rerun", "queue finished jobs again"),
+        ("forget", "remove finished jobs from the server"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("ids", nargs="+", type=_ids, metavar="ID", help="ids or ranges (1..100)")
+        p.set_defaults(func=cmd_control, action=name)
+
+    p = sub.add_parser("taskers", help="list taskers")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_taskers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.func is cmd_submit:
+        command = list(args.command)
+        if command[:1] == ["--"]:
+            command = command[1:]
+        args.command = command
+        if args.file and command:
+            parser.error("submit: give either --file or a command, not both")
+        if not args.file and not command:
+            parser.error("submit: missing command (crq submit [options] -- CMD ARGS…)")
+        if args.file and args.log:
+            parser.error("submit: -l cannot be used with --file (each job logs to crq.<id>.log)")
+    return run(args.func, args)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from client.api import Client
+
+    client = Client(url=args.server, queue=args.queue)
+    client.notify = lambda line: print(f"crq: {line}", file=sys.stderr, flush=True)
+    return client
+
+
+# -- submit -------------------------------------------------------------------------------
+
+
+def command_of(words: Sequence[str]) -> str | list[str]:
+    """A single word with blanks or shell characters is a shell command line (run by
+    ``/bin/sh -c``); anything else is an argv list, passed through untouched."""
+    if len(words) == 1 and shlex.quote(words[0]) != words[0]:
+        return words[0]
+    return list(words)
+
+
+def job_env(
+    mode: str, assignments: Iterable[tuple[str, str]], cwd: str, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment to export: ``all`` (minus tokens), ``none``, or the listed variables;
+    ``-e`` assignments win. With ``all`` PWD follows the job's directory."""
+    source = dict(os.environ if base is None else base)
+    if mode == "all":
+        env = {k: v for k, v in source.items() if k not in PRIVATE_ENV}
+        if "PWD" in env:
+            env["PWD"] = cwd
+        env.pop("OLDPWD", None)
+    elif mode == "none":
+        env = {}
+    else:
+        env = {k: source[k] for k in mode.split(",") if k in source}
+    env.update(dict(assignments))
+    return env
+
+
+def read_commands(path: str) -> list[str]:
+    """Non-blank, non-comment lines of ``path`` (``-`` = stdin)."""
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    stripped = (line.strip() for line in text.splitlines())
+    return [line for line in stripped if line and not line.startswith("#")]
+
+
+def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The job specs and the batch environment that ``crq submit`` sends."""
+    cwd = os.path.abspath(os.path.expanduser(args.dir)) if args.dir else os.getcwd()
+    common: dict[str, Any] = {"cwd": cwd}
+    if args.name:
+        common["name"] = args.name
+    if args.priority is not None:
+        common["priority"] = args.priority
+    if args.resources:
+        common["resources"] = args.resources
+    if args.no_rerun:
+        common["rerunnable"] = False
+    if args.max_attempts is not None:
+        common["max_attempts"] = args.max_attempts
+    env = job_env(args.env, args.setenv, cwd)
+    if args.file:
+        commands: list[str | list[str]] = list(read_commands(args.file))
+        if not commands:
+            raise CrqError(f"{args.file}: no commands (blank and # lines are skipped)")
+    else:
+        commands = [command_of(args.command)]
+    specs = []
+    for command in commands:
+        spec = {**common, "command": command}
+        if args.log:
+            spec["log"] = os.path.join(cwd, os.path.expanduser(args.log))
+        specs.append(spec)
+    return specs, env
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    specs, env = submit_specs(args)
+    with _client(args) as client:
+        announced = False
+        while True:
+            try:
+                if args.file:
+                    ids = client.submit_many(specs, env=env)
+                else:
+                    ids = [client.submit({**specs[0], "env": env})]
+                break
+            except CrashRecovery as e:
+                if not args.wait:
+                    return fail(f"{e.summary()}; retry later or use --wait")
+                if not announced:
+                    print(f"crq: {e.summary()}; waiting to submit…", file=sys.stderr)
+                    announced = True
+                time.sleep(min(max(e.retry_after, 0.5), 10.0))
+        for line in format_ids(ids):
+            print(line, flush=True)
+        if args.wait:
+            return wait_and_report(client, ids, None)
+    return 0
+
+
+# -- wait ---------------------------------------------------------------------------------
+
+
+def describe_end(job: dict[str, Any]) -> str:
+    """``job 12 failed (exit 1, <reason>)``."""
+    state = job.get("state", "unknown")
+    details = []
+    status = exit_status(job)
+    if status != "-":
+        details.append(f"exit {status}")
+    if job.get("reason"):
+        details.append(str(job["reason"]))
+    tail = f" ({', '.join(details)})" if details else ""
+    return f"job {job.get('id')} {state}{tail}"
+
+
+def wait_and_report(client: Client, ids: list[int], timeout: float | None) -> int:
+    """Wait for ``ids``; report every job that did not end done; 0 only if all are done."""
+    if len(ids) == 1:
+        jobs = {ids[0]: client.wait(ids[0], timeout=timeout)}
+    else:
+        progress = ProgressLine() if len(ids) >= PROGRESS_FROM else None
+        try:
+            jobs = client.wait_all(ids, progress=progress, timeout=timeout)
+        finally:
+            if progress:
+                progress.close()
+    bad = [job for job in jobs.values() if job.get("state") != wire.DONE]
+    unfinished = [j for j in bad if j.get("state") in (wire.QUEUED, wire.RUNNING)]
+    ended = [j for j in bad if j.get("state") not in (wire.QUEUED, wire.RUNNING)]
+    for job in ended[:20]:
+        print(f"crq: {describe_end(job)}", file=sys.stderr)
+    if len(ended) > 20:
+        print(f"crq: … and {len(ended) - 20} more did not end done", file=sys.stderr)
+    if len(unfinished) == 1 and len(ids) == 1:
+        job = unfinished[0]
+        print(f"crq: timed out: job {job.get('id')} is still {job.get('state')}", file=sys.stderr)
+    elif unfinished:
+        print(f"crq: timed out: {len(unfinished)} of {len(ids)} jobs not finished", file=sys.stderr)
+    if len(ids) >= PROGRESS_FROM and bad:
+        done = len(ids) - len(bad)
+        print(f"crq: {done}/{len(ids)} jobs done, {len(ended)} did not", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    ids = _flatten(args.ids)
+    with _client(args) as client:
+        return wait_and_report(client, ids, args.timeout)
+
+
+def _flatten(groups: Iterable[list[int]]) -> list[int]:
+    seen: set[int] = set()
+    out: list[int] = []
+    for group in groups:
+        for i in group:
+            if i not in seen:
+                seen.add(i)
+                out.append(i)
+    return out
+
+
+# -- list / info / taskers ----------------------------------------------------------------
+
+
+def job_rows(jobs: Iterable[dict[str, Any]], now: float | None = None) -> list[list[str]]:
+    now = time.time() if now is None else now
+    rows = []
+    for job in jobs:
+        name = job.get("name") or _command_text(job.get("command"))
+        rows.append(
+            [
+                str(job.get("id")),
+                cell(job.get("state")),
+                cell(job.get("priority")),
+                cell(job.get("user")),
+                clip(cell(name), NAME_WIDTH),
+                cell(job.get("tasker")),
+                ago(job.get("submitted"), now),
+                exit_status(job),
+            ]
+        )
+    return rows
+
+
+JOB_HEADERS = ("ID", "STATE", "PRIO", "USER", "NAME", "TASKER", "SUBMITTED", "EXIT")
+
+
+def _command_text(command: Any) -> str:
+    if isinstance(command, list):
+        return shlex.join(str(c) for c in command)
+    return "" if command is None else str(command)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.queue_order:
+            order = client.queue()
+            if args.limit:
+                order = order[: args.limit]
+            known = {int(j["id"]): j for j in client.list(state=wire.QUEUED, user=args.user)}
+            jobs = []
+            for jid in order:
+                job = known.get(jid)
+                if job is None and not args.user:
+                    try:
+                        job = client.get(jid)
+                    except CrqError as e:
+                        if e.status != 404:
+                            raise
+                if job is not None:
+                    jobs.append(job)
+        else:
+            jobs = list(client.list(state=args.state, user=args.user, limit=args.limit))
+    if args.json:
+        for job in jobs:
+            print(json.dumps(job, sort_keys=True))
+        return 0
+    print(format_table(JOB_HEADERS, job_rows(jobs), right=(0, 2)))
+    return 0
+
+
+def info_text(job: dict[str, Any], show_env: bool = False, now: float | None = None) -> str:
+    """The ``crq info`` page: fields, then the attempts table."""
+    now = time.time() if now is None else now
+    state = str(job.get("state"))
+    status = exit_status(job)
+    state_line = state + (f", exit {status}" if status != "-" else "")
+    attempt = job.get("attempt")
+    attempts_line = f"{attempt or 0} of at most {job.get('max_attempts', '?')}, " + (
+        "rerunnable" if job.get("rerunnable", True) else "not rerunnable"
+    )
+    where = None
+    if job.get("tasker"):
+        where = str(job["tasker"])
+        if job.get("host"):
+            where += f" on {job['host']}"
+        if job.get("pid"):
+            where += f" (pid {job['pid']})"
+    submitted, started, ended = job.get("submitted"), job.get("started"), job.get("ended")
+    started_text = when(started, now)
+    if started and submitted:
+        started_text += f", queued {duration(started - submitted)}"
+    ended_text = when(ended, now)
+    if ended and started:
+        ended_text += f", ran {duration(ended - started)}"
+    elif started and state == wire.RUNNING:
+        started_text += f", running {duration(now - started)}"
+    env = job.get("env")
+    pairs: list[tuple[str, Any]] = [
+        ("id", job.get("id")),
+        ("name", job.get("name")),
+        ("state", state_line),
+        *([("reason", job["reason"])] if job.get("reason") else []),
+        ("user", job.get("user")),
+        ("command", _command_text(job.get("command"))),
+        ("cwd", job.get("cwd")),
+        ("log", job.get("log")),
+        ("priority", job.get("priority")),
+        ("resources", job.get("resources")),
+        ("attempts", attempts_line),
+        ("tasker", where),
+        ("submitted", when(submitted, now)),
+        ("started", started_text),
+        ("ended", ended_text),
+    ]
+    if isinstance(env, dict):
+        pairs.append(("env", f"{len(env)} variables" + ("" if show_env else " (--env shows)")))
+    lines = [key_values(pairs)]
+    if show_env and isinstance(env, dict):
+        lines.append("")
+        lines.extend(f"  {k}={v}" for k, v in sorted(env.items()))
+    attempts = job.get("attempts") or []
+    if attempts:
+        rows = []
+        for a in attempts:
+            ran = (
+                duration(a["ended"] - a["started"]) if a.get("ended") and a.get("started") else "-"
+            )
+            rows.append(
+                [
+                    cell(a.get("attempt")),
+                    cell(a.get("tasker")),
+                    cell(a.get("host")),
+                    clock(a.get("dispatched"), now),
+                    clock(a.get("started"), now),
+                    clock(a.get("ended"), now),
+                    ran,
+                    cell(a.get("outcome")),
+                    cell(a.get("exit_code")),
+                ]
+            )
+        headers = ("#", "TASKER", "HOST", "DISPATCHED", "STARTED", "ENDED", "RAN", "OUTCOME")
+        table = format_table((*headers, "EXIT"), rows, right=(0, 6, 8))
+        lines += ["", "attempts:", *("  " + line for line in table.splitlines())]
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    ids = _flatten(args.ids)
+    status = 0
+    with _client(args) as client:
+        for n, jid in enumerate(ids):
+            try:
+                job = client.get(jid)
+            except CrqError as e:
+                if e.status != 404:
+                    raise
+                status = fail(_job_error(jid, e))
+                continue
+            if args.json:
+                print(json.dumps(job, sort_keys=True))
+                continue
+            if n:
+                print()
+            print(info_text(job, show_env=args.env))
+    return status
+
+
+def tasker_rows(taskers: Iterable[dict[str, Any]], now: float | None = None) -> list[list[str]]:
+    now = time.time() if now is None else now
+    rows = []
+    for t in taskers:
+        running = [str(j) for j in t.get("running") or []]
+        slots = t.get("slots")
+        busy = len(running)
+        if slots is not None and t.get("free_slots") is not None:
+            busy = int(slots) - int(t["free_slots"])
+        rows.append(
+            [
+                cell(t.get("name")),
+                cell(t.get("host")),
+                cell(t.get("state")),
+                f"{busy}/{cell(slots)}",
+                clip(",".join(running), 30) or "-",
+                ago(t.get("last_contact"), now),
+                cell(t.get("resources")),
+            ]
+        )
+    return rows
+
+
+TASKER_HEADERS = ("NAME", "HOST", "STATE", "SLOTS", "RUNNING", "LAST CONTACT", "RESOURCES")
+
+
+def cmd_taskers(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        taskers = client.taskers()
+    if args.json:
+        for t in taskers:
+            print(json.dumps(t, sort_keys=True))
+        return 0
+    print(format_table(TASKER_HEADERS, tasker_rows(taskers), right=(3,)))
+    return 0
+
+
+# -- stop / rerun / forget ----------------------------------------------------------------
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    ids = _flatten(args.ids)
+    status = 0
+    with _client(args) as client:
+        action = {"stop": client.stop, "rerun": client.rerun, "forget": client.forget}[args.action]
+        for jid in ids:
+            try:
+                answer = action(jid)
+            except CrqError as e:
+                if e.status is None or e.code == "crash_recovery" or e.status in (401, 403):
+                    raise  # the server is away or refuses us: every other id would fail too
+                status = fail(_job_error(jid, e))
+                continue
+            print(_control_line(args.action, jid, answer), flush=True)
+    return status
+
+
+def _job_error(jid: int, e: CrqError) -> str:
+    if e.status == 404:
+        return f"job {jid} not found"
+    if str(jid) in e.message:
+        return e.message
+    return f"job {jid}: {e.message}"
+
+
+def _control_line(action: str, jid: int, answer: Any) -> str:
+    if action == "forget":
+        return f"job {jid} forgotten"
+    state = answer.get("state") if isinstance(answer, dict) else None
+    if action == "rerun":
+        return f"job {jid} requeued" + (f", now {state}" if state and state != "queued" else "")
+    if state == wire.RUNNING:
+        tasker = answer.get("tasker") if isinstance(answer, dict) else None
+        return f"job {jid} stopping (kill sent to tasker {tasker or '?'})"
+    return f"job {jid} {state or 'stopped'}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The per-user queue registry and how a command finds its server and token (SPEC section 2).
+
+``$CRQ_HOME/registry.json`` maps a queue name to ``{"url", "swd", "host", "port", "token"}``.
+``ncmgr start`` writes it; every client reads it. It holds admin tokens, so the directory is
+0700 and the file 0600, and it is replaced atomically (under a lock, so two ``ncmgr start``
+for different queues do not lose each other's entry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+from client import wire
+from client.errors import CrqError
+
+REGISTRY_FILE = "registry.json"
+
+Entry = dict[str, Any]
+
+
+class Target(NamedTuple):
+    """Where a command talks to: the server URL, the queue name if known, its registry entry."""
+
+    url: str
+    queue: str | None
+    entry: Entry | None
+
+
+def path() -> Path:
+    return wire.crq_home() / REGISTRY_FILE
+
+
+def all() -> dict[str, Entry]:
+    """Every registered queue, by name."""
+    p = path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise CrqError(f"cannot read the registry {p}: {e.strerror}", code="registry") from None
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError:
+        raise CrqError(
+            f"the registry {p} is not valid JSON; repair or remove it", code="registry"
+        ) from None
+    if not isinstance(data, dict):
+        raise CrqError(f"the registry {p} is not a JSON object; repair or remove it")
+    return {str(k): v for k, v in data.items() if isinstance(v, dict)}
+
+
+def lookup(queue: str) -> Entry | None:
+    """The registry entry of ``queue``, or None."""
+    return all().get(queue)
+
+
+def register(
+    queue: str,
+    url: str,
+    swd: str | os.PathLike[str],
+    token: str | None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> Entry:
+    """Record (or refresh) where ``queue`` lives; returns the stored entry."""
+    parts = urlsplit(url)
+    entry: Entry = {
+        "url": url.rstrip("/"),
+        "swd": str(Path(swd).absolute()),
+        "host": host if host is not None else parts.hostname,
+        "port": port if port is not None else parts.port,
+        "token": token,
+    }
+    with _locked():
+        data = all()
+        data[queue] = entry
+        _write(data)
+    return entry
+
+
+def unregister(queue: str) -> bool:
+    """Drop ``queue`` from the registry; True if it was there."""
+    with _locked():
+        data = all()
+        if data.pop(queue, None) is None:
+            return False
+        _write(data)
+    return True
+
+
+def _home() -> Path:
+    home = wire.crq_home()
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise CrqError(f"cannot create {home}: {e.strerror}", code="registry") from None
+    return home
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    lock = _home() / (REGISTRY_FILE + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write(data: dict[str, Entry]) -> None:
+    home = _home()
+    final = home / REGISTRY_FILE
+    tmp = home / f".{REGISTRY_FILE}.{os.getpid()}.tmp"
+    body = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        message = f"cannot write the registry {final}: {e.strerror}"
+        raise CrqError(message, code="registry") from None
+
+
+def _same_url(a: str, b: str) -> bool:
+    return a.rstrip("/").lower() == b.rstrip("/").lower()
+
+
+def resolve_server(flag_url: str | None = None, queue: str | None = None) -> Target:
+    """Find the server: ``--server`` > ``CRQ_SERVER`` > queue (argument, else ``CRQ_QUEUE``,
+    else ``vnc``) in the registry > ``http://127.0.0.1:<default port of that queue>``.
+
+    When the URL comes from a flag or ``CRQ_SERVER`` the registry entry with that URL (if any)
+    still supplies the queue name and token, so error messages can name the queue.
+    """
+    name = queue or os.environ.get("CRQ_QUEUE") or None
+    url = flag_url or os.environ.get("CRQ_SERVER") or None
+    if url:
+        url = _normalize(url)
+        registered = all()
+        if name and name in registered and _same_url(str(registered[name].get("url", "")), url):
+            return Target(url, name, registered[name])
+        for qname, entry in registered.items():
+            if _same_url(str(entry.get("url", "")), url):
+                return Target(url, qname, entry)
+        return Target(url, name, None)
+    name = name or wire.DEFAULT_QUEUE
+    entry = lookup(name)
+    if entry and entry.get("url"):
+        return Target(str(entry["url"]).rstrip("/"), name, entry)
+    return Target(f"http://127.0.0.1:{wire.default_port(name)}", name, entry)
+
+
+def _normalize(url: str) -> str:
+    """Accept ``host:port`` as a URL too."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def resolve_token(target: Target) -> str | None:
+    """``CRQ_TOKEN`` > the registry's token > ``<swd>/security/admin.token`` when readable.
+
+    With no registry entry the default swd ``./<queue>.swd`` is tried last.
+    """
+    env = os.environ.get("CRQ_TOKEN")
+    if env:
+        return env.strip()
+    entry = target.entry or {}
+    token = entry.get("token")
+    if isinstance(token, str) and token.strip():
+        return token.strip()
+    candidates: list[Path] = []
+    if entry.get("swd"):
+        candidates.append(Path(str(entry["swd"])))
+    elif target.queue:
+        candidates.append(Path.cwd() / f"{target.queue}.swd")
+    for swd in candidates:
+        found = read_token(wire.Swd(swd).admin_token)
+        if found:
+            return found
+    return None
+
+
+def read_token(file: Path) -> str | None:
+    """The first line of a token file, or None when it is missing or unreadable."""
+    try:
+        text = file.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text.splitlines()[0].strip() if text else None

@@ -1,0 +1,194 @@
+"""``vovtasker``: run a tasker in the foreground.
+
+Expected errors are one line on stderr with exit 2 (usage) or 1 (cannot run); the jobs
+of a stopped tasker keep running and the next one with the same state dir adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import NoReturn
+
+from client import wire
+from tasker import __version__
+
+PROG = "vovtasker"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Run a crq tasker: take jobs from a queue server and run them on this host.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--server",
+        action="append",
+        metavar="URL",
+        help="server URL; repeat for failover (tried in turn when one does not answer)",
+    )
+    where.add_argument(
+        "--swd",
+        metavar="DIR",
+        help="server working dir: URL from server.json, token from security/tasker.token",
+    )
+    p.add_argument("--name", help="tasker name (default: short host name)")
+    p.add_argument("--slots", type=_positive_int, help="jobs run at once (default: CPU count)")
+    p.add_argument(
+        "--resources", default="", help='resources offered, e.g. "RAM/64000 linux" (server parses)'
+    )
+    p.add_argument(
+        "--state-dir", metavar="DIR", help="durable local state (default: $CRQ_HOME/taskers/NAME)"
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="F",
+        help="tasker token file (else $CRQ_TASKER_TOKEN, else the swd's tasker.token)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="long-poll seconds until the server says otherwise (default 10)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the handlers are in place: still no traceback
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.name or socket.gethostname().split(".")[0]
+    if not _good_name(name):
+        return _usage(f"bad tasker name {name!r} (letters, digits and ._-@, at most 128)")
+    env_token = os.environ.get("CRQ_TASKER_TOKEN", "").strip() or None
+    if args.server and not (args.token_file or env_token):
+        return _usage("no tasker token: give --token-file or set CRQ_TASKER_TOKEN")
+    if args.token_file and not os.path.isfile(args.token_file):
+        return _usage(f"no such token file: {args.token_file}")
+    for url in args.server or []:
+        if not url.startswith(("http://", "https://")):
+            return _usage(f"bad server URL (want http://host:port): {url}")
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s.%(msecs)03d {PROG}[{name}] %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    log = logging.getLogger("crq.tasker")
+
+    from tasker.agent import Agent, ServerSource, TaskerInfo
+    from tasker.runner import Runner
+    from tasker.statedir import StateDir, StateDirBusy, read_boot_id
+
+    state_root = args.state_dir or wire.crq_home() / "taskers" / name
+    try:
+        state = StateDir(state_root)
+        state.lock()
+    except StateDirBusy as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: cannot use state dir {state_root}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+    boot_id = read_boot_id()
+    stored = state.stored_boot_id()
+    rebooted = bool(stored and boot_id and stored != boot_id)
+    runner = Runner(state)
+    try:
+        adopted, pending = runner.recover(rebooted=rebooted)
+    except OSError as e:
+        print(f"{PROG}: cannot read state dir {state.root}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    info = TaskerInfo(
+        name=name,
+        slots=args.slots or os.cpu_count() or 1,
+        resources=args.resources,
+        heartbeat=args.heartbeat,
+        boot_id=boot_id,
+        rebooted=rebooted,
+    )
+    source = ServerSource(
+        servers=args.server, swd=args.swd, token_file=args.token_file, token=env_token
+    )
+    agent = Agent(info, source, runner, state)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "starting: %d slots, state dir %s, %d jobs re-adopted, %d results to report%s",
+        info.slots,
+        state.root,
+        adopted,
+        pending,
+        " (host rebooted)" if rebooted else "",
+    )
+    rc = agent.run()
+    running, buffered = runner.counts()
+    runner.close()
+    log.info("stopped; %d jobs keep running, %d results kept for the next start", running, buffered)
+    state.unlock()
+    return rc
+
+
+def _good_name(name: str) -> bool:
+    """The server's rule for tasker names; checked here so a typo fails fast, not in a loop."""
+    return (
+        0 < len(name) <= 128
+        and name not in (".", "..")
+        and all(c.isalnum() or c in "._-@" for c in name)
+    )
+
+
+def _usage(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

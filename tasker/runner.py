@@ -1,0 +1,541 @@
+"""Start, watch, kill and re-adopt job processes.
+
+Each job runs under a tiny ``/bin/sh`` wrapper in its own session, so it survives a
+``kill -9`` of the tasker, and the wrapper itself writes the job's exit status into the
+state dir, so the result is not lost when nobody is there to ``wait()`` for it. The
+runner keeps the reports (started / finished) the server has not acked yet; the agent
+sends them and tells the runner what was acked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasker.statedir import Key, StateDir, key_of, parse_name, read_status
+
+log = logging.getLogger("crq.tasker")
+
+SH = "/bin/sh"
+WRAPPER_NAME = "crq-job"
+# Runs the command as a child (not exec) so the shell outlives it and records its status.
+# Traps make a group-wide SIGTERM/INT/HUP reach the command but let the wrapper write the
+# status before leaving; trapped signals are reset to default for the command itself.
+# Only shell built-ins: the job's env may have no PATH at all.
+WRAPPER = 'trap : TERM INT HUP; s=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
+NSIG = 65
+
+
+@dataclass
+class _Job:
+    """One attempt this runner is responsible for (a child, or adopted from the state dir)."""
+
+    job: int
+    attempt: int
+    pid: int
+    pgid: int
+    started: float
+    status: Path
+    proc: subprocess.Popen[bytes] | None = None
+    kill_at: float | None = None
+    sigkilled: bool = False
+    done: bool = False
+
+    @property
+    def key(self) -> Key:
+        return self.job, self.attempt
+
+    def running_report(self) -> dict[str, Any]:
+        return {"job": self.job, "attempt": self.attempt, "pid": self.pid, "started": self.started}
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "attempt": self.attempt,
+            "pid": self.pid,
+            "pgid": self.pgid,
+            "started": self.started,
+            "status": str(self.status),
+            "kill_at": self.kill_at,
+        }
+
+
+def classify(rc: int) -> tuple[int | None, int | None]:
+    """Wrapper/Popen return code → (exit_code, signal); sh reports a signal death as 128+n."""
+    if rc < 0:
+        return None, -rc
+    if 128 < rc < 128 + NSIG:
+        return None, rc - 128
+    return rc, None
+
+
+def _cmdline(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return None
+
+
+def wrapper_alive(pid: int, status: Path) -> bool:
+    """True while *our* wrapper still runs as pid: its argv names the status file.
+
+    Checking argv (not just ``kill(pid, 0)``) guards against a recycled pid after a long
+    outage, and a zombie has an empty cmdline so it counts as gone.
+    """
+    if pid <= 0:
+        return False
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    argv = _cmdline(pid)
+    return bool(argv) and os.fsencode(str(status)) in argv
+
+
+def _proc_start_time(pid: int) -> float:
+    """Wall-clock start of a process, from /proc; now if unknown (only used for orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        btime = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
+    """Wrappers running with a status file in status_dir, found through /proc.
+
+    Catches a job spawned just before a tasker crash, before its record was written.
+    """
+    found: dict[Key, int] = {}
+    prefix = os.fsencode(str(status_dir)) + b"/"
+    wrapper = WRAPPER.encode()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        argv = _cmdline(pid)
+        if not argv or len(argv) < 5 or argv[2] != wrapper or not argv[4].startswith(prefix):
+            continue
+        key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
+        if key is not None:
+            found[key] = pid
+    return found
+
+
+class Runner:
+    """Owns the job processes and the not-yet-acked reports about them."""
+
+    def __init__(
+        self,
+        state: StateDir,
+        on_event: Callable[[], None] = lambda: None,
+        kill_grace: float = 5.0,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.state = state
+        self.kill_grace = kill_grace
+        self.poll_interval = poll_interval
+        self.on_event = on_event
+        self._lock = threading.Lock()
+        self._jobs: dict[Key, _Job] = {}
+        self._started: dict[Key, dict[str, Any]] = {}
+        self._finished: dict[Key, dict[str, Any]] = {}
+        self._retry_at: dict[tuple[str, Key], float] = {}
+        self._forgotten: dict[Key, None] = {}
+        self._closed = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # -- queries for the agent ------------------------------------------------------------
+
+    def running(self) -> list[dict[str, Any]]:
+        """``Running`` reports of every live attempt (register sends them all)."""
+        with self._lock:
+            return [j.running_report() for j in self._jobs.values() if not j.done]
+
+    def running_attempts(self) -> list[dict[str, int]]:
+        with self._lock:
+            return [{"job": j.job, "attempt": j.attempt} for j in self._jobs.values() if not j.done]
+
+    def reports(
+        self, everything: bool = False, limit: int = 5000
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Started and finished reports due now (or all of them, for a registration).
+
+        At most ``limit`` of each, so a long outage's backlog goes out in bounded requests.
+        """
+        now = time.time()
+        with self._lock:
+
+            def due(kind: str, key: Key) -> bool:
+                return everything or self._retry_at.get((kind, key), 0.0) <= now
+
+            started = [r for k, r in self._started.items() if due("s", k)][:limit]
+            finished = [r for k, r in self._finished.items() if due("f", k)][:limit]
+        return started, finished
+
+    def has_due(self) -> bool:
+        started, finished = self.reports()
+        return bool(started or finished)
+
+    def next_due_in(self) -> float | None:
+        """Seconds until a report waiting for a resend becomes due; None if none waits."""
+        with self._lock:
+            pending = [
+                t
+                for (kind, k), t in self._retry_at.items()
+                if k in (self._started if kind == "s" else self._finished)
+            ]
+        return max(0.0, min(pending) - time.time()) if pending else None
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return sum(not j.done for j in self._jobs.values()), len(self._finished)
+
+    def sent(
+        self, started: list[dict[str, Any]], finished: list[dict[str, Any]], delay: float
+    ) -> None:
+        """Reports went out but were not acked: resend them after ``delay``, not in a spin."""
+        t = time.time() + delay
+        with self._lock:
+            for r in started:
+                self._retry_at[("s", key_of(r))] = t
+            for r in finished:
+                self._retry_at[("f", key_of(r))] = t
+
+    def all_due(self) -> None:
+        """After a reconnection every report is worth sending again at once."""
+        with self._lock:
+            self._retry_at.clear()
+
+    def ack(
+        self, acked: set[Key], started: list[dict[str, Any]], finished: list[dict[str, Any]]
+    ) -> None:
+        """Forget the reports the server made durable, among those sent in that request.
+
+        Only reports that were actually in the request count: an ack of an attempt must not
+        drop a finished result that was produced after the request left.
+        """
+        s_keys = {key_of(r) for r in started} & acked
+        f_keys = {key_of(r) for r in finished} & acked
+        if not (s_keys or f_keys):
+            return
+        if f_keys:
+            try:
+                self.state.remove_results(sorted(f_keys))
+            except OSError as e:
+                log.error("cannot remove acked results: %s", e)
+        with self._lock:
+            for k in s_keys | f_keys:
+                self._started.pop(k, None)
+                self._retry_at.pop(("s", k), None)
+            for k in f_keys:
+                self._finished.pop(k, None)
+                self._retry_at.pop(("f", k), None)
+                self._forgotten[k] = None
+            while len(self._forgotten) > 10000:
+                self._forgotten.pop(next(iter(self._forgotten)))
+
+    # -- starting ------------------------------------------------------------------------
+
+    def start(self, d: dict[str, Any]) -> None:
+        """Run one dispatch item; any failure to start becomes a finished report."""
+        key = int(d["job"]), int(d["attempt"])
+        with self._lock:
+            if key in self._jobs or key in self._finished or key in self._forgotten:
+                log.info("job %d.%d: dispatched again, ignored", *key)
+                return
+        now = time.time()
+        cwd = d.get("cwd")
+        command = d.get("command")
+        if isinstance(command, str) and command:
+            argv = [SH, "-c", command]
+        elif isinstance(command, list) and command and all(isinstance(a, str) for a in command):
+            argv = list(command)
+        else:
+            self._fail(key, now, f"bad command: {command!r}")
+            return
+        if not isinstance(cwd, str) or not os.path.isdir(cwd):
+            self._fail(key, now, f"cwd does not exist: {cwd}")
+            return
+        logpath = d.get("log") or f"crq.{key[0]}.log"
+        logpath = os.path.join(cwd, str(logpath))
+        try:
+            os.makedirs(os.path.dirname(logpath) or ".", exist_ok=True)
+            logf = open(logpath, "ab")  # noqa: SIM115 - handed to the child, closed below
+        except OSError as e:
+            self._fail(key, now, f"cannot open log {logpath}: {e.strerror or e}")
+            return
+        env = {str(k): str(v) for k, v in (d.get("env") or {}).items()}
+        env["CRQ_JOB_ID"] = str(key[0])
+        env["CRQ_ATTEMPT"] = str(key[1])
+        status = self.state.status_path(key)
+        with contextlib.suppress(FileNotFoundError):
+            status.unlink()
+        spawned = time.time()
+        try:
+            with logf:
+                proc = subprocess.Popen(
+                    [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), *argv],
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as e:
+            reason = (
+                f"cwd does not exist: {cwd}"
+                if not os.path.isdir(cwd)
+                else f"cannot start: {e.strerror or e}"
+            )
+            self._fail(key, now, reason)
+            return
+        job = _Job(key[0], key[1], proc.pid, proc.pid, spawned, status, proc=proc)
+        try:
+            self.state.write_record(job.record())
+        except OSError as e:  # the job runs anyway; a restart finds it through /proc
+            log.error("job %d.%d: cannot record attempt: %s", *key, e)
+        with self._lock:
+            self._jobs[key] = job
+            self._started[key] = job.running_report()
+        log.info("job %d.%d started, pid %d: %s", *key, proc.pid, d.get("name") or argv[0])
+        threading.Thread(
+            target=self._wait_child, args=(job,), name=f"wait-{key[0]}.{key[1]}", daemon=True
+        ).start()
+        self.on_event()
+
+    def _fail(self, key: Key, now: float, reason: str) -> None:
+        log.warning("job %d.%d not started: %s", *key, reason)
+        result = {
+            "job": key[0],
+            "attempt": key[1],
+            "exit_code": None,
+            "signal": None,
+            "started": now,
+            "ended": now,
+            "reason": reason,
+        }
+        self._store_result(result)
+        self.on_event()
+
+    # -- finishing -----------------------------------------------------------------------
+
+    def _wait_child(self, job: _Job) -> None:
+        assert job.proc is not None
+        rc = job.proc.wait()
+        st = read_status(job.status)
+        ended = st[1] if st else time.time()
+        exit_code, sig = classify(rc)
+        self._finish(job, exit_code, sig, ended)
+
+    def _finish(
+        self,
+        job: _Job,
+        exit_code: int | None,
+        sig: int | None,
+        ended: float,
+        reason: str | None = None,
+    ) -> None:
+        """Record the result durably, then drop the attempt record; report it at once."""
+        with self._lock:
+            if job.done:
+                return
+            job.done = True
+        if reason is None and (exit_code is None or job.kill_at is not None):
+            if job.kill_at is not None:
+                reason = "killed on server request" + (f" (signal {sig})" if sig else "")
+            else:
+                reason = f"killed by signal {sig}" if sig else "killed"
+        result = {
+            "job": job.job,
+            "attempt": job.attempt,
+            "exit_code": exit_code,
+            "signal": sig,
+            "started": job.started,
+            "ended": max(ended, job.started),  # file mtimes tick coarser than time.time()
+            "reason": reason,
+        }
+        self._store_result(result)
+        try:
+            self.state.remove_attempt(job.key)
+        except OSError as e:
+            log.error("job %d.%d: cannot remove attempt record: %s", *job.key, e)
+        with self._lock:
+            self._jobs.pop(job.key, None)
+        if exit_code is not None:
+            log.info("job %d.%d finished, exit %d", *job.key, exit_code)
+        else:
+            log.info("job %d.%d finished: %s", *job.key, reason)
+        self.on_event()
+
+    def _store_result(self, result: dict[str, Any]) -> None:
+        key = key_of(result)
+        try:
+            self.state.write_result(result)
+        except OSError as e:  # keep it in memory: reporting it still beats losing it
+            log.error("job %d.%d: cannot record result: %s", *key, e)
+        with self._lock:
+            self._finished[key] = result
+            self._retry_at.pop(("f", key), None)
+
+    # -- killing -------------------------------------------------------------------------
+
+    def kill(self, key: Key) -> bool:
+        """SIGTERM the attempt's process group, SIGKILL after the grace; False if unknown."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.done:
+                return False
+            first = job.kill_at is None
+            if first:
+                job.kill_at = time.time()
+        if first:
+            log.info("job %d.%d: kill requested, pid %d", *key, job.pid)
+            with contextlib.suppress(OSError):  # a restart then escalates on its own
+                self.state.write_record(job.record())
+            self._schedule_sigkill(job, self.kill_grace)
+        self._signal(job, signal.SIGTERM)
+        return True
+
+    def _schedule_sigkill(self, job: _Job, delay: float) -> None:
+        t = threading.Timer(max(0.0, delay), self._sigkill, args=(job,))
+        t.daemon = True
+        t.start()
+
+    def _sigkill(self, job: _Job) -> None:
+        if not job.done:
+            job.sigkilled = True
+            self._signal(job, signal.SIGKILL)
+
+    def _signal(self, job: _Job, sig: int) -> None:
+        if job.done or (job.proc is None and not wrapper_alive(job.pid, job.status)):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.pgid, sig)
+
+    # -- re-adoption ---------------------------------------------------------------------
+
+    def recover(self, rebooted: bool = False) -> tuple[int, int]:
+        """Rebuild from the state dir after a tasker restart: (adopted, results pending).
+
+        A result file wins over everything; then a complete status file (the job ended
+        while we were away); then a live wrapper is adopted; anything else was killed
+        (reported so), or vanished with a reboot (left to the server: see ``_settle``).
+        """
+        results = self.state.load_results()
+        with self._lock:
+            self._finished.update(results)
+        records = self.state.load_records()
+        orphans = find_orphan_wrappers(self.state.status)
+        now = time.time()
+        for key, rec in records.items():
+            if key in results:
+                self.state.remove_attempt(key)
+                continue
+            try:
+                job = _Job(
+                    key[0],
+                    key[1],
+                    int(rec["pid"]),
+                    int(rec.get("pgid") or rec["pid"]),
+                    float(rec.get("started") or now),
+                    Path(rec.get("status") or self.state.status_path(key)),
+                    kill_at=rec.get("kill_at"),
+                )
+            except (KeyError, TypeError, ValueError):
+                job = _Job(key[0], key[1], 0, 0, now, self.state.status_path(key))
+            self._settle(job, rebooted)
+        for key, pid in orphans.items():
+            if key not in records and key not in results:
+                log.info("job %d.%d: found running without a record, adopting", *key)
+                status = self.state.status_path(key)
+                job = _Job(key[0], key[1], pid, pid, _proc_start_time(pid), status)
+                self._settle(job, rebooted)
+        for key in self.state.status_keys():
+            with self._lock:
+                known = key in self._jobs or key in self._finished
+            if key in results:  # its result was recorded just before a crash
+                self.state.remove_attempt(key)
+            elif not known and key not in records:
+                self._settle(_Job(key[0], key[1], 0, 0, now, self.state.status_path(key)), rebooted)
+        adopted, pending = self.counts()
+        return adopted, pending
+
+    def _settle(self, job: _Job, rebooted: bool) -> None:
+        """Decide what became of one recorded attempt: finished, still running, or gone."""
+        st = read_status(job.status)
+        if st is not None and st[0] is not None:
+            self._finish(job, *classify(st[0]), st[1])
+            return
+        if rebooted:
+            # Not reported as a result (that would read as a job failure): the
+            # registration says ``rebooted`` and the server recovers every attempt we
+            # do not list, requeueing the rerunnable ones.
+            log.info("job %d.%d: gone with the host reboot; the server recovers it", *job.key)
+            self.state.remove_attempt(job.key)
+            return
+        if wrapper_alive(job.pid, job.status):
+            with self._lock:
+                self._jobs[job.key] = job
+                self._started[job.key] = job.running_report()
+            log.info("job %d.%d: re-adopted, pid %d", *job.key, job.pid)
+            if job.kill_at is not None:
+                self._schedule_sigkill(job, job.kill_at + self.kill_grace - time.time())
+            self._ensure_poller()
+            return
+        st = read_status(job.status)  # it may have ended between the two looks
+        if st is not None and st[0] is not None:
+            self._finish(job, *classify(st[0]), st[1])
+        else:
+            self._finish(job, None, None, time.time(), "killed while the tasker was down")
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or not self._poller.is_alive():
+            self._poller = threading.Thread(target=self._poll_adopted, name="adopted", daemon=True)
+            self._poller.start()
+
+    def _poll_adopted(self) -> None:
+        """Adopted jobs are not our children: watch their status file and pid instead."""
+        while not self._closed.wait(self.poll_interval):
+            with self._lock:
+                adopted = [j for j in self._jobs.values() if j.proc is None and not j.done]
+            if not adopted:
+                return
+            for job in adopted:
+                st = read_status(job.status)
+                if st is not None and st[0] is not None:
+                    self._finish(job, *classify(st[0]), st[1])
+                elif not wrapper_alive(job.pid, job.status):
+                    st = read_status(job.status)
+                    if st is not None and st[0] is not None:
+                        self._finish(job, *classify(st[0]), st[1])
+                    else:
+                        sig = int(signal.SIGKILL) if job.sigkilled else None
+                        self._finish(job, None, sig, time.time())
+
+    def close(self) -> None:
+        """Stop watching; the jobs keep running and the next tasker re-adopts them."""
+        self._closed.set()

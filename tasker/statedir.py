@@ -1,0 +1,213 @@
+"""The tasker's durable local state.
+
+Everything the tasker must not forget across its own crash lives here, so a new
+``vovtasker`` with the same state dir can re-adopt running jobs and report results
+that finished while nobody watched::
+
+    <state>/lock                     flock: one vovtasker per state dir
+    <state>/boot_id                  host boot id at the last successful registration
+    <state>/attempts/<job>.<n>.json  one record per started attempt (pid, pgid, status path)
+    <state>/status/<job>.<n>         written by the job's own shell wrapper when it exits
+    <state>/results/<job>.<n>.json   a finished result not yet acked by the server
+
+A result file is the source of truth once written: the attempt record and status file
+are removed after it, and the result file only after the server acked it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+Key = tuple[int, int]
+
+
+class StateDirBusy(Exception):
+    """Another live vovtasker holds the state dir: two would fight over the same jobs."""
+
+
+def key_of(record: dict[str, Any]) -> Key:
+    return int(record["job"]), int(record["attempt"])
+
+
+def _name(key: Key) -> str:
+    return f"{key[0]}.{key[1]}"
+
+
+def parse_name(name: str) -> Key | None:
+    """``"12.3"`` or ``"12.3.json"`` → ``(12, 3)``; None for anything else (stray files)."""
+    parts = name.removesuffix(".json").split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def read_boot_id() -> str:
+    """The kernel's id of this boot: a change means every process we knew of is gone."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class StateDir:
+    """Atomic, fsynced files under one directory; see the module docstring for the layout."""
+
+    def __init__(self, root: str | os.PathLike[str], fsync: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.fsync = fsync
+        self.attempts = self.root / "attempts"
+        self.status = self.root / "status"
+        self.results = self.root / "results"
+        self._lock_fd: int | None = None
+        for d in (self.root, self.attempts, self.status, self.results):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- locking -------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the state dir for this process; raise StateDirBusy naming the holder."""
+        path = self.root / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateDirBusy(
+                f"state dir {self.root} is in use by another vovtasker (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- primitives ----------------------------------------------------------------------
+
+    def _sync_dir(self, d: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        """tmp + fsync + rename + fsync(dir): after return the file survives a power cut."""
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._sync_dir(path.parent)
+
+    def _load_dir(self, d: Path) -> dict[Key, dict[str, Any]]:
+        out: dict[Key, dict[str, Any]] = {}
+        for p in d.iterdir():
+            if p.name.startswith("."):
+                # a tmp file left by a crash mid-write: the rename never happened
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                continue
+            key = parse_name(p.name)
+            if key is None:
+                continue
+            try:
+                rec = json.loads(p.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if isinstance(rec, dict):
+                out[key] = rec
+        return out
+
+    def _remove(self, paths: list[Path], durable: bool = True) -> None:
+        dirs = set()
+        for p in paths:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                dirs.add(p.parent)
+        if durable:
+            for d in dirs:
+                self._sync_dir(d)
+
+    # -- attempt records -----------------------------------------------------------------
+
+    def record_path(self, key: Key) -> Path:
+        return self.attempts / f"{_name(key)}.json"
+
+    def status_path(self, key: Key) -> Path:
+        return self.status / _name(key)
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        self.write_atomic(self.record_path(key_of(record)), json.dumps(record).encode())
+
+    def load_records(self) -> dict[Key, dict[str, Any]]:
+        return self._load_dir(self.attempts)
+
+    def remove_attempt(self, key: Key) -> None:
+        """Forget a finished attempt's record and status (its result file now speaks for it)."""
+        self._remove([self.record_path(key), self.status_path(key)])
+
+    def status_keys(self) -> list[Key]:
+        keys = []
+        for p in self.status.iterdir():
+            k = parse_name(p.name)
+            if k is not None:
+                keys.append(k)
+        return keys
+
+    # -- results -------------------------------------------------------------------------
+
+    def result_path(self, key: Key) -> Path:
+        return self.results / f"{_name(key)}.json"
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        self.write_atomic(self.result_path(key_of(result)), json.dumps(result).encode())
+
+    def load_results(self) -> dict[Key, dict[str, Any]]:
+        return self._load_dir(self.results)
+
+    def remove_results(self, keys: list[Key]) -> None:
+        """Drop acked results; the directory fsync keeps them from coming back after a crash."""
+        self._remove([self.result_path(k) for k in keys])
+
+    # -- boot id -------------------------------------------------------------------------
+
+    def stored_boot_id(self) -> str | None:
+        try:
+            return (self.root / "boot_id").read_text().strip() or None
+        except OSError:
+            return None
+
+    def store_boot_id(self, boot_id: str) -> None:
+        self.write_atomic(self.root / "boot_id", f"{boot_id}\n".encode())
+
+
+def read_status(path: Path) -> tuple[int | None, float] | None:
+    """Read a wrapper status file: ``(rc, mtime)``; rc None if cut short; None if absent.
+
+    The wrapper writes ``"<rc>\\n"`` with one ``write``; a file without the newline means
+    the wrapper died while writing it, which only a SIGKILL can do.
+    """
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError:
+        return None
+    text = data.decode(errors="replace")
+    if not text.endswith("\n") or not text.strip().lstrip("-").isdigit():
+        return None, st.st_mtime
+    return int(text.strip()), st.st_mtime

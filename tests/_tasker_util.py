@@ -1,0 +1,203 @@
+"""Helpers shared by the tasker tests (real processes, nothing mocked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the repo may not be pip-installed when tests run
+    sys.path.insert(0, str(ROOT))
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 5.0, step: float = 0.02) -> Any:
+    """Poll until pred() is truthy; fail the test with a clear message on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)
+
+
+def dispatch(job: int, cwd: Path, command: Any, attempt: int = 1, **extra: Any) -> dict[str, Any]:
+    d = {
+        "job": job,
+        "attempt": attempt,
+        "command": command,
+        "cwd": str(cwd),
+        "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        "log": str(cwd / f"job{job}.log"),
+        "name": f"job{job}",
+    }
+    d.update(extra)
+    return d
+
+
+def env_with_root() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_and_vanish(state: Path, cwd: Path, jobs: list[dict[str, Any]]) -> None:
+    """Start jobs from a separate Python process that then dies like kill -9 (os._exit)."""
+    script = (
+        "import json, os, sys\n"
+        "from tasker.statedir import StateDir\n"
+        "from tasker.runner import Runner\n"
+        "r = Runner(StateDir(sys.argv[1]))\n"
+        "for d in json.loads(sys.argv[2]):\n"
+        "    r.start(d)\n"
+        "os._exit(0)\n"
+    )
+    import json
+
+    subprocess.run(
+        [sys.executable, "-c", script, str(state), json.dumps(jobs)],
+        check=True,
+        env=env_with_root(),
+        cwd=cwd,
+        timeout=10,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_available() -> bool:
+    return (ROOT / "server" / "app.py").exists() and (ROOT / "server" / "__main__.py").exists()
+
+
+class CrqServer:
+    """A real ``python -m server`` in the foreground, killable with -9 and restartable."""
+
+    def __init__(self, swd: Path, queue: str = "t1", *extra: str) -> None:
+        self.swd = swd
+        self.queue = queue
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self, port: int | None = None, timeout: float = 10.0) -> None:
+        import httpx
+
+        self.port = port or free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--queue", self.queue, "--swd", str(self.swd),
+             "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
+            cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise AssertionError(f"server exited {self.proc.returncode}: {err}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("server did not come up")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.swd / "security" / "admin.token").read_text().strip()
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        r = httpx.request(method, f"{self.url}/api/v1{path}", headers=headers, timeout=30, **kw)
+        if r.status_code >= 400:
+            raise AssertionError(f"{method} {path}: {r.status_code} {r.text}")
+        return r.json()
+
+    def submit(self, *specs: dict[str, Any]) -> list[int]:
+        return list(self.request("POST", "/jobs", json={"jobs": list(specs)})["ids"])
+
+    def wait(self, job: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Wait for a final state, riding out crash recovery (503) within the timeout."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            r = httpx.get(
+                f"{self.url}/api/v1/jobs/{job}/wait",
+                params={"timeout": left},
+                headers={"Authorization": f"Bearer {self.admin_token}"},
+                timeout=left + 5,
+            )
+            if r.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if r.status_code >= 400:
+            raise AssertionError(f"wait {job}: {r.status_code} {r.text}")
+        j = r.json()
+        assert j["state"] in ("done", "failed", "stopped", "lost"), j
+        return j
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, freeze: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.request("POST", "/server/stop", json={"freeze": freeze})
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - teardown must not hide the test's own failure
+            self.kill9()
+
+
+class Tasker:
+    """A real ``vovtasker`` process with its stderr captured to a file for the asserts."""
+
+    def __init__(self, state: Path, *args: str, name: str = "tk1") -> None:
+        self.state = state
+        self.args = ["--name", name, "--state-dir", str(state), *args]
+        self.logfile = state.parent / f"{name}.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        out = open(self.logfile, "ab")  # noqa: SIM115 - kept by the child
+        with out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tasker", *self.args],
+                cwd=ROOT, env=env or env_with_root(), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out,
+            )  # fmt: skip
+
+    def log(self) -> str:
+        return self.logfile.read_text() if self.logfile.exists() else ""
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def term(self, timeout: float = 5.0) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout=timeout)

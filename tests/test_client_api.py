@@ -1,0 +1,244 @@
+"""client.api.Client against an in-process fake (httpx.MockTransport): request shapes, paging,
+waiting and the error mapping."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from client import wire
+from client.api import Client
+from client.errors import CrashRecovery, CrqError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRQ_HOME", str(tmp_path / "crqhome"))
+    for var in ("CRQ_SERVER", "CRQ_QUEUE", "CRQ_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def make(handler: Handler, **kw: Any) -> Client:
+    return Client(url="http://fake:1", token="tok", queue="q", user="ann",
+                  transport=httpx.MockTransport(handler), **kw)  # fmt: skip
+
+
+def test_headers_and_submit_body() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201, json={"ids": [41]})
+
+    with make(handler) as c:
+        assert c.submit(command=["true"], priority=5) == 41
+        assert c.submit({"command": "echo hi", "cwd": "/x"}, name="n") == 41
+    first, second = (json.loads(r.content) for r in seen)
+    assert first == {"command": ["true"], "priority": 5, "cwd": os.getcwd()}
+    assert second == {"command": "echo hi", "cwd": "/x", "name": "n"}
+    assert seen[0].headers["authorization"] == "Bearer tok"
+    assert seen[0].headers[wire.USER_HEADER] == "ann"
+    assert seen[0].url.path == "/api/v1/jobs"
+
+
+def test_submit_many_is_one_request_with_shared_env() -> None:
+    bodies: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(201, json={"ids": [1, 2, 3]})
+
+    with make(handler) as c:
+        assert c.submit_many([{"command": "a"}, {"command": "b"}, {"command": "c"}],
+                             env={"X": "1"}) == [1, 2, 3]  # fmt: skip
+        assert c.submit_many([]) == []
+    assert len(bodies) == 1
+    assert bodies[0]["env"] == {"X": "1"} and len(bodies[0]["jobs"]) == 3
+
+
+def test_list_follows_pages_and_limit() -> None:
+    jobs = [{"id": i, "state": "done"} for i in range(1, 26)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        after = int(request.url.params.get("after", 0))
+        limit = int(request.url.params["limit"])
+        page = [j for j in jobs if j["id"] > after][:limit]
+        more = page and page[-1]["id"] < jobs[-1]["id"]
+        return httpx.Response(200, json={"jobs": page, "next": page[-1]["id"] if more else None})
+
+    with make(handler) as c:
+        assert [j["id"] for j in c.list(page_size=10)] == list(range(1, 26))
+        assert [j["id"] for j in c.list(limit=12, page_size=10)] == list(range(1, 13))
+
+
+def test_error_body_becomes_crq_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": "not_found", "message": "no job 9\nreally"})
+
+    with make(handler) as c, pytest.raises(CrqError) as exc:
+        c.get(9)
+    assert exc.value.status == 404 and exc.value.code == "not_found"
+    assert exc.value.message == "no job 9 really"
+
+
+def test_unauthorized_hints_at_token() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": "unauthorized", "message": "bad token"})
+
+    with make(handler) as c, pytest.raises(CrqError, match="CRQ_TOKEN"):
+        c.queue()
+
+
+def test_non_json_error_body() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, text="<html>bad gateway</html>")
+
+    with make(handler) as c, pytest.raises(CrqError) as exc:
+        c.taskers()
+    assert exc.value.status == 502 and exc.value.code == "http_502"
+
+
+def test_crash_recovery_is_typed() -> None:
+    body = {
+        "error": "crash_recovery",
+        "message": "recovering",
+        "recovery": {"expected": ["a", "b", "c"], "reconnected": ["a", "b"], "seconds_left": 87},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json=body, headers={"Retry-After": "7"})
+
+    with make(handler) as c, pytest.raises(CrashRecovery) as exc:
+        c.submit(command="true")
+    e = exc.value
+    assert e.status == 503 and e.code == "crash_recovery" and e.retry_after == 7.0
+    assert e.summary() == "queue q is in crash recovery (2/3 taskers back, ~87 s left)"
+
+
+def test_wait_loops_the_long_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    states = iter(["running", "running", "done"])
+    polls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        polls.append(request.url.params["timeout"])
+        return httpx.Response(200, json={"id": 5, "state": next(states)})
+
+    with make(handler) as c:
+        assert c.wait(5)["state"] == "done"
+    assert len(polls) == 3 and all(float(p) > 0 for p in polls)
+
+
+def test_wait_rides_out_crash_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    answers = [
+        httpx.Response(
+            503, json={"error": "crash_recovery", "message": "m"}, headers={"Retry-After": "1"}
+        ),  # fmt: skip
+        httpx.Response(200, json={"id": 5, "state": "failed", "exit_code": 1}),
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0)
+
+    with make(handler) as c:
+        assert c.wait(5)["state"] == "failed"
+
+
+def test_wait_all_pages_the_range_and_reports_progress() -> None:
+    jobs = {i: {"id": i, "state": "running"} for i in range(1, 51)}
+    calls = {"list": 0, "wait": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/wait"):
+            calls["wait"] += 1
+            for j in jobs.values():  # time passes: everything finishes
+                j["state"] = "failed" if j["id"] == 7 else "done"
+            jid = int(path.split("/")[-2])
+            return httpx.Response(200, json=jobs[jid])
+        assert path == "/api/v1/jobs"
+        calls["list"] += 1
+        after = int(request.url.params["after"])
+        limit = int(request.url.params["limit"])
+        page = [j for i, j in sorted(jobs.items()) if i > after][:limit]
+        return httpx.Response(200, json={"jobs": page, "next": None})
+
+    seen: list[tuple[int, int, int]] = []
+    with make(handler) as c:
+        result = c.wait_all(range(1, 51), progress=lambda d, f, t: seen.append((d, f, t)))
+    assert sorted(result) == list(range(1, 51))
+    assert result[7]["state"] == "failed"
+    assert seen[-1] == (49, 1, 50)
+    assert calls["list"] == 2 and calls["wait"] == 1
+
+
+def test_wait_all_unknown_ids() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/api/v1/jobs":
+            return httpx.Response(200, json={"jobs": [{"id": 1, "state": "done"}], "next": None})
+        return httpx.Response(404, json={"error": "not_found", "message": "no such job"})
+
+    with make(handler) as c:
+        result = c.wait_all([1, 2])
+    assert result[1]["state"] == "done" and result[2]["state"] == "unknown"
+
+
+def test_wait_all_timeout_returns_unfinished() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/jobs":
+            page = [{"id": 1, "state": "done"}, {"id": 2, "state": "running"}]
+            return httpx.Response(200, json={"jobs": page, "next": None})
+        return httpx.Response(200, json={"id": 2, "state": "running"})
+
+    with make(handler) as c:
+        result = c.wait_all([1, 2], timeout=0.2)
+    assert result[2]["state"] == "running"
+
+
+def test_connection_refused_names_queue_and_hint() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    with make(handler) as c, pytest.raises(CrqError) as exc:
+        c.server()
+    assert exc.value.code == "unreachable" and exc.value.status is None
+    assert exc.value.message == (
+        "cannot reach queue q at http://fake:1: connection refused — is it started? "
+        "try: ncmgr start --queue q"
+    )
+
+
+def test_control_endpoints() -> None:
+    seen: list[tuple[str, str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path + "?" + request.url.query.decode(),
+                     request.content))  # fmt: skip
+        return httpx.Response(200, json={"ok": True, "ids": [], "taskers": []})
+
+    with make(handler) as c:
+        c.stop(1)
+        c.rerun(2)
+        c.forget(3)
+        c.taskers()
+        c.stop_server(freeze=True)
+        c.sanity(fix=True)
+    assert [(m, p) for m, p, _ in seen] == [
+        ("POST", "/api/v1/jobs/1/stop?"),
+        ("POST", "/api/v1/jobs/2/rerun?"),
+        ("DELETE", "/api/v1/jobs/3?"),
+        ("GET", "/api/v1/taskers?"),
+        ("POST", "/api/v1/server/stop?"),
+        ("POST", "/api/v1/server/sanity?fix=1"),
+    ]
+    assert json.loads(seen[4][2]) == {"freeze": True}

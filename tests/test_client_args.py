@@ -1,0 +1,254 @@
+"""Argument parsing of crq, ncmgr and vovproject (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import cli, clitools, ncmgr, registry, vovproject, wire
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRQ_HOME", str(tmp_path / "crqhome"))
+    for var in ("CRQ_SERVER", "CRQ_QUEUE", "CRQ_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def parse_submit(*words: str) -> argparse.Namespace:
+    args = cli.build_parser().parse_args(["submit", *words])
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    return args
+
+
+def test_submit_options_and_command() -> None:
+    args = parse_submit("-r", "CORES/2", "-P", "9", "-J", "n", "-e", "A=1", "-e", "B=x=y", "--",
+                        "sleep", "-n", "10")  # fmt: skip
+    assert args.resources == "CORES/2" and args.priority == 9 and args.name == "n"
+    assert args.setenv == [("A", "1"), ("B", "x=y")]
+    assert args.command == ["sleep", "-n", "10"]
+    assert args.env == "all" and not args.wait and not args.no_rerun
+
+
+def test_submit_without_double_dash_stops_at_command() -> None:
+    args = parse_submit("echo", "-J", "x")
+    assert args.name is None and args.command == ["echo", "-J", "x"]
+
+
+@pytest.mark.parametrize(
+    "words",
+    [["-P", "0", "--", "true"], ["-P", "16", "--", "true"], ["-e", "NOEQUALS", "--", "true"],
+     ["--max-attempts", "0", "--", "true"], ["--env", "A=B", "--", "true"]],
+)  # fmt: skip
+def test_submit_usage_errors_exit_2(words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["submit", *words])
+    assert exc.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_submit_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["submit"])
+    assert exc.value.code == 2
+    assert "missing command" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--file", "x", "--", "true"])
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--file", "x", "-l", "log"])
+
+
+def test_command_of() -> None:
+    assert cli.command_of(["make"]) == ["make"]
+    assert cli.command_of(["make all > log"]) == "make all > log"
+    assert cli.command_of(["echo $HOME"]) == "echo $HOME"
+    assert cli.command_of(["echo", "a b"]) == ["echo", "a b"]
+    assert cli.command_of(["/usr/bin/env"]) == ["/usr/bin/env"]
+
+
+def test_job_env() -> None:
+    base = {"PATH": "/bin", "HOME": "/h", "CRQ_TOKEN": "secret", "PWD": "/old", "OLDPWD": "/o"}
+    env = cli.job_env("all", [("X", "1")], "/job", base)
+    assert env == {"PATH": "/bin", "HOME": "/h", "PWD": "/job", "X": "1"}
+    assert cli.job_env("none", [], "/job", base) == {}
+    assert cli.job_env("none", [("A", "b")], "/job", base) == {"A": "b"}
+    assert cli.job_env("PATH,NOPE", [("PATH", "/x")], "/job", base) == {"PATH": "/x"}
+
+
+def test_submit_specs(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("# comment\necho 1\n\n  echo 2 > out  \n")
+    args = parse_submit("--file", str(jobs), "-r", "linux", "--no-rerun", "--env", "none",
+                        "-e", "A=1")  # fmt: skip
+    specs, env = cli.submit_specs(args)
+    assert [s["command"] for s in specs] == ["echo 1", "echo 2 > out"]
+    assert all(s["resources"] == "linux" and s["rerunnable"] is False for s in specs)
+    assert all(s["cwd"] == os.getcwd() and "env" not in s for s in specs)
+    assert env == {"A": "1"}
+    args = parse_submit("-d", "sub", "-l", "my.log", "--max-attempts", "5", "--", "true")
+    specs, _ = cli.submit_specs(args)
+    assert specs == [
+        {
+            "cwd": str(tmp_path / "sub"),
+            "max_attempts": 5,
+            "command": ["true"],
+            "log": str(tmp_path / "sub" / "my.log"),
+        }
+    ]
+
+
+def test_parse_ids() -> None:
+    assert clitools.parse_ids(["3", "1..2", "5-6", "7,8", "3"]) == [3, 1, 2, 5, 6, 7, 8]
+    for bad in ("x", "0", "5..1", "-3", "1..2..3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            clitools.parse_ids([bad])
+
+
+def test_format_ids() -> None:
+    assert clitools.format_ids([1, 2, 3]) == ["1", "2", "3"]
+    assert clitools.format_ids(list(range(5, 1005))) == ["submitted 1000 jobs: 5..1004"]
+    sparse = [*range(1, 30), 100]
+    assert clitools.format_ids(sparse) == [str(i) for i in sparse]
+
+
+def test_wait_and_control_parse_ranges() -> None:
+    args = cli.build_parser().parse_args(["wait", "1..3", "7", "--timeout", "5"])
+    assert cli._flatten(args.ids) == [1, 2, 3, 7] and args.timeout == 5
+    args = cli.build_parser().parse_args(["--server", "h:1", "forget", "4"])
+    assert args.server == "h:1" and args.action == "forget"
+
+
+def test_ncmgr_start_passes_settings_through(tmp_path: Path) -> None:
+    args = ncmgr.build_parser().parse_args(
+        [
+            "start",
+            "--queue",
+            "q1",
+            "--swd",
+            "s",
+            "--port",
+            "7001",
+            "--fsync",
+            "never",
+            "--recovery-grace",
+            "5",
+            "--accept-loss",
+        ]  # fmt: skip
+    )
+    place = ncmgr.Place(args)
+    assert place.queue == "q1" and place.swd.root == tmp_path / "s"
+    cmd = ncmgr.server_command(args, place, "127.0.0.1", 7001)
+    assert cmd[:3] == [sys.executable, "-m", "server"]
+    assert cmd[3:] == ["--queue", "q1", "--swd", str(tmp_path / "s"), "--host", "127.0.0.1",
+                       "--port", "7001", "--recovery-grace", "5", "--fsync", "never",
+                       "--accept-loss"]  # fmt: skip
+
+
+def test_ncmgr_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    place = ncmgr.Place(ncmgr.build_parser().parse_args(["status"]))
+    assert place.queue == "vnc" and place.swd.root == tmp_path / "vnc.swd"
+    assert place.url == f"http://127.0.0.1:{wire.default_port('vnc')}"
+    monkeypatch.setenv("CRQ_QUEUE", "night")
+    registry.register("night", "http://h:7777", "/elsewhere/night.swd", "t")
+    place = ncmgr.Place(ncmgr.build_parser().parse_args(["stop"]))
+    assert place.queue == "night" and str(place.swd.root) == "/elsewhere/night.swd"
+    assert place.url == "http://h:7777" and place.token() == "t"
+
+
+def test_ncmgr_usage_errors() -> None:
+    for words in (["start", "--port", "0"], ["start", "--fsync", "sometimes"], ["frobnicate"]):
+        with pytest.raises(SystemExit) as exc:
+            ncmgr.main(words)
+        assert exc.value.code == 2
+
+
+def test_ncmgr_cleanup_is_a_stub(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ncmgr.main(["cleanup", "--list"]) == 1
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_port_busy_and_local_url() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert ncmgr.port_busy("127.0.0.1", port)
+    assert ncmgr.port_busy("127.0.0.1", port) is None
+    assert ncmgr.local_url("0.0.0.0", 1) == "http://127.0.0.1:1"
+    assert ncmgr.local_url("::", 1) == "http://[::1]:1"
+
+
+def test_pid_alive() -> None:
+    assert not ncmgr.pid_alive(None)
+    assert not ncmgr.pid_alive(2**22 + 12345)
+
+
+def test_last_reason(tmp_path: Path) -> None:
+    log = tmp_path / "server.out"
+    log.write_text("old crq-server: stale\n")
+    offset = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("INFO starting\ncrq-server: port 6321 is busy\nbye\n")
+    assert ncmgr.last_reason(log, offset) == "port 6321 is busy"
+    assert ncmgr.last_reason(tmp_path / "missing", 0) == "no output"
+
+
+def test_vovproject_enable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert vovproject.main(["enable", "nope"]) == 1
+    assert "not registered" in capsys.readouterr().err
+    registry.register("q 1", "http://h:1", "/s", "t")
+    assert vovproject.main(["enable", "q 1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "export CRQ_QUEUE='q 1'",
+        "export CRQ_SERVER=http://h:1",
+    ]
+
+
+def test_vovproject_list_marks_down(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    registry.register("gone", f"http://127.0.0.1:{port}", "/s", "t")
+    assert vovproject.main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["QUEUE", "URL", "SWD", "STATUS"]
+    assert out[1].split()[-1] == "down"
+
+
+def test_unreachable_server_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["--server", f"http://127.0.0.1:{port}", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("crq: cannot reach the crq server at http://127.0.0.1:")
+    assert "connection refused" in err and "ncmgr start" in err
+
+
+def test_progress_line_without_tty() -> None:
+    import io
+
+    stream = io.StringIO()
+    line = clitools.ProgressLine(stream, every=3600)
+    line(0, 0, 10)
+    line(5, 0, 10)  # throttled
+    line(9, 1, 10)  # finished: always shown
+    line.close()
+    assert stream.getvalue() == "waiting: 0/10 done\nwaiting: 9/10 done, 1 failed\n"
+
+
+def test_unexpected_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    def boom(args: argparse.Namespace) -> int:
+        raise ValueError("bad\nthing")
+
+    assert clitools.run(boom, argparse.Namespace()) == 1
+    err = capsys.readouterr().err
+    assert err == "crq: internal error: ValueError: bad thing (CRQ_DEBUG=1 shows details)\n"

@@ -1,0 +1,349 @@
+"""The crash matrix: SIGKILL the real server at many moments and check the invariants.
+
+Taskers run real jobs that append ``<job>:<attempt>`` to a shared file, clients submit
+concurrently and keep the ids the server acknowledged. After each kill the server is
+restarted on the same swd: every acknowledged job must be there and end done, each job must
+have run exactly once, the recovery report must exist with a clean sanity check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests._tasker_util import ROOT, CrqServer, Tasker, env_with_root, wait_until
+
+SETTINGS = ("--heartbeat", "1", "--recovery-grace", "20", "--tasker-timeout", "30")
+
+
+class Cluster:
+    def __init__(self, tmp: Path, *extra: str, taskers: int = 2, slots: int = 4) -> None:
+        self.tmp = tmp
+        self.swd = tmp / "q.swd"
+        self.runs = tmp / "runs.txt"
+        self.work = tmp / "work"
+        self.work.mkdir()
+        self.srv = CrqServer(self.swd, "crash", *SETTINGS, *extra)
+        self.srv.start()
+        self.taskers = [
+            Tasker(tmp / f"state{i}", "--swd", str(self.swd), "--slots", str(slots), name=f"w{i}")
+            for i in range(taskers)
+        ]
+        for t in self.taskers:
+            t.start()
+        self.acked: list[int] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def spec(self, sleep: float) -> dict[str, Any]:
+        cmd = f'echo "$CRQ_JOB_ID:$CRQ_ATTEMPT" >> {self.runs}; sleep {sleep}'
+        return {"command": cmd, "cwd": str(self.work)}
+
+    def submit_loop(self, sleep: float = 0.05, batch: int = 3) -> None:
+        """Submit until told to stop; keep only acknowledged ids."""
+
+        def loop() -> None:
+            token = self.srv.admin_token
+            with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=5) as c:
+                while not self._stop.is_set():
+                    try:
+                        r = c.post(
+                            f"{self.srv.url}/api/v1/jobs",
+                            json={"jobs": [self.spec(sleep) for _ in range(batch)]},
+                        )
+                    except httpx.HTTPError:
+                        return  # the server died: nothing more is acknowledged
+                    if r.status_code == 201:
+                        self.acked.extend(r.json()["ids"])
+                    time.sleep(0.01)
+
+        for _ in range(2):
+            th = threading.Thread(target=loop, daemon=True)
+            th.start()
+            self._threads.append(th)
+
+    def stop_submitting(self) -> None:
+        self._stop.set()
+        for th in self._threads:
+            th.join(10)
+
+    def server(self) -> dict[str, Any]:
+        return self.srv.request("GET", "/server")
+
+    def restart(self) -> None:
+        self.srv.start(port=self.srv.port)
+        wait_until(lambda: self.server()["mode"] == "normal", timeout=30, step=0.1)
+
+    def wait_all_done(self, timeout: float = 60) -> dict[int, dict[str, Any]]:
+        def jobs() -> dict[int, dict[str, Any]]:
+            out: dict[int, dict[str, Any]] = {}
+            after = 0
+            while True:
+                page = self.srv.request("GET", f"/jobs?after={after}&limit=5000")
+                out.update({j["id"]: j for j in page["jobs"]})
+                if page["next"] is None:
+                    return out
+                after = page["next"]
+
+        def settled() -> dict[int, dict[str, Any]] | None:
+            js = jobs()
+            return js if all(j["state"] not in ("queued", "running") for j in js.values()) else None
+
+        return wait_until(settled, timeout=timeout, step=0.2)
+
+    def check(self) -> dict[int, dict[str, Any]]:
+        """The invariants after a crash and restart."""
+        jobs = self.wait_all_done()
+        missing = [i for i in self.acked if i not in jobs]
+        assert not missing, f"acknowledged jobs lost: {missing[:10]}"
+        not_done = {i: (j["state"], j["reason"]) for i, j in jobs.items() if j["state"] != "done"}
+        assert not not_done, f"jobs not done: {not_done}"
+        runs = Counter(line.split(":")[0] for line in self.runs.read_text().split())
+        twice = {k: v for k, v in runs.items() if v > 1}
+        assert not twice, f"jobs run more than once: {twice}"
+        assert set(map(int, runs)) == set(jobs), (
+            "a job ran that the server does not know, or not at all"
+        )
+        assert len(set(jobs)) == len(jobs)
+        sanity = self.srv.request("POST", "/server/sanity")
+        assert sanity["ok"] and not sanity["findings"], sanity
+        return jobs
+
+    def reports(self) -> list[dict[str, Any]]:
+        return [
+            json.loads(p.read_text()) for p in sorted(self.swd.glob("crash_recovery_report_*.json"))
+        ]
+
+    def close(self) -> None:
+        self.stop_submitting()
+        for t in self.taskers:
+            t.kill9()
+        self.srv.stop()
+        self.srv.kill9()
+        for d in self.tmp.glob("state*"):
+            _kill_recorded_jobs(d)
+
+
+def _kill_recorded_jobs(state: Path) -> None:
+    for f in state.glob("**/*.json"):
+        try:
+            pgid = json.loads(f.read_text()).get("pgid")
+            if pgid:
+                os.killpg(int(pgid), signal.SIGKILL)
+        except (ValueError, OSError, AttributeError):
+            pass
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(*extra: str, **kw: Any) -> Cluster:
+        c = Cluster(tmp_path, *extra, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def _check_report(c: Cluster) -> dict[str, Any]:
+    reports = c.reports()
+    assert reports, "no crash_recovery_report written"
+    rep = reports[-1]
+    for key in (
+        "started_at",
+        "ended_at",
+        "duration_s",
+        "snapshot",
+        "journal",
+        "taskers",
+        "jobs",
+        "sanity",
+    ):
+        assert key in rep
+    assert rep["sanity"]["ok"]
+    assert set(rep["taskers"]["reconnected"]) >= set(rep["taskers"]["expected"])
+    text = sorted(c.swd.glob("crash_recovery_report_*[0-9]"))
+    assert text and "crash recovery report" in text[-1].read_text()
+    return rep
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.1, 2.0])
+def test_kill_during_submits_and_dispatch(
+    cluster_factory: Callable[..., Cluster], delay: float
+) -> None:
+    c = cluster_factory()
+    c.submit_loop(sleep=0.3)
+    time.sleep(delay)
+    c.srv.kill9()
+    c.stop_submitting()
+    assert c.acked, "nothing was acknowledged before the kill"
+    c.restart()
+    rep = _check_report(c)
+    c.check()
+    assert rep["jobs"]["lost"] == []
+
+
+def test_kill_while_jobs_complete_fast(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory()
+    c.acked += c.srv.submit(*[c.spec(0) for _ in range(300)])
+    wait_until(lambda: c.server()["counts"]["done"] > 50, timeout=20)
+    c.srv.kill9()
+    c.restart()
+    _check_report(c)
+    c.check()
+
+
+def test_kill_during_checkpoints(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory("--checkpoint-bytes", "4000")
+    c.submit_loop(sleep=0.05)
+    wait_until(lambda: len(list((c.swd / "trace.db").glob("snapshot.*"))) >= 2, timeout=20)
+    time.sleep(0.3)
+    c.srv.kill9()
+    c.stop_submitting()
+    c.restart()
+    _check_report(c)
+    c.check()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.6])
+def test_kill_during_clean_stop(cluster_factory: Callable[..., Cluster], delay: float) -> None:
+    c = cluster_factory()
+    c.acked += c.srv.submit(*[c.spec(0.5) for _ in range(30)])
+    time.sleep(0.3)
+    try:
+        c.srv.request("POST", "/server/stop", json={"freeze": True})
+    except (AssertionError, httpx.HTTPError):
+        pass
+    time.sleep(delay)
+    c.srv.kill9()
+    c.restart()
+    c.check()
+
+
+def test_kill_during_recovery_then_reset_lock(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory()
+    c.acked += c.srv.submit(*[c.spec(2) for _ in range(6)])
+    wait_until(lambda: c.server()["counts"]["running"] == 6, timeout=10)
+    c.taskers[1].proc.send_signal(signal.SIGSTOP)  # one expected tasker stays away
+    c.srv.kill9()
+    c.srv.start(port=c.srv.port)
+    wait_until(lambda: c.server()["mode"] == "recovering", timeout=10)
+    r = httpx.get(
+        f"{c.srv.url}/api/v1/jobs", headers={"Authorization": f"Bearer {c.srv.admin_token}"}
+    )
+    assert (
+        r.status_code == 503
+        and r.json()["error"] == "crash_recovery"
+        and "Retry-After" in r.headers
+    )
+    assert httpx.get(f"{c.srv.url}/readyz").status_code == 503
+    c.srv.kill9()  # a crash in the middle of the recovery
+    with pytest.raises(AssertionError, match="stale recovery lock.*--reset-lock"):
+        c.srv.start(port=c.srv.port)
+    out = subprocess.run(
+        [sys.executable, "-m", "client.ncmgr", "cleanup", "--swd", str(c.swd), "--reset-lock"],
+        cwd=ROOT,
+        env=env_with_root(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    c.taskers[1].proc.send_signal(signal.SIGCONT)
+    c.restart()
+    _check_report(c)
+    c.check()
+
+
+def test_queue_order_survives_kill(tmp_path: Path) -> None:
+    srv = CrqServer(tmp_path / "q.swd", "order", *SETTINGS)
+    srv.start()
+    try:
+        spec = {"command": "true", "cwd": str(tmp_path)}
+        for prio in (4, 9, 1, 9, 4, 15, 4):
+            srv.submit(
+                {**spec, "priority": prio}, {**spec, "priority": prio, "resources": "CORES/2"}
+            )
+        stopped = srv.submit(spec)[0]
+        srv.request("POST", f"/jobs/{stopped}/stop")
+        before = srv.request("GET", "/queue")["ids"]
+        srv.kill9()
+        srv.start(port=srv.port)
+        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal", timeout=10)
+        assert srv.request("GET", "/queue")["ids"] == before
+        new = srv.submit(spec)[0]
+        assert new > max(before + [stopped]), "ids must never be reused"
+    finally:
+        srv.kill9()
+
+
+def test_recovery_ends_as_soon_as_taskers_are_back(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory("--recovery-grace", "120")
+    c.acked += c.srv.submit(*[c.spec(3) for _ in range(4)])
+    wait_until(lambda: c.server()["counts"]["running"] == 4, timeout=10)
+    c.srv.kill9()
+    began = time.monotonic()
+    c.restart()
+    assert time.monotonic() - began < 15, "recovery waited for the grace period"
+    rep = _check_report(c)
+    assert rep["jobs"]["reattached"] == 4
+    c.check()
+
+
+def test_missing_tasker_jobs_are_requeued_after_grace(
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    c = cluster_factory("--recovery-grace", "3")
+    c.acked += c.srv.submit(*[c.spec(1) for _ in range(8)])
+    wait_until(lambda: c.server()["counts"]["running"] == 8, timeout=10)
+    gone = c.taskers[1]
+    gone.kill9()
+    _kill_recorded_jobs(gone.state)
+    c.srv.kill9()
+    c.restart()
+    rep = _check_report(c)
+    assert rep["taskers"]["missing"] == ["w1"]
+    assert {x["action"] for x in rep["jobs"]["lost"]} == {"requeued"}
+    jobs = c.wait_all_done()
+    assert all(j["state"] == "done" for j in jobs.values())
+    moved = [j for j in jobs.values() if j["attempt"] == 2]
+    assert moved and all(j["tasker"] == "w0" for j in moved)
+
+
+def test_damaged_journal_refuses_to_start(tmp_path: Path) -> None:
+    srv = CrqServer(tmp_path / "q.swd", "dmg", *SETTINGS)
+    srv.start()
+    srv.submit(*[{"command": "true", "cwd": str(tmp_path)} for _ in range(5)])
+    srv.submit({"command": "true", "cwd": str(tmp_path)})
+    srv.kill9()
+    seg = sorted((tmp_path / "q.swd" / "trace.db").glob("CR.*"))[-1]
+    data = bytearray(seg.read_bytes())
+    data[30] ^= 0xFF  # inside the first record, valid ones follow
+    seg.write_bytes(bytes(data))
+    with pytest.raises(AssertionError, match=r"CR\.\d+ at byte 0.*--accept-loss"):
+        srv.start(port=srv.port)
+    srv.extra.append("--accept-loss")
+    srv.start(port=srv.port)
+    try:
+        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal", timeout=10)
+        rep = json.loads(
+            sorted((tmp_path / "q.swd").glob("crash_recovery_report_*.json"))[-1].read_text()
+        )
+        assert rep["journal"]["losses"] and rep["journal"]["bytes_discarded"] > 0
+    finally:
+        srv.kill9()

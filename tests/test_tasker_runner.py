@@ -1,0 +1,334 @@
+"""Runner and state dir: real jobs (sh, sleep, true, false), no server involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tasker.runner import Runner, classify, find_orphan_wrappers
+from tasker.statedir import StateDir, StateDirBusy, read_status
+from tests._tasker_util import dispatch, run_and_vanish, wait_until
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> StateDir:
+    return StateDir(tmp_path / "state")
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
+
+
+def finished(runner: Runner, key: tuple[int, int], timeout: float = 4.0) -> dict:
+    """Wait for the finished report of one attempt and return it."""
+
+    def find() -> dict | None:
+        _, done = runner.reports(everything=True)
+        return next((r for r in done if (r["job"], r["attempt"]) == key), None)
+
+    return wait_until(find, timeout)
+
+
+def test_true_and_false_report_exit_codes_durably(state: StateDir, work: Path) -> None:
+    events: list[int] = []
+    r = Runner(state, on_event=lambda: events.append(1))
+    r.start(dispatch(1, work, ["true"]))
+    r.start(dispatch(2, work, ["false"]))
+    started, _ = r.reports()
+    assert {s["job"] for s in started} == {1, 2}
+    assert all(s["pid"] > 0 and s["started"] > 0 for s in started)
+    ok, bad = finished(r, (1, 1)), finished(r, (2, 1))
+    assert (ok["exit_code"], ok["signal"], ok["reason"]) == (0, None, None)
+    assert (bad["exit_code"], bad["signal"]) == (1, None)
+    assert ok["ended"] >= ok["started"]
+    # the result is on disk, the attempt record and status file are gone
+    assert set(state.load_results()) == {(1, 1), (2, 1)}
+    assert state.load_records() == {}
+    assert state.status_keys() == []
+    assert events, "the agent must be woken for prompt reports"
+
+
+def test_string_command_env_and_log(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    logp = work / "deep" / "er" / "out.log"
+    d = dispatch(7, work, "echo hello; env | sort; exit 3", log=str(logp))
+    d["env"] = {"FOO": "bar"}
+    r.start(d)
+    res = finished(r, (7, 1))
+    assert res["exit_code"] == 3
+    text = logp.read_text()
+    assert text.startswith("hello\n")
+    env_lines = {line.split("=", 1)[0] for line in text.splitlines()[1:] if "=" in line}
+    # exactly the dispatch env plus the two crq variables (sh adds PWD on its own)
+    assert env_lines - {"PWD"} == {"FOO", "CRQ_JOB_ID", "CRQ_ATTEMPT"}
+    assert "CRQ_JOB_ID=7" in text and "CRQ_ATTEMPT=1" in text
+
+
+def test_log_is_appended_and_cwd_used(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    logp = work / "same.log"
+    r.start(dispatch(1, work, ["sh", "-c", "pwd"], log=str(logp)))
+    finished(r, (1, 1))
+    r.start(dispatch(2, work, ["sh", "-c", "echo two >&2"], log=str(logp)))
+    finished(r, (2, 1))
+    assert logp.read_text() == f"{work}\ntwo\n"
+
+
+def test_missing_cwd_is_reported_without_running(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    gone = work / "nope"
+    r.start(dispatch(3, gone, ["touch", str(work / "ran")]))
+    res = finished(r, (3, 1), timeout=0.5)
+    assert res["exit_code"] is None and res["signal"] is None
+    assert res["reason"] == f"cwd does not exist: {gone}"
+    assert not (work / "ran").exists()
+    assert (3, 1) in state.load_results()
+
+
+def test_unopenable_log_is_reported(state: StateDir, work: Path) -> None:
+    (work / "afile").write_text("")
+    r = Runner(state)
+    r.start(dispatch(4, work, ["true"], log=str(work / "afile" / "x.log")))
+    res = finished(r, (4, 1), timeout=0.5)
+    assert res["exit_code"] is None
+    assert res["reason"].startswith("cannot open log")
+
+
+def test_command_not_found_is_exit_127(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    r.start(dispatch(5, work, ["no-such-command-crq"]))
+    assert finished(r, (5, 1))["exit_code"] == 127
+    assert "not found" in (work / "job5.log").read_text()
+
+
+def test_death_by_signal_is_a_signal_not_an_exit_code(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    r.start(dispatch(6, work, ["sh", "-c", "kill -9 $$"]))
+    res = finished(r, (6, 1))
+    assert (res["exit_code"], res["signal"]) == (None, 9)
+    assert res["reason"] == "killed by signal 9"
+
+
+def test_kill_terms_the_process_group(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    # a job with a grandchild: both must go
+    r.start(dispatch(8, work, "sleep 30 & echo $! > child.pid; wait"))
+    pidfile = work / "child.pid"
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip())
+    grandchild = int(pidfile.read_text())
+    t0 = time.monotonic()
+    assert r.kill((8, 1))
+    res = finished(r, (8, 1))
+    assert time.monotonic() - t0 < 2
+    assert (res["exit_code"], res["signal"]) == (None, 15)
+    assert res["reason"] == "killed on server request (signal 15)"
+    wait_until(lambda: not _alive(grandchild))
+    assert not r.kill((8, 1)), "a finished attempt is not killed twice"
+
+
+def test_kill_escalates_to_sigkill(state: StateDir, work: Path) -> None:
+    r = Runner(state, kill_grace=0.3)
+    r.start(dispatch(9, work, "trap '' TERM; echo ready; sleep 30"))
+    wait_until(lambda: "ready" in (work / "job9.log").read_text())
+    r.kill((9, 1))
+    res = finished(r, (9, 1))
+    assert res["signal"] == 9 and res["exit_code"] is None
+
+
+def test_kill_only_the_named_attempt(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    r.start(dispatch(10, work, ["sleep", "30"], attempt=1))
+    r.start(dispatch(11, work, ["sleep", "30"], attempt=2))
+    assert not r.kill((10, 2)) and not r.kill((11, 1))
+    assert len(r.running()) == 2
+    r.kill((10, 1))
+    finished(r, (10, 1))
+    assert [x["job"] for x in r.running_attempts()] == [11]
+    r.kill((11, 2))
+    finished(r, (11, 2))
+
+
+def test_ack_drops_only_what_was_sent(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    r.start(dispatch(1, work, ["true"]))
+    started, _ = r.reports()
+    res = finished(r, (1, 1))
+    # an ack for a request that carried only the started report keeps the result
+    r.ack({(1, 1)}, started, [])
+    assert (1, 1) in state.load_results()
+    started2, fin = r.reports()
+    assert started2 == [] and fin == [res]
+    r.ack({(1, 1)}, [], fin)
+    assert r.reports(everything=True) == ([], [])
+    assert state.load_results() == {}
+    # a duplicate dispatch of an acked attempt does not run again
+    r.start(dispatch(1, work, ["touch", "again"]))
+    time.sleep(0.1)
+    assert not (work / "again").exists()
+    # and a new runner on the same dir has nothing to report
+    r2 = Runner(state)
+    assert r2.recover() == (0, 0)
+
+
+def test_unacked_reports_wait_before_resend(state: StateDir, work: Path) -> None:
+    r = Runner(state)
+    r.start(dispatch(1, work, ["true"]))
+    res = finished(r, (1, 1))
+    started, fin = r.reports()
+    r.sent(started, fin, delay=0.3)
+    assert r.reports() == ([], [])
+    assert 0 < (r.next_due_in() or 0) <= 0.3
+    wait_until(lambda: r.reports()[1] == [res], timeout=1)
+    r.sent(started, fin, delay=30)
+    r.all_due()
+    assert r.reports()[1] == [res]
+
+
+def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
+    run_and_vanish(state.root, work, [dispatch(20, work, "sleep 0.3; exit 4")])
+    status = state.status_path((20, 1))
+    assert (20, 1) in state.load_records()
+    wait_until(lambda: status.exists(), timeout=3)
+    assert read_status(status)[0] == 4  # type: ignore[index]
+    r = Runner(state)
+    assert r.recover() == (0, 1)
+    res = finished(r, (20, 1), timeout=0.1)
+    assert res["exit_code"] == 4 and res["reason"] is None
+    assert state.load_records() == {} and state.status_keys() == []
+
+
+def test_readoption_of_a_running_job(state: StateDir, work: Path) -> None:
+    run_and_vanish(state.root, work, [dispatch(21, work, "sleep 1; echo done")])
+    r = Runner(state, poll_interval=0.1)
+    assert r.recover() == (1, 0)
+    (running,) = r.running()
+    assert running["job"] == 21 and running["pid"] == state.load_records()[(21, 1)]["pid"]
+    started, _ = r.reports()
+    assert [s["job"] for s in started] == [21]  # re-sent at register
+    res = finished(r, (21, 1), timeout=4)
+    assert res["exit_code"] == 0
+    assert (work / "job21.log").read_text() == "done\n"
+    r.close()
+
+
+def test_kill_of_an_adopted_job(state: StateDir, work: Path) -> None:
+    run_and_vanish(state.root, work, [dispatch(22, work, ["sleep", "30"])])
+    r = Runner(state, poll_interval=0.1)
+    assert r.recover() == (1, 0)
+    assert r.kill((22, 1))
+    res = finished(r, (22, 1))
+    assert res["signal"] == 15 and res["exit_code"] is None
+    r.close()
+
+
+def test_adopted_job_killed_behind_our_back(state: StateDir, work: Path) -> None:
+    run_and_vanish(state.root, work, [dispatch(23, work, ["sleep", "30"])])
+    pid = state.load_records()[(23, 1)]["pid"]
+    r = Runner(state, poll_interval=0.1)
+    r.recover()
+    os.killpg(pid, signal.SIGKILL)
+    res = finished(r, (23, 1))
+    assert res["exit_code"] is None and res["reason"] == "killed"
+    r.close()
+
+
+def test_orphan_without_record_is_found_through_proc(state: StateDir, work: Path) -> None:
+    run_and_vanish(state.root, work, [dispatch(24, work, ["sleep", "30"])])
+    pid = state.load_records()[(24, 1)]["pid"]
+    state.record_path((24, 1)).unlink()  # as if the tasker died before writing it
+    assert find_orphan_wrappers(state.status) == {(24, 1): pid}
+    r = Runner(state, poll_interval=0.1)
+    assert r.recover() == (1, 0)
+    r.kill((24, 1))
+    assert finished(r, (24, 1))["signal"] == 15
+    r.close()
+
+
+def test_dead_record_is_reported_killed(state: StateDir) -> None:
+    state.write_record(
+        {"job": 30, "attempt": 2, "pid": 999999999, "pgid": 999999999, "started": 1.0,
+         "status": str(state.status_path((30, 2)))}
+    )  # fmt: skip
+    r = Runner(state)
+    assert r.recover() == (0, 1)
+    res = finished(r, (30, 2), timeout=0.1)
+    assert res["exit_code"] is None and res["reason"] == "killed while the tasker was down"
+    assert res["started"] == 1.0
+
+
+def test_reboot_drops_vanished_jobs_but_keeps_real_results(state: StateDir) -> None:
+    for job in (31, 32):
+        state.write_record(
+            {"job": job, "attempt": 1, "pid": os.getpid(), "pgid": os.getpid(), "started": 1.0,
+             "status": str(state.status_path((job, 1)))}
+        )  # fmt: skip
+    state.status_path((32, 1)).write_text("0\n")  # ended before the reboot
+    r = Runner(state)
+    assert r.recover(rebooted=True) == (0, 1)
+    # the vanished attempt is left to the server (register says rebooted), the one that
+    # ended before the reboot keeps its real result
+    assert finished(r, (32, 1), 0.1)["exit_code"] == 0
+    assert [x["job"] for x in r.reports(everything=True)[1]] == [32]
+    assert state.load_records() == {} and state.status_keys() == []
+
+
+def test_result_file_wins_over_leftovers(state: StateDir) -> None:
+    # crash between writing the result and removing record + status
+    res = {"job": 40, "attempt": 1, "exit_code": 0, "signal": None, "started": 1.0,
+           "ended": 2.0, "reason": None}  # fmt: skip
+    state.write_result(res)
+    state.write_record({"job": 40, "attempt": 1, "pid": 1, "pgid": 1, "started": 1.0,
+                        "status": str(state.status_path((40, 1)))})  # fmt: skip
+    state.status_path((40, 1)).write_text("0\n")
+    r = Runner(state)
+    assert r.recover() == (0, 1)
+    assert r.reports(everything=True)[1] == [res]
+    assert state.load_records() == {} and state.status_keys() == []
+
+
+def test_state_dir_lock_is_exclusive(tmp_path: Path) -> None:
+    a = StateDir(tmp_path / "s")
+    a.lock()
+    with pytest.raises(StateDirBusy, match=f"pid {os.getpid()}"):
+        StateDir(tmp_path / "s").lock()
+    a.unlock()
+    StateDir(tmp_path / "s").lock()
+
+
+def test_atomic_writes_leave_no_tmp_and_tmp_is_ignored(state: StateDir) -> None:
+    (state.results / ".1.1.json.tmp123").write_text("{garbage")
+    state.write_result({"job": 1, "attempt": 2})
+    assert json.loads(state.result_path((1, 2)).read_text()) == {"job": 1, "attempt": 2}
+    assert set(state.load_results()) == {(1, 2)}
+    assert [p.name for p in state.results.iterdir()] == ["1.2.json"]
+
+
+def test_read_status_and_classify(tmp_path: Path) -> None:
+    p = tmp_path / "st"
+    assert read_status(p) is None
+    p.write_text("")
+    assert read_status(p)[0] is None  # type: ignore[index]
+    p.write_text("13")
+    assert read_status(p)[0] is None  # type: ignore[index]
+    p.write_text("13\n")
+    assert read_status(p)[0] == 13  # type: ignore[index]
+    assert classify(0) == (0, None)
+    assert classify(-9) == (None, 9)
+    assert classify(143) == (None, 15)
+    assert classify(255) == (255, None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,202 @@
+"""The browser UI in a real browser (Debian's chromium driven by playwright) on a real server.
+
+Needs `apt-get install chromium` and `pip install playwright` (no `playwright install`: the
+system chromium is used); skipped when either is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import Browser, Page, expect  # noqa: E402
+
+from tests.ui_helpers import CrqServer  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOT = "/tmp/crq-ui.png"
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+
+expect.set_options(timeout=10_000)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh profile per test (own localStorage); uncaught JS errors fail the test."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 860})
+    pg = ctx.new_page()
+    errors: list[Any] = []
+    pg.on("pageerror", lambda e: errors.append(e))
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[CrqServer]:
+    srv = CrqServer(tmp_path / "ui.swd")
+    srv.start()
+    yield srv
+    srv.stop()
+    assert srv.proc is not None and srv.proc.returncode == 0
+
+
+def submit(srv: CrqServer, user: str = "alice", **spec: Any) -> int:
+    spec.setdefault("cwd", "/tmp")
+    r = srv.api("POST", "/jobs", json=spec, headers={"X-Crq-User": user})
+    assert r.status_code == 201, r.text
+    return int(r.json()["ids"][0])
+
+
+def row(page: Page, job: int) -> Any:
+    return page.locator(f"#jobs tbody tr[data-id='{job}']")
+
+
+def test_jobs_detail_stop_rerun_forget(page: Page, server: CrqServer) -> None:
+    a = submit(server, command="sleep 100", name="first", priority=7)
+    b = submit(server, user="bob", command=["echo", "two words"], resources="CORES/2")
+    page.goto(f"{server.url}/#token={server.token}")
+
+    expect(page.locator("#queue")).to_have_text("uitest")
+    expect(page.locator("#mode")).to_have_text("normal")
+    expect(page.locator("#jobs tbody tr")).to_have_count(2)
+    expect(row(page, a)).to_contain_text("first")
+    expect(row(page, a).locator(".state")).to_have_text("queued")
+    expect(row(page, b)).to_contain_text("bob")
+    expect(page.locator(".count[data-state=queued] b")).to_have_text("2")
+    assert "token" not in page.url  # the fragment is dropped once stored
+
+    row(page, b).click()
+    detail = page.locator("#detail")
+    expect(detail).to_be_visible()
+    expect(page.locator("#d-id")).to_have_text(str(b))
+    expect(detail).to_contain_text('"echo" "two words"')
+    expect(detail).to_contain_text("/tmp/crq.")
+    expect(detail).to_contain_text("CORES/2")
+
+    row(page, a).click()
+    expect(page.locator("#d-id")).to_have_text(str(a))
+    expect(detail).to_contain_text("sleep 100")
+    page.click("#d-stop")
+    expect(page.locator("#d-state")).to_have_text("stopped")
+    expect(row(page, a).locator(".state")).to_have_text("stopped")
+    expect(page.locator("#msg")).to_contain_text(f"job {a}: stop accepted, now stopped")
+    assert server.api("GET", f"/jobs/{a}").json()["state"] == "stopped"
+    page.screenshot(path=SHOT, full_page=True)
+
+    page.click(".count[data-state=stopped]")  # the counts filter the table
+    expect(page.locator("#jobs tbody tr")).to_have_count(1)
+    page.select_option("#filter", "")
+    expect(page.locator("#jobs tbody tr")).to_have_count(2)
+
+    page.click("#d-rerun")
+    expect(row(page, a).locator(".state")).to_have_text("queued")
+    expect(page.locator("#d-rerun")).to_be_disabled()  # a queued job cannot be rerun
+
+    page.click("#d-stop")
+    expect(page.locator("#d-state")).to_have_text("stopped")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#d-forget")
+    expect(row(page, a)).to_have_count(0)
+    expect(detail).to_be_hidden()
+    assert server.api("GET", f"/jobs/{a}").status_code == 404
+
+
+def test_submit_form_and_api_errors(page: Page, server: CrqServer) -> None:
+    page.goto(f"{server.url}/#token={server.token}")
+    expect(page.locator("#jobs-empty")).to_be_visible()
+    page.fill("#s-command", "echo from the browser")
+    page.fill("#s-name", "webjob")
+    page.fill("#s-priority", "9")
+    page.click("#submit button")
+    expect(page.locator("#msg")).to_contain_text("submitted job 1")
+    expect(row(page, 1)).to_contain_text("webjob")
+    job = server.api("GET", "/jobs/1").json()
+    assert (job["command"], job["cwd"], job["priority"]) == ("echo from the browser", "/tmp", 9)
+
+    page.fill("#s-command", "true")
+    page.fill("#s-resources", "CORES/abc")  # refused by the server: its message must show
+    page.click("#submit button")
+    expect(page.locator("#msg.error")).to_contain_text("invalid: ")
+    expect(page.locator("#msg.error")).to_contain_text("CORES/abc")
+    assert [j["id"] for j in server.api("GET", "/jobs").json()["jobs"]] == [1]
+
+
+def test_bad_token_is_a_readable_error(page: Page, server: CrqServer) -> None:
+    page.goto(f"{server.url}/#token=not-the-token")
+    expect(page.locator("#msg")).to_contain_text("Bad token")
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#app")).to_be_hidden()
+    page.fill("#token", server.token)
+    page.click("#login button")
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#msg")).to_be_hidden()
+    page.reload()  # the token was kept in localStorage
+    expect(page.locator("#mode")).to_have_text("normal")
+
+
+def test_crash_recovery_banner(page: Page, tmp_path: Path) -> None:
+    srv = CrqServer(tmp_path / "rec.swd", "uirec", "--recovery-grace", "60")
+    srv.start()
+    try:
+        job = submit(srv, command="sleep 1000")
+        tt = srv.tasker_token
+        r = srv.api("POST", "/taskers/t1/register", token=tt, json={"host": "h1", "slots": 2})
+        assert r.status_code == 200, r.text
+        for _ in range(20):
+            sync = srv.api("POST", "/taskers/t1/sync", token=tt, json={"wait": 1}).json()
+            if sync["dispatch"]:
+                break
+        run = {"job": job, "attempt": sync["dispatch"][0]["attempt"]}
+        started = {**run, "pid": 4242, "started": time.time()}
+        body = {"started": [started], "running": [run]}
+        r = srv.api("POST", "/taskers/t1/sync", token=tt, json=body)
+        assert r.status_code == 200, r.text
+
+        page.goto(f"{srv.url}/#token={srv.token}")
+        expect(row(page, job).locator(".state")).to_have_text("running")
+        expect(page.locator("#taskers tbody tr")).to_contain_text("t1")
+
+        srv.kill()
+        expect(page.locator("#msg")).to_contain_text("unreachable")
+        srv.start()
+        banner = page.locator("#recovery")
+        expect(banner).to_be_visible()
+        expect(banner).to_contain_text("0 of 1 expected")
+        expect(banner).to_contain_text("waiting for t1")
+        expect(page.locator("#mode")).to_have_text("recovering")
+        expect(page.locator("#msg")).to_be_hidden()
+        assert srv.api("GET", "/jobs").status_code == 503
+
+        body = {"host": "h1", "slots": 2, "running": [started]}
+        assert srv.api("POST", "/taskers/t1/register", token=tt, json=body).status_code == 200
+        expect(banner).to_be_hidden()
+        expect(page.locator("#mode")).to_have_text("normal")
+        expect(row(page, job).locator(".state")).to_have_text("running")
+    finally:
+        srv.stop()
