@@ -559,7 +559,91 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    return fail("ncmgr cleanup is not implemented yet")
+    """Manual recovery, through the live server or (``--standalone``) on the swd's files."""
+    place = Place(args)
+    actions = [a for a in ("list", "job", "dead_host") if getattr(args, a) not in (None, False)]
+    if len(actions) > 1:
+        return fail("give one of --list, --job ID, --dead-host HOST")
+    if args.reset_lock:
+        if actions:
+            return fail("--reset-lock goes alone")
+        from server.cleanup import reset_lock
+        from server.recovery import LockError
+
+        try:
+            say(f"{reset_lock(place.swd)} ({place.swd.recovery_lock})")
+        except LockError as e:
+            return fail(str(e))
+        return 0
+    action = actions[0] if actions else "list"
+    arg = str(args.job) if action == "job" else args.dead_host
+    if args.standalone:
+        result = _cleanup_standalone(place, action, arg)
+        if result is None:
+            return 1
+    else:
+        with place.client() as client:
+            if action == "list":
+                result = client.request("GET", "cleanup")
+            elif action == "job":
+                result = client.request("POST", f"cleanup/jobs/{args.job}")
+            else:
+                result = client.request("POST", f"cleanup/hosts/{args.dead_host}")
+    if action == "list":
+        _print_incomplete(result["incomplete"])
+        return 0
+    for item in result["recovered"]:
+        if "tasker" in item and "id" not in item:
+            print(f"tasker {item['tasker']}: {item['action']}")
+        else:
+            print(f"job {item['id']} attempt {item['attempt']}: {item['action']}")
+    if not result["recovered"]:
+        print("nothing to recover")
+    return 0
+
+
+def _cleanup_standalone(place: Place, action: str, arg: str | None) -> dict[str, Any] | None:
+    if not place.swd.trace.is_dir():
+        fail(f"{place.swd.root} has no trace.db: not a server working directory (use --swd)")
+        return None
+    from server.cleanup import run_standalone
+    from server.models import BadRequest
+    from server.recovery import LockError
+    from server.replay import ReplayError
+
+    try:
+        return run_standalone(place.swd.root, action, arg)
+    except (LockError, ReplayError) as e:
+        fail(str(e))
+    except BadRequest as e:
+        fail(e.message)
+    return None
+
+
+def _print_incomplete(rows: list[dict[str, Any]]) -> None:
+    from client.table import ago, format_table
+
+    if not rows:
+        print("every running attempt is confirmed by a live tasker")
+        return
+    print(
+        format_table(
+            ["ID", "ATTEMPT", "TASKER", "HOST", "TASKER STATE", "LAST CONTACT", "NAME"],
+            [
+                [
+                    r["id"],
+                    r["attempt"],
+                    r["tasker"],
+                    r["host"],
+                    r["tasker_state"],
+                    ago(r["last_contact"]) if r["last_contact"] else "never",
+                    r["name"],
+                ]
+                for r in rows
+            ],
+            right=(0, 1),
+        )
+    )
 
 
 if __name__ == "__main__":

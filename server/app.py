@@ -348,11 +348,12 @@ def create_app(srv: Server) -> FastAPI:
         admin(request)
         events = make()
         engine.emit(events)
+        done = cleanup.summary(srv.state, events)  # before the next dispatch pass runs
         for ev in events:
             if ev["e"] == "tasker_lost":
                 engine.links.pop(ev["name"], None)
         await engine.durable()
-        return JSON({"recovered": cleanup.summary(srv.state, events)})
+        return JSON({"recovered": done})
 
     @app.post(api + "/cleanup/jobs/{job_id}")
     async def cleanup_job(request: Request, job_id: int) -> Response:
