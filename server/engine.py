@@ -116,5 +116,10 @@ class Engine:
                     del self._waiters[job_id]
 
     def wake_all(self) -> None:
+        """Shutting down: answer every long poll now (taskers and waiting clients)."""
         for link in self.links.values():
             link.wake.set()
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)

@@ -145,7 +145,8 @@ def run(settings: Settings) -> int:
         raise StartError(str(e)) from None
     except OSError as e:
         raise StartError(f"cannot read {paths.trace}: {e}") from None
-    unclean = not clean and (loaded.snapshot is not None or loaded.events_replayed > 0)
+    had_data = loaded.snapshot is not None or loaded.events_replayed > 0
+    unclean = (not clean and had_data) or bool(loaded.losses) or loaded.bytes_discarded > 0
     log.info(
         "loaded %d jobs (snapshot %s, %d events) in %.2f s; last stop %s",
         len(loaded.state.jobs),

@@ -20,7 +20,7 @@ class Settings:
     tasker_timeout: float = 90.0
     heartbeat: float = 10.0
     fsync: str = "always"
-    checkpoint_bytes: int = 256 << 20
+    checkpoint_bytes: int = 64 << 20
     autoforget_done: float = 3600.0
     autoforget_other: float = 2 * 86400.0
     accept_loss: bool = False

@@ -160,7 +160,7 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
         c.close()
 
 
-def _check_report(c: Cluster) -> dict[str, Any]:
+def _check_report(c: Cluster, all_back: bool = True) -> dict[str, Any]:
     reports = c.reports()
     assert reports, "no crash_recovery_report written"
     rep = reports[-1]
@@ -176,18 +176,19 @@ def _check_report(c: Cluster) -> dict[str, Any]:
     ):
         assert key in rep
     assert rep["sanity"]["ok"]
-    assert set(rep["taskers"]["reconnected"]) >= set(rep["taskers"]["expected"])
+    if all_back:
+        assert set(rep["taskers"]["reconnected"]) >= set(rep["taskers"]["expected"])
     text = sorted(c.swd.glob("crash_recovery_report_*[0-9]"))
     assert text and "crash recovery report" in text[-1].read_text()
     return rep
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.1, 2.0])
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
 def test_kill_during_submits_and_dispatch(
     cluster_factory: Callable[..., Cluster], delay: float
 ) -> None:
     c = cluster_factory()
-    c.submit_loop(sleep=0.3)
+    c.submit_loop(sleep=0.1)
     time.sleep(delay)
     c.srv.kill9()
     c.stop_submitting()
@@ -295,7 +296,7 @@ def test_queue_order_survives_kill(tmp_path: Path) -> None:
 def test_recovery_ends_as_soon_as_taskers_are_back(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory("--recovery-grace", "120")
     c.acked += c.srv.submit(*[c.spec(3) for _ in range(4)])
-    wait_until(lambda: c.server()["counts"]["running"] == 4, timeout=10)
+    wait_until(lambda: all(c.srv.request("GET", f"/jobs/{i}")["pid"] for i in c.acked), timeout=10)
     c.srv.kill9()
     began = time.monotonic()
     c.restart()
@@ -316,7 +317,7 @@ def test_missing_tasker_jobs_are_requeued_after_grace(
     _kill_recorded_jobs(gone.state)
     c.srv.kill9()
     c.restart()
-    rep = _check_report(c)
+    rep = _check_report(c, all_back=False)
     assert rep["taskers"]["missing"] == ["w1"]
     assert {x["action"] for x in rep["jobs"]["lost"]} == {"requeued"}
     jobs = c.wait_all_done()
