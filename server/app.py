@@ -188,7 +188,8 @@ def create_app(srv: Server) -> FastAPI:
 
     # -- clients --------------------------------------------------------------------------
 
-    @app.post(api + "/jobs", status_code=201)
+    # The hot routes (submit, tasker register/sync) are plain Starlette routes: they parse
+    # their own bodies, and FastAPI's per-request machinery would cost half the budget.
     async def submit(request: Request) -> Response:
         user = client(request)
         if engine.shutting_down:
@@ -198,6 +199,8 @@ def create_app(srv: Server) -> FastAPI:
         engine.emit(events)
         await engine.durable()
         return JSON({"ids": ids}, status_code=201)
+
+    app.add_route(api + "/jobs", submit, methods=["POST"])
 
     @app.get(api + "/jobs")
     async def list_jobs(
@@ -369,8 +372,8 @@ def create_app(srv: Server) -> FastAPI:
 
     # -- taskers --------------------------------------------------------------------------
 
-    @app.post(api + "/taskers/{name}/register")
-    async def register(request: Request, name: str) -> Response:
+    async def register(request: Request) -> Response:
+        name = request.path_params["name"]
         tasker_auth(request)
         _check_name(name)
         body = validate(Register, parse_json(await request.body()))
@@ -394,8 +397,8 @@ def create_app(srv: Server) -> FastAPI:
             }
         )
 
-    @app.post(api + "/taskers/{name}/sync")
-    async def sync(request: Request, name: str) -> Response:
+    async def sync(request: Request) -> Response:
+        name = request.path_params["name"]
         tasker_auth(request)
         body = validate(Sync, parse_json(await request.body()))
         st = srv.state
@@ -442,6 +445,9 @@ def create_app(srv: Server) -> FastAPI:
                 "shutdown": engine.shutting_down and not engine.freeze,
             }
         )
+
+    app.add_route(api + "/taskers/{name}/register", register, methods=["POST"])
+    app.add_route(api + "/taskers/{name}/sync", sync, methods=["POST"])
 
     # -- probes, metrics, UI --------------------------------------------------------------
 
