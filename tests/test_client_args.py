@@ -169,9 +169,17 @@ def test_ncmgr_usage_errors() -> None:
         assert exc.value.code == 2
 
 
-def test_ncmgr_cleanup_is_a_stub(capsys: pytest.CaptureFixture[str]) -> None:
-    assert ncmgr.main(["cleanup", "--list"]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
+def test_ncmgr_cleanup_refuses_bad_combinations(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    swd = str(tmp_path / "none.swd")
+    assert ncmgr.main(["cleanup", "--swd", swd, "--job", "1", "--dead-host", "h"]) == 1
+    assert "one of --list" in capsys.readouterr().err
+    assert ncmgr.main(["cleanup", "--swd", swd, "--reset-lock", "--job", "1"]) == 1
+    assert "--reset-lock goes alone" in capsys.readouterr().err
+    assert ncmgr.main(["cleanup", "--swd", swd, "--standalone", "--list"]) == 1
+    err = capsys.readouterr().err
+    assert "no trace.db" in err and len(err.strip().splitlines()) == 1
 
 
 def test_port_busy_and_local_url() -> None:
