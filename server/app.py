@@ -215,10 +215,11 @@ def create_app(srv: Server) -> FastAPI:
         out = []
         nxt = None
         st = srv.state
-        ids = st.jobs.keys() if after <= 0 else (i for i in st.jobs if i > after)
+        # ids are monotonic: a page after N starts at N+1 instead of rescanning from the first
+        ids = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
         for job_id in ids:
-            job = st.jobs[job_id]
-            if (state and job.state != state) or (user and job.user != user):
+            job = st.jobs.get(job_id)
+            if job is None or (state and job.state != state) or (user and job.user != user):
                 continue
             if len(out) == limit:
                 nxt = out[-1]["id"]
