@@ -199,7 +199,10 @@ def register(state: State, name: str, body: Register, now: float) -> Outcome:
         elif job.started is not None:
             reason = f"tasker {name} restarted without it"
         else:
-            continue  # dispatched but never received: it is sent again
+            # Dispatched, never confirmed, unknown to the tasker now: it may have run and
+            # died with the tasker. A new, counted attempt keeps fencing exact and lets a
+            # job that kills its tasker before reporting still end lost after max_attempts.
+            reason = f"tasker {name} re-registered without it (never confirmed)"
         out.events.append(
             {"e": "recover", "t": now, "job": job_id, "attempt": job.attempt, "reason": reason}
         )

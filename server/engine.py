@@ -47,6 +47,7 @@ class Engine:
         self._pass_scheduled = False
         self.dispatched = 0
         self.after_emit: list[Callable[[], None]] = []
+        self.fresh_within = 30.0  # seconds of silence after which no new work is sent
         state.on_final = self._job_final
 
     # -- writing --------------------------------------------------------------------------
@@ -92,7 +93,9 @@ class Engine:
         dispatch_pass(self.state, lambda ev: self.emit([ev]), time.time(), self._eligible)
 
     def _eligible(self, tasker: Tasker) -> bool:
-        return tasker.name in self.links
+        """Only taskers heard from lately: a silent one would sit on the job till the timeout."""
+        link = self.links.get(tasker.name)
+        return link is not None and time.time() - link.last_contact <= self.fresh_within
 
     # -- waiting for jobs -----------------------------------------------------------------
 

@@ -165,6 +165,7 @@ def run(settings: Settings) -> int:
     )
     journal = Journal(paths.trace, next_seq=loaded.state.seq + 1, fsync=settings.fsync == "always")
     engine = Engine(loaded.state, journal)
+    engine.fresh_within = 3 * settings.heartbeat + 1  # a long poll lasts at most 3 heartbeats
     srv = Server(settings, engine, admin, tasker, uuid.uuid4().hex[:12], url)
 
     import uvloop

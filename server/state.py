@@ -40,6 +40,7 @@ class Attempt:
         "ended",
         "outcome",
         "exit_code",
+        "reason",
     )
 
     def __init__(self, attempt: int, tasker: str, host: str, dispatched: float) -> None:
@@ -51,6 +52,7 @@ class Attempt:
         self.ended: float | None = None
         self.outcome: str | None = None
         self.exit_code: int | None = None
+        self.reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -64,6 +66,7 @@ class Attempt:
             d["outcome"],
             d["exit_code"],
         )
+        a.reason = d.get("reason")
         return a
 
 
@@ -305,6 +308,7 @@ class State:
         cur = job.current()
         if cur is not None and cur.attempt == job.attempt and cur.outcome is None:
             cur.ended, cur.outcome, cur.exit_code = ended, outcome, exit_code
+            cur.reason = job.reason  # kept here: the job's own reason is cleared on redispatch
 
     # -- event handlers -------------------------------------------------------------------
 
