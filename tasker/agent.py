@@ -336,6 +336,7 @@ class Agent:
             "resources": self.info.resources,
             "boot_id": self.info.boot_id,
             "rebooted": self.info.rebooted,
+            "state_id": self.state.identity(),
             "running": running,
             "finished": finished,
         }
@@ -505,8 +506,6 @@ class Agent:
         for key in kills:
             if not self.runner.kill(key):
                 log.debug("kill of %d.%d: not running here", *key)
-        for item in dispatch:
-            try:
-                self.runner.start(item)
-            except (TypeError, ValueError, KeyError, AttributeError) as e:
-                log.error("malformed dispatch %.200s: %s", item, e)
+        if dispatch:
+            # one batch: the attempt records become durable together, before any report
+            self.runner.start_many(dispatch)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -165,6 +166,9 @@ class Runner:
         self._forgotten: dict[Key, None] = {}
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
+        self._to_watch: list[tuple[int, _Job]] = []
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
 
     # -- queries for the agent ------------------------------------------------------------
 
@@ -260,11 +264,51 @@ class Runner:
 
     def start(self, d: dict[str, Any]) -> None:
         """Run one dispatch item; any failure to start becomes a finished report."""
+        self.start_many([d])
+
+    def start_many(self, items: list[dict[str, Any]]) -> None:
+        """Run the dispatch items of one answer: spawn them all, then record them all.
+
+        The attempt records are made durable together (one directory fsync) before any of
+        the jobs is reported started or watched for its end. A crash between the spawn and
+        the record leaves a running wrapper that ``recover`` finds through /proc.
+        """
+        jobs: list[_Job] = []
+        names: list[str] = []
+        seen: set[Key] = set()
+        for d in items:
+            try:
+                spawned = self._spawn(d, seen)
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
+                log.error("malformed dispatch %.200s: %s", d, e)
+                continue
+            if spawned is not None:
+                jobs.append(spawned[0])
+                names.append(spawned[1])
+        if not jobs:
+            return
+        try:
+            self.state.write_records([j.record() for j in jobs])  # one directory fsync
+        except OSError as e:  # the jobs run anyway; a restart finds them through /proc
+            log.error("cannot record %d started attempts: %s", len(jobs), e)
+        with self._lock:
+            for job in jobs:
+                self._jobs[job.key] = job
+                self._started[job.key] = job.running_report()
+        for job, name in zip(jobs, names, strict=True):
+            log.info("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
+            self._watch(job)
+        self.on_event()
+
+    def _spawn(self, d: dict[str, Any], seen: set[Key]) -> tuple[_Job, str] | None:
+        """Spawn one dispatch item's wrapper: the job and its name, or None (not started)."""
         key = int(d["job"]), int(d["attempt"])
         with self._lock:
-            if key in self._jobs or key in self._finished or key in self._forgotten:
-                log.info("job %d.%d: dispatched again, ignored", *key)
-                return
+            again = key in self._jobs or key in self._finished or key in self._forgotten
+        if again or key in seen:
+            log.info("job %d.%d: dispatched again, ignored", *key)
+            return None
+        seen.add(key)
         now = time.time()
         cwd = d.get("cwd")
         command = d.get("command")
@@ -274,18 +318,20 @@ class Runner:
             argv = list(command)
         else:
             self._fail(key, now, f"bad command: {command!r}")
-            return
+            return None
         if not isinstance(cwd, str) or not os.path.isdir(cwd):
             self._fail(key, now, f"cwd does not exist: {cwd}")
-            return
+            return None
         logpath = d.get("log") or f"crq.{key[0]}.log"
         logpath = os.path.join(cwd, str(logpath))
         try:
-            os.makedirs(os.path.dirname(logpath) or ".", exist_ok=True)
+            logdir = os.path.dirname(logpath) or "."
+            if not os.path.isdir(logdir):  # mkdir of an existing dir costs more than a stat
+                os.makedirs(logdir, exist_ok=True)
             logf = open(logpath, "ab")  # noqa: SIM115 - handed to the child, closed below
         except OSError as e:
             self._fail(key, now, f"cannot open log {logpath}: {e.strerror or e}")
-            return
+            return None
         env = {str(k): str(v) for k, v in (d.get("env") or {}).items()}
         env["CRQ_JOB_ID"] = str(key[0])
         env["CRQ_ATTEMPT"] = str(key[1])
@@ -312,20 +358,9 @@ class Runner:
                 else f"cannot start: {e.strerror or e}"
             )
             self._fail(key, now, reason)
-            return
+            return None
         job = _Job(key[0], key[1], proc.pid, proc.pid, spawned, status, proc=proc)
-        try:
-            self.state.write_record(job.record())
-        except OSError as e:  # the job runs anyway; a restart finds it through /proc
-            log.error("job %d.%d: cannot record attempt: %s", *key, e)
-        with self._lock:
-            self._jobs[key] = job
-            self._started[key] = job.running_report()
-        log.info("job %d.%d started, pid %d: %s", *key, proc.pid, d.get("name") or argv[0])
-        threading.Thread(
-            target=self._wait_child, args=(job,), name=f"wait-{key[0]}.{key[1]}", daemon=True
-        ).start()
-        self.on_event()
+        return job, str(d.get("name") or argv[0])
 
     def _fail(self, key: Key, now: float, reason: str) -> None:
         log.warning("job %d.%d not started: %s", *key, reason)
@@ -343,13 +378,85 @@ class Runner:
 
     # -- finishing -----------------------------------------------------------------------
 
-    def _wait_child(self, job: _Job) -> None:
+    def _watch(self, job: _Job) -> None:
+        """Have the end of our child noticed: by the one reaper thread, through a pidfd."""
+        assert job.proc is not None
+        try:
+            pidfd = os.pidfd_open(job.pid)
+        except (AttributeError, OSError):  # no pidfd here: one waiting thread for this job
+            threading.Thread(
+                target=self._wait_child,
+                args=(job,),
+                name=f"wait-{job.job}.{job.attempt}",
+                daemon=True,
+            ).start()
+            return
+        with self._lock:
+            self._to_watch.append((pidfd, job))
+            if self._wake_w is None:
+                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                threading.Thread(
+                    target=self._reap_loop, args=(self._wake_r,), name="reaper", daemon=True
+                ).start()
+            else:
+                with contextlib.suppress(BlockingIOError):  # a full pipe wakes it anyway
+                    os.write(self._wake_w, b"x")
+
+    def _reap_loop(self, wake_r: int) -> None:
+        """Wait for any of our children to end and finish those that did, in batches.
+
+        Each child's pidfd becomes readable when it exits; the children are reaped one by
+        one (never ``waitpid(-1)``, which would take other code's children). Quits after a
+        while with nothing to watch, so an idle tasker keeps no thread.
+        """
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        watched: dict[int, _Job] = {}
+        idle = False
+        while True:
+            with self._lock:
+                new, self._to_watch = self._to_watch, []
+                if not new and not watched and idle:
+                    os.close(wake_r)
+                    assert self._wake_w is not None
+                    os.close(self._wake_w)
+                    self._wake_r = self._wake_w = None
+                    return
+            for pidfd, job in new:
+                watched[pidfd] = job
+                poller.register(pidfd, select.POLLIN)
+            ended: list[_Job] = []
+            try:
+                events = poller.poll(None if watched else 2000)
+                idle = not events and not watched
+                for fd, _ in events:
+                    if fd == wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_r, 4096)
+                        continue
+                    poller.unregister(fd)
+                    os.close(fd)
+                    ended.append(watched.pop(fd))
+                if ended:
+                    self._finish_many([self._ended(job) for job in ended])
+            except Exception:  # the reaper must outlive a bug: every job depends on it
+                log.exception("internal error while reaping jobs; carrying on")
+                for job in ended:  # not lost: watched (and finished) by a thread each
+                    if not job.done:
+                        threading.Thread(target=self._wait_child, args=(job,), daemon=True).start()
+                time.sleep(0.1)
+
+    def _ended(self, job: _Job) -> tuple[_Job, int | None, int | None, float, None]:
+        """Reap one ended child: its exit code, signal and end time."""
         assert job.proc is not None
         rc = job.proc.wait()
         st = read_status(job.status)
         ended = st[1] if st else time.time()
         exit_code, sig = classify(rc)
-        self._finish(job, exit_code, sig, ended)
+        return job, exit_code, sig, ended, None
+
+    def _wait_child(self, job: _Job) -> None:
+        self._finish_many([self._ended(job)])
 
     def _finish(
         self,
@@ -359,47 +466,64 @@ class Runner:
         ended: float,
         reason: str | None = None,
     ) -> None:
-        """Record the result durably, then drop the attempt record; report it at once."""
+        self._finish_many([(job, exit_code, sig, ended, reason)])
+
+    def _finish_many(
+        self, ends: list[tuple[_Job, int | None, int | None, float, str | None]]
+    ) -> None:
+        """Record the results durably, then drop the attempt records; report them at once."""
         with self._lock:
-            if job.done:
-                return
-            job.done = True
-        if reason is None and (exit_code is None or job.kill_at is not None):
-            if job.kill_at is not None:
-                reason = "killed on server request" + (f" (signal {sig})" if sig else "")
-            else:
-                reason = f"killed by signal {sig}" if sig else "killed"
-        result = {
-            "job": job.job,
-            "attempt": job.attempt,
-            "exit_code": exit_code,
-            "signal": sig,
-            "started": job.started,
-            "ended": max(ended, job.started),  # file mtimes tick coarser than time.time()
-            "reason": reason,
-        }
-        self._store_result(result)
+            todo = [e for e in ends if not e[0].done]
+            for e in todo:
+                e[0].done = True
+        if not todo:
+            return
+        results = []
+        for job, exit_code, sig, ended, reason in todo:
+            if reason is None and (exit_code is None or job.kill_at is not None):
+                if job.kill_at is not None:
+                    reason = "killed on server request" + (f" (signal {sig})" if sig else "")
+                else:
+                    reason = f"killed by signal {sig}" if sig else "killed"
+            results.append(
+                {
+                    "job": job.job,
+                    "attempt": job.attempt,
+                    "exit_code": exit_code,
+                    "signal": sig,
+                    "started": job.started,
+                    "ended": max(ended, job.started),  # file mtimes tick coarser than time()
+                    "reason": reason,
+                }
+            )
+        self._store_results(results)
         try:
-            self.state.remove_attempt(job.key)
+            self.state.remove_attempts([e[0].key for e in todo])
         except OSError as e:
-            log.error("job %d.%d: cannot remove attempt record: %s", *job.key, e)
+            log.error("cannot remove attempt records: %s", e)
         with self._lock:
-            self._jobs.pop(job.key, None)
-        if exit_code is not None:
-            log.info("job %d.%d finished, exit %d", *job.key, exit_code)
-        else:
-            log.info("job %d.%d finished: %s", *job.key, reason)
+            for e in todo:
+                self._jobs.pop(e[0].key, None)
+        for r in results:
+            if r["exit_code"] is not None:
+                log.info("job %d.%d finished, exit %d", r["job"], r["attempt"], r["exit_code"])
+            else:
+                log.info("job %d.%d finished: %s", r["job"], r["attempt"], r["reason"])
         self.on_event()
 
     def _store_result(self, result: dict[str, Any]) -> None:
-        key = key_of(result)
+        self._store_results([result])
+
+    def _store_results(self, results: list[dict[str, Any]]) -> None:
         try:
-            self.state.write_result(result)
-        except OSError as e:  # keep it in memory: reporting it still beats losing it
-            log.error("job %d.%d: cannot record result: %s", *key, e)
+            self.state.write_results(results)
+        except OSError as e:  # keep them in memory: reporting them still beats losing them
+            log.error("cannot record %d results: %s", len(results), e)
         with self._lock:
-            self._finished[key] = result
-            self._retry_at.pop(("f", key), None)
+            for result in results:
+                key = key_of(result)
+                self._finished[key] = result
+                self._retry_at.pop(("f", key), None)
 
     # -- killing -------------------------------------------------------------------------
 

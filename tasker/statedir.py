@@ -6,6 +6,7 @@ that finished while nobody watched::
 
     <state>/lock                     flock: one vovtasker per state dir
     <state>/boot_id                  host boot id at the last successful registration
+    <state>/id                       made once: tells the server this is the same memory
     <state>/attempts/<job>.<n>.json  one record per started attempt (pid, pgid, status path)
     <state>/status/<job>.<n>         written by the job's own shell wrapper when it exits
     <state>/results/<job>.<n>.json   a finished result not yet acked by the server
@@ -103,16 +104,30 @@ class StateDir:
 
     def write_atomic(self, path: Path, data: bytes) -> None:
         """tmp + fsync + rename + fsync(dir): after return the file survives a power cut."""
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        self._sync_dir(path.parent)
+        self.write_many([(path, data)])
+
+    def write_many(self, files: list[tuple[Path, bytes]]) -> None:
+        """``write_atomic`` for several files, with one fsync per directory for all of them.
+
+        Every file is fsynced and renamed into place before the directory fsync, so after
+        return each one survives a power cut, exactly as if written one by one. On an error
+        the files before the failing one may be in place (each of them complete).
+        """
+        pid = os.getpid()
+        dirs: dict[Path, None] = {}
+        for path, data in files:
+            tmp = path.with_name(f".{path.name}.tmp{pid}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dirs[path.parent] = None
+        for d in dirs:
+            self._sync_dir(d)
 
     def _load_dir(self, d: Path) -> dict[Key, dict[str, Any]]:
         out: dict[Key, dict[str, Any]] = {}
@@ -133,15 +148,19 @@ class StateDir:
                 out[key] = rec
         return out
 
-    def _remove(self, paths: list[Path], durable: bool = True) -> None:
-        dirs = set()
+    def _remove(self, paths: list[Path]) -> None:
+        """Unlink without a directory fsync: removals need no durability here.
+
+        Gone at once for every later reader, the tasker's kill -9 included; only a power
+        cut (or OS crash) can bring a file back. What it brings back is harmless: an
+        attempt record or status file loses to the (durable) result file at recovery, and
+        whatever is reported again for an attempt the server already closed (the result
+        itself, or "killed while the tasker was down" for a record whose status and result
+        files stayed gone) is deduplicated by (job, attempt) on the server.
+        """
         for p in paths:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-                dirs.add(p.parent)
-        if durable:
-            for d in dirs:
-                self._sync_dir(d)
 
     # -- attempt records -----------------------------------------------------------------
 
@@ -152,14 +171,21 @@ class StateDir:
         return self.status / _name(key)
 
     def write_record(self, record: dict[str, Any]) -> None:
-        self.write_atomic(self.record_path(key_of(record)), json.dumps(record).encode())
+        self.write_records([record])
+
+    def write_records(self, records: list[dict[str, Any]]) -> None:
+        """Attempt records of a batch of starts, durable on return (one directory fsync)."""
+        self.write_many([(self.record_path(key_of(r)), json.dumps(r).encode()) for r in records])
 
     def load_records(self) -> dict[Key, dict[str, Any]]:
         return self._load_dir(self.attempts)
 
     def remove_attempt(self, key: Key) -> None:
         """Forget a finished attempt's record and status (its result file now speaks for it)."""
-        self._remove([self.record_path(key), self.status_path(key)])
+        self.remove_attempts([key])
+
+    def remove_attempts(self, keys: list[Key]) -> None:
+        self._remove([p for k in keys for p in (self.record_path(k), self.status_path(k))])
 
     def status_keys(self) -> list[Key]:
         keys = []
@@ -175,13 +201,17 @@ class StateDir:
         return self.results / f"{_name(key)}.json"
 
     def write_result(self, result: dict[str, Any]) -> None:
-        self.write_atomic(self.result_path(key_of(result)), json.dumps(result).encode())
+        self.write_results([result])
+
+    def write_results(self, results: list[dict[str, Any]]) -> None:
+        """Finished results, durable on return (one directory fsync for the batch)."""
+        self.write_many([(self.result_path(key_of(r)), json.dumps(r).encode()) for r in results])
 
     def load_results(self) -> dict[Key, dict[str, Any]]:
         return self._load_dir(self.results)
 
     def remove_results(self, keys: list[Key]) -> None:
-        """Drop acked results; the directory fsync keeps them from coming back after a crash."""
+        """Drop acked results (not durably: see ``_remove``)."""
         self._remove([self.result_path(k) for k in keys])
 
     # -- boot id -------------------------------------------------------------------------
@@ -194,6 +224,21 @@ class StateDir:
 
     def store_boot_id(self, boot_id: str) -> None:
         self.write_atomic(self.root / "boot_id", f"{boot_id}\n".encode())
+
+    def identity(self) -> str:
+        """This state dir's id. The same id tells the server we remember every attempt we
+        ever spawned, so one we do not list was never started and may be sent again."""
+        path = self.root / "id"
+        try:
+            found = path.read_text().strip()
+        except OSError:
+            found = ""
+        if not found:
+            import secrets
+
+            found = secrets.token_hex(8)
+            self.write_atomic(path, f"{found}\n".encode())
+        return found
 
 
 def read_status(path: Path) -> tuple[int | None, float] | None:

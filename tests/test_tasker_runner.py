@@ -56,6 +56,30 @@ def test_true_and_false_report_exit_codes_durably(state: StateDir, work: Path) -
     assert events, "the agent must be woken for prompt reports"
 
 
+def test_a_batch_is_recorded_before_it_is_reported(state: StateDir, work: Path) -> None:
+    """start_many: every record on disk before any started report; duplicates ignored."""
+    r = Runner(state)
+    seen_records: list[set] = []
+    real = state.write_records
+
+    def spy(records: list[dict]) -> None:
+        assert r.reports(everything=True)[0] == [], "reported started before the records"
+        real(records)
+        seen_records.append(set(state.load_records()))
+
+    state.write_records = spy  # type: ignore[method-assign]
+    items = [dispatch(i, work, ["sh", "-c", f"exit {i % 3}"]) for i in range(1, 9)]
+    r.start_many([*items, items[0], {"job": "x"}, dispatch(99, work / "nope", ["true"])])
+    assert seen_records == [{(i, 1) for i in range(1, 9)}]  # one write, the whole batch
+    started, _ = r.reports()
+    assert {s["job"] for s in started} == set(range(1, 9))
+    for i in range(1, 9):
+        assert finished(r, (i, 1))["exit_code"] == i % 3
+    assert finished(r, (99, 1))["reason"].startswith("cwd does not exist")
+    wait_until(lambda: state.load_records() == {} and state.status_keys() == [])
+    assert set(state.load_results()) == {*((i, 1) for i in range(1, 9)), (99, 1)}
+
+
 def test_string_command_env_and_log(state: StateDir, work: Path) -> None:
     r = Runner(state)
     logp = work / "deep" / "er" / "out.log"
