@@ -185,11 +185,13 @@ def register(state: State, name: str, body: Register, now: float) -> Outcome:
             "slots": body.slots,
             "resources": body.resources,
             "boot_id": body.boot_id,
+            "state_id": body.state_id,
         }
     )
     reports(state, name, body.running, body.finished, now, out)
     known = {(r.job, r.attempt) for r in body.running} | {(r.job, r.attempt) for r in body.finished}
     tasker = state.taskers.get(name)
+    remembers = tasker is not None and bool(body.state_id) and tasker.state_id == body.state_id
     for job_id in sorted(tasker.running) if tasker else ():
         job = state.jobs[job_id]
         if (job_id, job.attempt) in known:
@@ -198,11 +200,13 @@ def register(state: State, name: str, body: Register, now: float) -> Outcome:
             reason = f"host {body.host} rebooted"
         elif job.started is not None:
             reason = f"tasker {name} restarted without it"
+        elif remembers:
+            continue  # never received (the tasker remembers all it spawned): sent again
         else:
-            # Dispatched, never confirmed, unknown to the tasker now: it may have run and
-            # died with the tasker. A new, counted attempt keeps fencing exact and lets a
-            # job that kills its tasker before reporting still end lost after max_attempts.
-            reason = f"tasker {name} re-registered without it (never confirmed)"
+            # Dispatched, never confirmed, and the tasker lost its memory (new state dir):
+            # it may have run and died. A new, counted attempt keeps fencing exact and lets
+            # a job that kills its host before reporting still end lost after max_attempts.
+            reason = f"tasker {name} came back without its state (attempt never confirmed)"
         out.events.append(
             {"e": "recover", "t": now, "job": job_id, "attempt": job.attempt, "reason": reason}
         )

@@ -88,6 +88,7 @@ class Register(BaseModel):
     resources: Annotated[str, Field(max_length=1000)] = ""
     boot_id: Name = ""
     rebooted: bool = False
+    state_id: Name = ""
     running: list[RunningReport] = []
     finished: list[ResultReport] = []
 

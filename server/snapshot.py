@@ -97,6 +97,7 @@ def _tasker_record(t: Tasker) -> dict[str, Any]:
         "boot_id": t.boot_id,
         "pid": t.pid,
         "registered": t.registered,
+        "state_id": t.state_id,
     }
 
 

@@ -153,6 +153,7 @@ class Tasker:
         "boot_id",
         "pid",
         "registered",
+        "state_id",
     )
 
     def __init__(self, name: str) -> None:
@@ -167,6 +168,7 @@ class Tasker:
         self.running: set[int] = set()
         self.state = TASKER_READY
         self.boot_id = ""
+        self.state_id = ""
         self.pid = 0
         self.registered = 0.0
 
@@ -452,6 +454,7 @@ class State:
         if tasker is None:
             tasker = self.taskers[ev["name"]] = Tasker(ev["name"])
         tasker.host, tasker.pid, tasker.boot_id = ev["host"], ev["pid"], ev["boot_id"]
+        tasker.state_id = ev.get("state_id", "")
         tasker.slots, tasker.resources = ev["slots"], ev["resources"]
         tasker.capacity, tasker.attributes = parse_capacity(ev["resources"], ev["slots"])
         tasker.registered = ev["t"]
