@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from client import wire
-from client.clitools import ProgressLine, fail, format_ids, parse_ids, run
+from client.clitools import ProgressLine, fail, format_ids, parse_ids, positive_int, run, seconds
 from client.errors import CrashRecovery, CrqError
 from client.table import (
     ago,
@@ -51,26 +51,6 @@ def _priority(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"priority must be {wire.PRIORITY_MIN}-{wire.PRIORITY_MAX}, not {value}"
         )
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 
@@ -125,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-l", "--log", metavar="LOG", help="log file (default <dir>/crq.<id>.log)")
     p.add_argument("--no-rerun", action="store_true", help="never rerun after a lost attempt")
-    p.add_argument("--max-attempts", type=_positive, metavar="N", help="attempts (default 3)")
+    p.add_argument("--max-attempts", type=positive_int, metavar="N", help="attempts (default 3)")
     p.add_argument(
         "--env",
         type=_env_mode,
@@ -146,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", "-s", choices=wire.JOB_STATES)
     p.add_argument("--user", "-u", metavar="U")
     p.add_argument("--queue-order", action="store_true", help="queued jobs in dispatch order")
-    p.add_argument("--limit", "-n", type=_positive, metavar="N", help="show at most N jobs")
+    p.add_argument("--limit", "-n", type=positive_int, metavar="N", help="show at most N jobs")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_list)
 
@@ -158,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wait", help="wait for jobs; exit 1 if any did not end done")
     p.add_argument("ids", nargs="+", type=_ids, metavar="ID", help="ids or ranges (1..100)")
-    p.add_argument("--timeout", "-t", type=_seconds, metavar="S", help="give up after S s")
+    p.add_argument("--timeout", "-t", type=seconds, metavar="S", help="give up after S s")
     p.set_defaults(func=cmd_wait)
 
     for name, helptext in (

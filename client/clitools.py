@@ -1,4 +1,4 @@
-"""What the three CLIs share: the error wrapper, id-list parsing and the progress line."""
+"""What the three CLIs share: the error wrapper, argument types, id lists, the progress line."""
 
 from __future__ import annotations
 
@@ -24,6 +24,37 @@ def fail(message: str) -> int:
 def say(message: str) -> None:
     """Print one ``crq: …`` line on stdout (progress and outcomes, not errors)."""
     print(f"{PREFIX}: {message}", flush=True)
+
+
+def _number(text: str, kind: Callable[[str], float], what: str) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (slots, attempts, limits, byte counts)."""
+    value = int(_number(text, int, "a whole number"))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a duration in seconds, zero allowed."""
+    value = _number(text, float, "a number of seconds")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a duration in seconds above zero (intervals)."""
+    value = _number(text, float, "a number of seconds")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

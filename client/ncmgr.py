@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client import registry, wire
-from client.clitools import fail, run, say
+from client.clitools import fail, positive_int, run, say, seconds
 from client.errors import CrqError, recovery_progress
 from client.table import key_values, when
 
@@ -46,26 +46,6 @@ SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("--autoforget-other", "seconds", "forget other finished jobs after S (default 2 days)"),
     ("--accept-loss", "flag", "start despite journal damage, dropping what is damaged"),
 )
-
-
-def _seconds(text: str) -> str:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return text
-
-
-def _count(text: str) -> str:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return text
 
 
 def _port(text: str) -> int:
@@ -99,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif kind == "fsync":
             settings.add_argument(flag, choices=("always", "never"), help=text)
         elif kind == "bytes":
-            settings.add_argument(flag, type=_count, metavar="N", help=text)
+            settings.add_argument(flag, type=positive_int, metavar="N", help=text)
         else:
-            settings.add_argument(flag, type=_seconds, metavar="S", help=text)
+            settings.add_argument(flag, type=seconds, metavar="S", help=text)
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("stop", help="clean shutdown: snapshot, clean marker, process gone")

@@ -15,6 +15,7 @@ import sys
 from typing import NoReturn
 
 from client import wire
+from client.clitools import positive_int, positive_seconds
 from tasker import __version__
 
 PROG = "vovtasker"
@@ -23,26 +24,6 @@ PROG = "vovtasker"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="server working dir: URL from server.json, token from security/tasker.token",
     )
     p.add_argument("--name", help="tasker name (default: short host name)")
-    p.add_argument("--slots", type=_positive_int, help="jobs run at once (default: CPU count)")
+    p.add_argument("--slots", type=positive_int, help="jobs run at once (default: CPU count)")
     p.add_argument(
         "--resources", default="", help='resources offered, e.g. "RAM/64000 linux" (server parses)'
     )
@@ -77,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--heartbeat",
-        type=_positive_float,
+        type=positive_seconds,
         default=10.0,
         metavar="S",
         help="long-poll seconds until the server says otherwise (default 10)",
