@@ -57,6 +57,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def as_typed(check: Callable[[str], object]) -> Callable[[str], str]:
+    """The same check, keeping the text as typed: for flags passed on to another program."""
+
+    def parse(text: str) -> str:
+        check(text)
+        return text
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse
+
+
 def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a subcommand, turning every failure into one line on stderr and an exit status.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client import registry, wire
-from client.clitools import fail, positive_int, run, say, seconds
+from client.clitools import as_typed, fail, positive_int, run, say, seconds
 from client.errors import CrqError, recovery_progress
 from client.table import key_values, when
 
@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif kind == "fsync":
             settings.add_argument(flag, choices=("always", "never"), help=text)
         elif kind == "bytes":
-            settings.add_argument(flag, type=positive_int, metavar="N", help=text)
+            settings.add_argument(flag, type=as_typed(positive_int), metavar="N", help=text)
         else:
-            settings.add_argument(flag, type=seconds, metavar="S", help=text)
+            settings.add_argument(flag, type=as_typed(seconds), metavar="S", help=text)
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("stop", help="clean shutdown: snapshot, clean marker, process gone")
