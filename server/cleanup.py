@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from client.wire import RUNNING, Swd
 from server import replay
+from server.events import encode
 from server.journal import Journal
 from server.models import BadRequest
 from server.monitor import lose_tasker
@@ -158,7 +157,7 @@ class Standalone:
             self.journal = Journal(self.swd.trace, next_seq=self.state.seq + 1)
         for ev in events:
             self.state.apply(ev, self.journal.next_seq)
-            self.journal.append(orjson.dumps(ev))
+            self.journal.append(encode(ev))
         self.journal.flush_now()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from client.wire import FINAL_STATES, QUEUED, RUNNING
+from server.events import spec_bytes
 from server.models import AttemptRef, BadRequest, Batch, Register, ResultReport, RunningReport
 from server.resources import ResourceError
 from server.state import Event, Job, State, env_digest
@@ -32,7 +33,8 @@ def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Even
     events: list[Event] = []
     new_envs: dict[str, int] = {}
     next_env = state.next_env
-    jobs = []
+    jobs: list[list[object]] = []
+    specs: list[bytes] = []
     first = state.next_id
 
     def where(i: int) -> str:
@@ -55,21 +57,22 @@ def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Even
                 env_id = new_envs[digest] = next_env
                 next_env += 1
                 events.append({"e": "env", "id": env_id, "env": env})
-        job_id = first + i
         jobs.append(
-            {
-                "id": job_id,
-                "priority": spec.priority,
-                "resources": need.text,
-                "name": spec.name or _default_name(spec.command),
-                "env": env_id,
-                "rerunnable": spec.rerunnable,
-                "max_attempts": spec.max_attempts,
-                "spec": {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log},
-            }
+            [
+                first + i,
+                spec.priority,
+                need.text,
+                spec.name or _default_name(spec.command),
+                env_id,
+                spec.rerunnable,
+                spec.max_attempts,
+            ]
         )
-    events.append({"e": "submit", "t": now, "user": sys.intern(user), "jobs": jobs})
-    return events, [j["id"] for j in jobs]
+        specs.append(
+            spec_bytes({"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log})
+        )
+    events.append({"e": "submit", "t": now, "user": sys.intern(user), "jobs": jobs, "specs": specs})
+    return events, [j[0] for j in jobs]
 
 
 def _default_name(command: list[str] | str) -> str:

@@ -14,9 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import orjson
-
 from client.wire import MODE_NORMAL
+from server.events import encode
 from server.journal import Journal
 from server.scheduler import dispatch_pass
 from server.state import Event, Job, State, Tasker
@@ -54,11 +53,11 @@ class Engine:
 
     def emit(self, events: list[Event]) -> None:
         """Apply and journal, in order. Wakes dispatch and the taskers concerned."""
-        state, journal, dumps = self.state, self.journal, orjson.dumps
+        state, journal = self.state, self.journal
         wake_dispatch = False
         for ev in events:
             state.apply(ev, journal.next_seq)
-            journal.append(dumps(ev))
+            journal.append(encode(ev))
             kind = ev["e"]
             if kind == "dispatch":
                 self.dispatched += 1

@@ -14,9 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from server import snapshot
+from server.events import decode
 from server.journal import RecordReader, list_segments
 from server.state import State
 
@@ -78,7 +77,7 @@ def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: boo
                 if not accept_loss:
                     raise ReplayError(f"{msg}; start with --accept-loss to accept the loss")
                 out.losses.append(msg)
-            state.apply(orjson.loads(payload), seq)
+            state.apply(decode(payload), seq)
             out.events_replayed += 1
         damage = reader.damage
         if damage is None:

@@ -15,10 +15,12 @@ from typing import Any
 
 import orjson
 
+from server.events import NL
 from server.journal import RecordReader, frame, fsync_dir
 from server.state import Attempt, Job, State, Tasker, env_digest
 
-VERSION = 1
+VERSION = 2  # 2: jobs in chunks of CHUNK, specs raw; 1 (still read): a record a job
+CHUNK = 1000
 PREFIX = "snapshot."
 KEEP = 2  # the newest and its predecessor, to fall back to
 
@@ -36,7 +38,8 @@ def list_snapshots(trace: Path) -> list[Path]:
     return sorted(found, key=snapshot_seq)
 
 
-def _job_record(j: Job) -> list[Any]:
+def _job_row(j: Job) -> list[Any]:
+    """A job without its spec: the spec bytes follow the rows of a chunk raw (see events)."""
     return [
         j.id,
         j.state,
@@ -44,7 +47,6 @@ def _job_record(j: Job) -> list[Any]:
         j.user,
         j.name,
         j.need.text,
-        j.spec.decode(),
         j.env,
         j.rerunnable,
         j.max_attempts,
@@ -63,7 +65,24 @@ def _job_record(j: Job) -> list[Any]:
     ]
 
 
-def _job_from(r: list[Any], state: State) -> Job:
+def _add_chunk(state: State, rows: list[list[Any]], specs: list[bytes]) -> None:
+    intern, need_of, add, jobs = sys.intern, state.needs.get, state.add_job, state.jobs
+    if len(rows) != len(specs):
+        raise SnapshotError(f"job chunk has {len(specs)} specs for {len(rows)} jobs")
+    for r, spec in zip(rows, specs, strict=True):
+        job = Job(r[0], r[2], intern(r[3]), r[4], need_of(r[5]), spec, r[6], r[7], r[8], r[13])
+        job.state, job.attempt, job.tries = intern(r[1]), r[9], r[10]
+        job.tasker = intern(r[11]) if r[11] is not None else None
+        job.pid, job.started, job.ended = r[12], r[14], r[15]
+        job.exit_code, job.signal, job.reason, job.stop_requested = r[16], r[17], r[18], r[19]
+        job.attempts = [Attempt.from_dict(a) for a in r[20]] if r[20] else None
+        if job.id in jobs:
+            raise SnapshotError(f"job {job.id} appears twice")
+        add(job)
+
+
+def _job_v1(r: list[Any], state: State) -> Job:
+    """A job record of a version 1 snapshot: one record a job, its spec as a string."""
     intern = sys.intern
     job = Job(
         r[0],
@@ -101,7 +120,7 @@ def _tasker_record(t: Tasker) -> dict[str, Any]:
     }
 
 
-def write(state: State, trace: Path, *, fsync: bool = True) -> Path:
+def write(state: State, trace: Path, *, fsync: bool = True, chunk: int = CHUNK) -> Path:
     """Write a snapshot of ``state`` at ``state.seq``; returns its path."""
     final = trace / f"{PREFIX}{state.seq:012d}"
     tmp = trace / f".{final.name}.tmp"
@@ -119,18 +138,29 @@ def write(state: State, trace: Path, *, fsync: bool = True) -> Path:
     dumps = orjson.dumps
     with open(tmp, "wb", buffering=1 << 20) as f:
 
-        def put(obj: Any) -> None:
+        def put_raw(payload: bytes) -> None:
             nonlocal n
             n += 1
-            f.write(frame(n, dumps(obj)))
+            f.write(frame(n, payload))
+
+        def put(obj: Any) -> None:
+            put_raw(dumps(obj))
 
         put(header)
         for env_id, env in state.envs.items():
             put({"env": env_id, "vars": env})
         for t in state.taskers.values():
             put({"tasker": _tasker_record(t)})
+        rows: list[list[Any]] = []
+        specs: list[bytes] = []
         for job in state.jobs.values():
-            put(_job_record(job))
+            rows.append(_job_row(job))
+            specs.append(job.spec)
+            if len(rows) == chunk:
+                put_raw(NL.join([dumps(rows), *specs]))
+                rows, specs = [], []
+        if rows:
+            put_raw(NL.join([dumps(rows), *specs]))
         put({"end": n + 1})
         f.flush()
         if fsync:
@@ -154,15 +184,21 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
         if seq != expect:
             raise SnapshotError(f"{path} at byte {reader.end}: record {seq}, expected {expect}")
         expect += 1
-        rec = orjson.loads(payload)
         if header is None:
+            rec = orjson.loads(payload)
             if not isinstance(rec, dict) or rec.get("kind") != "crq-snapshot":
                 raise SnapshotError(f"{path}: not a crq snapshot")
-            if rec["version"] != VERSION:
+            if rec["version"] not in (1, VERSION):
                 raise SnapshotError(f"{path}: snapshot version {rec['version']} unsupported")
             header = rec
-        elif isinstance(rec, list):
-            state.add_job(_job_from(rec, state))
+            continue
+        if header["version"] >= 2 and payload[:1] == b"[":
+            lines = payload.split(NL)
+            _add_chunk(state, orjson.loads(lines[0]), lines[1:])
+            continue
+        rec = orjson.loads(payload)
+        if isinstance(rec, list):
+            state.add_job(_job_v1(rec, state))
         elif "env" in rec:
             state.envs[rec["env"]] = rec["vars"]
         elif "tasker" in rec:

@@ -16,9 +16,8 @@ from typing import Any
 import orjson
 
 from client.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
+from server.events import Event
 from server.resources import Need, NeedCache, parse_capacity
-
-Event = dict[str, Any]
 
 TASKER_READY = "ready"
 TASKER_LOST = "lost"
@@ -322,22 +321,37 @@ class State:
         self.next_env = max(self.next_env, env_id + 1)
 
     def _submit(self, ev: Event) -> None:
+        # The hot loop of a replay: add_job and _enqueue inlined, the bucket looked up once
+        # per run of jobs with the same priority and resources.
         t, user = ev["t"], ev["user"]
-        for spec in ev["jobs"]:
-            job = Job(
-                spec["id"],
-                spec["priority"],
-                user,
-                spec["name"],
-                self.needs.get(spec["resources"]),
-                _compact(orjson.dumps(spec["spec"])),
-                spec["env"],
-                spec["rerunnable"],
-                spec["max_attempts"],
-                t,
+        jobs, env_refs, buckets, need_of = self.jobs, self.env_refs, self.buckets, self.needs.get
+        key: tuple[int, str] | None = None
+        heap: list[int] = []
+        bucket: Bucket | None = None
+        n = 0
+        for (job_id, priority, resources, name, env, rerunnable, max_attempts), spec in zip(
+            ev["jobs"], ev["specs"], strict=True
+        ):
+            need = need_of(resources)
+            jobs[job_id] = Job(
+                job_id, priority, user, name, need, spec, env, rerunnable, max_attempts, t
             )
-            self.add_job(job)
-            self._enqueue(job)
+            if env is not None:
+                env_refs[env] = env_refs.get(env, 0) + 1
+            if key != (priority, need.text):
+                if bucket is not None:
+                    bucket.count += n
+                key, n = (priority, need.text), 0
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = Bucket(priority, need)
+                heap = bucket.heap
+            heapq.heappush(heap, job_id)
+            n += 1
+        if bucket is not None:
+            bucket.count += n
+            self.counts[QUEUED] += len(ev["jobs"])
+            self.next_id = max(self.next_id, job_id + 1)  # ids ascend within a submit
 
     def add_job(self, job: Job) -> None:
         self.jobs[job.id] = job
@@ -477,8 +491,3 @@ class State:
 
     def _resources(self, ev: Event) -> None:
         self.global_total = dict(ev["totals"])
-
-
-def _compact(data: bytes) -> bytes:
-    """An exact-size copy: orjson's output keeps its over-allocated buffer (8 KB a job)."""
-    return bytes(memoryview(data))

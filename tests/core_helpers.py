@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from server import commands, snapshot
+from server.events import decode, encode
 from server.journal import frame
 from server.models import Batch, JobSpec, Register, ResultReport, RunningReport
 from server.scheduler import dispatch_pass
@@ -27,7 +26,7 @@ class Core:
     def emit(self, events: list[Event]) -> None:
         for ev in events:
             # round-trip through JSON, as the journal does, so live sees what replay sees
-            ev = orjson.loads(orjson.dumps(ev))
+            ev = decode(encode(ev))
             self.state.apply(ev, self.state.seq + 1)
             self.events.append(ev)
 
@@ -82,7 +81,7 @@ class Core:
 def fingerprint(state: State) -> dict[str, Any]:
     """Everything a user or the scheduler can observe, in a comparable form."""
     return {
-        "jobs": {i: snapshot._job_record(j) for i, j in sorted(state.jobs.items())},
+        "jobs": {i: [*snapshot._job_row(j), j.spec] for i, j in sorted(state.jobs.items())},
         "taskers": {
             n: (snapshot._tasker_record(t), t.free_slots, sorted(t.free.items()))
             for n, t in sorted(state.taskers.items())
@@ -103,5 +102,5 @@ def write_journal(trace: Path, events: list[Event], first_seq: int = 1, segment:
     path = trace / f"CR.{segment:06d}"
     with open(path, "ab") as f:
         for i, ev in enumerate(events):
-            f.write(frame(first_seq + i, orjson.dumps(ev)))
+            f.write(frame(first_seq + i, encode(ev)))
     return path

@@ -12,11 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server import replay, snapshot
+from server.events import encode
 from server.journal import frame
 from server.models import BadRequest
 from server.monitor import lose_tasker
@@ -106,7 +106,7 @@ def test_replay_equals_live(ops: list[tuple], split: int) -> None:
         prefix = Core()
         prefix.emit(core.events[:split])
         (tmp / "b").mkdir()
-        snapshot.write(prefix.state, tmp / "b", fsync=False)
+        snapshot.write(prefix.state, tmp / "b", fsync=False, chunk=3)
         write_journal(tmp / "b", core.events[split:], first_seq=split + 1)
         assert replayed(tmp / "b") == live
     finally:
@@ -122,8 +122,8 @@ def test_torn_last_record_recovers_the_prefix(ops: list[tuple]) -> None:
     prefix = Core()
     prefix.emit(core.events[:-1])
     want = fingerprint(prefix.state)
-    head = b"".join(frame(i + 1, orjson.dumps(e)) for i, e in enumerate(core.events[:-1]))
-    last = frame(len(core.events), orjson.dumps(core.events[-1]))
+    head = b"".join(frame(i + 1, encode(e)) for i, e in enumerate(core.events[:-1]))
+    last = frame(len(core.events), encode(core.events[-1]))
     tmp = Path(tempfile.mkdtemp())
     try:
         step = max(1, len(last) // 40)

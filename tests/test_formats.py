@@ -1,0 +1,123 @@
+"""The on-disk formats: raw spec lines are safe, and files of the earlier format still load.
+
+An upgrade must not lose a queue: a trace.db written before submit records kept their
+specs raw (journal) and before snapshots held jobs in chunks (snapshot version 1) is read
+into the same state as the current format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from server import commands, events, replay, snapshot
+from server.journal import frame
+from server.state import Job, State
+from tests.core_helpers import Core, fingerprint, write_journal
+
+AWKWARD = {
+    "command": "printf 'a\\nb\\r\\n' && echo \"q\" \u2028 \u00e9",
+    "cwd": "/tmp/x\ny",
+    "env": {"NL": "1\n2", "Q": '"'},
+    "name": "two\nlines",
+}
+
+
+def busy_core() -> Core:
+    """Queued, running, finished and stopped jobs, with an env and newlines everywhere."""
+    core = Core()
+    core.register("t1", slots=2)
+    core.submit(3, **AWKWARD)
+    core.submit(2, command=["sleep", "1"], priority=9)
+    core.dispatch()
+    running = [j for j in core.state.jobs.values() if j.state == "running"]
+    core.start("t1", running[0].id, running[0].attempt)
+    core.finish("t1", running[0].id, running[0].attempt, 3)
+    core.emit(commands.stop(core.state, 5, core.tick()))
+    return core
+
+
+def test_submit_record_keeps_specs_raw_and_round_trips() -> None:
+    core = Core()
+    core.submit(2, **AWKWARD)
+    ev = next(e for e in core.events if e["e"] == "submit")
+    data = events.encode(ev)
+    head, *specs = data.split(b"\n")
+    assert len(specs) == 2 and all(orjson.loads(s)["cwd"] == "/tmp/x\ny" for s in specs)
+    assert events.decode(data) == ev
+
+
+def test_journal_of_the_earlier_format_replays_to_the_same_state(tmp_path: Path) -> None:
+    core = busy_core()
+    old = []
+    for ev in core.events:
+        if ev["e"] == "submit":  # then: jobs as objects, each holding its spec as an object
+            jobs = [
+                {**dict(zip(events.SUBMIT_FIELDS, row, strict=True)), "spec": orjson.loads(spec)}
+                for row, spec in zip(ev["jobs"], ev["specs"], strict=True)
+            ]
+            ev = {"e": "submit", "t": ev["t"], "user": ev["user"], "jobs": jobs}
+        old.append(ev)
+    trace = tmp_path / "trace.db"
+    trace.mkdir()
+    with open(trace / "CR.000001", "wb") as f:
+        for i, ev in enumerate(old):
+            f.write(frame(i + 1, orjson.dumps(ev)))
+    assert fingerprint(replay.load(trace, None).state) == fingerprint(core.state)
+
+
+def _v1_record(j: Job) -> list:
+    row = snapshot._job_row(j)
+    return [*row[:6], j.spec.decode(), *row[6:]]
+
+
+def test_snapshot_version_1_loads_to_the_same_state(tmp_path: Path) -> None:
+    core = busy_core()
+    st: State = core.state
+    records: list = [
+        {
+            "kind": "crq-snapshot",
+            "version": 1,
+            "seq": st.seq,
+            "next_id": st.next_id,
+            "next_env": st.next_env,
+            "created": 0.0,
+            "global_total": st.global_total,
+            "jobs": len(st.jobs),
+        }
+    ]
+    records += [{"env": k, "vars": v} for k, v in st.envs.items()]
+    records += [{"tasker": snapshot._tasker_record(t)} for t in st.taskers.values()]
+    records += [_v1_record(j) for j in st.jobs.values()]
+    records.append({"end": len(records) + 1})
+    path = tmp_path / f"snapshot.{st.seq:012d}"
+    path.write_bytes(b"".join(frame(i + 1, orjson.dumps(r)) for i, r in enumerate(records)))
+    assert fingerprint(snapshot.read(path)) == fingerprint(st)
+
+
+def test_snapshot_chunks_of_every_size_load_to_the_same_state(tmp_path: Path) -> None:
+    core = busy_core()
+    for chunk in (1, 2, 4, 1000):
+        trace = tmp_path / str(chunk)
+        trace.mkdir()
+        path = snapshot.write(core.state, trace, fsync=False, chunk=chunk)
+        assert fingerprint(snapshot.read(path)) == fingerprint(core.state)
+        write_journal(trace, [], first_seq=core.state.seq + 1)
+        assert fingerprint(replay.load(trace, None).state) == fingerprint(core.state)
+
+
+def test_a_chunk_whose_spec_count_is_wrong_is_damage(tmp_path: Path) -> None:
+    core = busy_core()
+    path = snapshot.write(core.state, tmp_path, fsync=False)
+    data = path.read_bytes()
+    records = [p for _, p in snapshot.RecordReader(path, data)]
+    chunk = next(i for i, p in enumerate(records) if p[:1] == b"[")
+    records[chunk] = records[chunk].rsplit(b"\n", 1)[0]  # one spec short
+    path.write_bytes(b"".join(frame(i + 1, p) for i, p in enumerate(records)))
+    try:
+        snapshot.read(path)
+    except snapshot.SnapshotError as e:
+        assert "specs" in str(e)
+    else:
+        raise AssertionError("a short chunk was accepted")
