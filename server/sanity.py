@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from client.wire import QUEUED, RUNNING
 from server.state import TASKER_READY, Bucket, Event, State
@@ -47,11 +48,11 @@ def check(
             repair()
             r.fixed.append(msg)
 
+    jobs = state.jobs.values()
+    running = [j for j in jobs if j.state == RUNNING]
     # running jobs <-> taskers
     orphans: list[Event] = []
-    for job in state.jobs.values():
-        if job.state != RUNNING:
-            continue
+    for job in running:
         t = state.taskers.get(job.tasker or "")
         why = None
         if t is None:
@@ -97,10 +98,9 @@ def check(
                 t.free, t.free_slots = free, free_slots
             found(msg, lambda: None)
     used: Counter[str] = Counter()
-    for job in state.jobs.values():
-        if job.state == RUNNING:
-            for k, v in job.need.globals:
-                used[k] += v
+    for job in running:
+        for k, v in job.need.globals:
+            used[k] += v
     actual = {k: v for k, v in state.global_used.items() if v}
     if actual != dict(+used):
         found(
@@ -111,27 +111,21 @@ def check(
         if v > state.global_total.get(k, 0):
             found(f"{k}: {v} in use, more than the {state.global_total.get(k, 0)} configured")
     # counters, buckets, ids
-    counts = Counter(j.state for j in state.jobs.values())
+    counts = Counter(map(attrgetter("state"), jobs))
     wrong = {s: (n, counts.get(s, 0)) for s, n in state.counts.items() if n != counts.get(s, 0)}
     if wrong:
         found(
             f"state counters wrong (counted, actual): {wrong}",
             lambda: state.counts.update({s: counts.get(s, 0) for s in state.counts}),
         )
-    per_bucket: Counter[tuple[int, str]] = Counter()
-    missing = []
-    heaps = {key: set(b.heap) for key, b in state.buckets.items()}
-    for job in state.jobs.values():
-        if job.state == QUEUED:
-            key = (job.priority, job.need.text)
-            per_bucket[key] += 1
-            if job.id not in heaps.get(key, ()):
-                missing.append(job.id)
-    bad = [k for k, b in state.buckets.items() if b.count != per_bucket.get(k, 0)]
-    bad += [k for k in per_bucket if k not in state.buckets]
+    # Each job is queued in the one bucket of its key, so: every bucket holds as many live
+    # entries as its count, and all buckets together hold every queued job.
+    live = {key: _live_entries(state, b) for key, b in state.buckets.items()}
+    bad = [key for key, b in state.buckets.items() if b.count != live[key]]
+    missing = counts.get(QUEUED, 0) - sum(live.values())
     if missing or bad:
         found(
-            f"queue buckets disagree with queued jobs ({len(missing)} jobs missing, "
+            f"queue buckets disagree with queued jobs ({missing} jobs missing, "
             f"{len(bad)} bucket counts wrong)",
             lambda: _rebuild_buckets(state),
         )
@@ -141,6 +135,19 @@ def check(
             lambda: setattr(state, "next_id", max(state.jobs) + 1),
         )
     return r
+
+
+def _live_entries(state: State, b: Bucket) -> int:
+    """Distinct ids in the bucket's heap of jobs queued with its priority and need."""
+    jobs = state.jobs
+    return sum(
+        1
+        for i in set(b.heap)
+        if (j := jobs.get(i)) is not None
+        and j.state == QUEUED
+        and j.need is b.need
+        and j.priority == b.priority
+    )
 
 
 def _rebuild_buckets(state: State) -> None:
