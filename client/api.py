@@ -416,7 +416,7 @@ class Client:
                         results[jid] = job
                         seen.add(jid)
                 nxt = page.get("next")
-                if not jobs or nxt is None:
+                if nxt is None:
                     break
                 after = int(nxt)
             missing = [i for i in pending if i not in seen]
@@ -483,7 +483,7 @@ class Client:
                 if limit is not None and count >= limit:
                     return
             nxt = page.get("next")
-            if nxt is None or not page.get("jobs"):
+            if nxt is None:  # a short or empty page with a next: the server paused its scan
                 return
             after = int(nxt)
 

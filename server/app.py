@@ -117,6 +117,9 @@ def log_path(job_id: int, spec: dict[str, Any]) -> str:
     return spec["log"] or os.path.join(spec["cwd"], f"crq.{job_id}.log")
 
 
+SCAN_BUDGET = 100_000  # ids one page request may examine
+
+
 def create_app(srv: Server) -> FastAPI:
     app = FastAPI(
         title="crq",
@@ -217,14 +220,26 @@ def create_app(srv: Server) -> FastAPI:
         st = srv.state
         # ids are monotonic: a page after N starts at N+1 instead of rescanning from the first
         ids = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
+        # A sparse filter (a few running jobs among a million) would walk every id in one
+        # go and stall the event loop: stop after SCAN_BUDGET ids and give ``next`` so the
+        # client goes on from there. A page may then be short, even empty, with a ``next``.
+        budget, last = SCAN_BUDGET, after
         for job_id in ids:
-            job = st.jobs.get(job_id)
-            if job is None or (state and job.state != state) or (user and job.user != user):
-                continue
-            if len(out) == limit:
-                nxt = out[-1]["id"]
+            if budget == 0:
+                nxt = last
                 break
-            out.append(job_json(st, job, full=False))
+            budget -= 1
+            job = st.jobs.get(job_id)
+            if (
+                job is not None
+                and (not state or job.state == state)
+                and (not user or job.user == user)
+            ):
+                if len(out) == limit:
+                    nxt = out[-1]["id"]
+                    break
+                out.append(job_json(st, job, full=False))
+            last = job_id
         await engine.durable()
         return JSON({"jobs": out, "next": nxt})
 

@@ -80,6 +80,18 @@ def test_list_follows_pages_and_limit() -> None:
         assert [j["id"] for j in c.list(limit=12, page_size=10)] == list(range(1, 13))
 
 
+def test_list_goes_on_after_an_empty_page_with_a_next() -> None:
+    """The server pauses a sparse scan with a short (even empty) page and a ``next``."""
+    pages = {0: ([], 100), 100: ([150], 200), 200: ([], 300), 300: ([301], None)}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        ids, nxt = pages[int(request.url.params.get("after", 0))]
+        return httpx.Response(200, json={"jobs": [{"id": i} for i in ids], "next": nxt})
+
+    with make(handler) as c:
+        assert [j["id"] for j in c.list(state="stopped")] == [150, 301]
+
+
 def test_error_body_becomes_crq_error() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(404, json={"error": "not_found", "message": "no job 9\nreally"})
