@@ -199,11 +199,27 @@ function renderDetail(j) {
 
 // ---- refresh loop -------------------------------------------------------------------
 
-function jobsQuery() {
-  const q = new URLSearchParams({ limit: PAGE });
-  if (ui.after) q.set("after", ui.after);
+function jobsQuery(after, limit) {
+  const q = new URLSearchParams({ limit });
+  if (after) q.set("after", after);
   if ($("filter").value) q.set("state", $("filter").value);
   return `/jobs?${q}`;
+}
+
+// The server examines a bounded number of ids per request, so a sparse filter over a big
+// queue can answer a short page with a `next`: follow it (a few hops) to fill the page.
+async function fetchJobs() {
+  const jobs = [];
+  let after = ui.after;
+  let next = null;
+  for (let hop = 0; hop < 20; hop++) {
+    const page = await call("GET", jobsQuery(after, PAGE - jobs.length));
+    jobs.push(...page.jobs);
+    next = page.next;
+    if (next === null || jobs.length >= PAGE) break;
+    after = next;
+  }
+  return { jobs, next };
 }
 
 async function refresh() {
@@ -219,7 +235,7 @@ async function refresh() {
     renderServer(info);
     showLoggedIn(true);
     if (info.mode === "recovering") return; // every other client call would be a 503
-    const [page, taskers] = await Promise.all([call("GET", jobsQuery()), call("GET", "/taskers")]);
+    const [page, taskers] = await Promise.all([fetchJobs(), call("GET", "/taskers")]);
     renderJobs(page);
     renderTaskers(taskers.taskers);
     if (ui.selected !== null) await loadDetail();
