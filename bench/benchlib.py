@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,21 +344,26 @@ class Server:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    def _poll(self, ready: Callable[[], bool], deadline: float, poll: float, what: str) -> float:
+        """Until ``ready()`` (an HTTP error counts as not yet); the time.time() it first was."""
+        while True:
+            self.check_alive()
+            try:
+                if ready():
+                    return time.time()
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"server never {what}")
+            time.sleep(poll)
+
     def wait_healthz(self, timeout: float = 120.0, poll: float = 0.002) -> float:
         """Wait until /healthz answers; returns the time.time() it first did."""
         deadline = time.time() + timeout
         self._read_token(deadline)
         with httpx.Client(base_url=self.url, timeout=2.0, trust_env=False) as c:
-            while True:
-                self.check_alive()
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        return time.time()
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise TimeoutError("server never answered /healthz")
-                time.sleep(poll)
+            ok = lambda: c.get("/healthz").status_code == 200  # noqa: E731
+            return self._poll(ok, deadline, poll, "answered /healthz")
 
     def info(self, client: httpx.Client | None = None) -> dict[str, Any]:
         if client is None:
@@ -373,16 +378,8 @@ class Server:
         deadline = time.time() + timeout
         self._read_token(deadline)
         with self.client(timeout=5.0) as c:
-            while True:
-                self.check_alive()
-                try:
-                    if self.info(c).get("mode") == "normal":
-                        return time.time()
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise TimeoutError("server never reached mode normal")
-                time.sleep(poll)
+            normal = lambda: self.info(c).get("mode") == "normal"  # noqa: E731
+            return self._poll(normal, deadline, poll, "reached mode normal")
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
         return httpx.Client(

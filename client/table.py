@@ -65,14 +65,7 @@ def duration(seconds: float | None) -> str:
     s = max(0.0, float(seconds))
     if s < 10:
         return f"{s:.1f}s"
-    if s < 60:
-        return f"{int(s)}s"
-    whole = int(s)
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+    return _span(s, precise=True)
 
 
 def ago(ts: float | None, now: float | None = None) -> str:
@@ -82,19 +75,22 @@ def ago(ts: float | None, now: float | None = None) -> str:
     now = time.time() if now is None else now
     delta = now - float(ts)
     if delta < 0:
-        return "in " + _coarse(-delta)
-    return _coarse(delta) + " ago"
+        return "in " + _span(-delta, precise=False)
+    return _span(delta, precise=False) + " ago"
 
 
-def _coarse(seconds: float) -> str:
+def _span(seconds: float, precise: bool) -> str:
+    """Whole ``seconds`` in their largest unit (``3m``); ``precise`` adds the next (``3m04s``)."""
     s = int(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
+        big, unit, rest, rest_unit = s // 60, "m", s % 60, "s"
+    elif s < 86400:
+        big, unit, rest, rest_unit = s // 3600, "h", s % 3600 // 60, "m"
+    else:
+        big, unit, rest, rest_unit = s // 86400, "d", s % 86400 // 3600, "h"
+    return f"{big}{unit}{rest:02d}{rest_unit}" if precise else f"{big}{unit}"
 
 
 def clock(ts: float | None, now: float | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Helpers shared by the tasker tests (real processes, nothing mocked)."""
+"""Helpers shared by the end-to-end tests (real processes, nothing mocked)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the repo may not be pip-installed when tests run
@@ -69,6 +72,15 @@ def run_and_vanish(state: Path, cwd: Path, jobs: list[dict[str, Any]]) -> None:
     )
 
 
+def alive(pid: int) -> bool:
+    """Running, and not a zombie (a stopped tasker cannot reap its finished jobs)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     import socket
 
@@ -122,11 +134,24 @@ class CrqServer:
     def admin_token(self) -> str:
         return (self.swd / "security" / "admin.token").read_text().strip()
 
-    def request(self, method: str, path: str, **kw: Any) -> Any:
+    @property
+    def tasker_token(self) -> str:
+        return (self.swd / "security" / "tasker.token").read_text().strip()
+
+    def api(
+        self, method: str, path: str, token: str | None = None, timeout: float = 30, **kw: Any
+    ) -> httpx.Response:
+        """One API call as admin (or with ``token``); the response whatever its status."""
         import httpx
 
-        headers = {"Authorization": f"Bearer {self.admin_token}"}
-        r = httpx.request(method, f"{self.url}/api/v1{path}", headers=headers, timeout=30, **kw)
+        headers = {"Authorization": f"Bearer {token or self.admin_token}", **kw.pop("headers", {})}
+        return httpx.request(
+            method, f"{self.url}/api/v1{path}", headers=headers, timeout=timeout, **kw
+        )
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        """An admin API call that must succeed; its JSON."""
+        r = self.api(method, path, **kw)
         if r.status_code >= 400:
             raise AssertionError(f"{method} {path}: {r.status_code} {r.text}")
         return r.json()
@@ -136,17 +161,10 @@ class CrqServer:
 
     def wait(self, job: int, timeout: float = 5.0) -> dict[str, Any]:
         """Wait for a final state, riding out crash recovery (503) within the timeout."""
-        import httpx
-
         deadline = time.monotonic() + timeout
         while True:
             left = max(0.1, deadline - time.monotonic())
-            r = httpx.get(
-                f"{self.url}/api/v1/jobs/{job}/wait",
-                params={"timeout": left},
-                headers={"Authorization": f"Bearer {self.admin_token}"},
-                timeout=left + 5,
-            )
+            r = self.api("GET", f"/jobs/{job}/wait", params={"timeout": left}, timeout=left + 5)
             if r.status_code != 503 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

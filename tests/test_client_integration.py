@@ -16,39 +16,22 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-HAVE_SERVER = (ROOT / "server" / "app.py").exists() and (ROOT / "server" / "__main__.py").exists()
+from tests._tasker_util import ROOT, free_port, server_available, wait_until
+
+HAVE_SERVER = server_available()
 HAVE_TASKER = (ROOT / "tasker" / "cli.py").exists()
 
 pytestmark = pytest.mark.skipif(not HAVE_SERVER, reason="server/ not written yet")
 needs_tasker = pytest.mark.skipif(not HAVE_TASKER, reason="tasker/cli.py not written yet")
 
 CMD_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 20.0, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(step)
 
 
 @dataclass
@@ -273,7 +256,7 @@ def test_submit_file_in_one_batch(q: Queue) -> None:
 @needs_tasker
 def test_stop_rerun_forget(q: Queue) -> None:
     sleeper = q.submit("--", "sleep", "60")
-    wait_until(lambda: q.job(sleeper)["state"] == "running")
+    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
     out = q.crq("stop", str(sleeper))
     assert out.returncode == 0
     assert out.stdout.strip() in (
@@ -284,9 +267,9 @@ def test_stop_rerun_forget(q: Queue) -> None:
     assert out.returncode == 1 and f"job {sleeper} stopped" in out.stderr
     out = q.crq("rerun", str(sleeper))
     assert out.returncode == 0, out.stderr
-    wait_until(lambda: q.job(sleeper)["state"] == "running")
+    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
     assert q.crq("stop", str(sleeper)).returncode == 0
-    wait_until(lambda: q.job(sleeper)["state"] == "stopped")
+    wait_until(lambda: q.job(sleeper)["state"] == "stopped", timeout=20)
     assert q.job(sleeper)["attempt"] == 2
     out = q.crq("forget", str(sleeper), "999999")
     assert out.returncode == 1
@@ -326,11 +309,11 @@ def test_queue_order(q: Queue) -> None:
 def test_crash_recovery_seen_by_clients(q: Queue) -> None:
     assert q.tasker is not None
     sleeper = q.submit("--", "sleep", "60")
-    wait_until(lambda: q.job(sleeper)["state"] == "running")
+    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
     q.tasker.send_signal(signal.SIGSTOP)  # the tasker cannot come back until we say so
     try:
         os.kill(q.server_pid(), signal.SIGKILL)
-        wait_until(lambda: q.crq("list").returncode == 1)
+        wait_until(lambda: q.crq("list").returncode == 1, timeout=20)
         starter = q.spawn("ncmgr", *q.start_args())
         wait_until(lambda: "mode      recovering" in q.ncmgr("status").stdout, timeout=30)
         out = q.crq("submit", "--", "true")

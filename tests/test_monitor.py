@@ -27,6 +27,7 @@ from tests._tasker_util import (
     ROOT,
     CrqServer,
     Tasker,
+    alive,
     env_with_root,
     server_available,
     wait_until,
@@ -125,15 +126,6 @@ def rig_factory(tmp_path: Path) -> Iterator[Any]:
         r.close()
 
 
-def _alive(pid: int) -> bool:
-    """Running, and not a zombie (a stopped tasker cannot reap its finished jobs)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _cleanup_works() -> bool:
     text = (ROOT / "client" / "ncmgr.py").read_text()
     return "def cmd_cleanup" in text and "not implemented" not in text.split("def cmd_cleanup")[1]
@@ -204,7 +196,7 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
         ), j
     assert rig.tasker_state("frozen") == "lost"
     # attempt 1 went on in its own session while the tasker was frozen, and ended (exit 7)
-    wait_until(lambda: not any(_alive(p) for p in pids), timeout=5)
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=5)
     assert len(list((frozen.state / "status").iterdir())) == 2
     os.kill(frozen.proc.pid, signal.SIGCONT)
     wait_until(lambda: rig.tasker_state("frozen") == "ready", timeout=10)

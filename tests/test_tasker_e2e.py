@@ -15,6 +15,7 @@ import pytest
 from tests._tasker_util import (
     CrqServer,
     Tasker,
+    alive,
     env_with_root,
     free_port,
     server_available,
@@ -169,7 +170,7 @@ def test_clean_stop_without_freeze_stops_the_tasker(
     srv.stop(freeze=False)
     assert tasker.proc is not None
     assert tasker.proc.wait(timeout=5) == 0
-    wait_until(lambda: not _alive(pid), timeout=2)
+    wait_until(lambda: not alive(pid), timeout=2)
 
 
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
@@ -208,14 +209,6 @@ def test_busy_state_dir_is_refused(tmp_path: Path, srv: CrqServer) -> None:
         a.kill9()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_lost_tasker_comes_back_and_is_fenced(tmp_path: Path, work: Path) -> None:
     """A tasker frozen past the timeout: its job is requeued; back, it kills the old attempt."""
     srv = CrqServer(tmp_path / "q.swd", "t1", "--tasker-timeout", "1", "--heartbeat", "0.5")
@@ -230,7 +223,7 @@ def test_lost_tasker_comes_back_and_is_fenced(tmp_path: Path, work: Path) -> Non
         wait_until(lambda: srv.request("GET", f"/jobs/{job}")["state"] == "queued", timeout=4)
         os.kill(t.proc.pid, signal.SIGCONT)
         # attempt 1 is killed, attempt 2 then runs on the same (only) tasker
-        wait_until(lambda: not _alive(pid), timeout=4)
+        wait_until(lambda: not alive(pid), timeout=4)
         j2 = wait_until(lambda: running(srv, job), timeout=4)
         assert j2["attempt"] == 2 and j2["pid"] != pid
         srv.request("POST", f"/jobs/{job}/stop")
@@ -263,7 +256,7 @@ def test_freeze_stop_keeps_jobs_for_the_next_server(
     srv.stop(freeze=True)
     time.sleep(0.3)
     assert tasker.proc is not None and tasker.proc.poll() is None
-    assert _alive(pid)
+    assert alive(pid)
     srv.start(port=free_port())
     j = srv.wait(job)
     assert (j["state"], j["attempt"], j["pid"]) == ("done", 1, pid)

@@ -16,7 +16,7 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
-from tests.ui_helpers import CrqServer  # noqa: E402
+from tests._tasker_util import CrqServer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -59,7 +59,7 @@ def page(browser: Browser) -> Iterator[Page]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[CrqServer]:
-    srv = CrqServer(tmp_path / "ui.swd")
+    srv = CrqServer(tmp_path / "ui.swd", "uitest")
     srv.start()
     yield srv
     srv.stop()
@@ -80,7 +80,7 @@ def row(page: Page, job: int) -> Any:
 def test_jobs_detail_stop_rerun_forget(page: Page, server: CrqServer) -> None:
     a = submit(server, command="sleep 100", name="first", priority=7)
     b = submit(server, user="bob", command=["echo", "two words"], resources="CORES/2")
-    page.goto(f"{server.url}/#token={server.token}")
+    page.goto(f"{server.url}/#token={server.admin_token}")
 
     expect(page.locator("#queue")).to_have_text("uitest")
     expect(page.locator("#mode")).to_have_text("normal")
@@ -128,7 +128,7 @@ def test_jobs_detail_stop_rerun_forget(page: Page, server: CrqServer) -> None:
 
 
 def test_submit_form_and_api_errors(page: Page, server: CrqServer) -> None:
-    page.goto(f"{server.url}/#token={server.token}")
+    page.goto(f"{server.url}/#token={server.admin_token}")
     expect(page.locator("#jobs-empty")).to_be_visible()
     page.fill("#s-command", "echo from the browser")
     page.fill("#s-name", "webjob")
@@ -152,7 +152,7 @@ def test_bad_token_is_a_readable_error(page: Page, server: CrqServer) -> None:
     expect(page.locator("#msg")).to_contain_text("Bad token")
     expect(page.locator("#login")).to_be_visible()
     expect(page.locator("#app")).to_be_hidden()
-    page.fill("#token", server.token)
+    page.fill("#token", server.admin_token)
     page.click("#login button")
     expect(page.locator("#app")).to_be_visible()
     expect(page.locator("#msg")).to_be_hidden()
@@ -178,13 +178,13 @@ def test_crash_recovery_banner(page: Page, tmp_path: Path) -> None:
         r = srv.api("POST", "/taskers/t1/sync", token=tt, json=body)
         assert r.status_code == 200, r.text
 
-        page.goto(f"{srv.url}/#token={srv.token}")
+        page.goto(f"{srv.url}/#token={srv.admin_token}")
         expect(row(page, job).locator(".state")).to_have_text("running")
         expect(page.locator("#taskers tbody tr")).to_contain_text("t1")
 
-        srv.kill()
+        srv.kill9()
         expect(page.locator("#msg")).to_contain_text("unreachable")
-        srv.start()
+        srv.start(port=srv.port)  # the page keeps polling the same address
         banner = page.locator("#recovery")
         expect(banner).to_be_visible()
         expect(banner).to_contain_text("0 of 1 expected")
@@ -200,3 +200,4 @@ def test_crash_recovery_banner(page: Page, tmp_path: Path) -> None:
         expect(row(page, job).locator(".state")).to_have_text("running")
     finally:
         srv.stop()
+    assert srv.proc is not None and srv.proc.returncode == 0
