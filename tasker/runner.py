@@ -271,7 +271,8 @@ class Runner:
 
         The attempt records are made durable together (one directory fsync) before any of
         the jobs is reported started or watched for its end. A crash between the spawn and
-        the record leaves a running wrapper that ``recover`` finds through /proc.
+        the record leaves a job that ``recover`` finds through /proc while it runs, or
+        through the status file made before the spawn once it has ended or been killed.
         """
         jobs: list[_Job] = []
         names: list[str] = []
@@ -336,8 +337,12 @@ class Runner:
         env["CRQ_JOB_ID"] = str(key[0])
         env["CRQ_ATTEMPT"] = str(key[1])
         status = self.state.status_path(key)
-        with contextlib.suppress(FileNotFoundError):
-            status.unlink()
+        try:
+            self._mark_spawn(status)
+        except OSError as e:
+            logf.close()
+            self._fail(key, now, f"cannot create status file {status}: {e.strerror or e}")
+            return None
         spawned = time.time()
         try:
             with logf:
@@ -352,6 +357,8 @@ class Runner:
                     close_fds=True,
                 )
         except OSError as e:
+            with contextlib.suppress(OSError):
+                status.unlink()
             reason = (
                 f"cwd does not exist: {cwd}"
                 if not os.path.isdir(cwd)
@@ -361,6 +368,19 @@ class Runner:
             return None
         job = _Job(key[0], key[1], proc.pid, proc.pid, spawned, status, proc=proc)
         return job, str(d.get("name") or argv[0])
+
+    @staticmethod
+    def _mark_spawn(status: Path) -> None:
+        """Create the attempt's status file empty, before the spawn.
+
+        The attempt record is written only after the batch is spawned, so a tasker killed
+        in between leaves a job with no record; if that job is then killed too (no status
+        written, no process left), this empty file is all that says it was ever started,
+        and ``recover`` reports it instead of letting the server send the same attempt
+        again. Its mtime is the spawn time until the wrapper writes the exit status. No
+        fsync: only a crash of the host loses it, and a reboot is reported as such.
+        """
+        os.close(os.open(status, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
 
     def _fail(self, key: Key, now: float, reason: str) -> None:
         log.warning("job %d.%d not started: %s", *key, reason)
@@ -451,7 +471,8 @@ class Runner:
         assert job.proc is not None
         rc = job.proc.wait()
         st = read_status(job.status)
-        ended = st[1] if st else time.time()
+        # without an exit status in it, the file's mtime is the spawn, not the end
+        ended = st[1] if st is not None and st[0] is not None else time.time()
         exit_code, sig = classify(rc)
         return job, exit_code, sig, ended, None
 
@@ -568,6 +589,9 @@ class Runner:
         A result file wins over everything; then a complete status file (the job ended
         while we were away); then a live wrapper is adopted; anything else was killed
         (reported so), or vanished with a reboot (left to the server: see ``_settle``).
+        Attempts spawned but never recorded (the tasker died in between) are found too,
+        through /proc while they run and through their status file after: every attempt
+        this state dir ever spawned is listed, or the server would send it again.
         """
         results = self.state.load_results()
         with self._lock:
@@ -592,19 +616,35 @@ class Runner:
             except (KeyError, TypeError, ValueError):
                 job = _Job(key[0], key[1], 0, 0, now, self.state.status_path(key))
             self._settle(job, rebooted)
-        for key, pid in orphans.items():
-            if key not in records and key not in results:
-                log.info("job %d.%d: found running without a record, adopting", *key)
-                status = self.state.status_path(key)
-                job = _Job(key[0], key[1], pid, pid, _proc_start_time(pid), status)
-                self._settle(job, rebooted)
+        found = [
+            _Job(key[0], key[1], pid, pid, _proc_start_time(pid), self.state.status_path(key))
+            for key, pid in orphans.items()
+            if key not in records and key not in results
+        ]
+        if found:
+            # Recorded before they are adopted (and watched, and maybe finished): the next
+            # restart then knows them, with their start time, even if they die meanwhile.
+            try:
+                self.state.write_records([job.record() for job in found])
+            except OSError as e:
+                log.error("cannot record %d adopted attempts: %s", len(found), e)
+        for job in found:
+            log.info("job %d.%d: found running without a record, adopting", *job.key)
+            self._settle(job, rebooted)
         for key in self.state.status_keys():
             with self._lock:
                 known = key in self._jobs or key in self._finished
             if key in results:  # its result was recorded just before a crash
                 self.state.remove_attempt(key)
             elif not known and key not in records:
-                self._settle(_Job(key[0], key[1], 0, 0, now, self.state.status_path(key)), rebooted)
+                # Spawned, never recorded, not running: ended or killed while we were away.
+                # The file's mtime is the best start time left: the spawn while it is empty,
+                # the end once it holds the exit status.
+                status = self.state.status_path(key)
+                st = read_status(status)
+                started = min(st[1], now) if st is not None else now
+                log.info("job %d.%d: spawned without a record, no longer running", *key)
+                self._settle(_Job(key[0], key[1], 0, 0, started, status), rebooted)
         adopted, pending = self.counts()
         return adopted, pending
 
