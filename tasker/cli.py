@@ -117,7 +117,8 @@ def _main(argv: list[str] | None) -> int:
     boot_id = read_boot_id()
     stored = state.stored_boot_id()
     rebooted = bool(stored and boot_id and stored != boot_id)
-    runner = Runner(state)
+    slots = args.slots or os.cpu_count() or 1
+    runner = Runner(state, slots=slots)
     try:
         adopted, pending = runner.recover(rebooted=rebooted)
     except OSError as e:
@@ -125,7 +126,7 @@ def _main(argv: list[str] | None) -> int:
         return 1
     info = TaskerInfo(
         name=name,
-        slots=args.slots or os.cpu_count() or 1,
+        slots=slots,
         resources=args.resources,
         heartbeat=args.heartbeat,
         boot_id=boot_id,

@@ -153,8 +153,10 @@ class Runner:
         on_event: Callable[[], None] = lambda: None,
         kill_grace: float = 5.0,
         poll_interval: float = 0.5,
+        slots: int | None = None,
     ) -> None:
         self.state = state
+        self.slots = slots  # None: no limit of our own (the server's accounting only)
         self.kill_grace = kill_grace
         self.poll_interval = poll_interval
         self.on_event = on_event
@@ -164,6 +166,8 @@ class Runner:
         self._finished: dict[Key, dict[str, Any]] = {}
         self._retry_at: dict[tuple[str, Key], float] = {}
         self._forgotten: dict[Key, None] = {}
+        self._held: dict[Key, dict[str, Any]] = {}  # dispatched, waiting for a free slot
+        self._starting = threading.Lock()  # one spawner at a time: room is counted once
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
         self._to_watch: list[tuple[int, _Job]] = []
@@ -178,8 +182,11 @@ class Runner:
             return [j.running_report() for j in self._jobs.values() if not j.done]
 
     def running_attempts(self) -> list[dict[str, int]]:
+        """What we have of each attempt sent to us: live ones, and those held for a slot
+        (listed, so the server neither sends them again nor forgets to kill them)."""
         with self._lock:
-            return [{"job": j.job, "attempt": j.attempt} for j in self._jobs.values() if not j.done]
+            live = [(j.job, j.attempt) for j in self._jobs.values() if not j.done]
+            return [{"job": k[0], "attempt": k[1]} for k in [*live, *self._held]]
 
     def reports(
         self, everything: bool = False, limit: int = 5000
@@ -267,7 +274,39 @@ class Runner:
         self.start_many([d])
 
     def start_many(self, items: list[dict[str, Any]]) -> None:
-        """Run the dispatch items of one answer: spawn them all, then record them all.
+        """Run the dispatch items of one answer, as far as our slots allow; hold the rest.
+
+        Slots can be short although the server counts them free: attempts it superseded
+        (we were cut off, it requeued our jobs) die within the kill grace, and until then
+        a new job would run beyond our slots. Held items start as running jobs end.
+        """
+        with self._lock:
+            for d in items:
+                try:
+                    key = int(d["job"]), int(d["attempt"])
+                except (TypeError, ValueError, KeyError) as e:
+                    log.error("malformed dispatch %.200s: %s", d, e)
+                    continue
+                if key in self._jobs or key in self._finished or key in self._forgotten:
+                    log.info("job %d.%d: dispatched again, ignored", *key)
+                    continue
+                self._held.setdefault(key, d)
+        self._start_held()
+
+    def _start_held(self) -> None:
+        with self._starting:
+            with self._lock:
+                busy = sum(not j.done for j in self._jobs.values())
+                room = len(self._held) if self.slots is None else self.slots - busy
+                if room <= 0 or not self._held:
+                    if self._held:
+                        log.info("%d dispatched jobs wait for a free slot", len(self._held))
+                    return
+                batch = [self._held.pop(k) for k in list(self._held)[:room]]
+            self._spawn_batch(batch)
+
+    def _spawn_batch(self, items: list[dict[str, Any]]) -> None:
+        """Spawn them all, then record them all.
 
         The attempt records are made durable together (one directory fsync) before any of
         the jobs is reported started or watched for its end. A crash between the spawn and
@@ -525,6 +564,9 @@ class Runner:
         with self._lock:
             for e in todo:
                 self._jobs.pop(e[0].key, None)
+            held = bool(self._held)
+        if held:
+            self._start_held()
         for r in results:
             if r["exit_code"] is not None:
                 log.info("job %d.%d finished, exit %d", r["job"], r["attempt"], r["exit_code"])
@@ -551,9 +593,30 @@ class Runner:
     def kill(self, key: Key) -> bool:
         """SIGTERM the attempt's process group, SIGKILL after the grace; False if unknown."""
         with self._lock:
+            held = self._held.pop(key, None)
             job = self._jobs.get(key)
-            if job is None or job.done:
+            if held is None and (job is None or job.done):
                 return False
+        if held is not None:
+            now = time.time()
+            log.info("job %d.%d: kill requested before it started", *key)
+            self._store_results(
+                [
+                    {
+                        "job": key[0],
+                        "attempt": key[1],
+                        "exit_code": None,
+                        "signal": None,
+                        "started": now,
+                        "ended": now,
+                        "reason": "killed on server request before it started",
+                    }
+                ]
+            )
+            self.on_event()
+            return True
+        assert job is not None
+        with self._lock:
             first = job.kill_at is None
             if first:
                 job.kill_at = time.time()

@@ -356,3 +356,58 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _attempts(r: Runner) -> set[tuple[int, int]]:
+    return {(a["job"], a["attempt"]) for a in r.running_attempts()}
+
+
+def _started(r: Runner) -> set[int]:
+    return {s["job"] for s in r.reports(everything=True)[0]}
+
+
+def test_dispatches_beyond_the_slots_wait_for_a_free_one(state: StateDir, work: Path) -> None:
+    gate = work / "gate"
+    r = Runner(state, slots=2)
+    r.start_many([dispatch(i, work, ["sh", "-c", f"until [ -e {gate} ]; do sleep 0.02; done"])
+                  for i in (1, 2)] + [dispatch(3, work, ["true"])])  # fmt: skip
+    assert _started(r) == {1, 2}, "two slots: the third waits"
+    assert _attempts(r) == {(1, 1), (2, 1), (3, 1)}, "held, but listed: not sent again"
+    r.start(dispatch(3, work, ["true"]))  # the server repeats it: still one
+    assert _started(r) == {1, 2}
+    gate.touch()
+    assert finished(r, (3, 1))["exit_code"] == 0
+    assert finished(r, (1, 1))["exit_code"] == 0
+
+
+def test_a_superseded_attempt_holds_its_slot_until_it_is_dead(state: StateDir, work: Path) -> None:
+    """The server requeued our job while we were cut off and sends new work at once: the
+    old attempt, deaf to SIGTERM, keeps its slot until the SIGKILL after the grace."""
+    r = Runner(state, slots=1, kill_grace=0.5)
+    ready = work / "ready"
+    r.start(dispatch(1, work, ["sh", "-c", f"trap '' TERM; touch {ready}; sleep 30"]))
+    wait_until(ready.exists)
+    assert r.kill((1, 1))
+    r.start(dispatch(2, work, ["true"]))
+    assert _started(r) == {1}, "the slot is still taken by the dying attempt"
+    old = finished(r, (1, 1))
+    assert old["signal"] == signal.SIGKILL and "server request" in old["reason"]
+    new = finished(r, (2, 1))
+    assert new["exit_code"] == 0 and new["started"] >= old["ended"]
+
+
+def test_killing_a_held_attempt_reports_it_without_running_it(state: StateDir, work: Path) -> None:
+    gate = work / "gate"
+    mark = work / "ran"
+    r = Runner(state, slots=1)
+    r.start(dispatch(1, work, ["sh", "-c", f"until [ -e {gate} ]; do sleep 0.02; done"]))
+    r.start(dispatch(2, work, ["touch", str(mark)]))
+    assert r.kill((2, 1)), "a held attempt is ours to kill"
+    res = finished(r, (2, 1), timeout=0.5)
+    assert res["exit_code"] is None and "before it started" in res["reason"]
+    assert (2, 1) not in _attempts(r)
+    gate.touch()
+    finished(r, (1, 1))
+    time.sleep(0.2)
+    assert not mark.exists(), "a killed held attempt never runs"
+    assert not r.kill((2, 1))
