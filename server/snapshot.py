@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from client.wire import QUEUED, RUNNING
 from server.events import NL
 from server.journal import RecordReader, frame, fsync_dir
 from server.state import Attempt, Job, State, Tasker, env_digest
@@ -39,7 +40,11 @@ def list_snapshots(trace: Path) -> list[Path]:
 
 
 def _job_row(j: Job) -> list[Any]:
-    """A job without its spec: the spec bytes follow the rows of a chunk raw (see events)."""
+    """A job without its spec (the spec bytes follow the rows of a chunk raw, see events).
+
+    The first ten fields are set at submit; the rest only once a job has run or was
+    stopped, so a snapshot leaves them out while they still hold FRESH.
+    """
     return [
         j.id,
         j.state,
@@ -50,11 +55,11 @@ def _job_row(j: Job) -> list[Any]:
         j.env,
         j.rerunnable,
         j.max_attempts,
+        j.submitted,
         j.attempt,
         j.tries,
         j.tasker,
         j.pid,
-        j.submitted,
         j.started,
         j.ended,
         j.exit_code,
@@ -65,20 +70,38 @@ def _job_row(j: Job) -> list[Any]:
     ]
 
 
+FRESH = [0, 0, None, None, None, None, None, None, None, False, None]  # as Job() sets them
+
+
 def _add_chunk(state: State, rows: list[list[Any]], specs: list[bytes]) -> None:
-    intern, need_of, add, jobs = sys.intern, state.needs.get, state.add_job, state.jobs
+    """Jobs of one chunk, queued ones into their buckets (replay's hot loop, so inlined)."""
     if len(rows) != len(specs):
         raise SnapshotError(f"job chunk has {len(specs)} specs for {len(rows)} jobs")
+    intern, need_of, jobs, counts = sys.intern, state.needs.get, state.jobs, state.counts
+    env_refs = state.env_refs
+    queued = []
+    top = 0
     for r, spec in zip(rows, specs, strict=True):
-        job = Job(r[0], r[2], intern(r[3]), r[4], need_of(r[5]), spec, r[6], r[7], r[8], r[13])
-        job.state, job.attempt, job.tries = intern(r[1]), r[9], r[10]
-        job.tasker = intern(r[11]) if r[11] is not None else None
-        job.pid, job.started, job.ended = r[12], r[14], r[15]
-        job.exit_code, job.signal, job.reason, job.stop_requested = r[16], r[17], r[18], r[19]
-        job.attempts = [Attempt.from_dict(a) for a in r[20]] if r[20] else None
-        if job.id in jobs:
-            raise SnapshotError(f"job {job.id} appears twice")
-        add(job)
+        job_id = r[0]
+        if job_id in jobs:
+            raise SnapshotError(f"job {job_id} appears twice")
+        job = Job(job_id, r[2], intern(r[3]), r[4], need_of(r[5]), spec, r[6], r[7], r[8], r[9])
+        if len(r) > 10:
+            job.attempt, job.tries, job.pid, job.started = r[10], r[11], r[13], r[14]
+            job.tasker = intern(r[12]) if r[12] is not None else None
+            job.ended, job.exit_code, job.signal, job.reason = r[15], r[16], r[17], r[18]
+            job.stop_requested = r[19]
+            job.attempts = [Attempt.from_dict(a) for a in r[20]] if r[20] else None
+        job.state = st = intern(r[1])
+        jobs[job_id] = job
+        counts[st] += 1
+        if r[6] is not None:
+            env_refs[r[6]] = env_refs.get(r[6], 0) + 1
+        if st == QUEUED:
+            queued.append(job)
+        top = job_id if job_id > top else top
+    state.enqueue_all(queued)
+    state.next_id = max(state.next_id, top + 1)
 
 
 def _job_v1(r: list[Any], state: State) -> Job:
@@ -154,7 +177,10 @@ def write(state: State, trace: Path, *, fsync: bool = True, chunk: int = CHUNK) 
         rows: list[list[Any]] = []
         specs: list[bytes] = []
         for job in state.jobs.values():
-            rows.append(_job_row(job))
+            row = _job_row(job)
+            if row[10:] == FRESH:
+                del row[10:]
+            rows.append(row)
             specs.append(job.spec)
             if len(rows) == chunk:
                 put_raw(NL.join([dumps(rows), *specs]))
@@ -198,7 +224,10 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
             continue
         rec = orjson.loads(payload)
         if isinstance(rec, list):
-            state.add_job(_job_v1(rec, state))
+            job = _job_v1(rec, state)
+            state.add_job(job)
+            if job.state == QUEUED:
+                state._enqueue(job)
         elif "env" in rec:
             state.envs[rec["env"]] = rec["vars"]
         elif "tasker" in rec:
@@ -228,14 +257,12 @@ def _load_tasker(state: State, r: dict[str, Any]) -> None:
 
 
 def _rebuild_derived(state: State) -> None:
-    """Queue buckets, env index, resource use: derived from jobs, never stored."""
+    """Env index, resource use: derived, never stored (queue buckets: as jobs are read)."""
     for env_id, env in state.envs.items():
         state.env_by_digest[env_digest(env)] = env_id
         state.env_refs.setdefault(env_id, 0)
     for job in state.jobs.values():
-        if job.state == "queued":
-            state._enqueue(job)
-        elif job.state == "running":
+        if job.state == RUNNING:
             for k, v in job.need.globals:
                 state.global_used[k] = state.global_used.get(k, 0) + v
     for t in state.taskers.values():

@@ -294,6 +294,27 @@ class State:
         heapq.heappush(bucket.heap, job.id)
         bucket.count += 1
 
+    def enqueue_all(self, jobs: list[Job]) -> None:
+        """_enqueue of many jobs: a run of jobs of one bucket looks it up once."""
+        buckets = self.buckets
+        key: tuple[int, str] | None = None
+        bucket: Bucket | None = None
+        heap: list[int] = []
+        n = 0
+        for job in jobs:
+            if key != (job.priority, job.need.text):
+                if bucket is not None:
+                    bucket.count += n
+                key, n = (job.priority, job.need.text), 0
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = Bucket(job.priority, job.need)
+                heap = bucket.heap
+            heapq.heappush(heap, job.id)
+            n += 1
+        if bucket is not None:
+            bucket.count += n
+
     def _dequeue(self, job: Job) -> None:
         self.buckets[(job.priority, job.need.text)].count -= 1
 
@@ -321,37 +342,23 @@ class State:
         self.next_env = max(self.next_env, env_id + 1)
 
     def _submit(self, ev: Event) -> None:
-        # The hot loop of a replay: add_job and _enqueue inlined, the bucket looked up once
-        # per run of jobs with the same priority and resources.
+        # the hot loop of a replay: add_job inlined, the jobs enqueued together
         t, user = ev["t"], ev["user"]
-        jobs, env_refs, buckets, need_of = self.jobs, self.env_refs, self.buckets, self.needs.get
-        key: tuple[int, str] | None = None
-        heap: list[int] = []
-        bucket: Bucket | None = None
-        n = 0
+        jobs, env_refs, need_of = self.jobs, self.env_refs, self.needs.get
+        new = []
         for (job_id, priority, resources, name, env, rerunnable, max_attempts), spec in zip(
             ev["jobs"], ev["specs"], strict=True
         ):
-            need = need_of(resources)
-            jobs[job_id] = Job(
-                job_id, priority, user, name, need, spec, env, rerunnable, max_attempts, t
-            )
+            job = Job(job_id, priority, user, name, need_of(resources), spec, env, rerunnable,
+                      max_attempts, t)  # fmt: skip
+            jobs[job_id] = job
+            new.append(job)
             if env is not None:
                 env_refs[env] = env_refs.get(env, 0) + 1
-            if key != (priority, need.text):
-                if bucket is not None:
-                    bucket.count += n
-                key, n = (priority, need.text), 0
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = Bucket(priority, need)
-                heap = bucket.heap
-            heapq.heappush(heap, job_id)
-            n += 1
-        if bucket is not None:
-            bucket.count += n
-            self.counts[QUEUED] += len(ev["jobs"])
-            self.next_id = max(self.next_id, job_id + 1)  # ids ascend within a submit
+        if new:
+            self.enqueue_all(new)
+            self.counts[QUEUED] += len(new)
+            self.next_id = max(self.next_id, new[-1].id + 1)  # ids ascend within a submit
 
     def add_job(self, job: Job) -> None:
         self.jobs[job.id] = job

@@ -68,8 +68,9 @@ def test_journal_of_the_earlier_format_replays_to_the_same_state(tmp_path: Path)
 
 
 def _v1_record(j: Job) -> list:
-    row = snapshot._job_row(j)
-    return [*row[:6], j.spec.decode(), *row[6:]]
+    """Version 1: one record a job, the spec as a string after the need, submitted at 14."""
+    r = snapshot._job_row(j)
+    return [*r[:6], j.spec.decode(), *r[6:9], *r[10:14], r[9], *r[14:]]
 
 
 def test_snapshot_version_1_loads_to_the_same_state(tmp_path: Path) -> None:
