@@ -77,7 +77,11 @@ def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: boo
                 if not accept_loss:
                     raise ReplayError(f"{msg}; start with --accept-loss to accept the loss")
                 out.losses.append(msg)
-            state.apply(decode(payload), seq)
+            try:
+                state.apply(decode(payload), seq)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                # checksummed, yet not an event this state can take: a bug, not a torn write
+                raise ReplayError(f"{path}: event {seq} cannot be applied ({e!r})") from e
             out.events_replayed += 1
         damage = reader.damage
         if damage is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -287,14 +287,9 @@ class State:
             self.on_final(job)
 
     def _enqueue(self, job: Job) -> None:
-        key = (job.priority, job.need.text)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = Bucket(job.priority, job.need)
-        heapq.heappush(bucket.heap, job.id)
-        bucket.count += 1
+        self.enqueue_all((job,))
 
-    def enqueue_all(self, jobs: list[Job]) -> None:
+    def enqueue_all(self, jobs: Iterable[Job]) -> None:
         """_enqueue of many jobs: a run of jobs of one bucket looks it up once."""
         buckets = self.buckets
         key: tuple[int, str] | None = None

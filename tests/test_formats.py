@@ -122,3 +122,19 @@ def test_a_chunk_whose_spec_count_is_wrong_is_damage(tmp_path: Path) -> None:
         assert "specs" in str(e)
     else:
         raise AssertionError("a short chunk was accepted")
+
+
+def test_a_checksummed_record_that_is_no_event_is_refused_by_name(tmp_path: Path) -> None:
+    core = busy_core()
+    trace = tmp_path / "trace.db"
+    write_journal(trace, core.events)
+    bad = events.encode(next(e for e in core.events if e["e"] == "submit")) + b"\n{}"
+    with open(trace / "CR.000001", "ab") as f:  # one spec too many: valid frame, bad event
+        f.write(frame(len(core.events) + 1, bad))
+    try:
+        replay.load(trace, None)
+    except replay.ReplayError as e:
+        assert f"event {len(core.events) + 1} cannot be applied" in str(e)
+        assert "CR.000001" in str(e)
+    else:
+        raise AssertionError("a malformed event was applied")
