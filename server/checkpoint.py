@@ -83,6 +83,9 @@ async def write_forked(srv: Server) -> Path | None:
     if pid == 0:  # the child: write and leave, touching nothing shared
         code = 1
         try:
+            # a collection would write to every object's header: page copies of the whole
+            # heap, shared with the parent until then, for garbage that lives a moment
+            gc.disable()
             _detach_child()
             snapshot.write(engine.state, trace, fsync=fsync)
             code = 0
