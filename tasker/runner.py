@@ -598,22 +598,7 @@ class Runner:
             if held is None and (job is None or job.done):
                 return False
         if held is not None:
-            now = time.time()
-            log.info("job %d.%d: kill requested before it started", *key)
-            self._store_results(
-                [
-                    {
-                        "job": key[0],
-                        "attempt": key[1],
-                        "exit_code": None,
-                        "signal": None,
-                        "started": now,
-                        "ended": now,
-                        "reason": "killed on server request before it started",
-                    }
-                ]
-            )
-            self.on_event()
+            self._fail(key, time.time(), "killed on server request before it started")
             return True
         assert job is not None
         with self._lock:

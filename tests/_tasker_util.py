@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,3 +219,11 @@ class Tasker:
         assert self.proc is not None
         self.proc.terminate()
         return self.proc.wait(timeout=timeout)
+
+
+def e2e_server(tmp_path: Path) -> Iterator[CrqServer]:
+    """The tasker end-to-end tests' server (a fixture in those files): short beats."""
+    s = CrqServer(tmp_path / "q.swd", "t1", "--recovery-grace", "10", "--heartbeat", "2")
+    s.start()
+    yield s
+    s.kill9()

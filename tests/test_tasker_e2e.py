@@ -16,6 +16,7 @@ from tests._tasker_util import (
     CrqServer,
     Tasker,
     alive,
+    e2e_server,
     env_with_root,
     free_port,
     server_available,
@@ -25,12 +26,7 @@ from tests._tasker_util import (
 pytestmark = pytest.mark.skipif(not server_available(), reason="server not written yet")
 
 
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[CrqServer]:
-    s = CrqServer(tmp_path / "q.swd", "t1", "--recovery-grace", "10", "--heartbeat", "2")
-    s.start()
-    yield s
-    s.kill9()
+srv = pytest.fixture(e2e_server)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from tests._tasker_util import (
     CrqServer,
     Tasker,
     dispatch,
+    e2e_server,
     env_with_root,
     server_available,
     wait_until,
@@ -198,12 +199,7 @@ def test_sigkilled_child_ends_when_reaped_not_when_spawned(state: StateDir, work
 e2e = pytest.mark.skipif(not server_available(), reason="server not written yet")
 
 
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[CrqServer]:
-    s = CrqServer(tmp_path / "q.swd", "t1", "--recovery-grace", "10", "--heartbeat", "2")
-    s.start()
-    yield s
-    s.kill9()
+srv = pytest.fixture(e2e_server)
 
 
 @pytest.fixture
@@ -234,6 +230,15 @@ def stall_record_write(srv: CrqServer, tasker: Tasker, command: str, work: Path)
     (submitted,) = srv.submit(spec(work, command))
     assert submitted == job, "the FIFO must be named after the job"
     return job
+
+
+def stalled_gated_job(srv: CrqServer, tasker: Tasker, work: Path) -> tuple[int, int]:
+    """A GATED job running with no record and no start report: (job id, wrapper pid)."""
+    job = stall_record_write(srv, tasker, GATED, work)
+    wait_until(lambda: (work / "marker").exists())
+    assert never_started(srv, job)
+    (pid,) = find_orphan_wrappers(tasker.state / "status").values()
+    return job, pid
 
 
 def never_started(srv: CrqServer, job: int) -> bool:
@@ -274,10 +279,7 @@ def test_e2e_job_running_at_restart_is_adopted_once(
 ) -> None:
     work = tmp_path / "w"
     work.mkdir()
-    job = stall_record_write(srv, tasker, GATED, work)
-    wait_until(lambda: (work / "marker").exists())
-    assert never_started(srv, job)
-    (pid,) = find_orphan_wrappers(tasker.state / "status").values()
+    job, pid = stalled_gated_job(srv, tasker, work)
     tasker.kill9()
     tasker.start()
     j = wait_until(lambda: (x := srv.request("GET", f"/jobs/{job}"))["pid"] and x)
@@ -295,10 +297,7 @@ def test_e2e_job_killed_before_record_is_not_sent_again(
 ) -> None:
     work = tmp_path / "w"
     work.mkdir()
-    job = stall_record_write(srv, tasker, GATED, work)
-    wait_until(lambda: (work / "marker").exists())
-    assert never_started(srv, job)
-    (pid,) = find_orphan_wrappers(tasker.state / "status").values()
+    job, pid = stalled_gated_job(srv, tasker, work)
     tasker.kill9()
     os.killpg(pid, signal.SIGKILL)  # the job dies too, before writing any status
     wait_until(lambda: not find_orphan_wrappers(tasker.state / "status"))

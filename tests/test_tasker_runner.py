@@ -12,7 +12,7 @@ import pytest
 
 from tasker.runner import Runner, classify, find_orphan_wrappers
 from tasker.statedir import StateDir, StateDirBusy, read_status
-from tests._tasker_util import dispatch, run_and_vanish, wait_until
+from tests._tasker_util import alive, dispatch, run_and_vanish, wait_until
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_kill_terms_the_process_group(state: StateDir, work: Path) -> None:
     assert time.monotonic() - t0 < 2
     assert (res["exit_code"], res["signal"]) == (None, 15)
     assert res["reason"] == "killed on server request (signal 15)"
-    wait_until(lambda: not _alive(grandchild))
+    wait_until(lambda: not alive(grandchild))
     assert not r.kill((8, 1)), "a finished attempt is not killed twice"
 
 
@@ -348,14 +348,6 @@ def test_read_status_and_classify(tmp_path: Path) -> None:
     assert classify(-9) == (None, 9)
     assert classify(143) == (None, 15)
     assert classify(255) == (255, None)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _attempts(r: Runner) -> set[tuple[int, int]]:
