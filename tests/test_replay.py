@@ -137,3 +137,31 @@ def test_torn_last_record_recovers_the_prefix(ops: list[tuple]) -> None:
             assert (trace / "CR.000001").stat().st_size == len(head)
     finally:
         shutil.rmtree(tmp)
+
+
+def test_cut_at_every_byte_of_the_last_two_records(tmp_path: Path) -> None:
+    """A finish, then a submit whose specs are raw lines: every cut replays the prefix."""
+    core = Core()
+    core.register("t1", slots=1)
+    (first,) = core.submit(1, command="echo 'a\nb'", env={"K": "v\nw"})
+    core.dispatch()
+    core.start("t1", first, 1)
+    core.finish("t1", first, 1, 0)
+    core.submit(3, command=["printf", "%s\n", "x y"], name="n\nm")
+    assert [e["e"] for e in core.events[-2:]] == ["finish", "submit"]
+    records = [frame(i + 1, encode(e)) for i, e in enumerate(core.events)]
+    head = b"".join(records[:-2])
+    tail = b"".join(records[-2:])
+    wants = {}
+    for n in (len(records) - 2, len(records) - 1):
+        prefix = Core()
+        prefix.emit(core.events[:n])
+        wants[n] = fingerprint(prefix.state)
+    for cut in range(len(tail)):
+        trace = tmp_path / str(cut)
+        trace.mkdir()
+        (trace / "CR.000001").write_bytes(head + tail[:cut])
+        out = replay.load(trace, None)
+        whole = len(records) - 2 + (cut >= len(records[-2]))
+        assert fingerprint(out.state) == wants[whole], cut
+        assert out.bytes_discarded == cut - (len(records[-2]) if whole > len(records) - 2 else 0)
