@@ -494,10 +494,13 @@ def status_lines(place: Place, status: dict[str, Any]) -> str:
         ("version", status.get("version")),
         ("up since", when(status.get("started_at")) if status.get("started_at") else None),
         ("taskers", status.get("taskers")),
-        ("jobs", counts_text(status.get("counts") or {})),
+        ("jobs", "?" if status.get("counts") is None else counts_text(status["counts"])),
     ]
     if status.get("recovery"):
         pairs.append(("recovery", recovery_text(status["recovery"])))
+    full = (status.get("journal") or {}).get("disk_full_since")
+    if full:
+        pairs.append(("DISK FULL", f"since {when(full)}: replies held until the swd has space"))
     return key_values(pairs)
 
 

@@ -310,7 +310,10 @@ def create_app(srv: Server) -> FastAPI:
         ):
             raise BadRequest(401, "unauthorized", "bad token")
         st = srv.state
-        await engine.durable()
+        journal = engine.journal
+        # On a full disk every reply waits for the journal; this one answers, so that
+        # `ncmgr status` can say why, but without the counts nothing durable backs yet.
+        stalled = not await engine.durable_or_disk_full()
         return JSON(
             {
                 "queue": srv.settings.queue,
@@ -321,14 +324,14 @@ def create_app(srv: Server) -> FastAPI:
                 "instance": srv.instance,
                 "version": VERSION,
                 "started_at": srv.started_at,
-                "counts": st.counts,
+                "counts": None if stalled else st.counts,
                 "taskers": len(st.taskers),
                 "recovery": srv.recovery(),
                 "journal": {
                     "seq": st.seq,
-                    "durable_seq": engine.journal.durable_seq,
-                    "segment": engine.journal.segment,
-                    "disk_full_since": engine.journal.stalled_since,
+                    "durable_seq": journal.durable_seq,
+                    "segment": journal.segment,
+                    "disk_full_since": journal.stalled_since,
                 },
             }
         )

@@ -77,6 +77,20 @@ class Engine:
     def durable(self) -> Awaitable[None]:
         return self.journal.barrier()
 
+    async def durable_or_disk_full(self) -> bool:
+        """Wait until durable (True), or until the journal waits for disk space (False).
+
+        For the status reply only: it must answer on a full disk, to say so.
+        """
+        barrier = self.journal.barrier()
+        while self.journal.stalled_since is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(barrier), 0.5)
+                return True
+            except TimeoutError:
+                continue
+        return False
+
     # -- dispatch -------------------------------------------------------------------------
 
     def schedule_dispatch(self) -> None:

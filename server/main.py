@@ -8,6 +8,7 @@ and leaves ``trace.db/clean``: the next start knows nothing was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import logging.handlers
@@ -34,6 +35,10 @@ log = logging.getLogger("crq.server")
 
 class StartError(Exception):
     pass
+
+
+class StopError(Exception):
+    """The clean stop could not finish: the stop is left unclean, the journal intact."""
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -122,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crq-server: {e}", file=sys.stderr)
         log.error("cannot start: %s", e)
         return 3
+    except StopError as e:
+        print(f"crq-server: {e}", file=sys.stderr)
+        return 1
 
 
 def run(settings: Settings) -> int:
@@ -215,7 +223,17 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
     for t in tasks:
         t.cancel()
     await engine.durable()
-    await checkpoint.final(srv)
+    try:
+        await checkpoint.final(srv)
+    except OSError as e:
+        msg = (
+            f"clean stop incomplete: cannot write the snapshot ({e.strerror or e}); "
+            "the journal is intact and the next start recovers from it"
+        )
+        log.error("%s", msg)
+        with contextlib.suppress(OSError):
+            server_json(srv, MODE_STOPPED)
+        raise StopError(msg) from None
     server_json(srv, MODE_STOPPED)
     log.info("stopped cleanly")
 

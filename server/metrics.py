@@ -40,6 +40,11 @@ class _Queue(Collector):
             "crq_journal_durable_seq", "Last durable event", value=engine.journal.durable_seq
         )
         yield GaugeMetricFamily(
+            "crq_journal_disk_full",
+            "1 while the journal waits for disk space (replies are held)",
+            value=0 if engine.journal.stalled_since is None else 1,
+        )
+        yield GaugeMetricFamily(
             "crq_recovering",
             "1 while in crash recovery mode",
             value=1 if engine.mode == "recovering" else 0,

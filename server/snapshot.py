@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -157,44 +157,52 @@ def write(state: State, trace: Path, *, fsync: bool = True, chunk: int = CHUNK) 
         "global_total": state.global_total,
         "jobs": len(state.jobs),
     }
-    n = 0
-    dumps = orjson.dumps
-    with open(tmp, "wb", buffering=1 << 20) as f:
-
-        def put_raw(payload: bytes) -> None:
-            nonlocal n
-            n += 1
-            f.write(frame(n, payload))
-
-        def put(obj: Any) -> None:
-            put_raw(dumps(obj))
-
-        put(header)
-        for env_id, env in state.envs.items():
-            put({"env": env_id, "vars": env})
-        for t in state.taskers.values():
-            put({"tasker": _tasker_record(t)})
-        rows: list[list[Any]] = []
-        specs: list[bytes] = []
-        for job in state.jobs.values():
-            row = _job_row(job)
-            if row[10:] == FRESH:
-                del row[10:]
-            rows.append(row)
-            specs.append(job.spec)
-            if len(rows) == chunk:
-                put_raw(NL.join([dumps(rows), *specs]))
-                rows, specs = [], []
-        if rows:
-            put_raw(NL.join([dumps(rows), *specs]))
-        put({"end": n + 1})
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb", buffering=1 << 20) as f:
+            _put_all(state, f, header, chunk)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep what was written
+        raise
     os.replace(tmp, final)
     if fsync:
         fsync_dir(trace)
     return final
+
+
+def _put_all(state: State, f: BinaryIO, header: dict[str, Any], chunk: int) -> None:
+    n = 0
+    dumps = orjson.dumps
+
+    def put_raw(payload: bytes) -> None:
+        nonlocal n
+        n += 1
+        f.write(frame(n, payload))
+
+    def put(obj: Any) -> None:
+        put_raw(dumps(obj))
+
+    put(header)
+    for env_id, env in state.envs.items():
+        put({"env": env_id, "vars": env})
+    for t in state.taskers.values():
+        put({"tasker": _tasker_record(t)})
+    rows: list[list[Any]] = []
+    specs: list[bytes] = []
+    for job in state.jobs.values():
+        row = _job_row(job)
+        if row[10:] == FRESH:
+            del row[10:]
+        rows.append(row)
+        specs.append(job.spec)
+        if len(rows) == chunk:
+            put_raw(NL.join([dumps(rows), *specs]))
+            rows, specs = [], []
+    if rows:
+        put_raw(NL.join([dumps(rows), *specs]))
+    put({"end": n + 1})
 
 
 def read(path: Path, global_resources: dict[str, int] | None = None) -> State:

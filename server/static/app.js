@@ -122,6 +122,11 @@ function renderServer(info) {
     el("span", { class: "muted" }, `${info.taskers} tasker(s)`),
   );
   renderRecovery(info.mode === "recovering" ? info.recovery || {} : null);
+  const full = info.journal && info.journal.disk_full_since;
+  if (full) {
+    showMsg(`The server's disk is full (since ${stamp(full)}): every change waits for space.`);
+    $("msg").classList.add("stale"); // cleared by the next answer of a server with space
+  }
 }
 
 function renderRecovery(rec) {
