@@ -62,6 +62,7 @@ class Server:
         self.sanity: Callable[[bool], dict[str, Any]] = self._sanity
         self.on_register: Callable[[str, Register, commands.Outcome], None] = lambda *a: None
         self.recovery_task: asyncio.Task[None] | None = None
+        self.checkpoints = {"written": 0, "failed": 0}  # forked checkpoints since start
 
     def _sanity(self, fix: bool) -> dict[str, Any]:
         from server import sanity

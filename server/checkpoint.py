@@ -93,8 +93,10 @@ async def write_forked(srv: Server) -> Path | None:
             os._exit(code)
     _, status = await asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
+        srv.checkpoints["failed"] += 1
         log.error("checkpoint child %d failed (status %d)", pid, status)
         return None
+    srv.checkpoints["written"] += 1
     await engine.durable()
     prune(trace)
     path = snapshot.list_snapshots(trace)[-1]

@@ -15,11 +15,13 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 log = logging.getLogger("crq.journal")
 
 HEADER = struct.Struct("<IIQ")
@@ -215,41 +217,47 @@ class Journal:
 
     def _write(self, data: bytes, rotate: bool) -> None:
         if data:
-            self._write_all(data)
+            self._until_space(lambda: self._write_once(data))
         if rotate:
             old = self._fd
             if self.fsync:
                 os.fsync(old)
+            self._fd = self._until_space(lambda: self._open_segment(self.segment + 1))
             self.segment += 1
-            self._fd = self._open_segment(self.segment)
             os.close(old)
             self.bytes_written = 0
 
-    def _write_all(self, data: bytes) -> None:
-        """Write and fsync; on a full disk wait for space (replies wait with us)."""
+    def _write_once(self, data: bytes) -> None:
+        """Append and fsync all of ``data``, or none of it (a failed write is cut off)."""
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError:
+            os.ftruncate(self._fd, start)
+            raise
+        self.bytes_written += len(data)
+
+    def _until_space(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` until the disk has room for it: replies wait with us meanwhile."""
         while True:
-            start = os.lseek(self._fd, 0, os.SEEK_END)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                if self.fsync:
-                    os.fsync(self._fd)
-                self.bytes_written += len(data)
-                if self.stalled_since is not None:
-                    log.warning(
-                        "journal writable again after %.1f s", time.time() - self.stalled_since
-                    )
-                    self.stalled_since = None
-                return
+                result = attempt()
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                os.ftruncate(self._fd, start)
                 if self.stalled_since is None:
                     self.stalled_since = time.time()
                     log.error("journal disk full: holding replies until space returns")
                 time.sleep(0.5)
+                continue
+            if self.stalled_since is not None:
+                log.warning("journal writable again after %.1f s", time.time() - self.stalled_since)
+                self.stalled_since = None
+            return result
 
     # -- offline use ----------------------------------------------------------------------
 

@@ -39,6 +39,12 @@ class _Queue(Collector):
         yield GaugeMetricFamily(
             "crq_journal_durable_seq", "Last durable event", value=engine.journal.durable_seq
         )
+        checkpoints = CounterMetricFamily(
+            "crq_checkpoints", "Forked checkpoints since start", labels=["result"]
+        )
+        for result, n in self.srv.checkpoints.items():
+            checkpoints.add_metric([result], n)
+        yield checkpoints
         yield GaugeMetricFamily(
             "crq_journal_disk_full",
             "1 while the journal waits for disk space (replies are held)",

@@ -141,6 +141,33 @@ def test_a_kill_while_replies_wait_loses_only_what_was_not_acknowledged(small_fs
         srv.kill9()
 
 
+def test_a_checkpoint_that_finds_no_room_fails_alone(small_fs: Path) -> None:
+    """The forked snapshot runs out of space: it is dropped, the server serves on, the
+    journal still holds everything, and the next checkpoint, with room, succeeds."""
+    srv = CrqServer(small_fs / "q.swd", "full", "--fsync", "always", "--checkpoint-bytes", "1")
+    srv.start()
+    try:
+        ids = srv.request("POST", "/jobs", json={"jobs": [job(i) for i in range(4000)]})["ids"]
+        trace = srv.swd / "trace.db"
+        wait_until(lambda: list(trace.glob("snapshot.*")), timeout=20)  # room: it works
+        filler = fill(small_fs)
+        os.truncate(filler, filler.stat().st_size - 256 * 1024)  # room for the journal only
+        more = srv.request("POST", "/jobs", json={"jobs": [job(i) for i in range(1000)]})
+        ids += more["ids"]
+        failed = 'crq_checkpoints_total{result="failed"} 1.0'
+        wait_until(lambda: failed in httpx.get(f"{srv.url}/metrics").text, timeout=20)
+        assert not list(trace.glob(".snapshot.*.tmp")), "the partial snapshot must not stay"
+        assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
+        filler.unlink()
+        ids += srv.request("POST", "/jobs", json={"jobs": [job(i) for i in range(10)]})["ids"]
+        srv.kill9()
+        srv.start()
+        info = wait_until(lambda: (s := srv.request("GET", "/server"))["mode"] == "normal" and s)
+        assert info["counts"]["queued"] == len(ids) == 5010
+    finally:
+        srv.kill9()
+
+
 def test_a_clean_stop_that_cannot_write_its_snapshot_is_not_clean(small_fs: Path) -> None:
     srv = CrqServer(small_fs / "q.swd", "full", "--fsync", "always")
     srv.start()
