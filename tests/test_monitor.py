@@ -224,6 +224,31 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
     assert other.proc is not None and other.proc.poll() is None
 
 
+def test_back_from_a_freeze_the_tasker_never_runs_beyond_its_slots(rig_factory: Any) -> None:
+    """Its attempt was superseded while it was frozen and is deaf to SIGTERM: the new attempt
+    the server sends at once waits on the tasker until the old one is dead (a job holding
+    a flock on one file per slot proves no overlap)."""
+    rig: Rig = rig_factory(*FAST)
+    t = rig.tasker("solo", "--slots", "1")
+    lock = rig.tmp / "slot.lock"
+    cmd = (
+        f"exec 9>{lock}; flock -n 9 || echo OVERLAP >> {rig.runs}; "
+        "[ \"$CRQ_ATTEMPT\" = 1 ] && { trap '' TERM; sleep 60; }; exit 0"
+    )
+    (job,) = rig.srv.submit(rig.spec(cmd))
+    old = wait_until(lambda: rig.running_on(job, "solo"), timeout=10)["pid"]
+    assert t.proc is not None
+    os.kill(t.proc.pid, signal.SIGSTOP)
+    wait_until(lambda: rig.tasker_state("solo") == "lost", timeout=10)
+    assert rig.job(job)["state"] == "queued" and alive(old)
+    os.kill(t.proc.pid, signal.SIGCONT)
+    j = rig.srv.wait(job, timeout=20)
+    assert (j["state"], j["attempt"], j["tasker"]) == ("done", 2, "solo"), j
+    assert "OVERLAP" not in rig.runs.read_text(), "two jobs ran at once on one slot"
+    assert "wait for a free slot" in t.log()
+    assert not alive(old)
+
+
 @pytest.mark.parametrize("delay", [0.5, 0])
 def test_poison_job_gives_up_after_max_attempts(rig_factory: Any, delay: float) -> None:
     """A job that kills its tasker and itself, with a supervisor rebuilding the host each
