@@ -179,14 +179,8 @@ def read_server_json(swd: wire.Swd) -> dict[str, Any]:
 
 def pid_alive(pid: int | None) -> bool:
     """True if ``pid`` runs on this host and looks like a crq server (guards against reuse)."""
-    if not pid:
+    if not pid or not wire.process_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     try:
         text = cmdline.read_bytes().replace(b"\0", b" ")

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.wire import RUNNING, Swd
+from client.wire import RUNNING, Swd, process_exists
 from server import replay
 from server.events import encode
 from server.journal import Journal
 from server.models import BadRequest
 from server.monitor import lose_tasker
-from server.recovery import LockError, pid_alive, read_lock, take_lock
+from server.recovery import LockError, read_lock, take_lock
 from server.state import TASKER_READY, Event, State
 
 REASON = "manual cleanup"
@@ -113,7 +113,7 @@ def reset_lock(swd: Swd) -> str:
     if held is None:
         return "no recovery lock"
     pid, host = int(held.get("pid") or 0), held.get("host")
-    if host == os.uname().nodename and pid and pid_alive(pid):
+    if host == os.uname().nodename and pid and process_exists(pid):
         raise LockError(f"recovery lock held by live pid {pid}: not removed")
     if host != os.uname().nodename:
         raise LockError(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from client.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING
+from client.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING, process_exists
 from server import checkpoint, sanity
 from server.commands import Outcome
 from server.models import Register
@@ -38,16 +38,6 @@ class LockError(Exception):
     pass
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_lock(path: Path) -> dict[str, Any] | None:
     try:
         return orjson.loads(path.read_bytes())
@@ -63,7 +53,9 @@ def take_lock(path: Path) -> None:
     if held is not None:
         when = datetime.fromtimestamp(held.get("time") or 0).strftime("%Y-%m-%d %H:%M:%S")
         who = f"pid {held.get('pid')} on {held.get('host')} since {when}"
-        if held.get("host") == socket.gethostname() and not pid_alive(int(held.get("pid") or 0)):
+        if held.get("host") == socket.gethostname() and not process_exists(
+            int(held.get("pid") or 0)
+        ):
             raise LockError(
                 f"stale recovery lock {path} ({who}, process gone): "
                 "check the swd, then run `ncmgr cleanup --reset-lock`"

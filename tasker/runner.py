@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.wire import process_exists
 from tasker.statedir import Key, StateDir, key_of, parse_name, read_status
 
 log = logging.getLogger("crq.tasker")
@@ -96,13 +97,7 @@ def wrapper_alive(pid: int, status: Path) -> bool:
     if pid <= 0:
         return False
     if not os.path.isdir("/proc/self"):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return process_exists(pid)
     argv = _cmdline(pid)
     return bool(argv) and os.fsencode(str(status)) in argv
 

@@ -87,19 +87,30 @@ def submit_in_thread(srv: CrqServer, out: dict[str, Any]) -> threading.Thread:
     return t
 
 
+def one_acked_one_held(
+    srv: CrqServer, fs: Path
+) -> tuple[int, Path, dict[str, Any], threading.Thread, dict[str, Any]]:
+    """One job acknowledged, the disk filled, a batch submitted in a thread and held.
+
+    Returns the acknowledged id, the filler, the thread's outcome and the thread, and the
+    server's status once it says the disk is full (the log is on that disk too).
+    """
+    (first,) = srv.request("POST", "/jobs", json=job(1))["ids"]
+    filler = fill(fs)
+    out: dict[str, Any] = {}
+    t = submit_in_thread(srv, out)
+    info = wait_until(
+        lambda: (s := srv.request("GET", "/server"))["journal"]["disk_full_since"] and s,
+        timeout=10,
+    )
+    return first, filler, out, t, info
+
+
 def test_replies_wait_for_space_and_every_ack_survives_a_kill(small_fs: Path) -> None:
     srv = CrqServer(small_fs / "q.swd", "full", "--fsync", "always")
     srv.start()
     try:
-        (first,) = srv.request("POST", "/jobs", json=job(1))["ids"]
-        filler = fill(small_fs)
-        out: dict[str, Any] = {}
-        t = submit_in_thread(srv, out)
-        # the log is on the full disk too: the server's own status says it
-        info = wait_until(
-            lambda: (s := srv.request("GET", "/server"))["journal"]["disk_full_since"] and s,
-            timeout=10,
-        )
+        first, filler, out, t, info = one_acked_one_held(srv, small_fs)
         assert info["counts"] is None, "counts that nothing durable backs yet are not shown"
         assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
         metrics = httpx.get(f"{srv.url}/metrics", timeout=5).text
@@ -124,11 +135,7 @@ def test_a_kill_while_replies_wait_loses_only_what_was_not_acknowledged(small_fs
     srv = CrqServer(small_fs / "q.swd", "full", "--fsync", "always")
     srv.start()
     try:
-        (first,) = srv.request("POST", "/jobs", json=job(1))["ids"]
-        filler = fill(small_fs)
-        out: dict[str, Any] = {}
-        t = submit_in_thread(srv, out)
-        wait_until(lambda: srv.request("GET", "/server")["journal"]["disk_full_since"])
+        first, filler, out, t, _ = one_acked_one_held(srv, small_fs)
         srv.kill9()
         t.join(timeout=30)
         assert "response" not in out and "error" in out, "no answer from a server killed mid-wait"
