@@ -30,10 +30,16 @@ log = logging.getLogger("crq.tasker")
 SH = "/bin/sh"
 WRAPPER_NAME = "crq-job"
 # Runs the command as a child (not exec) so the shell outlives it and records its status.
-# Traps make a group-wide SIGTERM/INT/HUP reach the command but let the wrapper write the
-# status before leaving; trapped signals are reset to default for the command itself.
-# Only shell built-ins: the job's env may have no PATH at all.
-WRAPPER = 'trap : TERM INT HUP; s=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
+# It first makes the status file, empty: an attempt that got that far leaves a trace even
+# if it is killed with its wrapper while no tasker watches (an attempt without one never
+# ran its command, and the server may send it again). Traps make a group-wide
+# SIGTERM/INT/HUP reach the command but let the wrapper write the status before leaving;
+# trapped signals are reset to default for the command itself. Only shell built-ins: the
+# job's env may have no PATH at all.
+WRAPPER = (
+    'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
+)
 NSIG = 65
 
 
@@ -306,7 +312,7 @@ class Runner:
         The attempt records are made durable together (one directory fsync) before any of
         the jobs is reported started or watched for its end. A crash between the spawn and
         the record leaves a job that ``recover`` finds through /proc while it runs, or
-        through the status file made before the spawn once it has ended or been killed.
+        through the status file its wrapper made at start once it has ended or been killed.
         """
         jobs: list[_Job] = []
         names: list[str] = []
@@ -371,12 +377,8 @@ class Runner:
         env["CRQ_JOB_ID"] = str(key[0])
         env["CRQ_ATTEMPT"] = str(key[1])
         status = self.state.status_path(key)
-        try:
-            self._mark_spawn(status)
-        except OSError as e:
-            logf.close()
-            self._fail(key, now, f"cannot create status file {status}: {e.strerror or e}")
-            return None
+        with contextlib.suppress(FileNotFoundError):
+            status.unlink()
         spawned = time.time()
         try:
             with logf:
@@ -391,8 +393,6 @@ class Runner:
                     close_fds=True,
                 )
         except OSError as e:
-            with contextlib.suppress(OSError):
-                status.unlink()
             reason = (
                 f"cwd does not exist: {cwd}"
                 if not os.path.isdir(cwd)
@@ -402,19 +402,6 @@ class Runner:
             return None
         job = _Job(key[0], key[1], proc.pid, proc.pid, spawned, status, proc=proc)
         return job, str(d.get("name") or argv[0])
-
-    @staticmethod
-    def _mark_spawn(status: Path) -> None:
-        """Create the attempt's status file empty, before the spawn.
-
-        The attempt record is written only after the batch is spawned, so a tasker killed
-        in between leaves a job with no record; if that job is then killed too (no status
-        written, no process left), this empty file is all that says it was ever started,
-        and ``recover`` reports it instead of letting the server send the same attempt
-        again. Its mtime is the spawn time until the wrapper writes the exit status. No
-        fsync: only a crash of the host loses it, and a reboot is reported as such.
-        """
-        os.close(os.open(status, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
 
     def _fail(self, key: Key, now: float, reason: str) -> None:
         log.warning("job %d.%d not started: %s", *key, reason)
@@ -681,7 +668,7 @@ class Runner:
                 self.state.remove_attempt(key)
             elif not known and key not in records:
                 # Spawned, never recorded, not running: ended or killed while we were away.
-                # The file's mtime is the best start time left: the spawn while it is empty,
+                # The file's mtime is the best start time left: the start while it is empty,
                 # the end once it holds the exit status.
                 status = self.state.status_path(key)
                 st = read_status(status)

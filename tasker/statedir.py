@@ -8,8 +8,8 @@ that finished while nobody watched::
     <state>/boot_id                  host boot id at the last successful registration
     <state>/id                       made once: tells the server this is the same memory
     <state>/attempts/<job>.<n>.json  one record per started attempt (pid, pgid, status path)
-    <state>/status/<job>.<n>         made empty before the spawn; the job's own shell
-                                     wrapper writes the exit status into it when it exits
+    <state>/status/<job>.<n>         made empty by the job's own shell wrapper at start;
+                                     the exit status goes into it when the job exits
     <state>/results/<job>.<n>.json   a finished result not yet acked by the server
 
 A result file is the source of truth once written: the attempt record and status file
@@ -245,10 +245,9 @@ class StateDir:
 def read_status(path: Path) -> tuple[int | None, float] | None:
     """Read a wrapper status file: ``(rc, mtime)``; rc None if cut short; None if absent.
 
-    The tasker makes the file empty before the spawn and the wrapper writes ``"<rc>\\n"``
-    into it with one ``write``; an empty file means the job runs or was killed (with its
-    wrapper), and one without the newline that the wrapper died while writing it, which
-    only a SIGKILL can do.
+    The wrapper makes the file empty when it starts and writes ``"<rc>\\n"`` into it with
+    one ``write``; an empty file means the job runs or was killed (with its wrapper), and
+    one without the newline that the wrapper died while writing it (only a SIGKILL can).
     """
     try:
         st = path.stat()

@@ -107,6 +107,35 @@ GATED = "echo ran >> marker; while [ ! -e go ]; do sleep 0.02; done; exit 3"
 # -- runner level ---------------------------------------------------------------------------
 
 
+# A tasker that dies at the spawn itself: nothing of the job ever ran.
+UNSPAWNED = (
+    "import json, os, subprocess, sys\n"
+    "from tasker.statedir import StateDir\n"
+    "from tasker.runner import Runner\n"
+    "def crash(*a, **k):\n"
+    "    os._exit(0)\n"
+    "subprocess.Popen = crash\n"
+    "Runner(StateDir(sys.argv[1])).start_many(json.loads(sys.argv[2]))\n"
+)
+
+
+def test_an_attempt_the_dying_tasker_never_spawned_is_left_to_be_sent_again(
+    state: StateDir, work: Path
+) -> None:
+    """Nothing ran, so nothing is reported: the server sends it again and it runs once. A
+    report of "killed" here would fail a job that never ran (the kill -9 storm found it)."""
+    items = json.dumps([dispatch(60, work, "true")])
+    subprocess.run(
+        [sys.executable, "-c", UNSPAWNED, str(state.root), items],
+        check=True, env=env_with_root(), cwd=work, timeout=10,
+    )  # fmt: skip
+    r = Runner(state)
+    assert r.recover() == (0, 0)
+    assert r.reports(everything=True) == ([], []) and r.running_attempts() == []
+    r.start(dispatch(60, work, "exit 4"))
+    assert finished(r, (60, 1))["exit_code"] == 4
+
+
 def test_unrecorded_attempt_that_ended_is_reported_once(state: StateDir, work: Path) -> None:
     spawn_unrecorded(state, work, [dispatch(50, work, "echo ran >> marker; exit 7")])
     wait_until(lambda: ended_with(state, (50, 1), 7))

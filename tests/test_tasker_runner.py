@@ -220,7 +220,7 @@ def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
     run_and_vanish(state.root, work, [dispatch(20, work, "sleep 0.3; exit 4")])
     status = state.status_path((20, 1))
     assert (20, 1) in state.load_records()
-    assert read_status(status) is not None, "made before the spawn"
+    wait_until(lambda: read_status(status) is not None)  # made empty by the wrapper at start
     wait_until(lambda: (read_status(status) or (None,))[0] == 4, timeout=3)
     r = Runner(state)
     assert r.recover() == (0, 1)
