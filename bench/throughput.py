@@ -88,7 +88,8 @@ def one_run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for t in taskers:
             t.stop()
         srv.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "rate": args.jobs / took,
         "took": took,
