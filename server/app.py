@@ -21,10 +21,21 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, Response
 
-from client.wire import MODE_NORMAL, MODE_RECOVERING, QUEUED, USER_HEADER
+from client.wire import JOB_STATES, MODE_NORMAL, MODE_RECOVERING, QUEUED, USER_HEADER
 from server import commands
 from server.engine import Engine, Link
-from server.models import BadRequest, Register, Sync, parse_json, parse_submit, validate
+from server.models import (
+    TASKER_NAME,
+    BadRequest,
+    Register,
+    StopServer,
+    Sync,
+    describe,
+    parse_json,
+    parse_submit,
+    validate,
+)
+from server.openapi import allowed_methods, install_openapi
 from server.settings import Settings
 from server.state import TASKER_LOST, Job, State
 
@@ -76,10 +87,13 @@ class Server:
 
 
 def _token(request: Request) -> bytes:
-    auth = request.headers.get("authorization", "")
-    if not auth.startswith("Bearer "):
+    """The credentials of ``Authorization: Bearer <token>``; the scheme is case-insensitive
+    (RFC 7235), so ``bearer`` and ``BEARER`` do too."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise BadRequest(401, "unauthorized", "missing bearer token (Authorization: Bearer …)")
-    return auth[7:].strip().encode()
+    return token.encode()
 
 
 def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
@@ -129,6 +143,7 @@ def create_app(srv: Server) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
+    install_openapi(app, lambda: srv.state.global_total)
     engine = srv.engine
     api = "/api/v1"
 
@@ -142,14 +157,16 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> Response:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return error(422, "invalid", f"{where}: {err['msg']}")
+        return error(422, "invalid", describe(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}")
+        resp = error(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}")
+        resp.headers.update(e.headers or {})
+        if e.status_code == 405:  # every method of the path, not only the first route's
+            resp.headers["Allow"] = allowed_methods(app, request.scope)
+        return resp
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> Response:
@@ -215,6 +232,8 @@ def create_app(srv: Server) -> FastAPI:
         after: int = 0,
     ) -> Response:
         client(request)
+        if state is not None and state not in JOB_STATES:
+            raise BadRequest(400, "invalid", f"state: must be one of {', '.join(JOB_STATES)}")
         limit = max(1, min(limit, 10_000))
         out = []
         nxt = None
@@ -341,8 +360,7 @@ def create_app(srv: Server) -> FastAPI:
     async def server_stop(request: Request) -> Response:
         admin(request)
         body = await request.body()
-        data = parse_json(body) if body else {}
-        freeze = bool(data.get("freeze")) if isinstance(data, dict) else False
+        freeze = validate(StopServer, parse_json(body) if body else {}).freeze
         srv.request_stop(freeze)
         return JSON({"stopping": True, "freeze": freeze})
 
@@ -518,7 +536,7 @@ class Recovering(Exception):
 
 
 def _check_name(name: str) -> None:
-    if not name or len(name) > 128 or not all(c.isalnum() or c in "._-@" for c in name):
+    if not TASKER_NAME.fullmatch(name):
         raise BadRequest(422, "invalid", f"bad tasker name {name[:40]!r}")
 
 
