@@ -198,6 +198,19 @@ def test_sanity_is_clean(q: Queue) -> None:
     assert "sanity: ok" in out.stdout
 
 
+def test_a_refused_submit_exits_1_a_usage_error_2(q: Queue) -> None:
+    before = q.crq("list", "--json").stdout
+    out = q.crq("submit", "-r", "License:nosuch", "--", "true")  # the server refuses: 1
+    assert out.returncode == 1
+    assert out.stderr == "crq: resources: unknown resource License:nosuch\n"
+    (q.root / "jobs.txt").write_bytes(b"echo a\n\xff\n")  # the command line is wrong: 2
+    out = q.crq("submit", "--file", "jobs.txt")
+    assert out.returncode == 2
+    assert out.stderr == "crq: --file jobs.txt: not UTF-8 text (byte 7)\n"
+    assert q.crq("list", "--state", "bogus").returncode == 2
+    assert q.crq("list", "--json").stdout == before  # nothing was queued
+
+
 @needs_tasker
 def test_submit_wait_info(q: Queue) -> None:
     ok = q.submit("-J", "hello", "--", "sh", "-c", "echo hello from crq")
