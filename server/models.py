@@ -209,8 +209,18 @@ _PATTERNS = {
     ABS_PATH: "must be an absolute path (taskers run on other hosts and directories)",
     SHELL_LINE: "must not be blank",
     ENV_NAME: "must not contain '='",
-    RESOURCES: "expected words NAME, NAME/N or Kind:NAME separated by blanks (N < 10^12)",
+    RESOURCES: "words must be separated by spaces, tabs or newlines",
 }
+_RESOURCE_WORD = re.compile(_WORD)
+
+
+def _resources_message(text: str) -> str:
+    """Which word of a refused resource string is wrong, as the resource parser says it."""
+    for word in text.split():
+        if not _RESOURCE_WORD.fullmatch(word):
+            shown = word if len(word) <= 40 else word[:40] + "…"
+            return f"bad resource word {shown!r} (expected NAME, NAME/N or Kind:NAME, N < 10^12)"
+    return _PATTERNS[RESOURCES]
 
 
 def _message(err: Any, field: str) -> str:
@@ -232,6 +242,8 @@ def _message(err: Any, field: str) -> str:
     if kind == "string_pattern_mismatch":
         if isinstance(value, str) and "\0" in value:
             return "must not contain NUL bytes"
+        if ctx.get("pattern") == RESOURCES and isinstance(value, str):
+            return _resources_message(value)
         return _PATTERNS.get(ctx.get("pattern"), str(err["msg"]))
     if kind == "value_error" and "error" in ctx:
         return str(ctx["error"])

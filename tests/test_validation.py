@@ -68,7 +68,7 @@ UNRUNNABLE = [
     ({"cwd": "/tmp/\0"}, "cwd: must not contain NUL bytes"),
     ({"name": "n\0"}, "name: must not contain NUL bytes"),
     ({"command": " \t\x1c"}, "command: must not be blank"),
-    ({"resources": "CORES/2 bad/"}, "resources: expected words NAME, NAME/N or Kind:NAME"),
+    ({"resources": "CORES/2 bad/"}, "resources: bad resource word 'bad/' (expected NAME, N"),
 ]
 
 
@@ -208,7 +208,7 @@ STRICT_TASKER = [
     ("register", {"host": "h", "slots": "2"}, "slots: must be an integer from 0 to 100000"),
     ("register", {"host": "h", "slots": 1, "rebooted": "yes"}, "rebooted: must be true or"),
     ("register", {"host": "h", "slots": 1, "pid": 1.5}, "pid: must be a 64-bit integer"),
-    ("register", {"host": "h", "slots": 1, "resources": "é"}, "resources: expected words"),
+    ("register", {"host": "h", "slots": 1, "resources": "é"}, "resources: bad resource word"),
     ("sync", {"wait": "1"}, "wait: must be a number from 0 to 300"),
     ("sync", {"wait": True}, "wait: must be a number from 0 to 300"),
     ("sync", {"running": [{"job": "1", "attempt": 1}]}, "running[0].job: must be a 64-bit"),
