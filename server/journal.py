@@ -106,6 +106,17 @@ def list_segments(trace: Path) -> list[Path]:
     return sorted(found, key=segment_number)
 
 
+def first_seq(path: Path) -> int | None:
+    """The seq of a segment's first record, or None if it is empty or unreadable there."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+        if len(head) < HEADER.size or HEADER.unpack(head)[0] > MAX_RECORD:
+            return None
+        data = head + f.read(HEADER.unpack(head)[0])
+    found = _valid_at(data, 0)
+    return found[0] if found is not None else None
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
