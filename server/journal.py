@@ -148,7 +148,7 @@ class Journal:
 
     def _open_segment(self, number: int) -> int:
         path = self.trace / f"{PREFIX}{number:06d}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fsync_dir(self.trace)
         return fd
 

@@ -15,6 +15,7 @@ import logging.handlers
 import os
 import secrets
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -41,7 +42,7 @@ class StopError(Exception):
     """The clean stop could not finish: the stop is left unclean, the journal intact."""
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -51,6 +52,31 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def make_private(paths: Swd) -> None:
+    """trace.db, logs and security hold job environments (secrets) and tokens: owner only.
+
+    New files are private by the umask; what an older version left readable is tightened.
+    """
+    for d in (paths.trace, paths.logs, paths.security):
+        d.mkdir(mode=0o700, exist_ok=True)
+        _tighten(d, 0o700)
+        for f in d.iterdir():
+            if f.is_file() and not f.is_symlink():
+                _tighten(f, 0o600)
+    for f in paths.root.glob("crash_recovery_report_*"):
+        _tighten(f, 0o600)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """Drop the permission bits ``mode`` lacks (never add any)."""
+    try:
+        now = stat.S_IMODE(path.lstat().st_mode)
+        if now & ~mode:
+            os.chmod(path, now & mode)
+    except OSError as e:  # not ours (a tasker log of another user): say so, go on
+        log.warning("cannot make %s private: %s", path, e.strerror or e)
 
 
 def lock_swd(paths: Swd) -> int:
@@ -134,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: Settings) -> int:
     paths = settings.paths
-    for d in (paths.root, paths.trace, paths.logs):
-        d.mkdir(parents=True, exist_ok=True)
-    paths.security.mkdir(mode=0o700, exist_ok=True)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # everything the server writes below is its owner's alone
+    make_private(paths)
     lock_fd = lock_swd(paths)
     setup_logging(paths)
     admin = ensure_token(paths.admin_token)

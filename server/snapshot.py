@@ -158,7 +158,8 @@ def write(state: State, trace: Path, *, fsync: bool = True, chunk: int = CHUNK) 
         "jobs": len(state.jobs),
     }
     try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # job envs: private
+        with open(fd, "wb", buffering=1 << 20) as f:
             _put_all(state, f, header, chunk)
             f.flush()
             if fsync:
