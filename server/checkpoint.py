@@ -103,6 +103,8 @@ async def write_forked(srv: Server) -> Path | None:
     srv.checkpoints["written"] += 1
     await engine.durable()
     prune(trace)
+    if engine.marker is not None:
+        await engine.marker.write()
     path = snapshot.list_snapshots(trace)[-1]
     log.info("checkpoint %s written in %.2f s", path.name, time.time() - started)
     return path
@@ -131,6 +133,8 @@ async def final(srv: Server) -> None:
     engine.journal.close()
     snapshot.write(engine.state, paths.trace, fsync=srv.settings.fsync == "always")
     prune(paths.trace)
+    if engine.marker is not None:
+        engine.marker.put_now()
     from server.main import write_atomic
 
     write_atomic(paths.clean_marker, f"{time.time()}\n".encode())
@@ -148,6 +152,15 @@ async def _checkpoints(srv: Server) -> None:
             # do not walk a million jobs (1 s pauses otherwise). Jobs hold no cycles.
             gc.freeze()
             frozen_at = time.monotonic()
+
+
+async def _marks(srv: Server) -> None:
+    """The high-water mark follows the journal about every second, off the ack path."""
+    marker = srv.engine.marker
+    while marker is not None:
+        await asyncio.sleep(1.0)
+        if marker.behind():
+            await marker.write()
 
 
 async def _autoforget(srv: Server) -> None:
@@ -181,4 +194,4 @@ async def _autoforget(srv: Server) -> None:
 def background(srv: Server) -> list[Coroutine[Any, Any, None]]:
     from server import monitor
 
-    return [_checkpoints(srv), _autoforget(srv), monitor.watch(srv)]
+    return [_checkpoints(srv), _marks(srv), _autoforget(srv), monitor.watch(srv)]

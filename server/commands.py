@@ -29,8 +29,18 @@ def _job(state: State, job_id: int) -> Job:
     return job
 
 
+ID_BLOCK = 10_000  # ids reserved at a time: one high-water mark write per block
+
+
+def reserve_ids(state: State, last: int, now: float) -> list[Event]:
+    """A new block of ids when ``last`` is past the reserved ones (see State._ids)."""
+    if last < state.id_ceiling:
+        return []
+    return [{"e": "ids", "t": now, "ceiling": (last // ID_BLOCK + 1) * ID_BLOCK + 1}]
+
+
 def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Event], list[int]]:
-    events: list[Event] = []
+    events = reserve_ids(state, state.next_id + len(batch.jobs) - 1, now)
     new_envs: dict[str, int] = {}
     next_env = state.next_env
     jobs: list[list[object]] = []

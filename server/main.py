@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import logging
 import logging.handlers
@@ -25,10 +27,11 @@ from typing import Any
 import orjson
 
 from client.wire import MODE_NORMAL, MODE_STOPPED, Swd
-from server import checkpoint, replay
+from server import checkpoint, marks, replay
 from server.app import Server, create_app
 from server.engine import Engine
 from server.journal import Journal, fsync_dir
+from server.marks import Marker
 from server.settings import Settings, SettingsError, load
 
 log = logging.getLogger("crq.server")
@@ -199,6 +202,7 @@ def run(settings: Settings) -> int:
     )
     journal = Journal(paths.trace, next_seq=loaded.state.seq + 1, fsync=settings.fsync == "always")
     engine = Engine(loaded.state, journal)
+    engine.marker = start_marks(paths, settings.queue, loaded, journal)
     engine.fresh_within = 3 * settings.heartbeat + 1  # a long poll lasts at most 3 heartbeats
     srv = Server(settings, engine, admin, tasker, uuid.uuid4().hex[:12], url)
 
@@ -208,6 +212,45 @@ def run(settings: Settings) -> int:
         runner.run(serve(srv, sock, loaded, unclean))
     os.close(lock_fd)
     return 0
+
+
+def start_marks(paths: Swd, queue: str, loaded: replay.Replayed, journal: Journal) -> Marker:
+    """Record the queue's identity if it has none yet, and where its journal stands now.
+
+    The new mark is written before serving: after an accepted loss the old one is ahead of
+    the journal and would refuse the next start.
+    """
+    st = loaded.state
+    ceiling = max(st.id_ceiling, loaded.mark.ceiling if loaded.mark else 1)
+    mark = marks.Mark(st.seq, journal.segment, 0, st.next_id, ceiling, time.time())
+    try:
+        if loaded.identity is None:
+            ident = marks.write_identity(paths.trace, queue)
+            log.info("recorded the identity of queue %s: %s", queue, ident["uuid"])
+        marks.write_mark(paths.trace, mark)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise StartError(f"cannot write {paths.trace}: {e.strerror or e}") from None
+        # a full disk holds replies, it does not stop the start: written once space returns
+        log.error("disk full: %s not written yet", marks.MARK)
+        on_disk = loaded.mark.ceiling if loaded.mark else 1
+        mark = dataclasses.replace(mark, seq=-1, ceiling=on_disk)
+    return Marker(paths.trace, journal, st, mark)
+
+
+def skip_ids(engine: Engine) -> None:
+    """After an unclean stop, ids go on past every id that may have been handed out.
+
+    The journal's tail may be lost without a trace (a truncation within the last second
+    the high-water mark does not know of yet): ids up to the reserved ceiling may have
+    been acknowledged in it. As a database sequence does after a crash, skip them; as an
+    event, so that replay ends in the same state.
+    """
+    st, marker = engine.state, engine.marker
+    floor = max(st.id_ceiling, marker.written.ceiling if marker else 1)
+    if st.next_id < floor:
+        log.warning("ids go on at %d after the unclean stop (skipping from %d)", floor, st.next_id)
+        engine.emit([{"e": "ids", "t": time.time(), "ceiling": floor, "next_id": floor}])
 
 
 async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, unclean: bool) -> None:
@@ -241,6 +284,8 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
     _signals(request_stop)
     if settings.resources != engine.state.global_total:
         engine.emit([{"e": "resources", "t": time.time(), "totals": settings.resources}])
+    if unclean:
+        skip_ids(engine)
     await _open(srv, loaded, unclean)
     server_json(srv, engine.mode)
     tasks = [asyncio.create_task(t) for t in checkpoint.background(srv)]

@@ -210,6 +210,10 @@ class Recovery:
                 "events_replayed": ld.events_replayed,
                 "bytes_discarded": ld.bytes_discarded,
                 "losses": ld.losses,
+                "lost_seq": ld.lost_seq,
+                "lost_jobs": ld.lost_jobs,
+                "lost_ids": ld.lost_ids,
+                "kept": ld.kept,
             },
             "taskers": {
                 "expected": self.expected,
@@ -246,6 +250,21 @@ def _snap_seq(path: Path | None) -> int:
     return int(path.name.split(".", 1)[1]) if path else 0
 
 
+def _runs(ids: list[int]) -> list[list[int]]:
+    """Sorted ids as [first, last] runs."""
+    out: list[list[int]] = []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def _ranges(ranges: list[list[int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
 def render_text(r: dict[str, Any]) -> str:
     t, j, jn, s = r["taskers"], r["jobs"], r["journal"], r["sanity"]
     lines = [
@@ -257,6 +276,12 @@ def render_text(r: dict[str, Any]) -> str:
         f"{jn['bytes_discarded']} bytes of torn tail discarded",
     ]
     lines += [f"          LOSS ACCEPTED: {loss}" for loss in jn.get("losses", [])]
+    if jn.get("lost_seq"):
+        lines.append(f"          events lost: {_ranges(jn['lost_seq'])}")
+    if jn.get("lost_ids"):
+        lines.append(f"          jobs lost (ids known durable): {_ranges([jn['lost_ids']])}")
+    if jn.get("lost_jobs"):
+        lines.append(f"          jobs lost (read back): {_ranges(_runs(jn['lost_jobs']))}")
     lines += [
         f"taskers   expected {len(t['expected'])}, reconnected {len(t['reconnected'])}, "
         f"missing {len(t['missing'])}" + (f": {', '.join(t['missing'])}" if t["missing"] else ""),

@@ -152,6 +152,7 @@ def write(state: State, trace: Path, *, fsync: bool = True, chunk: int = CHUNK) 
         "version": VERSION,
         "seq": state.seq,
         "next_id": state.next_id,
+        "id_ceiling": state.id_ceiling,
         "next_env": state.next_env,
         "created": time.time(),
         "global_total": state.global_total,
@@ -251,6 +252,7 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
         raise SnapshotError(f"{path}: snapshot incomplete (no end record)")
     state.seq = header["seq"]
     state.next_id = max(state.next_id, header["next_id"])
+    state.id_ceiling = header.get("id_ceiling", 1)  # absent before id blocks
     state.next_env = header["next_env"]
     if global_resources is None:
         state.global_total = header["global_total"]

@@ -222,6 +222,7 @@ class State:
     def __init__(self, global_resources: dict[str, int] | None = None) -> None:
         self.seq = 0  # sequence number of the last event applied
         self.next_id = 1
+        self.id_ceiling = 1  # ids below it are reserved (see the "ids" event)
         self.jobs: dict[int, Job] = {}
         self.taskers: dict[str, Tasker] = {}
         self.envs: dict[int, dict[str, str]] = {}
@@ -238,6 +239,7 @@ class State:
         self.on_final: Callable[[Job], None] | None = None
         self._apply = {
             "env": self._env,
+            "ids": self._ids,
             "submit": self._submit,
             "dispatch": self._dispatch,
             "start": self._start,
@@ -335,6 +337,16 @@ class State:
         self.env_refs.setdefault(env_id, 0)
         self.env_by_digest[env_digest(ev["env"])] = env_id
         self.next_env = max(self.next_env, env_id + 1)
+
+    def _ids(self, ev: Event) -> None:
+        """Ids below ``ceiling`` are reserved; with ``next_id``, ids jump past a possible loss.
+
+        A reservation is recorded outside the journal too (server/marks.py) before any of
+        its ids is acknowledged, so ids lost with a journal tail are never handed out again.
+        """
+        self.id_ceiling = max(self.id_ceiling, ev["ceiling"])
+        if "next_id" in ev:
+            self.next_id = max(self.next_id, ev["next_id"])
 
     def _submit(self, ev: Event) -> None:
         # the hot loop of a replay: add_job inlined, the jobs enqueued together

@@ -101,6 +101,7 @@ def test_replay_equals_live(ops: list[tuple], split: int) -> None:
     try:
         write_journal(tmp / "a", core.events)
         assert replayed(tmp / "a") == live
+        assert replay.load(tmp / "a", None).state.id_ceiling == core.state.id_ceiling
         # snapshot after a prefix, then the rest of the journal
         split = min(split, len(core.events))
         prefix = Core()
@@ -109,6 +110,7 @@ def test_replay_equals_live(ops: list[tuple], split: int) -> None:
         snapshot.write(prefix.state, tmp / "b", fsync=False, chunk=3)
         write_journal(tmp / "b", core.events[split:], first_seq=split + 1)
         assert replayed(tmp / "b") == live
+        assert replay.load(tmp / "b", None).state.id_ceiling == core.state.id_ceiling
     finally:
         shutil.rmtree(tmp)
 
