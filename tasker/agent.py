@@ -410,9 +410,11 @@ class Agent:
             log.debug("tasker name still in use: %s", f)
             return
         self._refused = True
+        wait = min(BACKOFF_CAP, f.retry_after) if f.retry_after is not None else BACKOFF_CAP
         log.error(
-            "not registered: %s; retrying%s",
+            "not registered: %s; retrying (next in about %.0f s)%s",
             f,
+            wait,
             f" (killed {len(stale)} jobs superseded by that session)" if stale else "",
         )
 
