@@ -32,6 +32,7 @@ log = logging.getLogger("crq.tasker")
 
 BACKOFF_START = 0.2
 BACKOFF_CAP = 30.0
+NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --dead-host)
 CONNECT_TIMEOUT = 5.0
 REPORT_TIMEOUT = 30.0
 POLL_SLACK = 15.0
@@ -410,7 +411,7 @@ class Agent:
             log.debug("tasker name still in use: %s", f)
             return
         self._refused = True
-        wait = min(BACKOFF_CAP, f.retry_after) if f.retry_after is not None else BACKOFF_CAP
+        wait = min(NAME_RETRY_CAP, f.retry_after or NAME_RETRY_CAP)
         log.error(
             "not registered: %s; retrying (next in about %.0f s)%s",
             f,
@@ -436,7 +437,7 @@ class Agent:
             delay = 0.0  # the server forgot us (restart): say hello again at once
         elif f.name_in_use and f.retry_after is not None:
             # the server knows when the holder's silence would free the name
-            delay = min(BACKOFF_CAP, f.retry_after) + random.uniform(0.0, 0.5)
+            delay = min(NAME_RETRY_CAP, f.retry_after) + random.uniform(0.0, 0.5)
         else:
             base = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(self._failures, 16))
             delay = random.uniform(base / 2, base)

@@ -13,6 +13,8 @@ import asyncio
 import os
 import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,14 @@ from server.models import Register, ResultReport, RunningReport
 from server.monitor import lose_tasker
 from server.settings import load
 from server.state import State
-from tests._tasker_util import CrqServer, Tasker, alive, server_available, wait_until
+from tests._tasker_util import (
+    CrqServer,
+    Tasker,
+    alive,
+    env_with_root,
+    server_available,
+    wait_until,
+)
 from tests.core_helpers import Core, fingerprint
 from tests.test_crash import _kill_recorded_jobs
 
@@ -307,6 +316,22 @@ def test_a_second_tasker_is_refused_and_a_restarted_one_recognised(
     assert not list((tmp_path / "b.state" / "attempts").iterdir()), "the second ran a job"
     mode = stat.S_IMODE((tmp_path / "a.state" / "session").stat().st_mode)
     assert mode == 0o600, oct(mode)
+    # its host dies for good; the operator frees the name (no waiting for the timeout),
+    # and the waiting tasker takes it at its next try
+    first.kill9()
+    env = {**env_with_root(), "CRQ_HOME": str(tmp_path / "home")}
+    for k in ("CRQ_TOKEN", "CRQ_SERVER", "CRQ_QUEUE"):
+        env.pop(k, None)
+    p = subprocess.run(
+        [sys.executable, "-m", "client.ncmgr", "cleanup", "--swd", str(srv.swd), "--dead-host",
+         "dup"], env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 0 and "tasker dup: marked lost" in p.stdout, p.stderr
+    wait_until(lambda: "tasker name dup is ours now" in second.log(), timeout=30)
+    (t,) = _taskers(srv)
+    assert (t["slots"], t["state"]) == (7, "ready"), t
+    (last,) = srv.submit(_spec(work, "true"))
+    assert srv.wait(last, timeout=15)["state"] == "done"
 
 
 @e2e
