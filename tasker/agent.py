@@ -225,7 +225,6 @@ class Agent:
         self._url: str | None = None
         self._token: str | None = None
         self._session = state.session()  # holds our name on the server (see statedir)
-        self._client_session = ""
         self._refused = False  # the name is another live session's: said once, retrying
         self._client: httpx.Client | None = None
         self._instance: Any = None
@@ -235,7 +234,7 @@ class Agent:
         self._shutdown = False
         self._polling = False
         self._poll_result: tuple[int, dict | None, Failure | None] | None = None
-        self._poll_q: queue.Queue[tuple[int, str, str, str, dict[str, Any], float] | None] = (
+        self._poll_q: queue.Queue[tuple[int, str, str, dict[str, Any], float] | None] = (
             queue.Queue()
         )
         runner.on_event = self.wake
@@ -324,12 +323,11 @@ class Agent:
 
     def _connect(self) -> httpx.Client:
         url, token = self.source.resolve()
-        ident = (url, token, self._session)
-        if self._client is None or ident != (self._url, self._token, self._client_session):
+        if self._client is None or (url, token) != (self._url, self._token):
             if self._client is not None:
                 self._client.close()
             self._client = _client(url, token, self._session)
-            self._url, self._token, self._client_session = ident
+            self._url, self._token = url, token
         return self._client
 
     def _register(self) -> int | None:
@@ -365,7 +363,6 @@ class Agent:
         if self._refused:
             log.info("tasker name %s is ours now", self.info.name)
             self._refused = False
-        self._keep_session(answer.get("session"))
         self._gen += 1
         self._registered = True
         self._ever_registered = True
@@ -418,15 +415,6 @@ class Agent:
             wait,
             f" (killed {len(stale)} jobs superseded by that session)" if stale else "",
         )
-
-    def _keep_session(self, issued: object) -> None:
-        """A server that made the secret itself (we showed none) hands it out: keep it."""
-        if isinstance(issued, str) and issued and issued != self._session:
-            try:
-                self.state.store_session(issued)
-                self._session = issued
-            except OSError as e:
-                log.error("cannot store the session secret: %s", e)
 
     def _failed(self, f: Failure) -> None:
         """Drop the registration and schedule the next attempt with jittered backoff."""
@@ -498,22 +486,21 @@ class Agent:
             "wait": self.heartbeat,
         }
         self._polling = True
-        item = (self._gen, self._url, self._token, self._session, body, self.heartbeat + POLL_SLACK)
-        self._poll_q.put(item)
+        self._poll_q.put((self._gen, self._url, self._token, body, self.heartbeat + POLL_SLACK))
 
     def _poll_worker(self) -> None:
         """Runs the long polls on their own connection, hands answers to the main loop."""
         client: httpx.Client | None = None
-        ident: tuple[str, str, str] | None = None
+        ident: tuple[str, str] | None = None
         while True:
             item = self._poll_q.get()
             if item is None:
                 break
-            gen, url, token, session, body, timeout = item
-            if client is None or ident != (url, token, session):
+            gen, url, token, body, timeout = item
+            if client is None or ident != (url, token):
                 if client is not None:
                     client.close()
-                client, ident = _client(url, token, session), (url, token, session)
+                client, ident = _client(url, token, self._session), (url, token)
             result: tuple[int, dict | None, Failure | None]
             try:
                 result = (gen, _post(client, f"{self._base}/sync", body, timeout), None)

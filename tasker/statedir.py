@@ -260,12 +260,11 @@ class StateDir:
             import secrets
 
             found = secrets.token_urlsafe(32)
-            self.store_session(found)
+            self._store_session(path, found)
         return found
 
-    def store_session(self, secret: str) -> None:
+    def _store_session(self, path: Path, secret: str) -> None:
         """Write the secret readable by this user only (0600), atomically and durably."""
-        path = self.root / "session"
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
