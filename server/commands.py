@@ -4,10 +4,20 @@ Nothing here changes the state; the engine applies and journals what is returned
 refused command raises BadRequest and so changes nothing (invariant 6). Reports from
 taskers are fenced by ``(job, attempt)``: only the current attempt on the tasker it was
 sent to may start or finish a job (invariant 4).
+
+A tasker name belongs to the session that registered it: a secret the tasker keeps in its
+state dir and shows at every request; the state keeps only its hash (``Tasker.session``).
+Another session takes the name only from a holder that is lost or silent past the tasker
+timeout, and the takeover recovers every attempt of the old session. So the running
+attempts of a name were all dispatched to its current session, and reports under any
+other session are refused (invariant 9: no one acts as someone else).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -17,7 +27,7 @@ from client.wire import FINAL_STATES, QUEUED, RUNNING
 from server.events import spec_bytes
 from server.models import AttemptRef, BadRequest, Batch, Register, ResultReport, RunningReport
 from server.resources import ResourceError
-from server.state import Event, Job, State, env_digest
+from server.state import TASKER_READY, Event, Job, State, env_digest
 
 Ref = tuple[int, int]
 
@@ -122,6 +132,31 @@ class Outcome:
     kill: set[Ref] = field(default_factory=set)
 
 
+def session_hash(secret: str) -> str:
+    """What the server keeps of a session secret: enough to recognise it, useless to steal."""
+    return hashlib.blake2b(secret.encode(), digest_size=16).hexdigest()
+
+
+class NameInUse(BadRequest):
+    """A live session holds the tasker name; ``retry_after``: seconds until it may be taken."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(409, "tasker_name_in_use", message)
+        self.retry_after = retry_after
+
+
+def _holds(state: State, tasker: str, session: str | None) -> bool:
+    """Whether ``session`` may report for the name's attempts (None: the caller checked).
+
+    A name with no session yet (a journal from before sessions) is its claimant's, so an
+    upgrade keeps its running jobs.
+    """
+    t = state.taskers.get(tasker)
+    if session is None or t is None or not t.session:
+        return True
+    return hmac.compare_digest(t.session, session)
+
+
 def _current(state: State, tasker: str, ref: Ref) -> Job | None:
     job = state.jobs.get(ref[0])
     if job is not None and job.state == RUNNING and job.attempt == ref[1] and job.tasker == tasker:
@@ -136,13 +171,20 @@ def reports(
     finished: Iterable[ResultReport],
     now: float,
     out: Outcome | None = None,
+    session: str | None = None,
 ) -> Outcome:
+    """Apply what the current attempts report; ack all, kill the stale rivals.
+
+    ``session``: the hash of the reporting session; attempts of a name are its session's,
+    so under another session nothing is current.
+    """
     out = out or Outcome()
+    mine = _holds(state, tasker, session)
     done: set[Ref] = set()
     for r in started:
         ref = (r.job, r.attempt)
         out.ack.append(ref)
-        job = _current(state, tasker, ref)
+        job = _current(state, tasker, ref) if mine else None
         if job is None:
             if not _ended(state, ref):
                 out.kill.add(ref)  # superseded: its job went on without it
@@ -160,7 +202,7 @@ def reports(
     for r in finished:
         ref = (r.job, r.attempt)
         out.ack.append(ref)
-        if ref in done or _current(state, tasker, ref) is None:
+        if ref in done or not mine or _current(state, tasker, ref) is None:
             continue  # a duplicate or a superseded attempt: recorded at most once
         done.add(ref)
         out.events.append(
@@ -185,8 +227,36 @@ def _ended(state: State, ref: Ref) -> bool:
     return job is not None and job.attempt == ref[1] and job.state in FINAL_STATES
 
 
-def register(state: State, name: str, body: Register, now: float) -> Outcome:
-    """A tasker (re)joins: adopt what it still runs, record what it finished, fence the rest."""
+def register(
+    state: State,
+    name: str,
+    body: Register,
+    now: float,
+    session: str = "",
+    silent_for: float = math.inf,
+    timeout: float = 0.0,
+) -> Outcome:
+    """A tasker (re)joins: adopt what it still runs, record what it finished, fence the rest.
+
+    ``session`` is the hash of the secret the request showed; ``silent_for`` how long the
+    name's link has been silent. A name held by another session that is ready and heard
+    from within ``timeout`` is refused (NameInUse); one lost or silent longer is taken
+    over, and then nothing of the old session is adopted: its attempts are recovered.
+    """
+    tasker = state.taskers.get(name)
+    takeover = (
+        tasker is not None
+        and bool(tasker.session)
+        and not hmac.compare_digest(tasker.session, session)
+    )
+    if takeover and tasker is not None and tasker.state == TASKER_READY and silent_for <= timeout:
+        raise NameInUse(
+            f"tasker name {name} is held by a live tasker (host {tasker.host}, pid "
+            f"{tasker.pid}, heard from {silent_for:.0f} s ago): give this one another --name; "
+            f"the name frees after {timeout:.0f} s of silence, or at once with "
+            f"`ncmgr cleanup --dead-host {name}`",
+            retry_after=timeout - silent_for,
+        )
     out = Outcome()
     out.events.append(
         {
@@ -199,17 +269,21 @@ def register(state: State, name: str, body: Register, now: float) -> Outcome:
             "resources": body.resources,
             "boot_id": body.boot_id,
             "state_id": body.state_id,
+            "session": session,
         }
     )
-    reports(state, name, body.running, body.finished, now, out)
+    reports(state, name, body.running, body.finished, now, out, session)
     known = {(r.job, r.attempt) for r in body.running} | {(r.job, r.attempt) for r in body.finished}
-    tasker = state.taskers.get(name)
+    if takeover:
+        known = set()  # refused above: the old session's attempts are not this one's
     remembers = tasker is not None and bool(body.state_id) and tasker.state_id == body.state_id
     for job_id in sorted(tasker.running) if tasker else ():
         job = state.jobs[job_id]
         if (job_id, job.attempt) in known:
             continue
-        if body.rebooted:
+        if takeover:
+            reason = f"tasker {name} taken over by another session (host {body.host})"
+        elif body.rebooted:
             reason = f"host {body.host} rebooted"
         elif job.started is not None:
             reason = f"tasker {name} restarted without it"

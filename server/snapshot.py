@@ -140,6 +140,7 @@ def _tasker_record(t: Tasker) -> dict[str, Any]:
         "pid": t.pid,
         "registered": t.registered,
         "state_id": t.state_id,
+        "session": t.session,
     }
 
 

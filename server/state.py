@@ -153,6 +153,7 @@ class Tasker:
         "pid",
         "registered",
         "state_id",
+        "session",
     )
 
     def __init__(self, name: str) -> None:
@@ -168,6 +169,7 @@ class Tasker:
         self.state = TASKER_READY
         self.boot_id = ""
         self.state_id = ""
+        self.session = ""  # hash of the secret of the session holding the name ("": none yet)
         self.pid = 0
         self.registered = 0.0
 
@@ -483,6 +485,7 @@ class State:
             tasker = self.taskers[ev["name"]] = Tasker(ev["name"])
         tasker.host, tasker.pid, tasker.boot_id = ev["host"], ev["pid"], ev["boot_id"]
         tasker.state_id = ev.get("state_id", "")
+        tasker.session = ev.get("session", "")  # absent in journals from before sessions
         tasker.slots, tasker.resources = ev["slots"], ev["resources"]
         tasker.capacity, tasker.attributes = parse_capacity(ev["resources"], ev["slots"])
         tasker.registered = ev["t"]

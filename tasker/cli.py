@@ -107,6 +107,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         state = StateDir(state_root)
         state.lock()
+        state.session()  # made now: a state dir that cannot keep it fails here, not later
     except StateDirBusy as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

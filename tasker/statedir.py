@@ -7,6 +7,8 @@ that finished while nobody watched::
     <state>/lock                     flock: one vovtasker per state dir
     <state>/boot_id                  host boot id at the last successful registration
     <state>/id                       made once: tells the server this is the same memory
+    <state>/session                  made once (mode 0600): the secret that holds the tasker
+                                     name on the server; shown at every register and sync
     <state>/attempts/<job>.<n>.json  one record per started attempt (pid, pgid, status path)
     <state>/status/<job>.<n>         made empty by the job's own shell wrapper at start;
                                      the exit status goes into it when the job exits
@@ -240,6 +242,40 @@ class StateDir:
             found = secrets.token_hex(8)
             self.write_atomic(path, f"{found}\n".encode())
         return found
+
+    def session(self) -> str:
+        """The session secret, made (and durable) before the server ever sees it.
+
+        The server ties the tasker name to it: a restarted tasker with this state dir is
+        the same session and takes its name back at once; one with another state dir must
+        wait until this one is silent past the tasker timeout. Made here rather than by the
+        server so that a register whose answer was lost cannot lock its own tasker out.
+        """
+        path = self.root / "session"
+        try:
+            found = path.read_text().strip()
+        except FileNotFoundError:
+            found = ""
+        if not found:
+            import secrets
+
+            found = secrets.token_urlsafe(32)
+            self._store_session(path, found)
+        return found
+
+    def _store_session(self, path: Path, secret: str) -> None:
+        """Write the secret readable by this user only (0600), atomically and durably."""
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # an old tmp file of the same name keeps its mode
+            os.write(fd, f"{secret}\n".encode())
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._sync_dir(self.root)
 
 
 def read_status(path: Path) -> tuple[int | None, float] | None:
