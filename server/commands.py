@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from client.wire import FINAL_STATES, QUEUED, RUNNING
 from server.events import spec_bytes
 from server.models import AttemptRef, BadRequest, Batch, Register, ResultReport, RunningReport
-from server.resources import ResourceError
+from server.resources import ResourceError, parse_capacity
 from server.state import Event, Job, State, env_digest
 
 Ref = tuple[int, int]
@@ -187,6 +187,10 @@ def _ended(state: State, ref: Ref) -> bool:
 
 def register(state: State, name: str, body: Register, now: float) -> Outcome:
     """A tasker (re)joins: adopt what it still runs, record what it finished, fence the rest."""
+    try:  # before any event: an offer the state cannot apply must change nothing
+        parse_capacity(body.resources, body.slots)
+    except ResourceError as e:
+        raise BadRequest(422, "invalid", f"resources: {e}") from None
     out = Outcome()
     out.events.append(
         {
