@@ -163,6 +163,12 @@ def reports(
         if ref in done or _current(state, tasker, ref) is None:
             continue  # a duplicate or a superseded attempt: recorded at most once
         done.add(ref)
+        if r.lost:  # killed with its tasker, as the monitor would find it: the rerun policy
+            reason = r.reason or f"attempt lost with tasker {tasker}"
+            out.events.append(
+                {"e": "recover", "t": now, "job": r.job, "attempt": r.attempt, "reason": reason}
+            )
+            continue
         out.events.append(
             {
                 "e": "finish",

@@ -77,6 +77,7 @@ class _Job:
     kill_at: float | None = None
     sigkilled: bool = False
     done: bool = False
+    lost: bool = False  # died while no tasker watched, without an exit status
 
     @property
     def key(self) -> Key:
@@ -597,6 +598,8 @@ class Runner:
                 "ended": max(ended, job.started),  # file mtimes tick coarser than time()
                 "reason": reason,
             }
+            if job.lost:
+                result["lost"] = True
             results.append(result)
         self._store_results(results)
         try:
@@ -678,7 +681,8 @@ class Runner:
 
         A result file wins over everything; then a complete status file (the job ended
         while we were away); then a live wrapper is adopted; anything else was killed
-        (reported so), or vanished with a reboot (left to the server: see ``_settle``).
+        (reported lost, for the rerun policy), or vanished with a reboot (left to the
+        server: see ``_settle``).
         Attempts spawned but never recorded (the tasker died in between) are found too,
         through /proc while they run and through their status file after: every attempt
         this state dir ever spawned is listed, or the server would send it again.
@@ -764,6 +768,10 @@ class Runner:
         if st is not None and st[0] is not None:
             self._finish(job, *classify(st[0]), st[1])
         else:
+            # No status: it died with its wrapper while no tasker watched, most likely
+            # killed together with the tasker. Not a result of the job: reported lost, so
+            # the server applies the rerun policy, as its monitor does for a silent tasker.
+            job.lost = True
             self._finish(job, None, None, time.time(), "killed while the tasker was down")
 
     def _ensure_poller(self) -> None:

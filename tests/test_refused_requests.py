@@ -213,6 +213,27 @@ def test_a_bad_offer_is_refused_by_name_and_changes_nothing(offer: str) -> None:
     _saved_and_loaded(core)
 
 
+def test_a_lost_report_follows_the_rerun_policy() -> None:
+    """An attempt that died with its tasker ends as the monitor would end it."""
+    core = Core()
+    core.register("t1", slots=3)
+    again, once, stopping = core.submit(1), core.submit(1, rerunnable=False), core.submit(1)
+    core.dispatch()
+    core.emit(commands.stop(core.state, stopping[0], core.tick()))
+    lost = [
+        {"job": j, "attempt": 1, "lost": True, "reason": "killed while the tasker was down"}
+        for j in (*again, *once, *stopping)
+    ]
+    body = validate(Register, {"host": "host-t1", "slots": 3, "finished": lost})
+    core.emit(commands.register(core.state, "t1", body, core.tick()).events)
+    jobs = core.state.jobs
+    assert [jobs[j].state for j in (*again, *once, *stopping)] == ["queued", "lost", "stopped"]
+    assert jobs[again[0]].attempts[-1].outcome == "requeued"
+    assert jobs[once[0]].reason == "killed while the tasker was down"
+    assert core.state.taskers["t1"].free_slots == 3
+    _saved_and_loaded(core)
+
+
 def test_an_offer_changed_under_a_running_job_leaves_no_trace_when_it_ends() -> None:
     """Found by the property above: the job's RAM came back as a stale ``RAM: 0`` that no
     snapshot holds, so live and loaded states differed and sanity saw a slot mismatch."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,15 @@ import pytest
 
 from tasker.runner import MAX_REASON, Runner
 from tasker.statedir import StateDir
-from tests._tasker_util import CrqServer, Tasker, dispatch, e2e_server, server_available, wait_until
+from tests._tasker_util import (
+    CrqServer,
+    Tasker,
+    alive,
+    dispatch,
+    e2e_server,
+    server_available,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -143,9 +152,7 @@ def tasker(tmp_path: Path, srv: CrqServer) -> Iterator[Tasker]:
     t.start()
     yield t
     t.kill9()
-    for rec in (t.state / "attempts").glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            os.killpg(int(json.loads(rec.read_text())["pgid"]), signal.SIGKILL)
+    _kill_recorded_jobs(t.state)
 
 
 def spec(cwd: Path | str, command: object, **kw: object) -> dict[str, object]:
@@ -173,3 +180,55 @@ def test_e2e_jobs_the_tasker_cannot_start_fail_with_the_reason(
     assert all(j["attempt"] == 1 for j in jobs)
     assert "malformed dispatch" not in tasker.log() and "refused" not in tasker.log()
     wait_until(lambda: not list((tasker.state / "results").iterdir()))
+
+
+@e2e
+def test_e2e_jobs_killed_with_their_tasker_follow_the_rerun_policy(
+    tmp_path: Path, work: Path
+) -> None:
+    """kill -9 of a tasker and its jobs, back well within tasker_timeout: the jobs end as
+    the monitor ends them after the timeout (requeued if they may rerun, else lost), not
+    failed; the same fault has the same outcome whenever the tasker returns."""
+    srv = CrqServer(tmp_path / "q.swd", "t1", "--tasker-timeout", "60", "--heartbeat", "0.5")
+    srv.start()
+    t = Tasker(tmp_path / "st", "--swd", str(srv.swd), "--slots", "2")
+    t.start()
+    try:
+        again, once = srv.submit(
+            spec(work, '[ "$CRQ_ATTEMPT" = 1 ] && sleep 30; exit 0'),
+            spec(work, "sleep 30", rerunnable=False),
+        )
+        pids = [wait_until(lambda j=j: _running(srv, j), timeout=15)["pid"] for j in (again, once)]
+        killed_at = time.time()
+        t.kill9()
+        _kill_recorded_jobs(t.state)
+        wait_until(lambda: not any(alive(p) for p in pids), timeout=10)
+        t.start()
+        ja, jo = srv.wait(again, timeout=20), srv.wait(once, timeout=20)
+        assert (ja["state"], ja["attempt"], ja["exit_code"]) == ("done", 2, 0), ja
+        first = ja["attempts"][0]
+        assert (first["outcome"], first["reason"]) == (
+            "requeued",
+            "killed while the tasker was down",
+        )
+        assert (jo["state"], jo["attempt"]) == ("lost", 1), jo
+        assert jo["reason"] == "killed while the tasker was down"
+        assert time.time() - killed_at < 60, "the monitor must not have had a say"
+        assert [x["state"] for x in srv.request("GET", "/taskers")["taskers"]] == ["ready"]
+        check = srv.request("POST", "/server/sanity")
+        assert check["ok"] and not check["findings"], check
+    finally:
+        t.kill9()
+        _kill_recorded_jobs(t.state)
+        srv.kill9()
+
+
+def _running(srv: CrqServer, job: int) -> dict[str, Any] | None:
+    j = srv.request("GET", f"/jobs/{job}")
+    return j if j["state"] == "running" and j["pid"] else None
+
+
+def _kill_recorded_jobs(state: Path) -> None:
+    for rec in (state / "attempts").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            os.killpg(int(json.loads(rec.read_text())["pgid"]), signal.SIGKILL)

@@ -226,6 +226,7 @@ def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
     assert r.recover() == (0, 1)
     res = finished(r, (20, 1), timeout=0.1)
     assert res["exit_code"] == 4 and res["reason"] is None
+    assert "lost" not in res  # a real exit status is a real result
     assert state.load_records() == {} and state.status_keys() == []
 
 
@@ -261,6 +262,7 @@ def test_adopted_job_killed_behind_our_back(state: StateDir, work: Path) -> None
     os.killpg(pid, signal.SIGKILL)
     res = finished(r, (23, 1))
     assert res["exit_code"] is None and res["reason"] == "killed"
+    assert "lost" not in res  # it died while we watched: the job's own failure
     r.close()
 
 
@@ -286,6 +288,8 @@ def test_dead_record_is_reported_killed(state: StateDir) -> None:
     res = finished(r, (30, 2), timeout=0.1)
     assert res["exit_code"] is None and res["reason"] == "killed while the tasker was down"
     assert res["started"] == 1.0
+    # no exit status: it died with the tasker, for the server's rerun policy (durably so)
+    assert res["lost"] is True and state.load_results()[(30, 2)]["lost"] is True
 
 
 def test_reboot_drops_vanished_jobs_but_keeps_real_results(state: StateDir) -> None:
