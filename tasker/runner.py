@@ -34,10 +34,11 @@ WRAPPER_NAME = "crq-job"
 # if it is killed with its wrapper while no tasker watches (an attempt without one never
 # ran its command, and the server may send it again). Traps make a group-wide
 # SIGTERM/INT/HUP reach the command but let the wrapper write the status before leaving;
-# trapped signals are reset to default for the command itself. Only shell built-ins: the
-# job's env may have no PATH at all.
+# trapped signals are reset to default for the command itself. The status file is made
+# private (umask 077), then the command gets the tasker's own umask back ($2). Only shell
+# built-ins: the job's env may have no PATH at all.
 WRAPPER = (
-    'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
     '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
 )
 NSIG = 65
@@ -105,6 +106,19 @@ def classify(rc: int) -> tuple[int | None, int | None]:
     if 128 < rc < 128 + NSIG:
         return None, rc - 128
     return rc, None
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
 
 
 def _cmdline(pid: int) -> list[bytes] | None:
@@ -190,6 +204,7 @@ class Runner:
         self._forgotten: dict[Key, None] = {}
         self._held: dict[Key, dict[str, Any]] = {}  # dispatched, waiting for a free slot
         self._unusable_seen: dict[str, None] = {}
+        self._umask = f"{current_umask():03o}"  # what our jobs inherited before
         self._starting = threading.Lock()  # one spawner at a time: room is counted once
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
@@ -430,7 +445,7 @@ class Runner:
         try:
             with logf:
                 proc = subprocess.Popen(
-                    [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), *argv],
+                    [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), self._umask, *argv],
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,

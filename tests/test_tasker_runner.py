@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasker.runner import Runner, classify, find_orphan_wrappers
+from tasker.runner import Runner, classify, current_umask, find_orphan_wrappers
 from tasker.statedir import StateDir, StateDirBusy, read_status
 from tests._tasker_util import alive, dispatch, run_and_vanish, wait_until
 
@@ -329,6 +329,36 @@ def test_state_dir_lock_is_exclusive(tmp_path: Path) -> None:
         StateDir(tmp_path / "s").lock()
     a.unlock()
     StateDir(tmp_path / "s").lock()
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_the_state_dir_is_private(tmp_path: Path, work: Path) -> None:
+    """0700 directories, 0600 files, also where an older tasker left them world-readable;
+    the job itself still gets the tasker's umask."""
+    root = tmp_path / "old"
+    for d in (root, root / "attempts", root / "status", root / "results"):
+        d.mkdir()
+        d.chmod(0o755)
+    (root / "lock").write_text("")
+    (root / "lock").chmod(0o644)
+    state = StateDir(root)
+    state.lock()
+    state.identity()
+    state.store_boot_id("boot")
+    r = Runner(state)
+    r.start(dispatch(1, work, "umask; while [ ! -e go ]; do sleep 0.02; done"))
+    wait_until(lambda: read_status(state.status_path((1, 1))) is not None)
+    dirs = {".", "attempts", "status", "results"}
+    files = {"lock", "id", "boot_id", "attempts/1.1.json", "status/1.1"}
+    assert _modes(root) == {**dict.fromkeys(dirs, 0o700), **dict.fromkeys(files, 0o600)}
+    (work / "go").touch()
+    assert finished(r, (1, 1))["exit_code"] == 0
+    assert _modes(root)["results/1.1.json"] == 0o600
+    assert (work / "job1.log").read_text() == f"{current_umask():04o}\n"
+    state.unlock()
 
 
 def test_atomic_writes_leave_no_tmp_and_tmp_is_ignored(state: StateDir) -> None:
