@@ -41,6 +41,11 @@ WRAPPER = (
     'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
     '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
 )
+# Wrappers of earlier versions, still running jobs after a tasker upgrade (status at $1).
+OLD_WRAPPERS = (
+    'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
+)
 NSIG = 65
 MAX_REASON = 1000  # the server takes up to 4096; a report it refuses would wedge the slot
 
@@ -165,14 +170,14 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
     """
     found: dict[Key, int] = {}
     prefix = os.fsencode(str(status_dir)) + b"/"
-    wrapper = WRAPPER.encode()
+    wrappers = {w.encode() for w in (WRAPPER, *OLD_WRAPPERS)}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return found
     for pid in pids:
         argv = _cmdline(pid)
-        if not argv or len(argv) < 5 or argv[2] != wrapper or not argv[4].startswith(prefix):
+        if not argv or len(argv) < 5 or argv[2] not in wrappers or not argv[4].startswith(prefix):
             continue
         key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
         if key is not None:

@@ -278,6 +278,22 @@ def test_orphan_without_record_is_found_through_proc(state: StateDir, work: Path
     r.close()
 
 
+def test_an_orphan_of_the_earlier_wrapper_is_found_after_an_upgrade(state: StateDir) -> None:
+    import subprocess
+
+    from tasker.runner import OLD_WRAPPERS, SH, WRAPPER_NAME
+
+    status = state.status_path((25, 1))
+    argv = [SH, "-c", OLD_WRAPPERS[0], WRAPPER_NAME, str(status), "sleep", "30"]
+    proc = subprocess.Popen(argv, start_new_session=True)
+    try:
+        wait_until(lambda: read_status(status) is not None)
+        assert find_orphan_wrappers(state.status) == {(25, 1): proc.pid}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_dead_record_is_reported_killed(state: StateDir) -> None:
     state.write_record(
         {"job": 30, "attempt": 2, "pid": 999999999, "pgid": 999999999, "started": 1.0,
