@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from client.wire import FINAL_STATES, QUEUED, RUNNING
 from server.events import spec_bytes
 from server.models import AttemptRef, BadRequest, Batch, Register, ResultReport, RunningReport
-from server.resources import ResourceError
+from server.resources import ResourceError, parse_capacity
 from server.state import TASKER_READY, Event, Job, State, env_digest
 
 Ref = tuple[int, int]
@@ -205,6 +205,12 @@ def reports(
         if ref in done or not mine or _current(state, tasker, ref) is None:
             continue  # a duplicate or a superseded attempt: recorded at most once
         done.add(ref)
+        if r.lost:  # killed with its tasker, as the monitor would find it: the rerun policy
+            reason = r.reason or f"attempt lost with tasker {tasker}"
+            out.events.append(
+                {"e": "recover", "t": now, "job": r.job, "attempt": r.attempt, "reason": reason}
+            )
+            continue
         out.events.append(
             {
                 "e": "finish",
@@ -243,6 +249,10 @@ def register(
     from within ``timeout`` is refused (NameInUse); one lost or silent longer is taken
     over, and then nothing of the old session is adopted: its attempts are recovered.
     """
+    try:  # before any event: an offer the state cannot apply must change nothing
+        parse_capacity(body.resources, body.slots)
+    except ResourceError as e:
+        raise BadRequest(422, "invalid", f"resources: {e}") from None
     tasker = state.taskers.get(name)
     takeover = (
         tasker is not None

@@ -79,6 +79,7 @@ class ResultReport(AttemptRef):
     started: float | None = None
     ended: float | None = None
     reason: Annotated[str, Field(max_length=4096)] | None = None
+    lost: bool = False  # no result: the attempt died with its tasker (recovered, not failed)
 
 
 class Register(BaseModel):

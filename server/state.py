@@ -186,8 +186,13 @@ class Tasker:
 
     def give(self, need: Need) -> None:
         self.free_slots += 1
+        free = self.free
         for k, v in need.local:
-            self.free[k] = self.free.get(k, 0) + v
+            left = free.get(k, 0) + v
+            if left == 0 and k not in self.capacity:
+                del free[k]  # held beyond a changed offer: gone, as a recount leaves it
+            else:
+                free[k] = left
 
 
 class Bucket:
@@ -480,6 +485,7 @@ class State:
             self.env_by_digest.pop(env_digest(env), None)
 
     def _tasker(self, ev: Event) -> None:
+        capacity, attributes = parse_capacity(ev["resources"], ev["slots"])  # first: may raise
         tasker = self.taskers.get(ev["name"])
         if tasker is None:
             tasker = self.taskers[ev["name"]] = Tasker(ev["name"])
@@ -487,7 +493,7 @@ class State:
         tasker.state_id = ev.get("state_id", "")
         tasker.session = ev.get("session", "")  # absent in journals from before sessions
         tasker.slots, tasker.resources = ev["slots"], ev["resources"]
-        tasker.capacity, tasker.attributes = parse_capacity(ev["resources"], ev["slots"])
+        tasker.capacity, tasker.attributes = capacity, attributes
         tasker.registered = ev["t"]
         tasker.state = TASKER_READY
         self.recount_tasker(tasker)

@@ -16,6 +16,9 @@ that finished while nobody watched::
 
 A result file is the source of truth once written: the attempt record and status file
 are removed after it, and the result file only after the server acked it.
+
+All of it is private to the tasker's user (directories 0700, files 0600): it names the
+jobs, their processes and their outcomes, and a job's own files are no one else's business.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 Key = tuple[int, int]
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class StateDirBusy(Exception):
@@ -69,14 +74,16 @@ class StateDir:
         self.results = self.root / "results"
         self._lock_fd: int | None = None
         for d in (self.root, self.attempts, self.status, self.results):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            if d.stat().st_mode & 0o777 != DIR_MODE:  # made by an older tasker, or by hand
+                d.chmod(DIR_MODE)
 
     # -- locking -------------------------------------------------------------------------
 
     def lock(self) -> None:
         """Take the state dir for this process; raise StateDirBusy naming the holder."""
         path = self.root / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,6 +92,7 @@ class StateDir:
             raise StateDirBusy(
                 f"state dir {self.root} is in use by another vovtasker (pid {holder})"
             ) from None
+        os.fchmod(fd, FILE_MODE)  # a lock file of an older tasker was world-readable
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -120,7 +128,7 @@ class StateDir:
         dirs: dict[Path, None] = {}
         for path, data in files:
             tmp = path.with_name(f".{path.name}.tmp{pid}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
             try:
                 os.write(fd, data)
                 if self.fsync:
