@@ -24,7 +24,16 @@ from starlette.responses import FileResponse, Response
 from client.wire import MODE_NORMAL, MODE_RECOVERING, QUEUED, USER_HEADER
 from server import commands
 from server.engine import Engine, Link
-from server.models import BadRequest, Register, Sync, parse_json, parse_submit, validate
+from server.httplimits import BodyLimit
+from server.models import (
+    MAX_BODY,
+    BadRequest,
+    Register,
+    Sync,
+    parse_json,
+    parse_submit,
+    validate,
+)
 from server.settings import Settings
 from server.state import TASKER_LOST, Job, State
 
@@ -129,6 +138,7 @@ def create_app(srv: Server) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
     engine = srv.engine
     api = "/api/v1"
 
