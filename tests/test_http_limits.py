@@ -1,4 +1,5 @@
-"""Resource limits on the HTTP side: body size while it streams.
+"""Resource limits on the HTTP side: body size while it streams, idle and half-sent
+connections, the number of connections under a low open-file limit.
 
 Real servers (``python -m server``) for the socket-level behaviour.
 """
@@ -6,16 +7,50 @@ Real servers (``python -m server``) for the socket-level behaviour.
 from __future__ import annotations
 
 import contextlib
+import resource
+import select
 import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from server.models import MAX_BODY
-from tests._tasker_util import CrqServer
+from server.settings import SettingsError, load
+from tests._tasker_util import ROOT, CrqServer, env_with_root, free_port
 
 MIB = 1 << 20
+
+
+class LimitedServer(CrqServer):
+    """A real server started with an open-file limit, as systemd's LimitNOFILE sets one."""
+
+    def __init__(self, swd: Path, nofile: tuple[int, int], *extra: str) -> None:
+        super().__init__(swd, "t1", *extra)
+        self.nofile = nofile
+
+    def start(self, port: int | None = None, timeout: float = 30.0) -> None:
+        self.port = port or free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--queue", self.queue, "--swd", str(self.swd),
+             "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
+            cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile),
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"server did not come up (exit {self.proc.poll()})")
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -100,3 +135,148 @@ def test_a_body_under_the_limit_is_read_whole(server: CrqServer) -> None:
     r = server.api("POST", "/jobs", json={"jobs": jobs})
     assert r.status_code == 201, r.text
     assert len(r.json()["ids"]) == 3000
+
+
+# -- connections -------------------------------------------------------------------------
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except BlockingIOError:
+        return False
+
+
+def wait_all_closed(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
+    """Until the server has closed every socket (or the timeout); those still open."""
+    left = {s.fileno(): s for s in socks}
+    for s in socks:
+        s.setblocking(False)
+    poller = select.poll()
+    for fd in left:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for fd, _ in poller.poll(500):
+            sock = left.get(fd)
+            if sock is not None and closed_by_peer(sock):
+                poller.unregister(fd)
+                del left[fd]
+    return list(left.values())
+
+
+@contextlib.contextmanager
+def own_fd_limit(need: int) -> Iterator[None]:
+    """The test opens about a thousand sockets itself: raise its own soft limit for that."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs {need} open files, the hard limit is {hard}")
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("nofile", [(1024, 1024), (1024, 8192)], ids=["hard-1024", "soft-1024"])
+def test_idle_and_half_sent_connections_cannot_starve_submits(
+    tmp_path: Path, nofile: tuple[int, int]
+) -> None:
+    srv = LimitedServer(tmp_path / "q.swd", nofile, "--idle-timeout", "2")
+    socks: list[socket.socket] = []
+    with own_fd_limit(4096):
+        try:
+            srv.start()
+            assert srv.proc is not None
+            job = srv.submit({"command": ["true"], "cwd": "/tmp"})[0]  # stays queued: no tasker
+            addr = ("127.0.0.1", srv.port)
+            for _ in range(1000):  # never send a byte
+                socks.append(socket.create_connection(addr))
+            for _ in range(25):  # half a request line and header
+                socks.append(socket.create_connection(addr))
+                socks[-1].sendall(b"POST /api/v1/jobs HTTP/1.1\r\nHost: t\r\nContent-Le")
+            for _ in range(25):  # the headers and part of the body
+                socks.append(socket.create_connection(addr))
+                socks[-1].sendall(
+                    b"POST /api/v1/jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n"
+                    b"Authorization: Bearer " + srv.admin_token.encode() + b'\r\n\r\n{"jo'
+                )
+            # a long poll well past the idle timeout is not idle: it gets its answer
+            waited: dict[str, Any] = {}
+            poll = threading.Thread(
+                target=lambda: waited.update(
+                    r=srv.api("GET", f"/jobs/{job}/wait", params={"timeout": 5}, timeout=60)
+                )
+            )
+            poll.start()
+            for i in range(20):
+                r = srv.api("POST", "/jobs", json={"command": ["true", str(i)], "cwd": "/tmp"})
+                assert r.status_code == 201, f"submit {i} with 1,000 idle sockets: {r.text}"
+            still_open = wait_all_closed(socks, timeout=60)
+            assert not still_open, f"{len(still_open)} idle or half-sent sockets never closed"
+            poll.join(timeout=60)
+            assert waited["r"].status_code == 200 and waited["r"].json()["state"] == "queued"
+            assert open_fds(srv.proc.pid) < 100
+            assert srv.submit({"command": ["true"], "cwd": "/tmp"})
+            said = (srv.swd / "logs" / "server.log").read_text()
+            assert ("open-file limit 1024: serving at most" in said) == (nofile[1] == 1024)
+        finally:
+            for s in socks:
+                s.close()
+            srv.kill9()
+
+
+def test_past_the_cap_with_every_connection_busy_requests_get_503(tmp_path: Path) -> None:
+    srv = CrqServer(tmp_path / "q.swd", "t1", "--max-connections", "4")
+    polls: list[socket.socket] = []
+    try:
+        srv.start()
+        job = srv.submit({"command": ["true"], "cwd": "/tmp"})[0]  # stays queued: no tasker
+        for _ in range(4):  # long polls: busy, so none is closed to make room
+            polls.append(socket.create_connection(("127.0.0.1", srv.port)))
+            polls[-1].sendall(
+                f"GET /api/v1/jobs/{job}/wait?timeout=12 HTTP/1.1\r\nHost: t\r\n"
+                f"Authorization: Bearer {srv.admin_token}\r\n\r\n".encode()
+            )
+        deadline = time.monotonic() + 10
+        while (r := srv.api("GET", "/queue")).status_code != 503:
+            assert r.status_code == 200, r.text
+            assert time.monotonic() < deadline, "never refused past the cap"
+            time.sleep(0.1)
+        for sock in polls:  # the busy ones get their answers
+            assert read_reply(sock).startswith(b"HTTP/1.1 200")
+            sock.close()
+        assert srv.submit({"command": ["true"], "cwd": "/tmp"})
+    finally:
+        for sock in polls:
+            sock.close()
+        srv.kill9()
+
+
+def test_the_soft_open_file_limit_is_raised_to_what_the_connections_need(
+    tmp_path: Path,
+) -> None:
+    srv = LimitedServer(tmp_path / "q.swd", (1024, 8192), "--max-connections", "2000")
+    try:
+        srv.start()
+        assert srv.proc is not None
+        limits = Path(f"/proc/{srv.proc.pid}/limits").read_text()
+        line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
+        soft = int(line.split()[3])
+        assert 2000 < soft <= 8192, line
+    finally:
+        srv.kill9()
+
+
+def test_connection_bounds_are_settings(tmp_path: Path) -> None:
+    swd = tmp_path / "q.swd"
+    swd.mkdir()
+    (swd / "config.toml").write_text("max_connections = 100\nidle_timeout = 5\n")
+    s = load(["--swd", str(swd)])
+    assert (s.max_connections, s.idle_timeout) == (100, 5.0)
+    assert load(["--swd", str(swd), "--idle-timeout", "0.5"]).idle_timeout == 0.5
+    with pytest.raises(SettingsError):
+        load(["--swd", str(swd), "--max-connections", "0"])
