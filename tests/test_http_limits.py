@@ -1,12 +1,17 @@
 """Resource limits on the HTTP side: body size while it streams, idle and half-sent
-connections, the number of connections under a low open-file limit.
+connections, the number of connections under a low open-file limit, and big batches
+that must not hold the event loop.
 
-Real servers (``python -m server``) for the socket-level behaviour.
+Real servers (``python -m server``) for the socket-level behaviour; the in-process app
+(httpx's ASGI transport, as tests/test_paging.py) for the ordering of a big batch
+against other requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import resource
 import select
 import socket
@@ -21,8 +26,14 @@ from typing import Any
 import httpx
 import pytest
 
+from server import app as app_module
+from server import commands, replay
+from server.app import Server, create_app
+from server.engine import Engine
+from server.journal import Journal
 from server.models import MAX_BODY
 from server.settings import SettingsError, load
+from server.state import State
 from tests._tasker_util import ROOT, CrqServer, env_with_root, free_port
 
 MIB = 1 << 20
@@ -280,3 +291,165 @@ def test_connection_bounds_are_settings(tmp_path: Path) -> None:
     assert load(["--swd", str(swd), "--idle-timeout", "0.5"]).idle_timeout == 0.5
     with pytest.raises(SettingsError):
         load(["--swd", str(swd), "--max-connections", "0"])
+
+
+# -- big batches ---------------------------------------------------------------------------
+
+
+class App:
+    """The real app and engine in process, with a real journal in a temp dir."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.settings = load(["--swd", str(tmp / "q.swd"), "--fsync", "never"])
+        self.settings.paths.trace.mkdir(parents=True)
+        self.journal = Journal(self.settings.paths.trace, next_seq=1, fsync=False)
+        self.engine = Engine(State(), self.journal)
+        srv = Server(self.settings, self.engine, "admin", "tasker", "test", "http://t")
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(srv)),
+            base_url="http://t",
+            headers={"Authorization": "Bearer admin"},
+            timeout=60,
+        )
+
+    @property
+    def state(self) -> State:
+        return self.engine.state
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        self.engine.wake_all()
+        self.journal.close()
+
+
+def sim(i: int, **extra: Any) -> dict[str, Any]:
+    return {"command": ["sim", str(i)], "cwd": "/tmp", **extra}
+
+
+@pytest.fixture
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices of 50 jobs and the big-body path from 1 KiB: a few thousand jobs show it."""
+    monkeypatch.setattr(commands, "SLICE", 50)
+    monkeypatch.setattr(app_module, "BIG_BODY", 1024)
+
+
+@pytest.mark.usefixtures("small_slices")
+def test_a_big_batch_lets_other_requests_through_and_keeps_its_ids_together(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> dict[str, Any]:
+        app = App(tmp_path)
+        done: list[str] = []
+
+        async def call(name: str, method: str, url: str, **kw: Any) -> httpx.Response:
+            r = await app.client.request(method, url, **kw)
+            done.append(name)
+            return r
+
+        c = app.client
+        batch = {"jobs": [sim(i) for i in range(5000)], "env": {"A": "1"}}
+        big = asyncio.create_task(call("big", "POST", "/api/v1/jobs", json=batch))
+        await asyncio.sleep(0.01)  # the big batch is being checked, slice by slice
+        small = [
+            asyncio.create_task(call(f"small{i}", "POST", "/api/v1/jobs", json=sim(-i)))
+            for i in range(3)
+        ]
+        health = asyncio.create_task(call("healthz", "GET", "/healthz"))
+        big_r, *small_r = await asyncio.gather(big, *small)
+        await health
+        out = {
+            "done": done,
+            "big": big_r.json()["ids"],
+            "small": [r.json()["ids"][0] for r in small_r],
+            "env": {app.state.env_of(app.state.jobs[i])["A"] for i in big_r.json()["ids"]},
+            "gc": gc.isenabled(),
+            "listed": (await c.get("/api/v1/jobs", params={"limit": 10000})).json()["jobs"],
+        }
+        await app.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["done"].index("big") > out["done"].index("healthz"), out["done"]
+    assert out["done"].index("big") > min(out["done"].index(f"small{i}") for i in range(3))
+    big = out["big"]
+    assert big == list(range(big[0], big[0] + 5000))  # contiguous, whatever ran meanwhile
+    assert all(not big[0] <= i <= big[-1] for i in out["small"])
+    assert out["env"] == {"1"}
+    assert len(out["listed"]) == 5003
+    assert out["gc"], "the collector stays off after a big batch"
+
+
+@pytest.mark.usefixtures("small_slices")
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"cwd": "relative"}, "jobs.4321.cwd: "),
+        ({"resources": "License:nosuch"}, "jobs[4321].resources: unknown resource License:nosuch"),
+        ({"bogus": 1}, "jobs.4321.bogus: "),
+    ],
+)
+def test_a_big_batch_refused_late_changes_nothing(
+    tmp_path: Path, bad: dict[str, Any], message: str
+) -> None:
+    async def scenario() -> tuple[httpx.Response, int, int, bool]:
+        app = App(tmp_path)
+        jobs = [sim(i, env={"I": str(i)}) for i in range(5000)]
+        jobs[4321].update(bad)
+        r = await app.client.post("/api/v1/jobs", json={"jobs": jobs})
+        seq, n_envs = app.state.seq, len(app.state.envs)
+        await app.close()
+        return r, seq, n_envs, gc.isenabled()
+
+    r, seq, n_envs, gc_on = asyncio.run(scenario())
+    assert r.status_code == 422, r.text
+    assert r.json()["message"].startswith(message), r.json()
+    assert (seq, n_envs) == (0, 0)  # not a job, not an env, not an event
+    assert gc_on
+
+
+@pytest.mark.usefixtures("small_slices")
+def test_a_batch_over_the_maximum_is_refused_before_it_is_validated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(commands, "MAX_BATCH", 1000)
+
+    async def scenario() -> httpx.Response:
+        app = App(tmp_path)
+        jobs: list[Any] = [sim(i) for i in range(1001)]
+        jobs[0] = "not a job"  # validation would say so first: the size is checked before
+        r = await app.client.post("/api/v1/jobs", json={"jobs": jobs})
+        await app.close()
+        return r
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 422
+    assert "at most 1000 jobs in one submit, not 1001" in r.json()["message"]
+
+
+@pytest.mark.usefixtures("small_slices")
+def test_envs_of_a_big_batch_exist_whatever_ran_between_its_slices(tmp_path: Path) -> None:
+    """Envs are numbered when defined: one forgotten (dropped) meanwhile is defined again,
+    and the journal replays to the same jobs and envs."""
+
+    async def scenario() -> dict[int, dict[str, str] | None]:
+        app = App(tmp_path)
+        c = app.client
+        shared = {"SHARED": "1"}
+        first = (await c.post("/api/v1/jobs", json=sim(0, env=shared))).json()["ids"][0]
+        await c.post(f"/api/v1/jobs/{first}/stop")
+        jobs = [sim(i, env=shared if i % 2 else {"OWN": str(i)}) for i in range(3000)]
+        big = asyncio.create_task(c.post("/api/v1/jobs", json={"jobs": jobs}))
+        await asyncio.sleep(0.01)
+        r = await c.delete(f"/api/v1/jobs/{first}")  # drops the shared env, if alone with it
+        assert r.status_code == 200, r.text
+        r = await big
+        assert r.status_code == 201, r.text
+        envs = {i: app.state.env_of(app.state.jobs[i]) for i in r.json()["ids"]}
+        await app.close()
+        return envs
+
+    envs = asyncio.run(scenario())
+    for n, (job_id, env) in enumerate(sorted(envs.items())):
+        assert env == ({"SHARED": "1"} if n % 2 else {"OWN": str(n)}), (job_id, env)
+    again = replay.load(tmp_path / "q.swd" / "trace.db", None, False).state
+    assert {i: again.env_of(again.jobs[i]) for i in envs} == envs
