@@ -26,7 +26,15 @@ from starlette.responses import FileResponse, Response
 from client.wire import MODE_NORMAL, MODE_RECOVERING, QUEUED, SESSION_HEADER, USER_HEADER
 from server import commands
 from server.engine import Engine, Link
-from server.models import BadRequest, Register, Sync, parse_json, parse_submit, validate
+from server.httplimits import BodyLimit
+from server.models import (
+    MAX_BODY,
+    BadRequest,
+    Register,
+    Sync,
+    parse_json,
+    validate,
+)
 from server.settings import Settings
 from server.state import TASKER_LOST, Job, State, Tasker
 
@@ -121,6 +129,7 @@ def log_path(job_id: int, spec: dict[str, Any]) -> str:
 
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
+BIG_BODY = 1 << 20  # a submit body over this is parsed and applied with the collector paused
 
 
 def create_app(srv: Server) -> FastAPI:
@@ -131,6 +140,7 @@ def create_app(srv: Server) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
     engine = srv.engine
     api = "/api/v1"
 
@@ -200,11 +210,29 @@ def create_app(srv: Server) -> FastAPI:
         user = client(request)
         if engine.shutting_down:
             raise BadRequest(503, "stopping", "the server is stopping")
-        batch = parse_submit(parse_json(await request.body()))
-        events, ids = commands.submit(srv.state, batch, user, time.time())
-        engine.emit(events)
+        body = await request.body()
+        if len(body) <= BIG_BODY:
+            ids = await _submit(parse_json(body), user)
+        else:
+            with commands.collector_paused():
+                ids = await _submit(parse_json(body), user)
         await engine.durable()
         return JSON({"ids": ids}, status_code=201)
+
+    async def _submit(data: Any, user: str) -> list[int]:
+        """A batch of more than SLICE jobs is checked, and its envs defined, in slices that
+        let other requests through, then applied as one submit event: still all accepted
+        or all refused, its ids contiguous."""
+        sub = await commands.submit_sliced(srv.state, data, user)
+        if len(sub.rows) > commands.SLICE:
+            if engine.shutting_down:  # while it was checked
+                raise BadRequest(503, "stopping", "the server is stopping")
+            for envs in sub.env_slices(srv.state):
+                engine.emit(envs)
+                await asyncio.sleep(0)
+        events, ids = sub.events(srv.state, time.time())
+        engine.emit(events)
+        return ids
 
     app.add_route(api + "/jobs", submit, methods=["POST"])
 

@@ -256,16 +256,23 @@ def skip_ids(engine: Engine) -> None:
 async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, unclean: bool) -> None:
     import uvicorn
 
+    from server import httplimits
+
     engine, settings = srv.engine, srv.settings
+    fds = httplimits.raise_fd_limit(settings.max_connections + 2 * httplimits.FDS_RESERVED)
+    cap = httplimits.connection_cap(settings.max_connections, fds)
+    if cap < settings.max_connections:
+        log.warning("open-file limit %d: serving at most %d connections at once", fds, cap)
     config = uvicorn.Config(
         create_app(srv),
         loop="none",
-        http="httptools",
+        http=httplimits.http_protocol(settings.idle_timeout, cap),
         lifespan="off",
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=3,
-        timeout_keep_alive=30,
+        timeout_keep_alive=max(1, round(settings.idle_timeout)),
+        limit_concurrency=cap + 1,  # past the cap (no idle connection to close): 503
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
