@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +23,19 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, Response
 
-from client.wire import JOB_STATES, MODE_NORMAL, MODE_RECOVERING, QUEUED, USER_HEADER
+from client.wire import (
+    JOB_STATES,
+    MODE_NORMAL,
+    MODE_RECOVERING,
+    QUEUED,
+    SESSION_HEADER,
+    USER_HEADER,
+)
 from server import commands
 from server.engine import Engine, Link
+from server.httplimits import BodyLimit
 from server.models import (
+    MAX_BODY,
     TASKER_NAME,
     BadRequest,
     Register,
@@ -32,12 +43,11 @@ from server.models import (
     Sync,
     describe,
     parse_json,
-    parse_submit,
     validate,
 )
 from server.openapi import allowed_methods, install_openapi
 from server.settings import Settings
-from server.state import TASKER_LOST, Job, State
+from server.state import TASKER_LOST, Job, State, Tasker
 
 log = logging.getLogger("crq.http")
 STATIC = Path(__file__).parent / "static"
@@ -133,6 +143,7 @@ def log_path(job_id: int, spec: dict[str, Any]) -> str:
 
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
+BIG_BODY = 1 << 20  # a submit body over this is parsed and applied with the collector paused
 
 
 def create_app(srv: Server) -> FastAPI:
@@ -144,6 +155,7 @@ def create_app(srv: Server) -> FastAPI:
         openapi_url="/api/openapi.json",
     )
     install_openapi(app, lambda: srv.state.global_total)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
     engine = srv.engine
     api = "/api/v1"
 
@@ -215,11 +227,29 @@ def create_app(srv: Server) -> FastAPI:
         user = client(request)
         if engine.shutting_down:
             raise BadRequest(503, "stopping", "the server is stopping")
-        batch = parse_submit(parse_json(await request.body()))
-        events, ids = commands.submit(srv.state, batch, user, time.time())
-        engine.emit(events)
+        body = await request.body()
+        if len(body) <= BIG_BODY:
+            ids = await _submit(parse_json(body), user)
+        else:
+            with commands.collector_paused():
+                ids = await _submit(parse_json(body), user)
         await engine.durable()
         return JSON({"ids": ids}, status_code=201)
+
+    async def _submit(data: Any, user: str) -> list[int]:
+        """A batch of more than SLICE jobs is checked, and its envs defined, in slices that
+        let other requests through, then applied as one submit event: still all accepted
+        or all refused, its ids contiguous."""
+        sub = await commands.submit_sliced(srv.state, data, user)
+        if len(sub.rows) > commands.SLICE:
+            if engine.shutting_down:  # while it was checked
+                raise BadRequest(503, "stopping", "the server is stopping")
+            for envs in sub.env_slices(srv.state):
+                engine.emit(envs)
+                await asyncio.sleep(0)
+        events, ids = sub.events(srv.state, time.time())
+        engine.emit(events)
+        return ids
 
     app.add_route(api + "/jobs", submit, methods=["POST"])
 
@@ -414,26 +444,51 @@ def create_app(srv: Server) -> FastAPI:
         name = request.path_params["name"]
         tasker_auth(request)
         _check_name(name)
+        secret = _session_secret(request)
         body = validate(Register, parse_json(await request.body()))
+        issued = None
+        if not secret:  # a tasker without a secret of its own gets one made here
+            secret = issued = secrets.token_urlsafe(32)
+        session = commands.session_hash(secret)
         now = time.time()
-        out = commands.register(srv.state, name, body, now)
+        link = engine.links.get(name)
+        silent_for = now - (link.last_contact if link is not None else srv.started_at)
+        held = srv.state.taskers.get(name)
+        try:
+            out = commands.register(
+                srv.state, name, body, now, session, silent_for, srv.settings.tasker_timeout
+            )
+        except commands.NameInUse as e:
+            log.warning("tasker %s from host %s pid %s refused: %s", name, body.host, body.pid, e)
+            resp = error(e.status, e.code, e.message)
+            resp.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after)))
+            return resp
+        if held is not None and held.session and held.session != session:
+            log.warning(
+                "tasker %s taken over by a new session (host %s pid %s); the old one "
+                "(host %s pid %s) was %s",
+                name, body.host, body.pid, held.host, held.pid,
+                held.state if held.state == TASKER_LOST else f"silent {silent_for:.0f} s",
+            )  # fmt: skip
+            if link is not None:
+                link.kill.clear()  # orders for the old session's attempts, recovered now
         engine.emit(out.events)
         srv.on_register(name, body, out)
-        link = engine.links.get(name)
         if link is None:
             link = engine.links[name] = Link(name)
         link.last_contact = now
         link.generation += 1
         link.wake.set()
         await engine.durable()
-        return JSON(
-            {
-                "kill": [{"job": j, "attempt": a} for j, a in sorted(out.kill)],
-                "ack": [{"job": j, "attempt": a} for j, a in out.ack],
-                "heartbeat": srv.settings.heartbeat,
-                "instance": srv.instance,
-            }
-        )
+        answer = {
+            "kill": [{"job": j, "attempt": a} for j, a in sorted(out.kill)],
+            "ack": [{"job": j, "attempt": a} for j, a in out.ack],
+            "heartbeat": srv.settings.heartbeat,
+            "instance": srv.instance,
+        }
+        if issued is not None:
+            answer["session"] = issued
+        return JSON(answer)
 
     async def sync(request: Request) -> Response:
         name = request.path_params["name"]
@@ -444,18 +499,23 @@ def create_app(srv: Server) -> FastAPI:
         link = engine.links.get(name)
         if tasker is None or link is None or tasker.state == TASKER_LOST:
             raise BadRequest(409, "unknown_tasker", f"tasker {name} must register first")
+        session = _sync_session(request, tasker)
         now = time.time()
         link.last_contact = now
         link.generation += 1
         generation = link.generation
-        out = commands.reports(st, name, body.started, body.finished, now)
+        out = commands.reports(st, name, body.started, body.finished, now, session=session)
         engine.emit(out.events)
         reported = {(r.job, r.attempt) for r in body.started} | {
             (r.job, r.attempt) for r in body.finished
         }
         deadline = now + min(body.wait, srv.settings.heartbeat * 3)
+        replaced = False
         while True:
             link.wake.clear()
+            if tasker.session != session:  # taken over meanwhile: its orders are not ours
+                replaced, send, kill = True, [], set(out.kill)
+                break
             send, kill = commands.sync_orders(st, name, body.running, reported)
             kill |= out.kill | link.kill
             left = deadline - time.time()
@@ -472,9 +532,11 @@ def create_app(srv: Server) -> FastAPI:
                 await asyncio.wait_for(link.wake.wait(), left)
             except TimeoutError:
                 pass
-        link.kill -= kill
+        if not replaced:
+            link.kill -= kill
         await engine.durable()
-        link.last_contact = time.time()
+        if tasker.session == session:
+            link.last_contact = time.time()
         return JSON(
             {
                 "dispatch": [dispatch_json(st, job) for job in send],
@@ -533,6 +595,34 @@ class Recovering(Exception):
     def __init__(self, progress: dict[str, Any]) -> None:
         super().__init__("crash recovery")
         self.progress = progress
+
+
+def _session_secret(request: Request) -> str:
+    """The session secret a tasker request shows ("" if none); a malformed one is refused."""
+    secret = request.headers.get(SESSION_HEADER, "")
+    if secret and not (
+        16 <= len(secret) <= 256 and all(c.isascii() and (c.isalnum() or c in "-_") for c in secret)
+    ):
+        raise BadRequest(
+            422, "invalid", f"{SESSION_HEADER}: 16 to 256 characters of A-Z a-z 0-9 - _"
+        )
+    return secret
+
+
+def _sync_session(request: Request, tasker: Tasker) -> str:
+    """The hash of the request's session, which must be the one holding the name."""
+    secret = _session_secret(request)
+    session = commands.session_hash(secret) if secret else ""
+    if not session or not hmac.compare_digest(session, tasker.session):
+        why = "shows no session" if not secret else "shows another session"
+        raise BadRequest(
+            409,
+            "wrong_session",
+            f"tasker name {tasker.name} is held by the session that registered it (host "
+            f"{tasker.host}, pid {tasker.pid}); this request {why} ({SESSION_HEADER}): "
+            "register first",
+        )
+    return session
 
 
 def _check_name(name: str) -> None:

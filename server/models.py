@@ -36,9 +36,11 @@ ABS_PATH = r"^/[^\x00]*$"
 BLANKS = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 #: A shell command line with something in it besides blanks.
 SHELL_LINE = rf"^[^\x00]*[^{BLANKS}\x00][^\x00]*$"
-#: Resource words (server/resources.py): ``NAME``, ``NAME/N``, ``Kind:NAME``, N < 10^12.
-_WORD = r"[A-Za-z_][A-Za-z0-9_.:+-]*(?:/[0-9]{1,12})?"
-RESOURCES = rf"^[ \t\r\n]*(?:{_WORD}(?:[ \t\r\n]+{_WORD})*[ \t\r\n]*)?$"
+#: What server/resources.py parses (Python's ``\w`` and ``\d``): ``NAME``, ``NAME/N``,
+#: ``Kind:NAME``, N < 10^12, between blanks. For the document only: the parser itself checks
+#: (submit and register), naming the bad word.
+RESOURCE_WORD = r"[A-Za-z_][\w.:+-]*(?:/\d{1,12})?"
+RESOURCES = rf"^[{BLANKS}]*(?:{RESOURCE_WORD}(?:[{BLANKS}]+{RESOURCE_WORD})*[{BLANKS}]*)?$"
 #: A tasker's name (the path of its routes).
 TASKER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 
@@ -60,7 +62,7 @@ Env = Annotated[
 Name = Annotated[str, Field(max_length=256)]
 JobName = Annotated[str, Field(max_length=256, pattern=NO_NUL)]
 AbsPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=ABS_PATH)]
-Resources = Annotated[str, Field(max_length=1000, pattern=RESOURCES)]
+Resources = Annotated[str, Field(max_length=1000, json_schema_extra={"pattern": RESOURCES})]
 Argv = Annotated[list[Arg], Field(min_length=1, max_length=10_000)]
 ShellLine = Annotated[str, Field(min_length=1, max_length=MAX_ARG, pattern=SHELL_LINE)]
 #: Strict: JSON ``true`` is not the number 1 and ``"4"`` is not 4.
@@ -141,6 +143,7 @@ class ResultReport(AttemptRef):
     started: float | None = None
     ended: float | None = None
     reason: Annotated[str, Field(max_length=4096)] | None = None
+    lost: bool = False  # no result: the attempt died with its tasker (recovered, not failed)
 
 
 class Register(BaseModel):
@@ -209,18 +212,7 @@ _PATTERNS = {
     ABS_PATH: "must be an absolute path (taskers run on other hosts and directories)",
     SHELL_LINE: "must not be blank",
     ENV_NAME: "must not contain '='",
-    RESOURCES: "words must be separated by spaces, tabs or newlines",
 }
-_RESOURCE_WORD = re.compile(_WORD)
-
-
-def _resources_message(text: str) -> str:
-    """Which word of a refused resource string is wrong, as the resource parser says it."""
-    for word in text.split():
-        if not _RESOURCE_WORD.fullmatch(word):
-            shown = word if len(word) <= 40 else word[:40] + "…"
-            return f"bad resource word {shown!r} (expected NAME, NAME/N or Kind:NAME, N < 10^12)"
-    return _PATTERNS[RESOURCES]
 
 
 def _message(err: Any, field: str) -> str:
@@ -242,8 +234,6 @@ def _message(err: Any, field: str) -> str:
     if kind == "string_pattern_mismatch":
         if isinstance(value, str) and "\0" in value:
             return "must not contain NUL bytes"
-        if ctx.get("pattern") == RESOURCES and isinstance(value, str):
-            return _resources_message(value)
         return _PATTERNS.get(ctx.get("pattern"), str(err["msg"]))
     if kind == "value_error" and "error" in ctx:
         return str(ctx["error"])

@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Match
 
-from client.wire import JOB_STATES
+from client.wire import JOB_STATES, SESSION_HEADER
 from server.models import (
     ABS_PATH,
     BLANKS,
@@ -148,6 +148,10 @@ ANSWERS: dict[str, Schema] = {
         ack=ATTEMPTS,
         heartbeat=NUM,
         instance=STR,
+        session={
+            **STR,
+            "description": f"a session made for a tasker that sent no {SESSION_HEADER}",
+        },
     ),
     "Orders": _obj(
         ["dispatch", "kill", "ack", "shutdown"],
@@ -176,7 +180,8 @@ _WHY = {
     401: "no token, or a wrong one (WWW-Authenticate: Bearer)",
     403: "the tasker token on a client route",
     404: "no such job, tasker or file",
-    409: "the job's state does not allow it, or the tasker must register first",
+    409: "the job's state does not allow it; the tasker name is held by another session "
+    "(Retry-After), or the tasker must register first",
     413: "the body is too large",
     422: "a field is invalid: the message names it (`jobs[3].env: …`)",
     503: "crash recovery (Retry-After), or the server is stopping",
@@ -255,7 +260,7 @@ OPS: dict[tuple[str, str], Op] = {
         "A tasker (re)joins with its running jobs and unreported results",
         200,
         "Registered",
-        (401,) + BODY,
+        (401, 409) + BODY,
         True,
     ),
     ("post", "/api/v1/taskers/{name}/sync"): (
@@ -283,12 +288,21 @@ MEDIA = {
     "/": "text/html",
     "/static/{name}": {"text/javascript": {"schema": STR}, "text/css": {"schema": STR}},
 }
-TASKER_PARAM: Schema = {
-    "name": "name",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": TASKER_NAME.pattern, "maxLength": 128},
-}
+TASKER_PARAMS: list[Schema] = [
+    {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": TASKER_NAME.pattern, "maxLength": 128},
+    },
+    {
+        "name": SESSION_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "the session holding the tasker name (register makes one without)",
+        "schema": {"type": "string", "pattern": "^(?:[A-Za-z0-9_-]{16,256})?$"},
+    },
+]
 
 
 _NUL = {"pattern": "\\x00"}
@@ -357,23 +371,23 @@ def _responses(method: str, path: str, op: Op) -> dict[str, Any]:
         }
         if status == 401:
             resp["headers"] = {"WWW-Authenticate": {"schema": STR, "required": True}}
-        if status == 503 and path.startswith("/api/"):
+        if status == 503 and path.startswith("/api/") or status == 409 and "register" in path:
             resp["headers"] = {"Retry-After": {"schema": STR}}
         out[str(status)] = resp
     return out
 
 
 def job_resources(known: Iterable[str]) -> str:
-    """The pattern of a job's ``resources`` on this server: local words as the grammar has
+    """The pattern of a job's ``resources`` on this server: local words as the parser has
     them, and only the global (``Kind:NAME``) resources it knows; it refuses others (422)."""
-    number = "(?:/[0-9]{1,12})?"
-    words = [f"[A-Za-z_][A-Za-z0-9_.+-]*{number}"]
+    number = r"(?:/\d{1,12})?"
+    words = [rf"[A-Za-z_][\w.+-]*{number}"]
     names = sorted(known)
     if names:  # '.' and '+' in a class: the same in Python, ECMA and Rust regexes
         quoted = ("".join(f"[{c}]" if c in ".+" else c for c in name) for name in names)
         words.append(f"(?:{'|'.join(quoted)}){number}")
     word = f"(?:{'|'.join(words)})"
-    blank = "[ \\t\\r\\n]"
+    blank = f"[{BLANKS}]"
     return f"^{blank}*(?:{word}(?:{blank}+{word})*{blank}*)?$"
 
 
@@ -412,7 +426,7 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
                 "content": {"application/json": {"schema": schema}},
             }
         if "{name}" in path and path.startswith("/api/v1/taskers/"):
-            item["parameters"] = [TASKER_PARAM]
+            item["parameters"] = TASKER_PARAMS
         for param in item.get("parameters", []):
             if path == "/api/v1/jobs" and param["name"] == "state":
                 param["schema"] = {"type": "string", "enum": list(JOB_STATES)}

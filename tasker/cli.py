@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="tasker name (default: short host name)")
     p.add_argument("--slots", type=positive_int, help="jobs run at once (default: CPU count)")
-    p.add_argument(
-        "--resources", default="", help='resources offered, e.g. "RAM/64000 linux" (server parses)'
-    )
+    p.add_argument("--resources", default="", help='resources offered, e.g. "RAM/64000 linux"')
     p.add_argument(
         "--state-dir", metavar="DIR", help="durable local state (default: $CRQ_HOME/taskers/NAME)"
     )
@@ -88,6 +86,12 @@ def _main(argv: list[str] | None) -> int:
     for url in args.server or []:
         if not url.startswith(("http://", "https://")):
             return _usage(f"bad server URL (want http://host:port): {url}")
+    from server.resources import ResourceError, parse_capacity  # stdlib only, like wire
+
+    try:  # the server's own rule: a bad offer would be refused at every registration
+        parse_capacity(args.resources, 1)
+    except ResourceError as e:
+        return _usage(f"bad --resources: {e}")
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -107,6 +111,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         state = StateDir(state_root)
         state.lock()
+        state.session()  # made now: a state dir that cannot keep it fails here, not later
     except StateDirBusy as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -43,10 +43,10 @@ class Core:
         return ids
 
     def register(
-        self, name: str, slots: int = 2, resources: str = "", **kw: Any
+        self, name: str, slots: int = 2, resources: str = "", session: str = "", **kw: Any
     ) -> commands.Outcome:
         body = Register(host=f"host-{name}", slots=slots, resources=resources, **kw)
-        out = commands.register(self.state, name, body, self.tick())
+        out = commands.register(self.state, name, body, self.tick(), session)
         self.emit(out.events)
         return out
 
