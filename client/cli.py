@@ -15,8 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from client import wire
-from client.clitools import (
+from crq.client.clitools import (
     ProgressLine,
     UsageError,
     fail,
@@ -26,8 +25,8 @@ from client.clitools import (
     run,
     seconds,
 )
-from client.errors import CrashRecovery, CrqError
-from client.table import (
+from crq.client.errors import CrashRecovery, CrqError
+from crq.client.table import (
     ago,
     cell,
     clip,
@@ -39,8 +38,10 @@ from client.table import (
     when,
 )
 
+from crq import wire
+
 if TYPE_CHECKING:
-    from client.api import Client
+    from crq.client.api import Client
 
 #: Waiting on at least this many jobs shows a progress line on stderr.
 PROGRESS_FROM = 10
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    from client.api import Client
+    from crq.client.api import Client
 
     env_url = os.environ.get("CRQ_SERVER")
     if not args.server and env_url and (problem := server_url_problem(env_url)):

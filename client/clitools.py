@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from client.errors import CrashRecovery, CrqError
+from crq.client.errors import CrashRecovery, CrqError
 
 PREFIX = "crq"
 

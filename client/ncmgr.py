@@ -1,6 +1,6 @@
 """``ncmgr``: start, stop and inspect the server of a queue (SPEC sections 2 and 5).
 
-``ncmgr start`` runs ``python -m server …`` in its own session, output in
+``ncmgr start`` runs ``python -m crq.server …`` in its own session, output in
 ``<swd>/logs/server.out``, and returns once the server is open for clients (showing crash
 recovery progress meanwhile). Defaults: queue ``$CRQ_QUEUE`` or ``vnc``; swd, host and port
 from the registry when the queue is registered there, else ``./<queue>.swd``, ``127.0.0.1``
@@ -21,13 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client import registry, wire
-from client.clitools import as_typed, fail, positive_int, run, say, seconds
-from client.errors import CrqError, recovery_progress
-from client.table import key_values, when
+from crq.client import registry
+from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
+from crq.client.errors import CrqError, recovery_progress
+from crq.client.table import key_values, when
+
+from crq import wire
 
 if TYPE_CHECKING:
-    from client.api import Client
+    from crq.client.api import Client
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
@@ -35,7 +37,7 @@ DEFAULT_GRACE = 120.0
 POLL = 0.1
 DEFAULT_HOST = "127.0.0.1"
 
-#: ``ncmgr start`` settings passed through to ``python -m server``: (flag, kind, help).
+#: ``ncmgr start`` settings passed through to ``python -m crq.server``: (flag, kind, help).
 SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("--recovery-grace", "seconds", "how long recovery waits for taskers (default 120)"),
     ("--tasker-timeout", "seconds", "silence before a tasker's jobs are recovered (default 90)"),
@@ -162,7 +164,7 @@ class Place:
         return str(token) if token else None
 
     def client(self, url: str | None = None, timeout: float = 10.0) -> Client:
-        from client.api import Client
+        from crq.client.api import Client
 
         return Client(
             url=url or self.url, token=self.token() or "", queue=self.queue, timeout=timeout
@@ -229,7 +231,7 @@ def local_url(host: str, port: int) -> str:
 
 
 def server_command(args: argparse.Namespace, place: Place, host: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "server", "--queue", place.queue, "--swd", str(place.swd.root)]
+    cmd = [sys.executable, "-m", "crq.server", "--queue", place.queue, "--swd", str(place.swd.root)]
     cmd += ["--host", host, "--port", str(port)]
     for flag, kind, _ in SETTINGS:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -544,8 +546,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if args.reset_lock:
         if actions:
             return fail("--reset-lock goes alone")
-        from server.cleanup import reset_lock
-        from server.recovery import LockError
+        from crq.server.cleanup import reset_lock
+        from crq.server.recovery import LockError
 
         try:
             say(f"{reset_lock(place.swd)} ({place.swd.recovery_lock})")
@@ -583,10 +585,10 @@ def _cleanup_standalone(place: Place, action: str, arg: str | None) -> dict[str,
     if not place.swd.trace.is_dir():
         fail(f"{place.swd.root} has no trace.db: not a server working directory (use --swd)")
         return None
-    from server.cleanup import run_standalone
-    from server.models import BadRequest
-    from server.recovery import LockError
-    from server.replay import ReplayError
+    from crq.server.cleanup import run_standalone
+    from crq.server.models import BadRequest
+    from crq.server.recovery import LockError
+    from crq.server.replay import ReplayError
 
     try:
         return run_standalone(place.swd.root, action, arg)
@@ -598,7 +600,7 @@ def _cleanup_standalone(place: Place, action: str, arg: str | None) -> dict[str,
 
 
 def _print_incomplete(rows: list[dict[str, Any]]) -> None:
-    from client.table import ago, format_table
+    from crq.client.table import ago, format_table
 
     if not rows:
         print("every running attempt is confirmed by a live tasker")

@@ -18,23 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import FileResponse, Response
-
-from client.wire import (
-    JOB_STATES,
-    MODE_NORMAL,
-    MODE_RECOVERING,
-    QUEUED,
-    SESSION_HEADER,
-    USER_HEADER,
-)
-from server import commands
-from server.engine import Engine, Link
-from server.httplimits import BodyLimit
-from server.models import (
+from crq.server import commands
+from crq.server.engine import Engine, Link
+from crq.server.httplimits import BodyLimit
+from crq.server.models import (
     MAX_BODY,
     TASKER_NAME,
     BadRequest,
@@ -45,13 +32,27 @@ from server.models import (
     parse_json,
     validate,
 )
-from server.openapi import allowed_methods, install_openapi
-from server.settings import Settings
-from server.state import TASKER_LOST, Job, State, Tasker
+from crq.server.openapi import allowed_methods, install_openapi
+from crq.server.settings import Settings
+from crq.server.state import TASKER_LOST, Job, State, Tasker
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse, Response
+
+from crq import __version__
+from crq.wire import (
+    JOB_STATES,
+    MODE_NORMAL,
+    MODE_RECOVERING,
+    QUEUED,
+    SESSION_HEADER,
+    USER_HEADER,
+)
 
 log = logging.getLogger("crq.http")
 STATIC = Path(__file__).parent / "static"
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class JSON(Response):
@@ -86,7 +87,7 @@ class Server:
         self.checkpoints = {"written": 0, "failed": 0}  # forked checkpoints since start
 
     def _sanity(self, fix: bool) -> dict[str, Any]:
-        from server import sanity
+        from crq.server import sanity
 
         engine = self.engine
         return sanity.check(engine.state, set(engine.links), fix, engine.emit).as_dict()
@@ -405,7 +406,7 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.get(api + "/cleanup")
     async def cleanup_list(request: Request) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         admin(request)
         contact = {n: link.last_contact for n, link in engine.links.items()}
@@ -414,7 +415,7 @@ def create_app(srv: Server) -> FastAPI:
         return JSON({"incomplete": out})
 
     async def _cleanup(request: Request, make: Callable[[], list[Any]]) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         admin(request)
         events = make()
@@ -428,13 +429,13 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.post(api + "/cleanup/jobs/{job_id}")
     async def cleanup_job(request: Request, job_id: int) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         return await _cleanup(request, lambda: cleanup.recover_job(srv.state, job_id, time.time()))
 
     @app.post(api + "/cleanup/hosts/{host}")
     async def cleanup_host(request: Request, host: str) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         return await _cleanup(request, lambda: cleanup.dead_host(srv.state, host, time.time()))
 
@@ -565,7 +566,7 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        from server.metrics import render
+        from crq.server.metrics import render
 
         body, content_type = render(srv)
         return Response(body, media_type=content_type)

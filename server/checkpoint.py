@@ -17,16 +17,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.wire import DONE, RUNNING
-from server import snapshot
-from server.journal import first_seq, fsync_dir, list_segments
-from server.state import Event, State
+from crq.server import snapshot
+from crq.server.journal import first_seq, fsync_dir, list_segments
+from crq.server.state import Event, State
+
+from crq.wire import DONE, RUNNING
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
     from typing import Any
 
-    from server.app import Server
+    from crq.server.app import Server
 
 log = logging.getLogger("crq.checkpoint")
 
@@ -135,7 +136,7 @@ async def final(srv: Server) -> None:
     prune(paths.trace)
     if engine.marker is not None:
         engine.marker.put_now()
-    from server.main import write_atomic
+    from crq.server.main import write_atomic
 
     write_atomic(paths.clean_marker, f"{time.time()}\n".encode())
 
@@ -192,6 +193,6 @@ async def _autoforget(srv: Server) -> None:
 
 
 def background(srv: Server) -> list[Coroutine[Any, Any, None]]:
-    from server import monitor
+    from crq.server import monitor
 
     return [_checkpoints(srv), _marks(srv), _autoforget(srv), monitor.watch(srv)]

@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.wire import RUNNING, Swd, process_exists
-from server import replay
-from server.events import encode
-from server.journal import Journal
-from server.models import BadRequest
-from server.monitor import lose_tasker
-from server.recovery import LockError, boot_id, read_lock, take_lock
-from server.state import TASKER_READY, Event, State
+from crq.server import replay
+from crq.server.events import encode
+from crq.server.journal import Journal
+from crq.server.models import BadRequest
+from crq.server.monitor import lose_tasker
+from crq.server.recovery import LockError, boot_id, read_lock, take_lock
+from crq.server.state import TASKER_READY, Event, State
+
+from crq.wire import RUNNING, Swd, process_exists
 
 REASON = "manual cleanup"
 

@@ -27,11 +27,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
-from client.wire import FINAL_STATES, QUEUED, RUNNING
-from server.events import spec_bytes
-from server.models import (
+from crq.server.events import spec_bytes
+from crq.server.models import (
     MAX_BATCH,
     AttemptRef,
     BadRequest,
@@ -42,8 +39,11 @@ from server.models import (
     RunningReport,
     parse_submit,
 )
-from server.resources import ResourceError, parse_capacity
-from server.state import TASKER_READY, Event, Job, State, env_digest
+from crq.server.resources import ResourceError, parse_capacity
+from crq.server.state import TASKER_READY, Event, Job, State, env_digest
+from pydantic import ValidationError
+
+from crq.wire import FINAL_STATES, QUEUED, RUNNING
 
 Ref = tuple[int, int]
 

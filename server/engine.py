@@ -15,14 +15,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from client.wire import MODE_NORMAL
-from server.events import encode
-from server.journal import Journal
-from server.scheduler import dispatch_pass
-from server.state import Event, Job, State, Tasker
+from crq.server.events import encode
+from crq.server.journal import Journal
+from crq.server.scheduler import dispatch_pass
+from crq.server.state import Event, Job, State, Tasker
+
+from crq.wire import MODE_NORMAL
 
 if TYPE_CHECKING:
-    from server.marks import Marker
+    from crq.server.marks import Marker
 
 log = logging.getLogger("crq.engine")
 

@@ -17,10 +17,9 @@ import resource
 import time
 from typing import Any
 
+from crq.server.models import BadRequest
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-from server.models import BadRequest
 
 log = logging.getLogger("crq.http")
 

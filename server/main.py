@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from crq.server import checkpoint, marks, replay
+from crq.server.app import Server, create_app
+from crq.server.engine import Engine
+from crq.server.journal import Journal, fsync_dir
+from crq.server.marks import Marker
+from crq.server.settings import Settings, SettingsError, load
 
-from client.wire import MODE_NORMAL, MODE_STOPPED, Swd
-from server import checkpoint, marks, replay
-from server.app import Server, create_app
-from server.engine import Engine
-from server.journal import Journal, fsync_dir
-from server.marks import Marker
-from server.settings import Settings, SettingsError, load
+from crq.wire import MODE_NORMAL, MODE_STOPPED, Swd
 
 log = logging.getLogger("crq.server")
 
@@ -255,8 +255,7 @@ def skip_ids(engine: Engine) -> None:
 
 async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, unclean: bool) -> None:
     import uvicorn
-
-    from server import httplimits
+    from crq.server import httplimits
 
     engine, settings = srv.engine, srv.settings
     fds = httplimits.raise_fd_limit(settings.max_connections + 2 * httplimits.FDS_RESERVED)
@@ -319,7 +318,7 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
 async def _open(srv: Server, loaded: replay.Replayed, unclean: bool) -> None:
     """Normal service at once after a clean stop; crash recovery mode after an unclean one."""
     if unclean:
-        from server import recovery
+        from crq.server import recovery
 
         await recovery.begin(srv, loaded)
     else:

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from server.journal import Journal
-    from server.state import State
+    from crq.server.journal import Journal
+    from crq.server.state import State
 
 log = logging.getLogger("crq.marks")
 
@@ -80,7 +80,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    from server.main import write_atomic
+    from crq.server.main import write_atomic
 
     write_atomic(path, orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
 

@@ -12,13 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
-from pydantic.json_schema import models_json_schema
-from starlette.routing import Match
-
-from client.wire import JOB_STATES, SESSION_HEADER
-from server.models import (
+from crq.server.models import (
     ABS_PATH,
     BLANKS,
     ENV_NAME,
@@ -31,6 +25,12 @@ from server.models import (
     StopServer,
     Sync,
 )
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+from starlette.routing import Match
+
+from crq.wire import JOB_STATES, SESSION_HEADER
 
 Schema = dict[str, Any]
 

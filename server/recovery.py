@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from crq.server import checkpoint, sanity
+from crq.server.commands import Outcome
+from crq.server.models import Register
+from crq.server.monitor import lose_tasker
+from crq.server.state import TASKER_READY
 
-from client.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING, process_exists
-from server import checkpoint, sanity
-from server.commands import Outcome
-from server.models import Register
-from server.monitor import lose_tasker
-from server.state import TASKER_READY
+from crq.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING, process_exists
 
 if TYPE_CHECKING:
-    from server.app import Server
-    from server.replay import Replayed
+    from crq.server.app import Server
+    from crq.server.replay import Replayed
 
 log = logging.getLogger("crq.recovery")
 
@@ -73,7 +73,7 @@ def take_lock(path: Path, take_over: bool = False) -> dict[str, Any] | None:
         if held.get("host") == me["host"] and (pid == me["pid"] or not process_exists(pid)):
             if take_over and me["boot"] and held.get("boot") == me["boot"]:
                 me["time"] = time.time()
-                from server.main import write_atomic
+                from crq.server.main import write_atomic
 
                 write_atomic(path, orjson.dumps(me))
                 return held
@@ -181,7 +181,7 @@ class Recovery:
         srv.recovery = lambda: None
         srv.on_register = lambda *a: None
         engine.schedule_dispatch()
-        from server.main import server_json
+        from crq.server.main import server_json
 
         server_json(srv, MODE_NORMAL)
         log.info(
@@ -230,7 +230,7 @@ class Recovery:
         }
 
     def write_report(self, result: sanity.Result) -> Path:
-        from server.main import write_atomic
+        from crq.server.main import write_atomic
 
         data = self.report(result)
         stamp = datetime.fromtimestamp(self.started_at).strftime("%Y%m%d-%H%M%S")
@@ -305,7 +305,7 @@ def render_text(r: dict[str, Any]) -> str:
 
 async def begin(srv: Server, loaded: Replayed) -> None:
     """Enter the mode; serving starts at once, the recovery ends in the background."""
-    from server.main import StartError
+    from crq.server.main import StartError
 
     try:
         taken = take_lock(srv.settings.paths.recovery_lock, take_over=True)

@@ -23,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server import marks, snapshot
-from server.events import decode
-from server.journal import PREFIX, RecordReader, list_segments, salvage
-from server.state import State
+from crq.server import marks, snapshot
+from crq.server.events import decode
+from crq.server.journal import PREFIX, RecordReader, list_segments, salvage
+from crq.server.state import State
 
 T = TypeVar("T")
 
@@ -198,7 +198,7 @@ def _ends_early(
 
 def _drop(out: Replayed, path: Path, data: bytes, offset: int, msg: str) -> None:
     """Accept the loss of ``data[offset:]``: put it aside, note what it held, cut it off."""
-    from server.main import write_atomic
+    from crq.server.main import write_atomic
 
     state = out.state
     aside = path.with_name(f"damaged.{path.name}.at-{offset}")

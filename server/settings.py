@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from client.wire import DEFAULT_QUEUE, Swd, default_port
+from crq.wire import DEFAULT_QUEUE, Swd, default_port
 
 
 @dataclass
@@ -51,7 +51,7 @@ class SettingsError(ValueError):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server", description="Run a crq queue server.")
+    p = argparse.ArgumentParser(prog="python -m crq.server", description="Run a crq queue server.")
     p.add_argument("--queue", default=DEFAULT_QUEUE)
     p.add_argument("--swd", help="server working directory (default ./<queue>.swd)")
     p.add_argument("--host")

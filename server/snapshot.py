@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
+from crq.server.events import NL
+from crq.server.journal import RecordReader, frame, fsync_dir
+from crq.server.state import Attempt, Job, State, Tasker, env_digest
 
-from client.wire import QUEUED, RUNNING
-from server.events import NL
-from server.journal import RecordReader, frame, fsync_dir
-from server.state import Attempt, Job, State, Tasker, env_digest
+from crq.wire import QUEUED, RUNNING
 
 VERSION = 2  # 2: jobs in chunks of CHUNK, specs raw; 1 (still read): a record a job
 CHUNK = 1000

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
+from crq.server.events import Event
+from crq.server.resources import Need, NeedCache, parse_capacity
 
-from client.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
-from server.events import Event
-from server.resources import Need, NeedCache, parse_capacity
+from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
 
 TASKER_READY = "ready"
 TASKER_LOST = "lost"

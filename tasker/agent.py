@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from client import wire
-from tasker.runner import Runner
-from tasker.statedir import Key, StateDir
+from crq.tasker.runner import Runner
+from crq.tasker.statedir import Key, StateDir
+
+from crq import wire
 
 if TYPE_CHECKING:
     import httpx

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.wire import process_exists
-from tasker.statedir import Key, StateDir, key_of, parse_name, read_status
+from crq.tasker.statedir import Key, StateDir, key_of, parse_name, read_status
+
+from crq.wire import process_exists
 
 log = logging.getLogger("crq.tasker")
 

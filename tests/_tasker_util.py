@@ -54,8 +54,8 @@ def run_and_vanish(state: Path, cwd: Path, jobs: list[dict[str, Any]]) -> None:
     """Start jobs from a separate Python process that then dies like kill -9 (os._exit)."""
     script = (
         "import json, os, sys\n"
-        "from tasker.statedir import StateDir\n"
-        "from tasker.runner import Runner\n"
+        "from crq.tasker.statedir import StateDir\n"
+        "from crq.tasker.runner import Runner\n"
         "r = Runner(StateDir(sys.argv[1]))\n"
         "for d in json.loads(sys.argv[2]):\n"
         "    r.start(d)\n"
@@ -94,7 +94,7 @@ def server_available() -> bool:
 
 
 class CrqServer:
-    """A real ``python -m server`` in the foreground, killable with -9 and restartable."""
+    """A real ``python -m crq.server`` in the foreground, killable with -9 and restartable."""
 
     def __init__(self, swd: Path, queue: str = "t1", *extra: str) -> None:
         self.swd = swd
@@ -108,7 +108,7 @@ class CrqServer:
 
         self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--queue", self.queue, "--swd", str(self.swd),
+            [sys.executable, "-m", "crq.server", "--queue", self.queue, "--swd", str(self.swd),
              "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
             cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -202,7 +202,7 @@ class Tasker:
         out = open(self.logfile, "ab")  # noqa: SIM115 - kept by the child
         with out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tasker", *self.args],
+                [sys.executable, "-m", "crq.tasker", *self.args],
                 cwd=ROOT, env=env or env_with_root(), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out,
             )  # fmt: skip

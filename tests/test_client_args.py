@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from crq.client import cli, clitools, ncmgr, registry, vovproject
 
-from client import cli, clitools, ncmgr, registry, vovproject, wire
+from crq import wire
 
 
 @pytest.fixture(autouse=True)
@@ -195,7 +196,7 @@ def test_ncmgr_start_passes_settings_through(tmp_path: Path) -> None:
     place = ncmgr.Place(args)
     assert place.queue == "q1" and place.swd.root == tmp_path / "s"
     cmd = ncmgr.server_command(args, place, "127.0.0.1", 7001)
-    assert cmd[:3] == [sys.executable, "-m", "server"]
+    assert cmd[:3] == [sys.executable, "-m", "crq.server"]
     assert cmd[3:] == ["--queue", "q1", "--swd", str(tmp_path / "s"), "--host", "127.0.0.1",
                        "--port", "7001", "--recovery-grace", "5", "--fsync", "never",
                        "--accept-loss"]  # fmt: skip

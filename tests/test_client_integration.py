@@ -57,7 +57,7 @@ class Queue:
         self, tool: str, *args: str, timeout: float = CMD_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", f"client.{tool}", *args],
+            [sys.executable, "-m", f"crq.client.{tool}", *args],
             env=self.env,
             cwd=self.root,
             capture_output=True,
@@ -73,7 +73,7 @@ class Queue:
 
     def spawn(self, tool: str, *args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"client.{tool}", *args],
+            [sys.executable, "-m", f"crq.client.{tool}", *args],
             env=self.env,
             cwd=self.root,
             stdout=subprocess.PIPE,
@@ -100,7 +100,7 @@ class Queue:
         return int(out.stdout.split()[0])
 
     def start_tasker(self) -> None:
-        cmd = [sys.executable, "-m", "tasker", "--swd", str(self.swd), "--slots", "2",
+        cmd = [sys.executable, "-m", "crq.tasker", "--swd", str(self.swd), "--slots", "2",
                "--name", "it-tk", "--state-dir", str(self.root / "tasker-state")]  # fmt: skip
         with open(self.root / "tasker.err", "ab") as err:
             self.tasker = subprocess.Popen(
@@ -186,7 +186,7 @@ def test_busy_port_is_a_clear_error(q: Queue) -> None:
 
 def test_bad_token_is_one_line(q: Queue) -> None:
     env = dict(q.env, CRQ_TOKEN="wrong")
-    out = subprocess.run([sys.executable, "-m", "client.cli", "list"], env=env,
+    out = subprocess.run([sys.executable, "-m", "crq.client.cli", "list"], env=env,
                          capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "bad token" in out.stderr

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+from crq.server import commands, events, replay, snapshot
+from crq.server.journal import frame
+from crq.server.state import Job, State
 
-from server import commands, events, replay, snapshot
-from server.journal import frame
-from server.state import Job, State
 from tests.core_helpers import Core, fingerprint, write_journal
 
 AWKWARD = {

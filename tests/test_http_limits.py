@@ -2,7 +2,7 @@
 connections, the number of connections under a low open-file limit, and big batches
 that must not hold the event loop.
 
-Real servers (``python -m server``) for the socket-level behaviour; the in-process app
+Real servers (``python -m crq.server``) for the socket-level behaviour; the in-process app
 (httpx's ASGI transport, as tests/test_paging.py) for the ordering of a big batch
 against other requests.
 """
@@ -25,15 +25,15 @@ from typing import Any
 
 import httpx
 import pytest
+from crq.server import app as app_module
+from crq.server import commands, replay
+from crq.server.app import Server, create_app
+from crq.server.engine import Engine
+from crq.server.journal import Journal
+from crq.server.models import MAX_BODY
+from crq.server.settings import SettingsError, load
+from crq.server.state import State
 
-from server import app as app_module
-from server import commands, replay
-from server.app import Server, create_app
-from server.engine import Engine
-from server.journal import Journal
-from server.models import MAX_BODY
-from server.settings import SettingsError, load
-from server.state import State
 from tests._tasker_util import ROOT, CrqServer, env_with_root, free_port
 
 MIB = 1 << 20
@@ -49,7 +49,7 @@ class LimitedServer(CrqServer):
     def start(self, port: int | None = None, timeout: float = 30.0) -> None:
         self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--queue", self.queue, "--swd", str(self.swd),
+            [sys.executable, "-m", "crq.server", "--queue", self.queue, "--swd", str(self.swd),
              "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
             cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -24,16 +24,15 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+from crq.server.app import Server, create_app
+from crq.server.engine import Engine
+from crq.server.journal import Journal
+from crq.server.settings import load
+from crq.server.state import State
 from schemathesis import engine
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events
 from starlette.routing import Route
-
-from server.app import Server, create_app
-from server.engine import Engine
-from server.journal import Journal
-from server.settings import load
-from server.state import State
 
 TOKEN = "admin-token"
 SEED = int(os.environ.get("CRQ_FUZZ_SEED", "20250"))

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.server import cleanup, commands, replay, sanity, snapshot
+from crq.server.models import BadRequest, Register, Sync, parse_submit, validate
+from crq.server.monitor import lose_tasker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import cleanup, commands, replay, sanity, snapshot
-from server.models import BadRequest, Register, Sync, parse_submit, validate
-from server.monitor import lose_tasker
 from tests._tasker_util import CrqServer, env_with_root, server_available
 from tests.core_helpers import Core, fingerprint, write_journal
 
@@ -276,7 +276,7 @@ def test_e2e_a_bad_offer_is_refused_and_the_queue_survives_a_clean_stop(tmp_path
 
 def test_vovtasker_refuses_a_bad_offer_at_start(tmp_path: Path) -> None:
     p = subprocess.run(
-        [sys.executable, "-m", "tasker", "--server", "http://127.0.0.1:9", "--resources",
+        [sys.executable, "-m", "crq.tasker", "--server", "http://127.0.0.1:9", "--resources",
          "CORES/4 RAM/x", "--state-dir", str(tmp_path / "st")],
         capture_output=True, text=True, env={**env_with_root(), "CRQ_TASKER_TOKEN": "t"},
         timeout=30,

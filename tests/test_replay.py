@@ -12,14 +12,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from crq.server import commands, replay, snapshot
+from crq.server.events import encode
+from crq.server.journal import frame
+from crq.server.models import BadRequest, ResultReport
+from crq.server.monitor import lose_tasker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import commands, replay, snapshot
-from server.events import encode
-from server.journal import frame
-from server.models import BadRequest, ResultReport
-from server.monitor import lose_tasker
 from tests.core_helpers import Core, fingerprint, write_journal
 
 TASKERS = ["t1", "t2", "t3"]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.server import checkpoint, snapshot
+from crq.server.journal import frame
+from crq.server.recovery import boot_id
 
-from server import checkpoint, snapshot
-from server.journal import frame
-from server.recovery import boot_id
 from tests._tasker_util import ROOT, CrqServer, env_with_root, server_available, wait_until
 from tests.core_helpers import Core, write_journal
 
@@ -303,7 +303,8 @@ def test_other_recovery_locks_still_refuse(srv: CrqServer, who: str) -> None:
         return
     assert "--reset-lock" in msg
     out = subprocess.run(
-        [sys.executable, "-m", "client.ncmgr", "cleanup", "--swd", str(srv.swd), "--reset-lock"],
+        [sys.executable, "-m", "crq.client.ncmgr", "cleanup", "--swd", str(srv.swd),
+         "--reset-lock"],
         cwd=ROOT, env=env_with_root(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0 and not lock.exists(), out.stderr

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker.runner import MAX_REASON, Runner
+from crq.tasker.statedir import StateDir
 
-from tasker.runner import MAX_REASON, Runner
-from tasker.statedir import StateDir
 from tests._tasker_util import (
     CrqServer,
     Tasker,

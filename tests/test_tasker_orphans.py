@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker.runner import Runner, find_orphan_wrappers
+from crq.tasker.statedir import Key, StateDir, read_status
 
-from tasker.runner import Runner, find_orphan_wrappers
-from tasker.statedir import Key, StateDir, read_status
 from tests._tasker_util import (
     CrqServer,
     Tasker,
@@ -39,8 +39,8 @@ from tests._tasker_util import (
 # A dying tasker, as run_and_vanish, except that its attempt records never reach the disk.
 UNRECORDED = (
     "import json, os, sys\n"
-    "from tasker.statedir import StateDir\n"
-    "from tasker.runner import Runner\n"
+    "from crq.tasker.statedir import StateDir\n"
+    "from crq.tasker.runner import Runner\n"
     "r = Runner(StateDir(sys.argv[1]))\n"
     "def crash(records):\n"
     "    raise OSError(5, 'the tasker died before writing its attempt records')\n"
@@ -110,8 +110,8 @@ GATED = "echo ran >> marker; while [ ! -e go ]; do sleep 0.02; done; exit 3"
 # A tasker that dies at the spawn itself: nothing of the job ever ran.
 UNSPAWNED = (
     "import json, os, subprocess, sys\n"
-    "from tasker.statedir import StateDir\n"
-    "from tasker.runner import Runner\n"
+    "from crq.tasker.statedir import StateDir\n"
+    "from crq.tasker.runner import Runner\n"
     "def crash(*a, **k):\n"
     "    os._exit(0)\n"
     "subprocess.Popen = crash\n"

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from crq.tasker.runner import Runner, classify, current_umask, find_orphan_wrappers
+from crq.tasker.statedir import StateDir, StateDirBusy, read_status
 
-from tasker.runner import Runner, classify, current_umask, find_orphan_wrappers
-from tasker.statedir import StateDir, StateDirBusy, read_status
 from tests._tasker_util import alive, dispatch, run_and_vanish, wait_until
 
 
@@ -281,7 +281,7 @@ def test_orphan_without_record_is_found_through_proc(state: StateDir, work: Path
 def test_an_orphan_of_the_earlier_wrapper_is_found_after_an_upgrade(state: StateDir) -> None:
     import subprocess
 
-    from tasker.runner import OLD_WRAPPERS, SH, WRAPPER_NAME
+    from crq.tasker.runner import OLD_WRAPPERS, SH, WRAPPER_NAME
 
     status = state.status_path((25, 1))
     argv = [SH, "-c", OLD_WRAPPERS[0], WRAPPER_NAME, str(status), "sleep", "30"]

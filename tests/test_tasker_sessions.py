@@ -4,7 +4,7 @@ A second tasker under a live tasker's name is refused and changes nothing; a syn
 report under another session is refused; a name whose holder went silent past the tasker
 timeout (or was declared lost) is taken over, and then nothing of the old session counts.
 Three levels: the commands on a Core, the real app in process (httpx's ASGI transport),
-and real ``python -m tasker`` processes against a real server.
+and real ``python -m crq.tasker`` processes against a real server.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from typing import Any
 
 import httpx
 import pytest
+from crq.server import commands
+from crq.server.app import Server, create_app
+from crq.server.engine import Engine
+from crq.server.journal import Journal
+from crq.server.models import Register, ResultReport, RunningReport
+from crq.server.monitor import lose_tasker
+from crq.server.settings import load
+from crq.server.state import State
 
-from client.wire import SESSION_HEADER
-from server import commands
-from server.app import Server, create_app
-from server.engine import Engine
-from server.journal import Journal
-from server.models import Register, ResultReport, RunningReport
-from server.monitor import lose_tasker
-from server.settings import load
-from server.state import State
+from crq.wire import SESSION_HEADER
 from tests._tasker_util import (
     CrqServer,
     Tasker,
@@ -323,7 +323,7 @@ def test_a_second_tasker_is_refused_and_a_restarted_one_recognised(
     for k in ("CRQ_TOKEN", "CRQ_SERVER", "CRQ_QUEUE"):
         env.pop(k, None)
     p = subprocess.run(
-        [sys.executable, "-m", "client.ncmgr", "cleanup", "--swd", str(srv.swd), "--dead-host",
+        [sys.executable, "-m", "crq.client.ncmgr", "cleanup", "--swd", str(srv.swd), "--dead-host",
          "dup"], env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 0 and "tasker dup: marked lost" in p.stdout, p.stderr
