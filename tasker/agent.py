@@ -214,6 +214,7 @@ class Agent:
         self.info = info
         self.source = source
         self.runner = runner
+        self.outbox = runner.outbox
         self.state = state
         self.heartbeat = info.heartbeat
         self.host = socket.gethostname()
@@ -284,16 +285,16 @@ class Agent:
                 self._sleep(min(delay, 0.25))  # short naps: notice a new server.json
                 return None
             return self._register()
-        started, finished = self.runner.reports()
+        started, finished = self.outbox.reports()
         if started or finished:
             self._report(started, finished)
             return None
         if not self._polling:
             self._start_poll()
         with self._cond:
-            due = self.runner.next_due_in()
+            due = self.outbox.next_due_in()
             self._cond.wait_for(
-                lambda: self._stopping or self._poll_result is not None or self.runner.has_due(),
+                lambda: self._stopping or self._poll_result is not None or self.outbox.has_due(),
                 timeout=min(due, 5.0) if due is not None else 5.0,
             )
         return None
@@ -306,7 +307,7 @@ class Agent:
             if self.runner.counts()[0] == 0:
                 break
             self._sleep(0.05)
-        started, finished = self.runner.reports(everything=True)
+        started, finished = self.outbox.reports(everything=True)
         if (started or finished) and self._registered and self._client is not None:
             body = {"started": started, "finished": finished, "running": [], "wait": 0}
             try:
@@ -314,7 +315,7 @@ class Agent:
                 acked = {wire.attempt_key(a) for a in answer.get("ack") or []}
             except (Failure, TypeError, ValueError, KeyError, AttributeError):
                 return
-            self.runner.ack(acked, started, finished)
+            self.outbox.ack(acked, started, finished)
 
     def _sleep(self, seconds: float) -> None:
         with self._cond:
@@ -339,7 +340,7 @@ class Agent:
             self._failed(Failure(str(e), transport=True))
             return None
         running = self.runner.running()
-        _, finished = self.runner.reports(everything=True)
+        _, finished = self.outbox.reports(everything=True)
         body = {
             "host": self.host,
             "pid": os.getpid(),
@@ -391,7 +392,7 @@ class Agent:
                 self.info.rebooted = False
             except OSError as e:
                 log.error("cannot record boot id: %s", e)
-        self.runner.all_due()
+        self.outbox.all_due()
         self._handle(answer, running, finished)
         return None
 
@@ -475,7 +476,7 @@ class Agent:
             self._failed(f)
             return
         self._ok()
-        self.runner.sent(started, finished, RESEND_DELAY)
+        self.outbox.sent(started, finished, RESEND_DELAY)
         self._handle(answer, started, finished)
 
     def _start_poll(self) -> None:
@@ -540,7 +541,7 @@ class Agent:
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             log.error("malformed answer from server (%s): %.200s", e, answer)
             return
-        self.runner.ack(acked, started, finished)
+        self.outbox.ack(acked, started, finished)
         if answer.get("shutdown") is True and not self._shutdown:
             # a clean stop without --freeze: the server requeued our jobs (the kills
             # follow) and will not come back on its own; like Accelerator's taskers, leave
