@@ -93,6 +93,42 @@ class _Job:
         }
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How one attempt ended, as ``_finish_many`` records it.
+
+    ``reason`` None: derived from the rest (a signal, a kill the server asked for).
+    """
+
+    job: _Job
+    exit_code: int | None
+    signal: int | None
+    ended: float
+    reason: str | None = None
+
+
+def _result(end: Ending) -> dict[str, Any]:
+    """The finished report of an ending, with the reason a kill or a signal implies."""
+    job, reason, sig = end.job, end.reason, end.signal
+    if reason is None and (end.exit_code is None or job.kill_at is not None):
+        if job.kill_at is not None:
+            reason = "killed on server request" + (f" (signal {sig})" if sig else "")
+        else:
+            reason = f"killed by signal {sig}" if sig else "killed"
+    result: dict[str, Any] = {
+        "job": job.job,
+        "attempt": job.attempt,
+        "exit_code": end.exit_code,
+        "signal": sig,
+        "started": job.started,
+        "ended": max(end.ended, job.started),  # file mtimes tick coarser than time()
+        "reason": reason,
+    }
+    if job.lost:
+        result["lost"] = True
+    return result
+
+
 class Runner:
     """Owns the job processes; what it learns of them goes into ``outbox``."""
 
@@ -399,15 +435,14 @@ class Runner:
                         threading.Thread(target=self._wait_child, args=(job,), daemon=True).start()
                 time.sleep(0.1)
 
-    def _ended(self, job: _Job) -> tuple[_Job, int | None, int | None, float, None]:
+    def _ended(self, job: _Job) -> Ending:
         """Reap one ended child: its exit code, signal and end time."""
         assert job.proc is not None
         rc = job.proc.wait()
         st = read_status(job.status)
         # without an exit status in it, the file's mtime is the spawn, not the end
         ended = st[1] if st is not None and st[0] is not None else time.time()
-        exit_code, sig = classify(rc)
-        return job, exit_code, sig, ended, None
+        return Ending(job, *classify(rc), ended)
 
     def _wait_child(self, job: _Job) -> None:
         self._finish_many([self._ended(job)])
@@ -420,45 +455,25 @@ class Runner:
         ended: float,
         reason: str | None = None,
     ) -> None:
-        self._finish_many([(job, exit_code, sig, ended, reason)])
+        self._finish_many([Ending(job, exit_code, sig, ended, reason)])
 
-    def _finish_many(
-        self, ends: list[tuple[_Job, int | None, int | None, float, str | None]]
-    ) -> None:
+    def _finish_many(self, ends: list[Ending]) -> None:
         """Record the results durably, then drop the attempt records; report them at once."""
         with self._lock:
-            todo = [e for e in ends if not e[0].done]
-            for e in todo:
-                e[0].done = True
+            todo = [end for end in ends if not end.job.done]
+            for end in todo:
+                end.job.done = True
         if not todo:
             return
-        results = []
-        for job, exit_code, sig, ended, reason in todo:
-            if reason is None and (exit_code is None or job.kill_at is not None):
-                if job.kill_at is not None:
-                    reason = "killed on server request" + (f" (signal {sig})" if sig else "")
-                else:
-                    reason = f"killed by signal {sig}" if sig else "killed"
-            result = {
-                "job": job.job,
-                "attempt": job.attempt,
-                "exit_code": exit_code,
-                "signal": sig,
-                "started": job.started,
-                "ended": max(ended, job.started),  # file mtimes tick coarser than time()
-                "reason": reason,
-            }
-            if job.lost:
-                result["lost"] = True
-            results.append(result)
+        results = [_result(end) for end in todo]
         self.outbox.store_results(results)
         try:
-            self.state.remove_attempts([e[0].key for e in todo])
+            self.state.remove_attempts([end.job.key for end in todo])
         except OSError as e:
             log.error("cannot remove attempt records: %s", e)
         with self._lock:
-            for e in todo:
-                self._jobs.pop(e[0].key, None)
+            for end in todo:
+                self._jobs.pop(end.job.key, None)
             held = bool(self._held)
         if held:
             self._start_held()
