@@ -104,7 +104,8 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     log = logging.getLogger("crq.tasker")
 
-    from crq.tasker.agent import Agent, ServerSource, TaskerInfo
+    from crq.tasker.agent import Agent, TaskerInfo
+    from crq.tasker.link import ServerSource
     from crq.tasker.runner import Runner
     from crq.tasker.statedir import StateDir, StateDirBusy, read_boot_id
 
