@@ -17,7 +17,7 @@ from typing import NoReturn
 from crq.client.clitools import positive_int, positive_seconds
 from crq.tasker import __version__
 
-from crq import wire
+from crq import procfs, wire
 
 PROG = "vovtasker"
 
@@ -107,7 +107,7 @@ def _main(argv: list[str] | None) -> int:
     from crq.tasker.agent import Agent, TaskerInfo
     from crq.tasker.link import ServerSource
     from crq.tasker.runner import Runner
-    from crq.tasker.statedir import StateDir, StateDirBusy, read_boot_id
+    from crq.tasker.statedir import StateDir, StateDirBusy
 
     state_root = args.state_dir or wire.crq_home() / "taskers" / name
     try:
@@ -121,7 +121,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"{PROG}: cannot use state dir {state_root}: {e.strerror or e}", file=sys.stderr)
         return 1
 
-    boot_id = read_boot_id()
+    boot_id = procfs.boot_id()
     stored = state.stored_boot_id()
     rebooted = bool(stored and boot_id and stored != boot_id)
     slots = args.slots or os.cpu_count() or 1
