@@ -14,10 +14,10 @@ import socket
 import sys
 from typing import NoReturn
 
-from crq.client.clitools import positive_int, positive_seconds
 from crq.tasker import __version__
 
 from crq import procfs, wire
+from crq.cliargs import positive_int, positive_seconds
 
 PROG = "vovtasker"
 

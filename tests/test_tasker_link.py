@@ -46,10 +46,13 @@ def test_retry_after_is_kept() -> None:
     assert str(taken) == "HTTP 409 tasker_name_in_use: held"
 
 
-def test_link_and_cli_import_without_httpx() -> None:
-    """``vovtasker --help`` stays fast: httpx comes with the first connection only."""
+def test_link_and_cli_import_without_httpx_or_client() -> None:
+    """``vovtasker --help`` stays fast: httpx comes with the first connection only, and the
+    tasker takes its argument types from crq.cliargs, not from the client package."""
     code = (
         "import sys, crq.tasker.cli, crq.tasker.link, crq.tasker.agent\n"
         "assert 'httpx' not in sys.modules, 'httpx imported'\n"
+        "client = [m for m in sys.modules if m.startswith('crq.client')]\n"
+        "assert not client, client\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=env_with_root())
