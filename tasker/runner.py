@@ -201,8 +201,8 @@ class Runner:
                     log.info("job %d.%d: dispatched again, ignored", *key)
                     continue
                 self._held.setdefault(key, d)
-        for d, e in unusable:
-            self._unusable(d, e)
+        for item, error in unusable:
+            self._unusable(item, error)
         self._start_held()
 
     def _start_held(self) -> None:
