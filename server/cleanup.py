@@ -8,21 +8,22 @@ history and survives a crash half-way.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from crq.server import replay
-from crq.server.events import encode
+from crq.server.engine import apply_and_append
+from crq.server.files import LockError, read_lock, take_lock
 from crq.server.journal import Journal
 from crq.server.models import BadRequest
 from crq.server.monitor import lose_tasker
-from crq.server.recovery import LockError, boot_id, read_lock, take_lock
 from crq.server.state import TASKER_READY, Event, State
 
-from crq.wire import RUNNING, Swd, process_exists
+from crq.durable import LockBusy, lock_pidfile
+from crq.procfs import boot_id, process_exists
+from crq.wire import QUEUED, RUNNING, Swd
 
 REASON = "manual cleanup"
 
@@ -101,7 +102,7 @@ def summary(state: State, events: list[Event]) -> list[dict[str, Any]]:
                 {
                     "id": job.id,
                     "attempt": ev["attempt"],
-                    "action": "requeued" if job.state == "queued" else job.state,
+                    "action": "requeued" if job.state == QUEUED else job.state,
                 }
             )
         elif ev["e"] == "tasker_lost":
@@ -133,11 +134,9 @@ class Standalone:
         self.swd = Swd(root)
         if not self.swd.trace.is_dir():
             raise LockError(f"{self.swd.root} has no trace.db: not a crq server directory")
-        self._lock_fd = os.open(self.swd.server_lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
+            self._lock_fd = lock_pidfile(self.swd.server_lock)
+        except LockBusy:
             raise LockError(
                 f"a server is running on {self.swd.root}: use ncmgr cleanup without --standalone"
             ) from None
@@ -157,9 +156,7 @@ class Standalone:
     def emit(self, events: list[Event]) -> None:
         if self.journal is None:
             self.journal = Journal(self.swd.trace, next_seq=self.state.seq + 1)
-        for ev in events:
-            self.state.apply(ev, self.journal.next_seq)
-            self.journal.append(encode(ev))
+        apply_and_append(self.state, self.journal, events)
         self.journal.flush_now()
 
     def close(self) -> None:

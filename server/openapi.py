@@ -18,7 +18,6 @@ from crq.server.models import (
     ENV_NAME,
     NO_NUL,
     SHELL_LINE,
-    TASKER_NAME,
     Batch,
     JobSpec,
     Register,
@@ -30,7 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Match
 
-from crq.wire import JOB_STATES, SESSION_HEADER
+from crq.wire import JOB_STATES, SESSION_HEADER, TASKER_NAME_PATTERN
 
 Schema = dict[str, Any]
 
@@ -293,7 +292,7 @@ TASKER_PARAMS: list[Schema] = [
         "name": "name",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "pattern": TASKER_NAME.pattern, "maxLength": 128},
+        "schema": {"type": "string", "pattern": TASKER_NAME_PATTERN, "maxLength": 128},
     },
     {
         "name": SESSION_HEADER,

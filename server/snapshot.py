@@ -15,9 +15,10 @@ from typing import Any, BinaryIO
 
 import orjson
 from crq.server.events import NL
-from crq.server.journal import RecordReader, frame, fsync_dir
+from crq.server.journal import RecordReader, frame
 from crq.server.state import Attempt, Job, State, Tasker, env_digest
 
+from crq.durable import fsync_dir
 from crq.wire import QUEUED, RUNNING
 
 VERSION = 2  # 2: jobs in chunks of CHUNK, specs raw; 1 (still read): a record a job
