@@ -10,18 +10,21 @@ the older one, so a damaged newest snapshot can fall back without losing events.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
 
 from crq.server import snapshot
 from crq.server.engine import Engine
+from crq.server.events import Event
 from crq.server.journal import first_seq, list_segments
 from crq.server.settings import Settings
-from crq.server.state import Event, State
+from crq.server.state import State
 
 from crq.durable import fsync_dir, write_atomic
 from crq.wire import RUNNING
@@ -115,9 +118,6 @@ def _detach_child() -> None:
     """
     os.closerange(3, 1 << 16)
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

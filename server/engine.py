@@ -15,12 +15,12 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 from crq.server import commands
-from crq.server.events import encode
+from crq.server.events import Event, encode
 from crq.server.journal import Journal
 from crq.server.marks import Marker
 from crq.server.models import AttemptRef
 from crq.server.scheduler import dispatch_pass
-from crq.server.state import Event, Job, State, Tasker
+from crq.server.state import Job, State, Tasker
 
 from crq.wire import MODE_NORMAL, MODE_RECOVERING
 

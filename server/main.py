@@ -230,7 +230,7 @@ async def serve(srv: Service, sock: socket.socket, loaded: replay.Replayed, uncl
         limit_concurrency=cap + 1,  # past the cap (no idle connection to close): 503
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     _signals(srv)
     if settings.resources != engine.state.global_total:
         engine.emit([{"e": "resources", "t": time.time(), "totals": settings.resources}])

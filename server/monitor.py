@@ -9,8 +9,9 @@ reports are fenced: it is told to kill the superseded attempts. The loop that wa
 
 from __future__ import annotations
 
+from crq.server.events import Event
 from crq.server.service import Service
-from crq.server.state import TASKER_READY, Event, State
+from crq.server.state import TASKER_READY, State
 
 
 def lose_tasker(state: State, name: str, reason: str, now: float) -> list[Event]:

@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Match
+from starlette.types import Scope
 
 from crq.wire import JOB_STATES, SESSION_HEADER, TASKER_NAME_PATTERN
 
@@ -328,7 +329,7 @@ def _doc_forms(node: Any) -> None:
             _doc_forms(value)
 
 
-def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> str:
+def allowed_methods(app: FastAPI, scope: Scope) -> str:
     """The ``Allow`` header of a 405: the methods of every route of this path."""
     methods: set[str] = set()
     for route in app.router.routes:

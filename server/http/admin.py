@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable
 
 from crq.server import cleanup
+from crq.server.events import Event
 from crq.server.http import auth
 from crq.server.http.views import API, JSON
 from crq.server.models import StopServer, parse_json, validate
 from crq.server.service import Service
-from crq.server.state import Event
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 from crq.server import commands
+from crq.server.events import Event
 from crq.server.http import auth
 from crq.server.http.views import API, JSON, job_json
 from crq.server.models import BadRequest, parse_json
 from crq.server.service import Service
-from crq.server.state import Event, Job, State
+from crq.server.state import Job, State
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
