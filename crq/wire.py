@@ -31,6 +31,7 @@ forget them. A report for a superseded attempt is acked too (and its attempt is 
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ MAX_ATTEMPTS_DEFAULT = 3
 
 USER_HEADER = "X-Crq-User"
 SESSION_HEADER = "X-Crq-Session"
+
+#: A tasker name: 1 to 128 of A-Z a-z 0-9 . _ @ -, and not "." or ".." (a URL path segment
+#: those would be taken out of). The one rule of server, tasker and the OpenAPI document.
+TASKER_NAME_PATTERN = r"^(?!\.\.?$)[A-Za-z0-9._@-]{1,128}$"
+_TASKER_NAME = re.compile(TASKER_NAME_PATTERN)
+
+
+def valid_tasker_name(name: str) -> bool:
+    return _TASKER_NAME.fullmatch(name) is not None
 
 
 def default_port(queue: str) -> int:

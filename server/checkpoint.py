@@ -10,23 +10,21 @@ the older one, so a damaged newest snapshot can fall back without losing events.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
+import signal
 import time
+from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from crq.server import snapshot
-from crq.server.journal import first_seq, fsync_dir, list_segments
+from crq.server.engine import Engine
+from crq.server.journal import first_seq, list_segments
+from crq.server.settings import Settings
 
-from crq.wire import DONE
-
-if TYPE_CHECKING:
-    from collections.abc import Coroutine
-    from typing import Any
-
-    from crq.server.app import Server
+from crq.durable import fsync_dir, write_atomic
 
 log = logging.getLogger("crq.checkpoint")
 
@@ -61,11 +59,10 @@ def prune(trace: Path) -> None:
     fsync_dir(trace)
 
 
-async def write_forked(srv: Server) -> Path | None:
-    """Snapshot in a forked child; returns its path, or None if it failed."""
-    engine = srv.engine
+async def write_forked(engine: Engine, settings: Settings, counts: Counter[str]) -> Path | None:
+    """Snapshot in a forked child; returns its path, or None if it failed (both counted)."""
     engine.journal.rotate()
-    trace, fsync = srv.settings.paths.trace, srv.settings.fsync == "always"
+    trace, fsync = settings.paths.trace, settings.fsync == "always"
     started = time.time()
     pid = os.fork()
     if pid == 0:  # the child: write and leave, touching nothing shared
@@ -81,10 +78,10 @@ async def write_forked(srv: Server) -> Path | None:
             os._exit(code)
     _, status = await asyncio.get_running_loop().run_in_executor(None, os.waitpid, pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        srv.checkpoints["failed"] += 1
+        counts["failed"] += 1
         log.error("checkpoint child %d failed (status %d)", pid, status)
         return None
-    srv.checkpoints["written"] += 1
+    counts["written"] += 1
     await engine.durable()
     prune(trace)
     if engine.marker is not None:
@@ -102,80 +99,18 @@ def _detach_child() -> None:
     """
     os.closerange(3, 1 << 16)
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
-async def final(srv: Server) -> None:
+async def final(engine: Engine, settings: Settings) -> None:
     """The clean stop: snapshot inline (nothing else runs), prune, mark clean."""
-    engine, paths = srv.engine, srv.settings.paths
+    paths = settings.paths
     await engine.durable()
     engine.journal.close()
-    snapshot.write(engine.state, paths.trace, fsync=srv.settings.fsync == "always")
+    snapshot.write(engine.state, paths.trace, fsync=settings.fsync == "always")
     prune(paths.trace)
     if engine.marker is not None:
         engine.marker.put_now()
-    from crq.server.main import write_atomic
-
     write_atomic(paths.clean_marker, f"{time.time()}\n".encode())
-
-
-async def _checkpoints(srv: Server) -> None:
-    journal = srv.engine.journal
-    frozen_at = time.monotonic()
-    while True:
-        await asyncio.sleep(0.5)
-        if journal.bytes_written >= srv.settings.checkpoint_bytes and not srv.engine.shutting_down:
-            await write_forked(srv)
-        if time.monotonic() - frozen_at > 30:
-            # Jobs live long: move them out of the collector's sight, so full collections
-            # do not walk a million jobs (1 s pauses otherwise). Jobs hold no cycles.
-            gc.freeze()
-            frozen_at = time.monotonic()
-
-
-async def _marks(srv: Server) -> None:
-    """The high-water mark follows the journal about every second, off the ack path."""
-    marker = srv.engine.marker
-    while marker is not None:
-        await asyncio.sleep(1.0)
-        if marker.behind():
-            await marker.write()
-
-
-async def _autoforget(srv: Server) -> None:
-    """Forget ended jobs after autoforget_done (done) or autoforget_other (the rest)."""
-    engine = srv.engine
-    while True:
-        await asyncio.sleep(60)
-        if engine.mode != "normal" or engine.shutting_down:
-            continue
-        now = time.time()
-        old_done, old_other = (
-            now - srv.settings.autoforget_done,
-            now - srv.settings.autoforget_other,
-        )
-        ids = list(engine.state.jobs)
-        for start in range(0, len(ids), 20_000):
-            jobs = engine.state.jobs
-            gone = [
-                i
-                for i in ids[start : start + 20_000]
-                if (j := jobs.get(i)) is not None
-                and j.ended is not None
-                and j.state not in ("queued", "running")
-                and j.ended < (old_done if j.state == DONE else old_other)
-            ]
-            if gone:
-                engine.emit([{"e": "forget", "t": now, "jobs": gone}])
-            await asyncio.sleep(0)
-
-
-def background(srv: Server) -> list[Coroutine[Any, Any, None]]:
-    from crq.server import monitor
-
-    return [_checkpoints(srv), _marks(srv), _autoforget(srv), monitor.watch(srv)]

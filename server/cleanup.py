@@ -2,14 +2,12 @@
 
 The same functions serve a live server (through admin endpoints) and ``--standalone``
 work on the swd's files with no server running, under ``recovery.lock``. Either way each
-action is a journaled ``recover`` or ``tasker_lost`` event (made by
-``commands.recover_job`` and ``commands.dead_host``), so it shows in the job's
+action is a journaled ``recover`` or ``tasker_lost`` event, so it shows in the job's
 history and survives a crash half-way.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
@@ -17,12 +15,15 @@ from typing import Any
 
 from crq.server import replay
 from crq.server.commands import action_of, dead_host, recover_job
-from crq.server.events import Event, encode
+from crq.server.engine import apply_and_append
+from crq.server.events import Event
+from crq.server.files import LockError, read_lock, take_lock
 from crq.server.journal import Journal
-from crq.server.recovery import LockError, boot_id, read_lock, take_lock
 from crq.server.state import TASKER_READY, State
 
-from crq.wire import RUNNING, Swd, process_exists
+from crq.durable import LockBusy, lock_pidfile
+from crq.procfs import boot_id, process_exists
+from crq.wire import RUNNING, Swd
 
 
 def incomplete(
@@ -102,11 +103,9 @@ class Standalone:
         self.swd = Swd(root)
         if not self.swd.trace.is_dir():
             raise LockError(f"{self.swd.root} has no trace.db: not a crq server directory")
-        self._lock_fd = os.open(self.swd.server_lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
+            self._lock_fd = lock_pidfile(self.swd.server_lock)
+        except LockBusy:
             raise LockError(
                 f"a server is running on {self.swd.root}: use ncmgr cleanup without --standalone"
             ) from None
@@ -126,9 +125,7 @@ class Standalone:
     def emit(self, events: list[Event]) -> None:
         if self.journal is None:
             self.journal = Journal(self.swd.trace, next_seq=self.state.seq + 1)
-        for ev in events:
-            self.state.apply(ev, self.journal.next_seq)
-            self.journal.append(encode(ev))
+        apply_and_append(self.state, self.journal, events)
         self.journal.flush_now()
 
     def close(self) -> None:

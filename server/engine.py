@@ -11,21 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from crq.server import commands
 from crq.server.events import Event, encode
 from crq.server.journal import Journal
+from crq.server.marks import Marker
+from crq.server.models import AttemptRef
 from crq.server.scheduler import dispatch_pass
 from crq.server.state import Job, State, Tasker
 
-from crq.wire import MODE_NORMAL
-
-if TYPE_CHECKING:
-    from crq.server.marks import Marker
+from crq.wire import MODE_NORMAL, MODE_RECOVERING
 
 log = logging.getLogger("crq.engine")
+
+
+# events after which a dispatch pass may find new work
+WAKE_DISPATCH = frozenset({"submit", "finish", "recover", "rerun", "tasker", "resources"})
 
 
 @dataclass
@@ -39,6 +42,13 @@ class Link:
     generation: int = 0  # bumped by each request, so a superseded long poll returns
 
 
+def apply_and_append(state: State, journal: Journal, events: list[Event]) -> None:
+    """The ordering rule: each event is applied, then journaled under the seq it had."""
+    for ev in events:
+        state.apply(ev, journal.next_seq)
+        journal.append(encode(ev))
+
+
 class Engine:
     def __init__(self, state: State, journal: Journal) -> None:
         self.state = state
@@ -50,7 +60,6 @@ class Engine:
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._pass_scheduled = False
         self.dispatched = 0
-        self.after_emit: list[Callable[[], None]] = []
         self.fresh_within = 30.0  # seconds of silence after which no new work is sent
         self.marker: Marker | None = None  # keeps trace.db/durable.json (server/marks.py)
         state.on_final = self._job_final
@@ -58,27 +67,27 @@ class Engine:
     # -- writing --------------------------------------------------------------------------
 
     def emit(self, events: list[Event]) -> None:
-        """Apply and journal, in order. Wakes dispatch and the taskers concerned."""
-        state, journal = self.state, self.journal
+        """Apply and journal, in order. Wakes dispatch and the taskers concerned; a tasker
+        declared lost loses its link (it must register again)."""
+        state, links = self.state, self.links
+        apply_and_append(state, self.journal, events)
         wake_dispatch = False
         for ev in events:
-            state.apply(ev, journal.next_seq)
-            journal.append(encode(ev))
-            kind = ev["e"]
-            if kind == "dispatch":
+            # compared on ev["e"] itself, so that mypy narrows the event to its kind
+            if ev["e"] == "dispatch":
                 self.dispatched += 1
-                if (link := self.links.get(ev["tasker"])) is not None:
+                if (link := links.get(ev["tasker"])) is not None:
                     link.wake.set()
-            elif kind == "stop":
-                job = state.jobs[ev["job"]]
-                if job.tasker and (link := self.links.get(job.tasker)) is not None:
+            elif ev["e"] == "stop":
+                job = state.jobs.get(ev["job"])
+                if job is not None and job.tasker and (link := links.get(job.tasker)) is not None:
                     link.wake.set()
-            elif kind in ("submit", "finish", "recover", "rerun", "tasker", "resources"):
+            elif ev["e"] == "tasker_lost":
+                links.pop(ev["name"], None)
+            elif ev["e"] in WAKE_DISPATCH:
                 wake_dispatch = True
         if wake_dispatch:
             self.schedule_dispatch()
-        for hook in self.after_emit:
-            hook()
 
     def durable(self) -> Awaitable[None]:
         """Resolves once everything emitted so far is durable.
@@ -106,6 +115,25 @@ class Engine:
                 continue
         return False
 
+    # -- modes ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Normal service: dispatch what waits."""
+        self.mode = MODE_NORMAL
+        self.schedule_dispatch()
+
+    def enter_recovery(self) -> None:
+        """Crash recovery mode: nothing is dispatched, clients are refused (server/recovery.py)."""
+        self.mode = MODE_RECOVERING
+
+    def stop(self, freeze: bool, release: list[Event]) -> None:
+        """The clean stop begins: no more dispatch, ``release`` (the running attempts, unless
+        frozen) applied, every long poll answered now."""
+        self.shutting_down, self.freeze = True, freeze
+        if release:
+            self.emit(release)
+        self.wake_all()
+
     # -- dispatch -------------------------------------------------------------------------
 
     def schedule_dispatch(self) -> None:
@@ -124,6 +152,55 @@ class Engine:
         """Only taskers heard from lately: a silent one would sit on the job till the timeout."""
         link = self.links.get(tasker.name)
         return link is not None and time.time() - link.last_contact <= self.fresh_within
+
+    # -- tasker links ---------------------------------------------------------------------
+
+    def touch(self, name: str, now: float) -> Link:
+        """A request of tasker ``name``: its link (made at its first), heard from now; a long
+        poll of it still waiting is superseded and returns."""
+        link = self.links.get(name)
+        if link is None:
+            link = self.links[name] = Link(name)
+        link.last_contact = now
+        link.generation += 1
+        link.wake.set()
+        return link
+
+    async def wait_orders(
+        self,
+        link: Link,
+        session: str,
+        running: Iterable[AttemptRef],
+        reported: set[commands.Ref],
+        out: commands.Outcome,
+        deadline: float,
+    ) -> tuple[list[Job], set[commands.Ref]]:
+        """A sync's long poll: the dispatches and kills for ``link``'s tasker, once there
+        are any, or at ``deadline``, at the stop, or when a newer request supersedes this
+        one. Kills given are no longer pending on the link."""
+        generation = link.generation
+        tasker = self.state.taskers[link.name]
+        while True:
+            link.wake.clear()
+            if tasker.session != session:  # taken over meanwhile: its orders are not ours
+                return [], set(out.kill)
+            send, kill = commands.sync_orders(self.state, link.name, running, reported)
+            kill |= out.kill | link.kill
+            left = deadline - time.time()
+            if (
+                send
+                or kill
+                or out.ack
+                or left <= 0
+                or self.shutting_down
+                or link.generation != generation
+            ):
+                link.kill -= kill
+                return send, kill
+            try:
+                await asyncio.wait_for(link.wake.wait(), left)
+            except TimeoutError:
+                pass
 
     # -- waiting for jobs -----------------------------------------------------------------
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from crq.durable import fsync_dir
+
 T = TypeVar("T")
 log = logging.getLogger("crq.journal")
 
@@ -131,14 +133,6 @@ def first_seq(path: Path) -> int | None:
         data = head + f.read(HEADER.unpack(head)[0])
     found = _valid_at(data, 0)
     return found[0] if found is not None else None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:

@@ -11,50 +11,32 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import logging
 import logging.handlers
 import os
 import secrets
+import signal
 import socket
 import stat
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-import orjson
-from crq.server import checkpoint, commands, marks, replay
-from crq.server.app import Server, create_app
+import uvicorn
+import uvloop
+from crq.server import checkpoint, httplimits, marks, recovery, replay, tasks
+from crq.server.app import create_app
 from crq.server.engine import Engine
-from crq.server.journal import Journal, fsync_dir
+from crq.server.journal import Journal
 from crq.server.marks import Marker
+from crq.server.service import Service, StartError, StopError
 from crq.server.settings import Settings, SettingsError, load
 
-from crq.wire import MODE_NORMAL, MODE_STOPPED, Swd
+from crq.durable import LockBusy, fsync_dir, lock_pidfile, write_atomic
+from crq.wire import MODE_STOPPED, Swd
 
 log = logging.getLogger("crq.server")
-
-
-class StartError(Exception):
-    pass
-
-
-class StopError(Exception):
-    """The clean stop could not finish: the stop is left unclean, the journal intact."""
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def make_private(paths: Swd) -> None:
@@ -83,16 +65,11 @@ def _tighten(path: Path, mode: int) -> None:
 
 
 def lock_swd(paths: Swd) -> int:
-    fd = os.open(paths.server_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """server.lock, held for the process's life: one server per swd."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise StartError(f"{paths.root} is in use by another server (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        return lock_pidfile(paths.server_lock)
+    except LockBusy as e:
+        raise StartError(f"{paths.root} is in use by another server (pid {e.holder})") from None
 
 
 def ensure_token(path: Path) -> str:
@@ -126,22 +103,6 @@ def setup_logging(paths: Swd) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-
-
-def server_json(srv: Server, mode: str) -> None:
-    s = srv.settings
-    info = {
-        "pid": os.getpid(),
-        "host": os.uname().nodename,
-        "port": s.port,
-        "url": srv.url,
-        "queue": s.queue,
-        "swd": str(s.swd),
-        "instance": srv.instance,
-        "mode": mode,
-        "started_at": srv.started_at,
-    }
-    write_atomic(s.paths.server_json, orjson.dumps(info, option=orjson.OPT_INDENT_2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +165,7 @@ def run(settings: Settings) -> int:
     engine = Engine(loaded.state, journal)
     engine.marker = start_marks(paths, settings.queue, loaded, journal)
     engine.fresh_within = 3 * settings.heartbeat + 1  # a long poll lasts at most 3 heartbeats
-    srv = Server(settings, engine, admin, tasker, uuid.uuid4().hex[:12], url)
-
-    import uvloop
+    srv = Service(settings, engine, admin.encode(), tasker.encode(), uuid.uuid4().hex[:12], url)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(srv, sock, loaded, unclean))
@@ -253,10 +212,7 @@ def skip_ids(engine: Engine) -> None:
         engine.emit([{"e": "ids", "t": time.time(), "ceiling": floor, "next_id": floor}])
 
 
-async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, unclean: bool) -> None:
-    import uvicorn
-    from crq.server import httplimits
-
+async def serve(srv: Service, sock: socket.socket, loaded: replay.Replayed, unclean: bool) -> None:
     engine, settings = srv.engine, srv.settings
     fds = httplimits.raise_fd_limit(settings.max_connections + 2 * httplimits.FDS_RESERVED)
     cap = httplimits.connection_cap(settings.max_connections, fds)
@@ -274,34 +230,25 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
         limit_concurrency=cap + 1,  # past the cap (no idle connection to close): 503
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-
-    def request_stop(freeze: bool) -> None:
-        if engine.shutting_down:
-            return
-        log.info("stop requested (freeze=%s)", freeze)
-        engine.shutting_down, engine.freeze = True, freeze
-        if not freeze:
-            engine.emit(commands.release_running(engine.state, time.time()))
-        engine.wake_all()
-        asyncio.get_running_loop().call_later(0.5, lambda: setattr(server, "should_exit", True))
-
-    srv.request_stop = request_stop
-    _signals(request_stop)
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    _signals(srv)
     if settings.resources != engine.state.global_total:
         engine.emit([{"e": "resources", "t": time.time(), "totals": settings.resources}])
     if unclean:
         skip_ids(engine)
-    await _open(srv, loaded, unclean)
-    server_json(srv, engine.mode)
-    tasks = [asyncio.create_task(t) for t in checkpoint.background(srv)]
+        await recovery.begin(srv, loaded)  # serving starts at once, the recovery ends later
+    else:
+        engine.open()
+    srv.write_server_json(engine.mode)
+    running = [asyncio.create_task(t) for t in tasks.background(srv)]
+    running.append(asyncio.create_task(_exit_when_stopped(srv, server)))
     log.info("serving queue %s at %s (pid %d)", settings.queue, srv.url, os.getpid())
     await server.serve(sockets=[sock])
-    for t in tasks:
+    for t in running:
         t.cancel()
     await engine.durable()
     try:
-        await checkpoint.final(srv)
+        await checkpoint.final(engine, settings)
     except OSError as e:
         msg = (
             f"clean stop incomplete: cannot write the snapshot ({e.strerror or e}); "
@@ -309,26 +256,20 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
         )
         log.error("%s", msg)
         with contextlib.suppress(OSError):
-            server_json(srv, MODE_STOPPED)
+            srv.write_server_json(MODE_STOPPED)
         raise StopError(msg) from None
-    server_json(srv, MODE_STOPPED)
+    srv.write_server_json(MODE_STOPPED)
     log.info("stopped cleanly")
 
 
-async def _open(srv: Server, loaded: replay.Replayed, unclean: bool) -> None:
-    """Normal service at once after a clean stop; crash recovery mode after an unclean one."""
-    if unclean:
-        from crq.server import recovery
-
-        await recovery.begin(srv, loaded)
-    else:
-        srv.engine.mode = MODE_NORMAL
-        srv.engine.schedule_dispatch()
+async def _exit_when_stopped(srv: Service, server: uvicorn.Server) -> None:
+    """Half a second after a stop request, uvicorn stops: the long polls answered meanwhile."""
+    await srv.stop_requested.wait()
+    await asyncio.sleep(0.5)
+    server.should_exit = True
 
 
-def _signals(request_stop: Any) -> None:
-    import signal
-
+def _signals(srv: Service) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, False)
+        loop.add_signal_handler(sig, srv.request_stop, False)

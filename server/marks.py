@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from crq.durable import write_atomic
+
 if TYPE_CHECKING:
     from crq.server.journal import Journal
     from crq.server.state import State
@@ -80,8 +82,6 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    from crq.server.main import write_atomic
-
     write_atomic(path, orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from crq.server.service import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from crq.server.app import Server
+from crq.wire import MODE_RECOVERING
 
 
 class _Queue(Collector):
-    def __init__(self, srv: Server) -> None:
+    def __init__(self, srv: Service) -> None:
         self.srv = srv
 
     def collect(self):  # type: ignore[no-untyped-def]
@@ -53,14 +51,13 @@ class _Queue(Collector):
         yield GaugeMetricFamily(
             "crq_recovering",
             "1 while in crash recovery mode",
-            value=1 if engine.mode == "recovering" else 0,
+            value=1 if engine.mode == MODE_RECOVERING else 0,
         )
 
 
-def render(srv: Server) -> tuple[bytes, str]:
-    registry = getattr(srv, "_metrics", None)
+def render(srv: Service) -> tuple[bytes, str]:
+    registry = srv.metrics
     if registry is None:
-        registry = CollectorRegistry()
+        registry = srv.metrics = CollectorRegistry()
         registry.register(_Queue(srv))
-        srv._metrics = registry  # type: ignore[attr-defined]
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
 
 import orjson
@@ -42,7 +41,6 @@ SHELL_LINE = rf"^[^\x00]*[^{BLANKS}\x00][^\x00]*$"
 RESOURCE_WORD = r"[A-Za-z_][\w.:+-]*(?:/\d{1,12})?"
 RESOURCES = rf"^[{BLANKS}]*(?:{RESOURCE_WORD}(?:[{BLANKS}]+{RESOURCE_WORD})*[{BLANKS}]*)?$"
 #: A tasker's name (the path of its routes).
-TASKER_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 
 Arg = Annotated[str, Field(max_length=MAX_ARG, pattern=NO_NUL)]
 EnvName = Annotated[str, Field(min_length=1, max_length=1024, pattern=ENV_NAME)]

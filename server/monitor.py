@@ -3,28 +3,17 @@
 Their running attempts are recovered (requeued at their old position if rerunnable with
 attempts left, else lost) and their slots and resources released, all as journaled
 events, so a crash half-way recovers the same way. If such a tasker comes back, its
-reports are fenced: it is told to kill the superseded attempts.
+reports are fenced: it is told to kill the superseded attempts. The loop that watches is
+``tasks.watch``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from typing import TYPE_CHECKING
-
-from crq.server.commands import lose_tasker
+from crq.server.service import Service
 from crq.server.state import TASKER_READY
 
-from crq.wire import MODE_NORMAL
 
-if TYPE_CHECKING:
-    from crq.server.app import Server
-
-log = logging.getLogger("crq.monitor")
-
-
-def silent(srv: Server, now: float) -> list[str]:
+def silent(srv: Service, now: float) -> list[str]:
     """Ready taskers not heard from for tasker_timeout (counting from our start if never)."""
     limit = srv.settings.tasker_timeout
     out = []
@@ -36,23 +25,3 @@ def silent(srv: Server, now: float) -> list[str]:
         if now - last > limit:
             out.append(name)
     return out
-
-
-async def watch(srv: Server) -> None:
-    engine = srv.engine
-    period = max(0.2, min(1.0, srv.settings.tasker_timeout / 10))
-    while True:
-        await asyncio.sleep(period)
-        if engine.mode != MODE_NORMAL or engine.shutting_down:
-            continue
-        now = time.time()
-        for name in silent(srv, now):
-            t = srv.state.taskers[name]
-            log.warning(
-                "tasker %s silent for over %.0f s: lost, recovering %d jobs",
-                name,
-                srv.settings.tasker_timeout,
-                len(t.running),
-            )
-            engine.emit(lose_tasker(srv.state, name, f"tasker {name} lost (silent)", now))
-            engine.links.pop(name, None)

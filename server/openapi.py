@@ -18,7 +18,6 @@ from crq.server.models import (
     ENV_NAME,
     NO_NUL,
     SHELL_LINE,
-    TASKER_NAME,
     Batch,
     JobSpec,
     Register,
@@ -32,7 +31,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.routing import Match
 from starlette.types import Scope
 
-from crq.wire import JOB_STATES, SESSION_HEADER
+from crq.wire import JOB_STATES, SESSION_HEADER, TASKER_NAME_PATTERN
 
 Schema = dict[str, Any]
 
@@ -295,7 +294,7 @@ TASKER_PARAMS: list[Schema] = [
         "name": "name",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "pattern": TASKER_NAME.pattern, "maxLength": 128},
+        "schema": {"type": "string", "pattern": TASKER_NAME_PATTERN, "maxLength": 128},
     },
     {
         "name": SESSION_HEADER,

@@ -11,88 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-from crq.server import checkpoint, sanity
+from crq.server import sanity
 from crq.server.commands import Outcome, action_of, lose_tasker
+from crq.server.files import LockError, take_lock
 from crq.server.models import Register
+from crq.server.replay import Replayed
+from crq.server.service import Service, StartError
 from crq.server.state import TASKER_READY
 
-from crq.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING, process_exists
-
-if TYPE_CHECKING:
-    from crq.server.app import Server
-    from crq.server.replay import Replayed
+from crq.durable import write_atomic
+from crq.wire import MODE_NORMAL, RUNNING
 
 log = logging.getLogger("crq.recovery")
 
 
-class LockError(Exception):
-    pass
-
-
-def boot_id() -> str:
-    """This boot of this host ("" where Linux's boot id is not to be had)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def read_lock(path: Path) -> dict[str, Any] | None:
-    try:
-        return orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (orjson.JSONDecodeError, OSError):
-        return {"pid": 0, "host": "?", "time": 0}
-
-
-def take_lock(path: Path, take_over: bool = False) -> dict[str, Any] | None:
-    """One recovery at a time per swd; a stale lock is named, not silently taken over.
-
-    With ``take_over`` (a server starting, under server.lock, so no rival can be starting
-    too), a lock left by a process of this very boot of this host that is gone now is
-    replaced, and returned so the caller can say so. Any other holder is refused: a live
-    pid, another host (its process may live), or another or unknown boot (the pid may be
-    some other process now).
-    """
-    held = read_lock(path)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot_id(), "time": 0.0}
-    if held is not None:
-        when = datetime.fromtimestamp(held.get("time") or 0).strftime("%Y-%m-%d %H:%M:%S")
-        who = f"pid {held.get('pid')} on {held.get('host')} since {when}"
-        pid = int(held.get("pid") or 0)
-        if held.get("host") == me["host"] and (pid == me["pid"] or not process_exists(pid)):
-            if take_over and me["boot"] and held.get("boot") == me["boot"]:
-                me["time"] = time.time()
-                from crq.server.main import write_atomic
-
-                write_atomic(path, orjson.dumps(me))
-                return held
-            raise LockError(
-                f"stale recovery lock {path} ({who}, process gone): "
-                "check the swd, then run `ncmgr cleanup --reset-lock`"
-            )
-        raise LockError(f"a recovery of this swd is already running ({who})")
-    me["time"] = time.time()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, orjson.dumps(me))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return None
-
-
 class Recovery:
-    def __init__(self, srv: Server, loaded: Replayed) -> None:
+    def __init__(self, srv: Service, loaded: Replayed) -> None:
         self.srv = srv
         self.loaded = loaded
         self.started_at = time.time()
@@ -154,9 +94,9 @@ class Recovery:
             events = lose_tasker(st, name, f"tasker {name} did not return after the crash", now)
             jobs = [ev["job"] for ev in events if ev["e"] == "recover"]
             engine.emit(events)
-            engine.links.pop(name, None)
             for job_id in jobs:
-                action = action_of(st.jobs[job_id])
+                job = st.jobs[job_id]
+                action = action_of(job)
                 self.lost.append({"id": job_id, "tasker": name, "action": action})
         before = {j.id for j in st.jobs.values() if j.state == RUNNING}
         result = sanity.check(st, set(engine.links), fix=True, emit=engine.emit)
@@ -175,13 +115,9 @@ class Recovery:
         self.ended_at = time.time()
         self.write_report(result)
         srv.settings.paths.recovery_lock.unlink(missing_ok=True)
-        engine.mode = MODE_NORMAL
-        srv.recovery = lambda: None
-        srv.on_register = lambda *a: None
-        engine.schedule_dispatch()
-        from crq.server.main import server_json
-
-        server_json(srv, MODE_NORMAL)
+        srv.recovery = None
+        engine.open()
+        srv.write_server_json(MODE_NORMAL)
         log.info(
             "crash recovery done in %.2f s: %d reattached, %d finished meanwhile, %d lost",
             self.ended_at - self.started_at,
@@ -189,7 +125,7 @@ class Recovery:
             self.finished_during_outage,
             len(self.lost),
         )
-        await checkpoint.write_forked(srv)
+        await srv.checkpoint()
 
     def report(self, result: sanity.Result) -> dict[str, Any]:
         ended = self.ended_at or time.time()
@@ -228,8 +164,6 @@ class Recovery:
         }
 
     def write_report(self, result: sanity.Result) -> Path:
-        from crq.server.main import write_atomic
-
         data = self.report(result)
         stamp = datetime.fromtimestamp(self.started_at).strftime("%Y%m%d-%H%M%S")
         base = self.srv.settings.paths.root / f"crash_recovery_report_{stamp}"
@@ -301,10 +235,8 @@ def render_text(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def begin(srv: Server, loaded: Replayed) -> None:
+async def begin(srv: Service, loaded: Replayed) -> None:
     """Enter the mode; serving starts at once, the recovery ends in the background."""
-    from crq.server.main import StartError
-
     try:
         taken = take_lock(srv.settings.paths.recovery_lock, take_over=True)
     except LockError as e:
@@ -318,9 +250,8 @@ async def begin(srv: Server, loaded: Replayed) -> None:
             "took over the recovery lock of pid %s (gone; a crash during a recovery)",
             taken.get("pid"),
         )
-    srv.engine.mode = MODE_RECOVERING
-    srv.recovery = rec.progress
-    srv.on_register = rec.on_register
+    srv.engine.enter_recovery()
+    srv.recovery = rec
     log.warning(
         "unclean stop detected: crash recovery mode, expecting taskers %s (grace %.0f s)",
         rec.expected,

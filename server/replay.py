@@ -28,6 +28,8 @@ from crq.server.events import decode
 from crq.server.journal import PREFIX, RecordReader, list_segments, salvage
 from crq.server.state import State
 
+from crq.durable import write_atomic
+
 T = TypeVar("T")
 
 log = logging.getLogger("crq.replay")
@@ -198,8 +200,6 @@ def _ends_early(
 
 def _drop(out: Replayed, path: Path, data: bytes, offset: int, msg: str) -> None:
     """Accept the loss of ``data[offset:]``: put it aside, note what it held, cut it off."""
-    from crq.server.main import write_atomic
-
     state = out.state
     aside = path.with_name(f"damaged.{path.name}.at-{offset}")
     write_atomic(aside, data[offset:])

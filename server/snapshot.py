@@ -15,9 +15,10 @@ from typing import Any, BinaryIO
 
 import orjson
 from crq.server.events import NL, TaskerJoin
-from crq.server.journal import RecordReader, frame, fsync_dir
+from crq.server.journal import RecordReader, frame
 from crq.server.state import Attempt, Job, State, Tasker, env_digest
 
+from crq.durable import fsync_dir
 from crq.wire import QUEUED, RUNNING
 
 # The format rule (as beanstalkd's Walver in dat.h). The journal has no version number: its

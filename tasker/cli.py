@@ -167,11 +167,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _good_name(name: str) -> bool:
     """The server's rule for tasker names; checked here so a typo fails fast, not in a loop."""
-    return (
-        0 < len(name) <= 128
-        and name not in (".", "..")
-        and all(c.isalnum() or c in "._-@" for c in name)
-    )
+    return wire.valid_tasker_name(name)
 
 
 def _usage(message: str) -> int:

@@ -25,12 +25,13 @@ from typing import Any
 
 import httpx
 import pytest
-from crq.server import app as app_module
 from crq.server import commands, replay
-from crq.server.app import Server, create_app
+from crq.server.app import create_app
 from crq.server.engine import Engine
+from crq.server.http import jobs as app_module
 from crq.server.journal import Journal
 from crq.server.models import MAX_BODY
+from crq.server.service import Service
 from crq.server.settings import SettingsError, load
 from crq.server.state import State
 
@@ -304,7 +305,7 @@ class App:
         self.settings.paths.trace.mkdir(parents=True)
         self.journal = Journal(self.settings.paths.trace, next_seq=1, fsync=False)
         self.engine = Engine(State(), self.journal)
-        srv = Server(self.settings, self.engine, "admin", "tasker", "test", "http://t")
+        srv = Service(self.settings, self.engine, b"admin", b"tasker", "test", "http://t")
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=create_app(srv)),
             base_url="http://t",

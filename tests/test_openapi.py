@@ -5,7 +5,7 @@ then schemathesis against the real app, engine and journal in process: every ope
 phase (examples, coverage, fuzzing, stateful), every check (``st run --checks all``), and it
 must find no server error and no answer that breaks the document.
 
-``POST /api/v1/server/stop`` is in the run: in process it reaches ``Server.request_stop``,
+``POST /api/v1/server/stop`` is in the run: in process it reaches ``Service.request_stop``,
 which the process wiring (server/main.py) would turn into a clean stop; here it only records
 the call, so the run goes on and the test sees the route was exercised.
 
@@ -24,9 +24,10 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from crq.server.app import Server, create_app
+from crq.server.app import create_app
 from crq.server.engine import Engine
 from crq.server.journal import Journal
+from crq.server.service import Service
 from crq.server.settings import load
 from crq.server.state import State
 from schemathesis import engine
@@ -43,12 +44,14 @@ REFUSALS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422"
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path) -> Iterator[Service]:
     # heartbeat 0.05 s: a tasker's long poll (sync) lasts at most 3 heartbeats
     settings = load(["--swd", str(tmp_path / "q.swd"), "--fsync", "never", "--heartbeat", "0.05"])
     settings.paths.trace.mkdir(parents=True)
     journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
-    srv = Server(settings, Engine(State(), journal), TOKEN, "tasker-token", "test", "http://t")
+    srv = Service(
+        settings, Engine(State(), journal), TOKEN.encode(), b"tasker-token", "test", "http://t"
+    )
     srv.stops = []  # type: ignore[attr-defined]
     srv.request_stop = srv.stops.append  # type: ignore[attr-defined]
     try:
@@ -57,7 +60,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         journal.close()
 
 
-def document(srv: Server) -> dict[str, Any]:
+def document(srv: Service) -> dict[str, Any]:
     async def get() -> dict[str, Any]:
         transport = httpx.ASGITransport(app=create_app(srv))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -68,7 +71,7 @@ def document(srv: Server) -> dict[str, Any]:
     return asyncio.run(get())
 
 
-def test_the_document_describes_every_route_and_its_errors(server: Server) -> None:
+def test_the_document_describes_every_route_and_its_errors(server: Service) -> None:
     doc = document(server)
     app = create_app(server)
     routes = {
@@ -101,7 +104,7 @@ def test_the_document_describes_every_route_and_its_errors(server: Server) -> No
     assert "HTTPValidationError" not in str(doc) and "detail" not in doc["components"]["schemas"]
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(server: Server) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(server: Service) -> None:
     config = SchemathesisConfig.from_str(
         f"""
 seed = {SEED}

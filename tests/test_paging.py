@@ -13,10 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-from crq.server import app as app_module
-from crq.server.app import Server, create_app
+from crq.server.app import create_app
 from crq.server.engine import Engine
+from crq.server.http import jobs as app_module
 from crq.server.journal import Journal
+from crq.server.service import Service
 from crq.server.settings import load
 from crq.server.state import State
 
@@ -28,7 +29,7 @@ async def scenario(tmp: Path) -> dict[str, Any]:
     settings.paths.trace.mkdir(parents=True)
     journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
     engine = Engine(State(), journal)
-    srv = Server(settings, engine, TOKEN, "tasker-token", "test", "http://test")
+    srv = Service(settings, engine, TOKEN.encode(), b"tasker-token", "test", "http://test")
     transport = httpx.ASGITransport(app=create_app(srv))
     headers = {"Authorization": f"Bearer {TOKEN}"}
     out: dict[str, Any] = {}

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from crq.server import checkpoint, snapshot
 from crq.server.journal import frame
-from crq.server.recovery import boot_id
 
+from crq.procfs import boot_id
 from tests._tasker_util import ROOT, CrqServer, env_with_root, server_available, wait_until
 from tests.core_helpers import Core, write_journal
 

@@ -22,11 +22,12 @@ from typing import Any
 import httpx
 import pytest
 from crq.server import commands
-from crq.server.app import Server, create_app
+from crq.server.app import create_app
 from crq.server.commands import lose_tasker
 from crq.server.engine import Engine
 from crq.server.journal import Journal
 from crq.server.models import Register, ResultReport, RunningReport
+from crq.server.service import Service
 from crq.server.settings import load
 from crq.server.state import State
 
@@ -147,7 +148,7 @@ async def app_scenario(tmp: Path) -> dict[str, Any]:
     settings.paths.trace.mkdir(parents=True)
     journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
     engine = Engine(State(), journal)
-    srv = Server(settings, engine, TOKEN, TASKER_TOKEN, "test", "http://test")
+    srv = Service(settings, engine, TOKEN.encode(), TASKER_TOKEN.encode(), "test", "http://test")
     transport = httpx.ASGITransport(app=create_app(srv))
     out: dict[str, Any] = {}
     reg_a = {"host": "ha", "pid": 11, "slots": 2}

@@ -14,9 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from crq.server.app import Server, create_app
+from crq.server.app import create_app
 from crq.server.engine import Engine
 from crq.server.journal import Journal
+from crq.server.service import Service
 from crq.server.settings import load
 from crq.server.state import State
 
@@ -26,12 +27,12 @@ OK = {"command": ["true"], "cwd": "/tmp"}
 
 
 @asynccontextmanager
-async def serving(tmp: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Server]]:
+async def serving(tmp: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
     settings = load(["--swd", str(tmp / "q.swd"), "--fsync", "never", "--heartbeat", "0.05"])
     settings.paths.trace.mkdir(parents=True)
     journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
     engine = Engine(State(), journal)
-    srv = Server(settings, engine, TOKEN, TASKER_TOKEN, "test", "http://test")
+    srv = Service(settings, engine, TOKEN.encode(), TASKER_TOKEN.encode(), "test", "http://test")
     srv.stops = []  # type: ignore[attr-defined]
     srv.request_stop = srv.stops.append  # type: ignore[attr-defined]
     transport = httpx.ASGITransport(app=create_app(srv))
@@ -46,7 +47,7 @@ async def serving(tmp: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Server]]:
         journal.close()
 
 
-def run(tmp: Path, body: Callable[[httpx.AsyncClient, Server], Awaitable[Any]]) -> Any:
+def run(tmp: Path, body: Callable[[httpx.AsyncClient, Service], Awaitable[Any]]) -> Any:
     async def go() -> Any:
         async with serving(tmp) as (client, srv):
             return await body(client, srv)
@@ -75,7 +76,7 @@ UNRUNNABLE = [
 def test_a_spec_a_tasker_cannot_run_is_refused_and_nothing_queued(
     tmp_path: Path, change: dict[str, Any], message: str
 ) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> None:
+    async def body(c: httpx.AsyncClient, srv: Service) -> None:
         r = await c.post("/api/v1/jobs", json={**OK, **change})
         assert r.status_code == 422, r.text
         assert r.json()["error"] == "invalid"
@@ -118,7 +119,7 @@ MESSAGES = [
 
 @pytest.mark.parametrize(("spec", "message"), MESSAGES)
 def test_validation_messages_are_one_readable_line(tmp_path: Path, spec: Any, message: str) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> str:
+    async def body(c: httpx.AsyncClient, srv: Service) -> str:
         r = await c.post("/api/v1/jobs", json=spec)
         assert r.status_code == 422, r.text
         return str(r.json()["message"])
@@ -129,7 +130,7 @@ def test_validation_messages_are_one_readable_line(tmp_path: Path, spec: Any, me
 
 
 def test_several_problems_say_how_many_more(tmp_path: Path) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> str:
+    async def body(c: httpx.AsyncClient, srv: Service) -> str:
         r = await c.post("/api/v1/jobs", json={"command": [], "priority": 0, "name": 1})
         return str(r.json()["message"])
 
@@ -137,7 +138,7 @@ def test_several_problems_say_how_many_more(tmp_path: Path) -> None:
 
 
 def test_query_and_path_errors_are_readable(tmp_path: Path) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> list[tuple[int, str]]:
+    async def body(c: httpx.AsyncClient, srv: Service) -> list[tuple[int, str]]:
         out = []
         for url in ("/api/v1/jobs?limit=x", "/api/v1/jobs/abc", "/api/v1/jobs/1/wait?timeout=x"):
             r = await c.get(url)
@@ -152,7 +153,7 @@ def test_query_and_path_errors_are_readable(tmp_path: Path) -> None:
 
 
 def test_an_unknown_state_filter_is_a_400_naming_the_states(tmp_path: Path) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> list[httpx.Response]:
+    async def body(c: httpx.AsyncClient, srv: Service) -> list[httpx.Response]:
         return [await c.get("/api/v1/jobs", params={"state": s}) for s in ("bogus", "queued")]
 
     bogus, queued = run(tmp_path, body)
@@ -181,7 +182,7 @@ STRICT_JOB = [
 
 @pytest.mark.parametrize("change", STRICT_JOB)
 def test_job_fields_take_their_own_type_only(tmp_path: Path, change: dict[str, Any]) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> httpx.Response:
+    async def body(c: httpx.AsyncClient, srv: Service) -> httpx.Response:
         return await c.post("/api/v1/jobs", json={**OK, **change})
 
     r = run(tmp_path, body)
@@ -192,7 +193,7 @@ def test_job_fields_take_their_own_type_only(tmp_path: Path, change: dict[str, A
 def test_an_integer_written_with_a_zero_fraction_is_that_integer(tmp_path: Path) -> None:
     """``4.0`` and ``4`` are one JSON number (and an integer to JSON Schema); ``4.5`` is not."""
 
-    async def body(c: httpx.AsyncClient, srv: Server) -> Any:
+    async def body(c: httpx.AsyncClient, srv: Service) -> Any:
         r = await c.post("/api/v1/jobs", json={**OK, "priority": 9.0, "max_attempts": 2.0})
         assert r.status_code == 201, r.text
         return (await c.get("/api/v1/jobs/1")).json()
@@ -220,7 +221,7 @@ STRICT_TASKER = [
 def test_tasker_reports_are_strict_too(
     tmp_path: Path, route: str, data: dict[str, Any], message: str
 ) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> httpx.Response:
+    async def body(c: httpx.AsyncClient, srv: Service) -> httpx.Response:
         auth = {"Authorization": f"Bearer {TASKER_TOKEN}"}
         r = await c.post(
             "/api/v1/taskers/t1/register", json={"host": "h", "slots": 1}, headers=auth
@@ -234,7 +235,7 @@ def test_tasker_reports_are_strict_too(
 
 
 def test_a_tasker_name_is_ascii(tmp_path: Path) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> list[int]:
+    async def body(c: httpx.AsyncClient, srv: Service) -> list[int]:
         auth = {"Authorization": f"Bearer {TASKER_TOKEN}"}
         out = []
         for name in ("t-1.a@b", "tä", "t 1"):
@@ -248,7 +249,7 @@ def test_a_tasker_name_is_ascii(tmp_path: Path) -> None:
 
 
 def test_server_stop_takes_a_boolean_freeze(tmp_path: Path) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> list[int]:
+    async def body(c: httpx.AsyncClient, srv: Service) -> list[int]:
         out = []
         for data in ({"freeze": "no"}, {"freeze": 1}, {"frozen": True}, {"freeze": True}):
             out.append((await c.post("/api/v1/server/stop", json=data)).status_code)
@@ -262,7 +263,7 @@ def test_server_stop_takes_a_boolean_freeze(tmp_path: Path) -> None:
 
 
 def test_the_bearer_scheme_is_case_insensitive(tmp_path: Path) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> list[int]:
+    async def body(c: httpx.AsyncClient, srv: Service) -> list[int]:
         out = []
         for auth in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"  Bearer   {TOKEN} ", "Bearer", ""):
             r = await c.get("/api/v1/queue", headers={"Authorization": auth})
@@ -275,7 +276,7 @@ def test_the_bearer_scheme_is_case_insensitive(tmp_path: Path) -> None:
 
 
 def test_a_405_says_which_methods_the_path_has(tmp_path: Path) -> None:
-    async def body(c: httpx.AsyncClient, srv: Server) -> list[tuple[int, str | None]]:
+    async def body(c: httpx.AsyncClient, srv: Service) -> list[tuple[int, str | None]]:
         out = []
         for method, url in (
             ("PUT", "/api/v1/jobs"),  # GET (FastAPI) and POST (a plain route) on one path

@@ -1,0 +1,97 @@
+"""The admin routes: server status, stop, the sanity check and manual recovery (cleanup)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from crq.server import cleanup, commands
+from crq.server.events import Event
+from crq.server.http import auth
+from crq.server.http.views import API, JSON
+from crq.server.models import StopServer, parse_json, validate
+from crq.server.service import Service
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from crq import __version__
+
+
+def routes(srv: Service) -> list[BaseRoute]:
+    engine = srv.engine
+    router = APIRouter()
+
+    @router.get(API + "/server")
+    async def server_info(request: Request) -> Response:
+        auth.any_token(srv, request)
+        st = srv.state
+        journal = engine.journal
+        # On a full disk every reply waits for the journal; this one answers, so that
+        # `ncmgr status` can say why, but without the counts nothing durable backs yet.
+        stalled = not await engine.durable_or_disk_full()
+        return JSON(
+            {
+                "queue": srv.settings.queue,
+                "mode": engine.mode,
+                "pid": os.getpid(),
+                "host": os.uname().nodename,
+                "url": srv.url,
+                "instance": srv.instance,
+                "version": __version__,
+                "started_at": srv.started_at,
+                "counts": None if stalled else st.counts,
+                "taskers": len(st.taskers),
+                "recovery": srv.progress(),
+                "journal": {
+                    "seq": st.seq,
+                    "durable_seq": journal.durable_seq,
+                    "segment": journal.segment,
+                    "disk_full_since": journal.stalled_since,
+                },
+            }
+        )
+
+    @router.post(API + "/server/stop")
+    async def server_stop(request: Request) -> Response:
+        auth.admin(srv, request)
+        body = await request.body()
+        freeze = validate(StopServer, parse_json(body) if body else {}).freeze
+        srv.request_stop(freeze)
+        return JSON({"stopping": True, "freeze": freeze})
+
+    @router.post(API + "/server/sanity")
+    async def sanity(request: Request, fix: int = 0) -> Response:
+        auth.admin(srv, request)
+        result = srv.sanity(bool(fix))
+        await engine.durable()
+        return JSON(result)
+
+    # -- manual recovery (ncmgr cleanup) -------------------------------------------------
+
+    @router.get(API + "/cleanup")
+    async def cleanup_list(request: Request) -> Response:
+        auth.admin(srv, request)
+        contact = {n: link.last_contact for n, link in engine.links.items()}
+        out = cleanup.incomplete(srv.state, contact, time.time(), srv.settings.heartbeat)
+        await engine.durable()
+        return JSON({"incomplete": out})
+
+    async def _cleanup(request: Request, make: Callable[[], list[Event]]) -> Response:
+        auth.admin(srv, request)
+        events = make()
+        engine.emit(events)
+        done = cleanup.summary(srv.state, events)  # before the next dispatch pass runs
+        await engine.durable()
+        return JSON({"recovered": done})
+
+    @router.post(API + "/cleanup/jobs/{job_id}")
+    async def cleanup_job(request: Request, job_id: int) -> Response:
+        return await _cleanup(request, lambda: commands.recover_job(srv.state, job_id, time.time()))
+
+    @router.post(API + "/cleanup/hosts/{host}")
+    async def cleanup_host(request: Request, host: str) -> Response:
+        return await _cleanup(request, lambda: commands.dead_host(srv.state, host, time.time()))
+
+    return list(router.routes)

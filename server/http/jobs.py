@@ -1,0 +1,152 @@
+"""The client routes on jobs: submit (hot, plain Starlette), list, get, wait, control."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from crq.server import commands
+from crq.server.events import Event
+from crq.server.http import auth
+from crq.server.http.views import API, JSON, job_json
+from crq.server.models import BadRequest, parse_json
+from crq.server.service import Service
+from crq.server.state import Job, State
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from crq.wire import JOB_STATES, QUEUED, RUNNING
+
+SCAN_BUDGET = 100_000  # ids one page request may examine
+BIG_BODY = 1 << 20  # a submit body over this is parsed and applied with the collector paused
+
+
+def routes(srv: Service) -> list[BaseRoute]:
+    engine = srv.engine
+    router = APIRouter()
+
+    async def submit(request: Request) -> Response:
+        user = auth.client(srv, request)
+        if engine.shutting_down:
+            raise BadRequest(503, "stopping", "the server is stopping")
+        body = await request.body()
+        if len(body) <= BIG_BODY:
+            ids = await _submit(parse_json(body), user)
+        else:
+            with commands.collector_paused():
+                ids = await _submit(parse_json(body), user)
+        await engine.durable()
+        return JSON({"ids": ids}, status_code=201)
+
+    async def _submit(data: Any, user: str) -> list[int]:
+        """A batch of more than SLICE jobs is checked, and its envs defined, in slices that
+        let other requests through, then applied as one submit event: still all accepted
+        or all refused, its ids contiguous."""
+        sub = await commands.submit_sliced(srv.state, data, user)
+        if len(sub.rows) > commands.SLICE:
+            if engine.shutting_down:  # while it was checked
+                raise BadRequest(503, "stopping", "the server is stopping")
+            for envs in sub.env_slices(srv.state):
+                engine.emit(envs)
+                await asyncio.sleep(0)
+        events, ids = sub.events(srv.state, time.time())
+        engine.emit(events)
+        return ids
+
+    @router.get(API + "/jobs")
+    async def list_jobs(
+        request: Request,
+        state: str | None = None,
+        user: str | None = None,
+        limit: int = 1000,
+        after: int = 0,
+    ) -> Response:
+        auth.client(srv, request)
+        if state is not None and state not in JOB_STATES:
+            raise BadRequest(400, "invalid", f"state: must be one of {', '.join(JOB_STATES)}")
+        limit = max(1, min(limit, 10_000))
+        out: list[dict[str, Any]] = []
+        nxt = None
+        st = srv.state
+        # ids are monotonic: a page after N starts at N+1 instead of rescanning from the first
+        ids = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
+        # A sparse filter (a few running jobs among a million) would walk every id in one
+        # go and stall the event loop: stop after SCAN_BUDGET ids and give ``next`` so the
+        # client goes on from there. A page may then be short, even empty, with a ``next``.
+        budget, last = SCAN_BUDGET, after
+        for job_id in ids:
+            if budget == 0:
+                nxt = last
+                break
+            budget -= 1
+            job = st.jobs.get(job_id)
+            if (
+                job is not None
+                and (not state or job.state == state)
+                and (not user or job.user == user)
+            ):
+                if len(out) == limit:
+                    nxt = out[-1]["id"]
+                    break
+                out.append(job_json(st, job, full=False))
+            last = job_id
+        await engine.durable()
+        return JSON({"jobs": out, "next": nxt})
+
+    def _get_job(job_id: int) -> Job:
+        job = srv.state.jobs.get(job_id)
+        if job is None:
+            raise BadRequest(404, "not_found", f"no job {job_id}")
+        return job
+
+    @router.get(API + "/jobs/{job_id}")
+    async def get_job(request: Request, job_id: int) -> Response:
+        auth.client(srv, request)
+        job = _get_job(job_id)
+        await engine.durable()
+        return JSON(job_json(srv.state, job))
+
+    @router.get(API + "/jobs/{job_id}/wait")
+    async def wait_job(request: Request, job_id: int, timeout: float = 30.0) -> Response:
+        auth.client(srv, request)
+        job = _get_job(job_id)
+        if job.state in (QUEUED, RUNNING):
+            await engine.wait_final(job_id, max(0.0, min(timeout, 300.0)))
+        await engine.durable()
+        job = srv.state.jobs.get(job_id, job)
+        return JSON(job_json(srv.state, job))
+
+    @router.get(API + "/queue")
+    async def queue(request: Request) -> Response:
+        auth.client(srv, request)
+        ids = list(srv.state.queue_order())
+        await engine.durable()
+        return JSON({"ids": ids})
+
+    async def _control(
+        request: Request, job_id: int, command: Callable[[State, int, float], list[Event]]
+    ) -> Response:
+        auth.client(srv, request)
+        engine.emit(command(srv.state, job_id, time.time()))
+        await engine.durable()
+        return JSON(job_json(srv.state, _get_job(job_id)))
+
+    @router.post(API + "/jobs/{job_id}/stop")
+    async def stop_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, commands.stop)
+
+    @router.post(API + "/jobs/{job_id}/rerun")
+    async def rerun_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, commands.rerun)
+
+    @router.delete(API + "/jobs/{job_id}")
+    async def forget_job(request: Request, job_id: int) -> Response:
+        auth.client(srv, request)
+        engine.emit(commands.forget(srv.state, job_id, time.time()))
+        await engine.durable()
+        return JSON({"id": job_id, "forgotten": True})
+
+    return [Route(API + "/jobs", submit, methods=["POST"]), *router.routes]

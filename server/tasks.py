@@ -1,0 +1,97 @@
+"""The loops of a serving process: checkpoints, the high-water mark, autoforget, the monitor.
+
+Each takes the ``Service`` and runs until cancelled at the stop (server/main.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from crq.server.commands import lose_tasker
+from crq.server.monitor import silent
+from crq.server.service import Service
+
+from crq.wire import DONE, MODE_NORMAL, QUEUED, RUNNING
+
+log = logging.getLogger("crq.tasks")
+monitor_log = logging.getLogger("crq.monitor")
+
+
+def background(srv: Service) -> list[Coroutine[Any, Any, None]]:
+    return [_checkpoints(srv), _marks(srv), _autoforget(srv), watch(srv)]
+
+
+async def _checkpoints(srv: Service) -> None:
+    journal = srv.engine.journal
+    frozen_at = time.monotonic()
+    while True:
+        await asyncio.sleep(0.5)
+        if journal.bytes_written >= srv.settings.checkpoint_bytes and not srv.engine.shutting_down:
+            await srv.checkpoint()
+        if time.monotonic() - frozen_at > 30:
+            # Jobs live long: move them out of the collector's sight, so full collections
+            # do not walk a million jobs (1 s pauses otherwise). Jobs hold no cycles.
+            gc.freeze()
+            frozen_at = time.monotonic()
+
+
+async def _marks(srv: Service) -> None:
+    """The high-water mark follows the journal about every second, off the ack path."""
+    marker = srv.engine.marker
+    while marker is not None:
+        await asyncio.sleep(1.0)
+        if marker.behind():
+            await marker.write()
+
+
+async def _autoforget(srv: Service) -> None:
+    """Forget ended jobs after autoforget_done (done) or autoforget_other (the rest)."""
+    engine = srv.engine
+    while True:
+        await asyncio.sleep(60)
+        if engine.mode != MODE_NORMAL or engine.shutting_down:
+            continue
+        now = time.time()
+        old_done, old_other = (
+            now - srv.settings.autoforget_done,
+            now - srv.settings.autoforget_other,
+        )
+        ids = list(engine.state.jobs)
+        for start in range(0, len(ids), 20_000):
+            jobs = engine.state.jobs
+            gone = [
+                i
+                for i in ids[start : start + 20_000]
+                if (j := jobs.get(i)) is not None
+                and j.ended is not None
+                and j.state not in (QUEUED, RUNNING)
+                and j.ended < (old_done if j.state == DONE else old_other)
+            ]
+            if gone:
+                engine.emit([{"e": "forget", "t": now, "jobs": gone}])
+            await asyncio.sleep(0)
+
+
+async def watch(srv: Service) -> None:
+    """The recovery monitor (server/monitor.py): silent taskers are declared lost."""
+    engine = srv.engine
+    period = max(0.2, min(1.0, srv.settings.tasker_timeout / 10))
+    while True:
+        await asyncio.sleep(period)
+        if engine.mode != MODE_NORMAL or engine.shutting_down:
+            continue
+        now = time.time()
+        for name in silent(srv, now):
+            t = srv.state.taskers[name]
+            monitor_log.warning(
+                "tasker %s silent for over %.0f s: lost, recovering %d jobs",
+                name,
+                srv.settings.tasker_timeout,
+                len(t.running),
+            )
+            engine.emit(lose_tasker(srv.state, name, f"tasker {name} lost (silent)", now))
