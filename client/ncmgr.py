@@ -11,10 +11,8 @@ queue's hashed default port.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,14 @@ from typing import TYPE_CHECKING, Any
 from crq.client import registry
 from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
 from crq.client.errors import CrqError, recovery_progress
+from crq.client.place import (
+    DEFAULT_HOST,
+    Place,
+    local_url,
+    pid_alive,
+    port_busy,
+    read_server_json,
+)
 from crq.client.table import key_values, when
 
 from crq import wire
@@ -37,7 +43,6 @@ START_CAP = 1800.0  # and on one still not open after this long, however busy
 STOP_TIMEOUT = 60.0
 DEFAULT_GRACE = 120.0
 POLL = 0.1
-DEFAULT_HOST = "127.0.0.1"
 
 #: ``ncmgr start`` settings passed through to ``python -m crq.server``: (flag, kind, help).
 SETTINGS: tuple[tuple[str, str, str], ...] = (
@@ -121,121 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args.func, args)
 
 
-# -- locating a queue ---------------------------------------------------------------------
-
-
-class Place:
-    """A queue's name, swd, registry entry and whatever ``server.json`` says about it."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.queue: str = args.queue or os.environ.get("CRQ_QUEUE") or wire.DEFAULT_QUEUE
-        self.entry = registry.lookup(self.queue)
-        if args.swd:
-            root = Path(os.path.expanduser(args.swd))
-        elif self.entry and self.entry.get("swd"):
-            root = Path(str(self.entry["swd"]))
-        else:
-            root = Path(f"{self.queue}.swd")
-        self.swd = wire.Swd(root)
-        # The registry's host/port belong to its swd; a different --swd starts afresh.
-        self.same_as_registered = bool(
-            self.entry and Path(str(self.entry.get("swd", ""))).absolute() == self.swd.root
-        )
-        self.info = read_server_json(self.swd)
-
-    @property
-    def pid(self) -> int | None:
-        pid = self.info.get("pid")
-        return pid if isinstance(pid, int) and pid > 0 else None
-
-    @property
-    def url(self) -> str:
-        """Where to reach the server: server.json, else the registry, else the default."""
-        if self.info.get("url"):
-            return str(self.info["url"]).rstrip("/")
-        if self.same_as_registered and self.entry and self.entry.get("url"):
-            return str(self.entry["url"]).rstrip("/")
-        return f"http://{DEFAULT_HOST}:{wire.default_port(self.queue)}"
-
-    def token(self) -> str | None:
-        """``CRQ_TOKEN`` > this swd's admin token (authoritative for its server) > registry."""
-        env = os.environ.get("CRQ_TOKEN")
-        if env:
-            return env.strip()
-        found = registry.read_token(self.swd.admin_token)
-        if found:
-            return found
-        token = (self.entry or {}).get("token") if self.same_as_registered else None
-        return str(token) if token else None
-
-    def client(self, url: str | None = None, timeout: float = 10.0) -> Client:
-        from crq.client.api import Client
-
-        return Client(
-            url=url or self.url, token=self.token() or "", queue=self.queue, timeout=timeout
-        )
-
-
 def _client(place: Place, url: str, token: str | None) -> Client:
     from crq.client.api import Client
 
     return Client(url=url, token=token or "", queue=place.queue, timeout=5.0)
-
-
-def read_server_json(swd: wire.Swd) -> dict[str, Any]:
-    try:
-        data = json.loads(swd.server_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if ``pid`` runs on this host and looks like a crq server (guards against reuse)."""
-    if not pid or not wire.process_exists(pid):
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    try:
-        text = cmdline.read_bytes().replace(b"\0", b" ")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()  # no procfs: trust kill(0)
-    except OSError:
-        return True
-    if b"server" not in text:
-        return False
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
-
-
-def port_busy(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be bound now (None when it is free). SO_REUSEADDR as the
-    server sets it, so a port in TIME_WAIT is not reported busy."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            return e.strerror or str(e)
-    return None
-
-
-def local_url(host: str, port: int) -> str:
-    """The URL this host uses to reach a server bound to ``host``."""
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
 
 
 # -- start --------------------------------------------------------------------------------
