@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crq.client import registry
 from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
 from crq.client.errors import CrqError, recovery_progress
 from crq.client.place import (
@@ -29,8 +25,8 @@ from crq.client.place import (
     local_url,
     pid_alive,
     port_busy,
-    read_server_json,
 )
+from crq.client.starter import DEFAULT_GRACE, START_TIMEOUT, Starter, child_env
 from crq.client.table import key_values, when
 
 from crq import wire
@@ -38,10 +34,7 @@ from crq import wire
 if TYPE_CHECKING:
     from crq.client.api import Client
 
-START_TIMEOUT = 60.0  # give up on a server that neither opens nor works for this long
-START_CAP = 1800.0  # and on one still not open after this long, however busy
 STOP_TIMEOUT = 60.0
-DEFAULT_GRACE = 120.0
 POLL = 0.1
 
 #: ``ncmgr start`` settings passed through to ``python -m crq.server``: (flag, kind, help).
@@ -126,12 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args.func, args)
 
 
-def _client(place: Place, url: str, token: str | None) -> Client:
-    from crq.client.api import Client
-
-    return Client(url=url, token=token or "", queue=place.queue, timeout=5.0)
-
-
 # -- start --------------------------------------------------------------------------------
 
 
@@ -148,47 +135,6 @@ def server_command(args: argparse.Namespace, place: Place, host: str, port: int)
     return cmd
 
 
-def child_env() -> dict[str, str]:
-    """The server's environment: ours, with this checkout importable even when not installed."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in parts:
-        env["PYTHONPATH"] = os.pathsep.join([root, *parts])
-    env.pop("CRQ_SERVER", None)
-    return env
-
-
-def last_reason(log: Path, offset: int) -> str:
-    """The server's ``crq-server: <reason>`` line written after ``offset``, else its last line."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return "no output"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("crq-server:"):
-            return line.removeprefix("crq-server:").strip()
-    return lines[-1] if lines else "no output"
-
-
-def _recovery_report(swd: wire.Swd, since: float) -> Path | None:
-    reports = [
-        p
-        for p in swd.root.glob("crash_recovery_report_*")
-        if p.suffix != ".json" and p.stat().st_mtime >= since - 1
-    ]
-    return max(reports, key=lambda p: p.stat().st_mtime) if reports else None
-
-
-def _register(place: Place, url: str, host: str | None = None, port: int | None = None) -> None:
-    """Record the queue with the swd's own admin token (never $CRQ_TOKEN)."""
-    token = registry.read_token(place.swd.admin_token)
-    registry.register(place.queue, url, place.swd.root, token, host=host, port=port)
-
-
 def _refuse_if_running(place: Place) -> int | None:
     """Exit status when a server already holds the swd, else None."""
     pid = place.pid
@@ -197,7 +143,7 @@ def _refuse_if_running(place: Place) -> int | None:
     with place.client(timeout=2.0) as client:
         up = client.healthz(timeout=1.0)
     if up:
-        _register(place, place.url)
+        place.register(place.url)
         return fail(f"queue {place.queue} already running at {place.url} (pid {pid})")
     return fail(
         f"a server (pid {pid}) holds {place.swd.root} but does not answer at {place.url}; "
@@ -226,138 +172,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     except OSError as e:
         return fail(f"cannot create {place.swd.root}: {e.strerror}")
     if args.foreground:
-        _register(place, url, host, port)
+        place.register(url, host, port)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, cmd, child_env())
-    return _spawn_and_watch(args, place, cmd, host, int(port), url)
-
-
-def _cpu_ticks(pid: int) -> int | None:
-    """User + system CPU time of ``pid`` in clock ticks (None without procfs)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _give_up(proc: subprocess.Popen[bytes], message: str) -> int:
-    """Fail a start in one line, killing the server it spawned: a failed ``ncmgr start``
-    leaves nothing running (its session holds the server and any checkpoint child)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        proc.kill()
-    proc.wait()
-    return fail(f"{message}; killed it")
-
-
-def _spawn_and_watch(
-    args: argparse.Namespace, place: Place, cmd: list[str], host: str, port: int, url: str
-) -> int:
-    """Start the server and watch it until it is open for clients, or give up.
-
-    Waits while the process lives and makes progress: until it answers, while it uses CPU
-    (loading a long journal on a busy machine); then while crash recovery has time left.
-    A server that hangs is not waited for.
-    """
-    log = place.swd.logs / "server.out"
-    began = time.time()
-    with open(log, "ab") as out:
-        offset = out.tell()
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=place.swd.root,
-            env=child_env(),
-            close_fds=True,
-        )
     grace = float(args.recovery_grace) if args.recovery_grace is not None else DEFAULT_GRACE
-    stall = max(0.0, float(args.timeout))
-    cap = time.monotonic() + START_CAP + grace
-    deadline = time.monotonic() + stall + grace
-    ticks = _cpu_ticks(proc.pid)
-    public = url
-    answered = False
-    registered = False
-    recovered = False
-    last_shown = ""
-    last_shown_at = 0.0
-    client: Client | None = None
-    try:
-        while True:
-            code = proc.poll()
-            if code is not None:
-                reason = last_reason(log, offset)
-                return fail(f"queue {place.queue} did not start: {reason} (log: {log})")
-            now_ticks = None if answered else _cpu_ticks(proc.pid)
-            if now_ticks is not None and now_ticks != ticks:  # still loading: wait on
-                ticks = now_ticks
-                deadline = max(deadline, min(cap, time.monotonic() + stall))
-            if time.monotonic() > deadline:
-                return _give_up(
-                    proc,
-                    f"queue {place.queue} (pid {proc.pid}) did not open within "
-                    f"{time.time() - began:.0f} s (see {log})",
-                )
-            # Our own server's swd token: $CRQ_TOKEN may well be another queue's.
-            token = registry.read_token(place.swd.admin_token) or place.token()
-            if client is None or (token and client.token != token):
-                if client is not None:
-                    client.close()
-                client = _client(place, url, token)
-            if not client.healthz(timeout=1.0):
-                time.sleep(POLL)
-                continue
-            answered = True
-            place.info = read_server_json(place.swd)
-            if host in ("0.0.0.0", "::") and place.info.get("pid") == proc.pid:
-                public = str(place.info.get("url") or url).rstrip("/")
-            if not registered:
-                _register(place, public, host, port)
-                registered = True
-            try:
-                status = client.server()
-            except CrqError as e:
-                fresh = registry.read_token(place.swd.admin_token)
-                if e.status in (401, 403) and fresh in (None, token):  # not a token just made
-                    return _give_up(
-                        proc, f"queue {place.queue} refused ncmgr start's check: {e.message}"
-                    )
-                time.sleep(POLL)
-                continue
-            mode = status.get("mode")
-            if mode == wire.MODE_NORMAL:
-                break
-            if mode == wire.MODE_RECOVERING:
-                recovered = True
-                recovery = status.get("recovery") or {}
-                left = recovery.get("seconds_left")
-                if isinstance(left, int | float):
-                    deadline = max(deadline, time.monotonic() + float(left) + stall)
-                shown = recovery_progress(recovery, approx=False)
-                head = shown.split(",")[0]
-                now = time.monotonic()
-                if head != last_shown.split(",")[0] or now - last_shown_at >= 5.0:
-                    say(f"recovering: {shown or 'replaying the journal'}")
-                    last_shown, last_shown_at = shown, now
-            time.sleep(POLL)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return fail(f"interrupted; the server (pid {proc.pid}) keeps starting in the background")
-    finally:
-        if client is not None:
-            client.close()
-    _register(place, public, host, port)  # again: the token may be newer than the first call
-    say(f"queue {place.queue} started at {public} (pid {proc.pid}, swd {place.swd.root})")
-    report = _recovery_report(place.swd, began)
-    if recovered or report:
-        say("crash recovery finished" + (f"; report: {report}" if report else ""))
-    return 0
+    starter = Starter(place, cmd, host, int(port), url, stall=float(args.timeout), grace=grace)
+    return starter.run()
 
 
 # -- stop ---------------------------------------------------------------------------------

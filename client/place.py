@@ -67,12 +67,19 @@ class Place:
         token = (self.entry or {}).get("token") if self.same_as_registered else None
         return str(token) if token else None
 
-    def client(self, url: str | None = None, timeout: float = 10.0) -> Client:
+    def client(
+        self, url: str | None = None, timeout: float = 10.0, token: str | None = None
+    ) -> Client:
+        """A client of this queue's server, with ``token`` else :meth:`token`."""
         from crq.client.api import Client
 
-        return Client(
-            url=url or self.url, token=self.token() or "", queue=self.queue, timeout=timeout
-        )
+        token = token if token is not None else self.token()
+        return Client(url=url or self.url, token=token or "", queue=self.queue, timeout=timeout)
+
+    def register(self, url: str, host: str | None = None, port: int | None = None) -> None:
+        """Record the queue with the swd's own admin token (never $CRQ_TOKEN)."""
+        token = registry.read_token(self.swd.admin_token)
+        registry.register(self.queue, url, self.swd.root, token, host=host, port=port)
 
 
 def read_server_json(swd: wire.Swd) -> dict[str, Any]:

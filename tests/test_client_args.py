@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from crq.client import cli, clitools, ncmgr, place, registry, vovproject
+from crq.client import cli, clitools, ncmgr, place, registry, starter, vovproject
 
 from crq import procfs, wire
-from tests._tasker_util import wait_until
+from tests._tasker_util import free_port, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -276,8 +277,8 @@ def test_last_reason(tmp_path: Path) -> None:
     offset = log.stat().st_size
     with open(log, "a") as f:
         f.write("INFO starting\ncrq-server: port 6321 is busy\nbye\n")
-    assert ncmgr.last_reason(log, offset) == "port 6321 is busy"
-    assert ncmgr.last_reason(tmp_path / "missing", 0) == "no output"
+    assert starter.last_reason(log, offset) == "port 6321 is busy"
+    assert starter.last_reason(tmp_path / "missing", 0) == "no output"
 
 
 def test_vovproject_enable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -332,3 +333,33 @@ def test_unexpected_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> N
     assert clitools.run(boom, argparse.Namespace()) == 1
     err = capsys.readouterr().err
     assert err == "crq: internal error: ValueError: bad thing (CRQ_DEBUG=1 shows details)\n"
+
+
+def _starter(tmp_path: Path, script: str, stall: float = 0) -> starter.Starter:
+    where = place.Place(argparse.Namespace(queue="st", swd=str(tmp_path / "st.swd")))
+    where.swd.logs.mkdir(parents=True)
+    port = free_port()
+    url = place.local_url("127.0.0.1", port)
+    cmd = [sys.executable, "-c", script, "server"]
+    return starter.Starter(where, cmd, "127.0.0.1", port, url, stall=stall, grace=0)
+
+
+def test_starter_reports_a_server_that_exits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = "print('crq-server: swd is locked'); raise SystemExit(3)"
+    run = _starter(tmp_path, script, stall=starter.START_CAP)  # waits while it lives
+    assert run.run() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("crq: queue st did not start: swd is locked (log: "), err
+    assert run.proc is not None and run.proc.returncode == 3
+
+
+def test_starter_kills_a_server_that_never_opens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _starter(tmp_path, "import sys; sys.stdin.read()")
+    assert run.run() == 1
+    err = capsys.readouterr().err
+    assert f"(pid {run.pid}) did not open within" in err and err.endswith("; killed it\n"), err
+    assert run.proc is not None and run.proc.returncode == -signal.SIGKILL
