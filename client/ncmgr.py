@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
-from crq.client.errors import CrqError, recovery_progress
+from crq.client.errors import CrqError
 from crq.client.place import (
     DEFAULT_HOST,
     Place,
@@ -28,6 +28,7 @@ from crq.client.place import (
 )
 from crq.client.starter import DEFAULT_GRACE, START_TIMEOUT, Starter, child_env
 from crq.client.table import key_values, when
+from crq.client.views import counts_text, recovery_text
 
 from crq import wire
 
@@ -227,25 +228,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 # -- status -------------------------------------------------------------------------------
-
-
-def counts_text(counts: dict[str, Any]) -> str:
-    """``3 queued, 2 running, 100 done`` in the canonical state order."""
-    parts = [f"{counts[s]} {s}" for s in wire.JOB_STATES if counts.get(s)]
-    parts += [f"{n} {s}" for s, n in counts.items() if s not in wire.JOB_STATES and n]
-    return ", ".join(parts) or "none"
-
-
-def recovery_text(recovery: dict[str, Any]) -> str:
-    text = recovery_progress(recovery, approx=False)
-    expected = recovery.get("expected") or []
-    back = set(recovery.get("reconnected") or [])
-    missing = [t for t in expected if t not in back]
-    if missing:
-        text += f" (missing: {', '.join(map(str, missing))})"
-    if recovery.get("events_replayed") is not None:
-        text += f", {recovery['events_replayed']} events replayed"
-    return text
 
 
 def status_lines(place: Place, status: dict[str, Any]) -> str:
