@@ -11,7 +11,9 @@ queue's hashed default port.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -296,13 +298,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if args.reset_lock:
         if actions:
             return fail("--reset-lock goes alone")
-        from crq.server.cleanup import reset_lock
-        from crq.server.recovery import LockError
-
-        try:
-            say(f"{reset_lock(place.swd)} ({place.swd.recovery_lock})")
-        except LockError as e:
-            return fail(str(e))
+        reset = _server_cleanup(place, "--reset-lock")
+        if reset is None:
+            return 1
+        say(f"{reset['reset']} ({place.swd.recovery_lock})")
         return 0
     action = actions[0] if actions else "list"
     arg = str(args.job) if action == "job" else args.dead_host
@@ -335,18 +334,29 @@ def _cleanup_standalone(place: Place, action: str, arg: str | None) -> dict[str,
     if not place.swd.trace.is_dir():
         fail(f"{place.swd.root} has no trace.db: not a server working directory (use --swd)")
         return None
-    from crq.server.cleanup import run_standalone
-    from crq.server.models import BadRequest
-    from crq.server.recovery import LockError
-    from crq.server.replay import ReplayError
+    words = {"list": ["--list"], "job": ["--job", str(arg)], "dead_host": ["--dead-host", str(arg)]}
+    return _server_cleanup(place, *words[action])
 
+
+def _server_cleanup(place: Place, *words: str) -> dict[str, Any] | None:
+    """Run ``python -m crq.server cleanup`` on the swd's files, as ``start`` runs the server
+    (the client imports nothing of the server's); its JSON answer, or None once its refusal
+    is printed. Its stderr (replay warnings) passes through."""
+    cmd = [sys.executable, "-m", "crq.server", "cleanup", "--swd", str(place.swd.root), *words]
+    done = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=child_env(), check=False
+    )
     try:
-        return run_standalone(place.swd.root, action, arg)
-    except (LockError, ReplayError) as e:
-        fail(str(e))
-    except BadRequest as e:
-        fail(e.message)
-    return None
+        answer = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        answer = None
+    if not isinstance(answer, dict):
+        fail(f"python -m crq.server cleanup failed (exit status {done.returncode})")
+        return None
+    if done.returncode != 0 or "error" in answer:
+        fail(str(answer.get("error") or f"exit status {done.returncode}"))
+        return None
+    return answer
 
 
 def _print_incomplete(rows: list[dict[str, Any]]) -> None:

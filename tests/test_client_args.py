@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import pytest
 from crq.client import cli, clitools, ncmgr, place, registry, starter, vovproject
 
 from crq import procfs, wire
-from tests._tasker_util import free_port, wait_until
+from tests._tasker_util import ROOT, free_port, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -363,3 +364,25 @@ def test_starter_kills_a_server_that_never_opens(
     err = capsys.readouterr().err
     assert f"(pid {run.pid}) did not open within" in err and err.endswith("; killed it\n"), err
     assert run.proc is not None and run.proc.returncode == -signal.SIGKILL
+
+
+def test_the_client_imports_nothing_of_the_server() -> None:
+    """ncmgr cleanup --standalone/--reset-lock run ``python -m crq.server cleanup``."""
+    for source in (ROOT / "client").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            bad = [n for n in names if n.startswith(("crq.server", "server"))]
+            assert not bad, f"{source.name}:{node.lineno} imports {bad}"
+
+
+def test_ncmgr_reset_lock_without_a_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    swd = tmp_path / "q.swd"
+    swd.mkdir()
+    assert ncmgr.main(["cleanup", "--swd", str(swd), "--reset-lock"]) == 0
+    assert capsys.readouterr().out == f"crq: no recovery lock ({swd / 'trace.db' / 'recovery.lock'})\n"
