@@ -162,10 +162,10 @@ def resolve_server(flag_url: str | None = None, queue: str | None = None) -> Tar
                 return Target(url, qname, entry)
         return Target(url, name, None)
     name = name or wire.DEFAULT_QUEUE
-    entry = lookup(name)
-    if entry and entry.get("url"):
-        return Target(str(entry["url"]).rstrip("/"), name, entry)
-    return Target(f"http://127.0.0.1:{wire.default_port(name)}", name, entry)
+    found = lookup(name)
+    if found and found.get("url"):
+        return Target(str(found["url"]).rstrip("/"), name, found)
+    return Target(f"http://127.0.0.1:{wire.default_port(name)}", name, found)
 
 
 def _normalize(url: str) -> str:
