@@ -1,4 +1,5 @@
-"""What the three CLIs share: the error wrapper, argument types, id lists, the progress line."""
+"""What the three CLIs share: the error wrapper, id lists, the progress line (and the
+argument types of ``crq.cliargs``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from crq.client.errors import CrashRecovery, CrqError
+
+# The argument types live in crq.cliargs (the tasker shares them); kept importable from here.
+from crq.cliargs import as_typed as as_typed
+from crq.cliargs import positive_int as positive_int
+from crq.cliargs import positive_seconds as positive_seconds
+from crq.cliargs import seconds as seconds
 
 PREFIX = "crq"
 
@@ -29,48 +36,6 @@ def fail(message: str, status: int = 1) -> int:
 def say(message: str) -> None:
     """Print one ``crq: …`` line on stdout (progress and outcomes, not errors)."""
     print(f"{PREFIX}: {message}", flush=True)
-
-
-def _number(text: str, kind: Callable[[str], float], what: str) -> float:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (slots, attempts, limits, byte counts)."""
-    value = int(_number(text, int, "a whole number"))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def seconds(text: str) -> float:
-    """argparse type: a duration in seconds, zero allowed."""
-    value = _number(text, float, "a number of seconds")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type: a duration in seconds above zero (intervals)."""
-    value = _number(text, float, "a number of seconds")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
-
-
-def as_typed(check: Callable[[str], object]) -> Callable[[str], str]:
-    """The same check, keeping the text as typed: for flags passed on to another program."""
-
-    def parse(text: str) -> str:
-        check(text)
-        return text
-
-    parse.__name__ = getattr(check, "__name__", "value")
-    return parse
 
 
 def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def is_zombie(pid: int) -> bool:
     fields = _stat_fields(pid)
-    return bool(fields) and fields[0] == "Z"
+    return fields is not None and fields[:1] == ["Z"]
 
 
 def alive(pid: int) -> bool:

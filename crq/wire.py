@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 API = "/api/v1"
 DEFAULT_QUEUE = "vnc"
@@ -115,7 +116,7 @@ class Swd:
         return self.root / "config.toml"
 
 
-def attempt_key(report: dict) -> tuple[int, int]:
+def attempt_key(report: dict[str, Any]) -> tuple[int, int]:
     return int(report["job"]), int(report["attempt"])
 
 

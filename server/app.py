@@ -429,15 +429,11 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.post(api + "/cleanup/jobs/{job_id}")
     async def cleanup_job(request: Request, job_id: int) -> Response:
-        from crq.server import cleanup
-
-        return await _cleanup(request, lambda: cleanup.recover_job(srv.state, job_id, time.time()))
+        return await _cleanup(request, lambda: commands.recover_job(srv.state, job_id, time.time()))
 
     @app.post(api + "/cleanup/hosts/{host}")
     async def cleanup_host(request: Request, host: str) -> Response:
-        from crq.server import cleanup
-
-        return await _cleanup(request, lambda: cleanup.dead_host(srv.state, host, time.time()))
+        return await _cleanup(request, lambda: commands.dead_host(srv.state, host, time.time()))
 
     # -- taskers --------------------------------------------------------------------------
 

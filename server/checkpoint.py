@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 
 from crq.server import snapshot
 from crq.server.journal import first_seq, fsync_dir, list_segments
-from crq.server.state import Event, State
 
-from crq.wire import DONE, RUNNING
+from crq.wire import DONE
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -30,22 +29,6 @@ if TYPE_CHECKING:
     from crq.server.app import Server
 
 log = logging.getLogger("crq.checkpoint")
-
-
-def release_running(state: State, now: float) -> list[Event]:
-    """A clean stop without --freeze: taskers kill their jobs; requeue them, uncharged."""
-    return [
-        {
-            "e": "recover",
-            "t": now,
-            "job": j.id,
-            "attempt": j.attempt,
-            "reason": "server stopped",
-            "charge": False,
-        }
-        for j in state.jobs.values()
-        if j.state == RUNNING
-    ]
 
 
 def prune(trace: Path) -> None:

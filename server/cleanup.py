@@ -2,7 +2,8 @@
 
 The same functions serve a live server (through admin endpoints) and ``--standalone``
 work on the swd's files with no server running, under ``recovery.lock``. Either way each
-action is a journaled ``recover`` or ``tasker_lost`` event, so it shows in the job's
+action is a journaled ``recover`` or ``tasker_lost`` event (made by
+``commands.recover_job`` and ``commands.dead_host``), so it shows in the job's
 history and survives a crash half-way.
 """
 
@@ -15,16 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from crq.server import replay
-from crq.server.events import encode
+from crq.server.commands import action_of, dead_host, recover_job
+from crq.server.events import Event, encode
 from crq.server.journal import Journal
-from crq.server.models import BadRequest
-from crq.server.monitor import lose_tasker
 from crq.server.recovery import LockError, boot_id, read_lock, take_lock
-from crq.server.state import TASKER_READY, Event, State
+from crq.server.state import TASKER_READY, State
 
 from crq.wire import RUNNING, Swd, process_exists
-
-REASON = "manual cleanup"
 
 
 def incomplete(
@@ -62,35 +60,6 @@ def incomplete(
     return out
 
 
-def recover_job(state: State, job_id: int, now: float) -> list[Event]:
-    job = state.jobs.get(job_id)
-    if job is None:
-        raise BadRequest(404, "not_found", f"no job {job_id}")
-    if job.state != RUNNING:
-        raise BadRequest(
-            409, "conflict", f"job {job_id} is {job.state}, not running: nothing to recover"
-        )
-    return [
-        {
-            "e": "recover",
-            "t": now,
-            "job": job_id,
-            "attempt": job.attempt,
-            "reason": f"{REASON}: job {job_id} recovered by the operator",
-        }
-    ]
-
-
-def dead_host(state: State, host: str, now: float) -> list[Event]:
-    names = [n for n, t in state.taskers.items() if t.host == host or n == host]
-    if not names:
-        raise BadRequest(404, "not_found", f"no tasker on host {host}")
-    events: list[Event] = []
-    for name in names:
-        events += lose_tasker(state, name, f"{REASON}: host {host} declared dead", now)
-    return events
-
-
 def summary(state: State, events: list[Event]) -> list[dict[str, Any]]:
     """What the recover events did, after they were applied."""
     out = []
@@ -101,7 +70,7 @@ def summary(state: State, events: list[Event]) -> list[dict[str, Any]]:
                 {
                     "id": job.id,
                     "attempt": ev["attempt"],
-                    "action": "requeued" if job.state == "queued" else job.state,
+                    "action": action_of(job),
                 }
             )
         elif ev["e"] == "tasker_lost":

@@ -1,6 +1,8 @@
 """Commands: check a request against the state and return the events that carry it out.
 
-Nothing here changes the state; the engine applies and journals what is returned. A
+Every producer of events is here (the scheduler's dispatch aside, server/scheduler.py):
+requests of clients and taskers, the monitor's lost taskers, the operator's cleanup, a clean
+stop's release. Nothing here changes the state; the engine applies and journals what is returned. A
 refused command raises BadRequest and so changes nothing (invariant 6). Reports from
 taskers are fenced by ``(job, attempt)``: only the current attempt on the tasker it was
 sent to may start or finish a job (invariant 4).
@@ -27,7 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from crq.server.events import spec_bytes
+from crq.server import events as event
+from crq.server.events import Event, spec_bytes
 from crq.server.models import (
     MAX_BATCH,
     AttemptRef,
@@ -40,7 +43,7 @@ from crq.server.models import (
     parse_submit,
 )
 from crq.server.resources import ResourceError, parse_capacity
-from crq.server.state import TASKER_READY, Event, Job, State, env_digest
+from crq.server.state import TASKER_READY, Job, State, env_digest
 from pydantic import ValidationError
 
 from crq.wire import FINAL_STATES, QUEUED, RUNNING
@@ -252,7 +255,7 @@ def forget(state: State, job_id: int, now: float) -> list[Event]:
     job = _job(state, job_id)
     if job.state == RUNNING:
         raise BadRequest(409, "conflict", f"job {job_id} is running; stop it first")
-    return [{"e": "forget", "t": now, "jobs": [job_id]}]
+    return [event.forget([job_id], now)]
 
 
 @dataclass
@@ -331,29 +334,27 @@ def reports(
                     "started": r.started or now,
                 }
             )
-    for r in finished:
-        ref = (r.job, r.attempt)
+    for f in finished:
+        ref = (f.job, f.attempt)
         out.ack.append(ref)
         if ref in done or not mine or _current(state, tasker, ref) is None:
             continue  # a duplicate or a superseded attempt: recorded at most once
         done.add(ref)
-        if r.lost:  # killed with its tasker, as the monitor would find it: the rerun policy
-            reason = r.reason or f"attempt lost with tasker {tasker}"
-            out.events.append(
-                {"e": "recover", "t": now, "job": r.job, "attempt": r.attempt, "reason": reason}
-            )
+        if f.lost:  # killed with its tasker, as the monitor would find it: the rerun policy
+            reason = f.reason or f"attempt lost with tasker {tasker}"
+            out.events.append(event.recover(f.job, f.attempt, reason, now))
             continue
         out.events.append(
             {
                 "e": "finish",
                 "t": now,
-                "job": r.job,
-                "attempt": r.attempt,
-                "exit_code": r.exit_code,
-                "signal": r.signal,
-                "reason": r.reason,
-                "started": r.started or now,
-                "ended": r.ended or now,
+                "job": f.job,
+                "attempt": f.attempt,
+                "exit_code": f.exit_code,
+                "signal": f.signal,
+                "reason": f.reason,
+                "started": f.started or now,
+                "ended": f.ended or now,
             }
         )
     return out
@@ -436,10 +437,56 @@ def register(
             # it may have run and died. A new, counted attempt keeps fencing exact and lets
             # a job that kills its host before reporting still end lost after max_attempts.
             reason = f"tasker {name} came back without its state (attempt never confirmed)"
-        out.events.append(
-            {"e": "recover", "t": now, "job": job_id, "attempt": job.attempt, "reason": reason}
-        )
+        out.events.append(event.recover(job_id, job.attempt, reason, now))
     return out
+
+
+def lose_tasker(state: State, name: str, reason: str, now: float) -> list[Event]:
+    """A tasker is lost (silent, did not come back, declared dead): recover its attempts."""
+    tasker = state.taskers[name]
+    events: list[Event] = [event.tasker_lost(name, reason, now)]
+    for job_id in sorted(tasker.running):
+        events.append(event.recover(job_id, state.jobs[job_id].attempt, reason, now))
+    return events
+
+
+def release_running(state: State, now: float) -> list[Event]:
+    """A clean stop without --freeze: taskers kill their jobs; requeue them, uncharged."""
+    return [
+        event.recover(j.id, j.attempt, "server stopped", now, charge=False)
+        for j in state.jobs.values()
+        if j.state == RUNNING
+    ]
+
+
+CLEANUP_REASON = "manual cleanup"  # ncmgr cleanup (server/cleanup.py)
+
+
+def recover_job(state: State, job_id: int, now: float) -> list[Event]:
+    """The operator recovers a running attempt (``ncmgr cleanup --job``)."""
+    job = _job(state, job_id)
+    if job.state != RUNNING:
+        raise BadRequest(
+            409, "conflict", f"job {job_id} is {job.state}, not running: nothing to recover"
+        )
+    reason = f"{CLEANUP_REASON}: job {job_id} recovered by the operator"
+    return [event.recover(job_id, job.attempt, reason, now)]
+
+
+def dead_host(state: State, host: str, now: float) -> list[Event]:
+    """The operator declares a host (or a tasker name) dead: its taskers are lost."""
+    names = [n for n, t in state.taskers.items() if t.host == host or n == host]
+    if not names:
+        raise BadRequest(404, "not_found", f"no tasker on host {host}")
+    events: list[Event] = []
+    for name in names:
+        events += lose_tasker(state, name, f"{CLEANUP_REASON}: host {host} declared dead", now)
+    return events
+
+
+def action_of(job: Job) -> str:
+    """What a recover did to the job, as cleanup and recovery reports say it."""
+    return "requeued" if job.state == QUEUED else job.state
 
 
 def sync_orders(

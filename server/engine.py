@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from crq.server.events import encode
+from crq.server.events import Event, encode
 from crq.server.journal import Journal
 from crq.server.scheduler import dispatch_pass
-from crq.server.state import Event, Job, State, Tasker
+from crq.server.state import Job, State, Tasker
 
 from crq.wire import MODE_NORMAL
 

@@ -1,4 +1,11 @@
-"""How an event is written as a journal record, and read back.
+"""The events: what each kind carries (the catalogue), and how it is written as a journal
+record and read back.
+
+Every change of the state is one of the kinds declared here (``State.apply`` has one
+handler per kind). They are ``TypedDict``s, so at run time an event is the plain dict orjson
+writes, at no cost, while mypy checks both ends: the commands that build events and the
+handlers that apply them. A kind's fields only grow, and a new field is ``NotRequired``
+while journals written without it may still be replayed (see ``snapshot.VERSION``).
 
 Most events are one JSON object. A submit event is the exception, because it is nearly all
 of a big journal: each job's cold fields (command, cwd, log) live in memory as their JSON
@@ -13,36 +20,206 @@ env, rerunnable, max_attempts], …]}`` plus ``"specs"``: the spec bytes, in job
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 
-Event = dict[str, Any]
+# -- the catalogue: one TypedDict a kind; ``t`` is the time the command decided it ----------
+
+
+class Env(TypedDict):
+    """An environment, defined once and named by ``id`` in the jobs that share it."""
+
+    e: Literal["env"]
+    id: int
+    env: dict[str, str]
+
+
+class Ids(TypedDict):
+    """Ids below ``ceiling`` are reserved (server/marks.py keeps the mark outside too)."""
+
+    e: Literal["ids"]
+    t: float
+    ceiling: int
+    next_id: NotRequired[int]  # at start after a lost journal tail: ids jump past the loss
+
+
+class Submit(TypedDict):
+    """Jobs queued together: a row a job (SUBMIT_FIELDS), its spec bytes in ``specs``."""
+
+    e: Literal["submit"]
+    t: float
+    user: str
+    jobs: list[list[Any]]
+    specs: list[bytes]  # written raw after the record's JSON, one a line (see encode)
+
+
+class Dispatch(TypedDict):
+    """The scheduler gives attempt ``attempt`` of a queued job to a tasker."""
+
+    e: Literal["dispatch"]
+    t: float
+    job: int
+    attempt: int
+    tasker: str
+
+
+class Start(TypedDict):
+    """The tasker reports the attempt's process running."""
+
+    e: Literal["start"]
+    t: float
+    job: int
+    attempt: int
+    pid: int | None
+    started: float
+
+
+class Finish(TypedDict):
+    """The tasker reports the attempt ended: done, failed or (if asked to) stopped."""
+
+    e: Literal["finish"]
+    t: float
+    job: int
+    attempt: int
+    exit_code: int | None
+    signal: int | None
+    reason: str | None
+    started: float
+    ended: float
+
+
+class Recover(TypedDict):
+    """The attempt is gone (tasker lost, host rebooted, operator): requeue or give up."""
+
+    e: Literal["recover"]
+    t: float
+    job: int
+    attempt: int
+    reason: str
+    charge: NotRequired[bool]  # False: a planned stop, the attempt is not counted
+
+
+class Stop(TypedDict):
+    """Stop a job: at once if queued, else when its tasker reports it ended."""
+
+    e: Literal["stop"]
+    t: float
+    job: int
+
+
+class Rerun(TypedDict):
+    """An ended job queued again, its tries counted afresh."""
+
+    e: Literal["rerun"]
+    t: float
+    job: int
+
+
+class Forget(TypedDict):
+    """Jobs dropped from the state (by a client, or autoforget of old ended jobs)."""
+
+    e: Literal["forget"]
+    t: float
+    jobs: list[int]
+
+
+class TaskerJoin(TypedDict):
+    """A tasker (re)registers its offer (kind ``tasker``); its name is then its session's."""
+
+    e: Literal["tasker"]
+    t: float
+    name: str
+    host: str
+    pid: int
+    slots: int
+    resources: str
+    boot_id: str
+    state_id: NotRequired[str]  # absent in journals from before state ids
+    session: NotRequired[str]  # hash of the session secret; absent before sessions
+
+
+class TaskerLost(TypedDict):
+    """A tasker is declared lost; its attempts come as ``recover`` events after it."""
+
+    e: Literal["tasker_lost"]
+    t: float
+    name: str
+    reason: str
+
+
+class Resources(TypedDict):
+    """The global resources configured at start."""
+
+    e: Literal["resources"]
+    t: float
+    totals: dict[str, int]
+
+
+Event = (
+    Env
+    | Ids
+    | Submit
+    | Dispatch
+    | Start
+    | Finish
+    | Recover
+    | Stop
+    | Rerun
+    | Forget
+    | TaskerJoin
+    | TaskerLost
+    | Resources
+)
+
+
+# -- constructors of the shapes built in several places -----------------------------------
+
+
+def recover(job: int, attempt: int, reason: str, now: float, *, charge: bool = True) -> Recover:
+    ev: Recover = {"e": "recover", "t": now, "job": job, "attempt": attempt, "reason": reason}
+    if not charge:
+        ev["charge"] = False
+    return ev
+
+
+def tasker_lost(name: str, reason: str, now: float) -> TaskerLost:
+    return {"e": "tasker_lost", "t": now, "name": name, "reason": reason}
+
+
+def forget(jobs: list[int], now: float) -> Forget:
+    return {"e": "forget", "t": now, "jobs": jobs}
+
+
+# -- the journal record ---------------------------------------------------------------------
 
 SUBMIT_FIELDS = ("id", "priority", "resources", "name", "env", "rerunnable", "max_attempts")
 NL = b"\n"
 
 
 def encode(ev: Event) -> bytes:
-    specs = ev.get("specs")
-    if specs is None:
+    if ev["e"] != "submit":
         return orjson.dumps(ev)
     head = orjson.dumps({k: v for k, v in ev.items() if k != "specs"})
-    return NL.join([head, *specs])
+    return NL.join([head, *ev["specs"]])
 
 
 def decode(payload: bytes) -> Event:
+    """The event of a record; not checked against the catalogue (apply finds a bad one)."""
+    rec: Any
     if payload.find(NL) < 0:
-        ev: Event = orjson.loads(payload)
-        if ev.get("e") == "submit" and "specs" not in ev:
-            _upgrade_submit(ev)
+        rec = orjson.loads(payload)
+        if rec.get("e") == "submit" and "specs" not in rec:
+            _upgrade_submit(rec)
+        ev: Event = rec
         return ev
     lines = payload.split(NL)
-    ev = orjson.loads(lines[0])
+    rec = orjson.loads(lines[0])
     del lines[0]
-    if len(lines) != len(ev["jobs"]):
-        raise ValueError(f"submit record has {len(lines)} specs for {len(ev['jobs'])} jobs")
-    ev["specs"] = lines
+    if len(lines) != len(rec["jobs"]):
+        raise ValueError(f"submit record has {len(lines)} specs for {len(rec['jobs'])} jobs")
+    rec["specs"] = lines
+    ev = rec
     return ev
 
 
@@ -51,7 +228,7 @@ def spec_bytes(spec: dict[str, Any]) -> bytes:
     return bytes(memoryview(orjson.dumps(spec)))
 
 
-def _upgrade_submit(ev: Event) -> None:
+def _upgrade_submit(ev: dict[str, Any]) -> None:
     """A submit written before specs were kept raw (jobs as objects, each with its spec)."""
     jobs = ev["jobs"]
     ev["specs"] = [spec_bytes(j["spec"]) for j in jobs]

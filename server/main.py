@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from crq.server import checkpoint, marks, replay
+from crq.server import checkpoint, commands, marks, replay
 from crq.server.app import Server, create_app
 from crq.server.engine import Engine
 from crq.server.journal import Journal, fsync_dir
@@ -282,7 +282,7 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
         log.info("stop requested (freeze=%s)", freeze)
         engine.shutting_down, engine.freeze = True, freeze
         if not freeze:
-            engine.emit(checkpoint.release_running(engine.state, time.time()))
+            engine.emit(commands.release_running(engine.state, time.time()))
         engine.wake_all()
         asyncio.get_running_loop().call_later(0.5, lambda: setattr(server, "should_exit", True))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
 
 import orjson
 from pydantic import (
@@ -90,10 +90,16 @@ def integer(lo: int = INT64_MIN, hi: int = INT64_MAX) -> Any:
     ]
 
 
-Int = integer()
-Priority = integer(PRIORITY_MIN, PRIORITY_MAX)
-Attempts = integer(1, 1000)
-Slots = integer(0, 100_000)
+if TYPE_CHECKING:  # to mypy the Python type; pydantic checks the bounds below
+    Int: TypeAlias = int
+    Priority: TypeAlias = int
+    Attempts: TypeAlias = int
+    Slots: TypeAlias = int
+else:
+    Int = integer()
+    Priority = integer(PRIORITY_MIN, PRIORITY_MAX)
+    Attempts = integer(1, 1000)
+    Slots = integer(0, 100_000)
 
 
 class BadRequest(Exception):
@@ -234,7 +240,7 @@ def _message(err: Any, field: str) -> str:
     if kind == "string_pattern_mismatch":
         if isinstance(value, str) and "\0" in value:
             return "must not contain NUL bytes"
-        return _PATTERNS.get(ctx.get("pattern"), str(err["msg"]))
+        return _PATTERNS.get(str(ctx.get("pattern")), str(err["msg"]))
     if kind == "value_error" and "error" in ctx:
         return str(ctx["error"])
     if kind in _TYPES:
@@ -331,7 +337,10 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest(400, "bad_json", f"malformed JSON: {e}") from None
 
 
-def validate(model: type[BaseModel], data: Any) -> Any:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:

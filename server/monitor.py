@@ -13,7 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from crq.server.state import TASKER_READY, Event, State
+from crq.server.commands import lose_tasker
+from crq.server.state import TASKER_READY
 
 from crq.wire import MODE_NORMAL
 
@@ -21,17 +22,6 @@ if TYPE_CHECKING:
     from crq.server.app import Server
 
 log = logging.getLogger("crq.monitor")
-
-
-def lose_tasker(state: State, name: str, reason: str, now: float) -> list[Event]:
-    tasker = state.taskers[name]
-    events: list[Event] = [{"e": "tasker_lost", "t": now, "name": name, "reason": reason}]
-    for job_id in sorted(tasker.running):
-        job = state.jobs[job_id]
-        events.append(
-            {"e": "recover", "t": now, "job": job_id, "attempt": job.attempt, "reason": reason}
-        )
-    return events
 
 
 def silent(srv: Server, now: float) -> list[str]:

@@ -27,8 +27,10 @@ from crq.server.models import (
 )
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.routing import Match
+from starlette.types import Scope
 
 from crq.wire import JOB_STATES, SESSION_HEADER
 
@@ -51,7 +53,7 @@ INT, NUM, STR, BOOL = ({"type": t} for t in ("integer", "number", "string", "boo
 INTS: Schema = {"type": "array", "items": INT}
 ATTEMPTS: Schema = {"type": "array", "items": _ref("Attempt")}
 
-_JOB = {
+_JOB: dict[str, Schema] = {
     "id": INT,
     "name": STR,
     "user": STR,
@@ -329,7 +331,7 @@ def _doc_forms(node: Any) -> None:
             _doc_forms(value)
 
 
-def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> str:
+def allowed_methods(app: FastAPI, scope: Scope) -> str:
     """The ``Allow`` header of a 405: the methods of every route of this path."""
     methods: set[str] = set()
     for route in app.router.routes:
@@ -395,7 +397,9 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
     """FastAPI's document (paths and parameters of its routes), completed: the hot routes
     added, every answer and error described, the bearer token declared."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    models = [(m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer)]
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer)
+    ]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     _doc_forms(defs)
     schemas = {**defs.get("$defs", {}), **ANSWERS}

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from crq.server import checkpoint, sanity
-from crq.server.commands import Outcome
+from crq.server.commands import Outcome, action_of, lose_tasker
 from crq.server.models import Register
-from crq.server.monitor import lose_tasker
 from crq.server.state import TASKER_READY
 
 from crq.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING, process_exists
@@ -157,15 +156,14 @@ class Recovery:
             engine.emit(events)
             engine.links.pop(name, None)
             for job_id in jobs:
-                job = st.jobs[job_id]
-                action = "requeued" if job.state == "queued" else job.state
+                action = action_of(st.jobs[job_id])
                 self.lost.append({"id": job_id, "tasker": name, "action": action})
         before = {j.id for j in st.jobs.values() if j.state == RUNNING}
         result = sanity.check(st, set(engine.links), fix=True, emit=engine.emit)
         for job_id in sorted(before):
             job = st.jobs[job_id]
             if job.state != RUNNING:
-                action = "requeued" if job.state == "queued" else job.state
+                action = action_of(job)
                 self.lost.append(
                     {
                         "id": job_id,

@@ -211,7 +211,7 @@ def _drop(out: Replayed, path: Path, data: bytes, offset: int, msg: str) -> None
         seqs.append(seq)
         with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
             ev = decode(payload)
-            if ev.get("e") == "submit":
+            if ev["e"] == "submit":
                 out.lost_jobs += [row[0] for row in ev["jobs"]]
     if seqs:
         out.lost_seq.append([state.seq + 1, max(seqs)])

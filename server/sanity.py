@@ -13,9 +13,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 
-from crq.server.state import TASKER_READY, Bucket, Event, State
+from crq.server.events import Event, recover
+from crq.server.state import TASKER_READY, Bucket, Job, State
 
 from crq.wire import QUEUED, RUNNING
 
@@ -33,6 +35,23 @@ class Result:
         return {"ok": self.ok, "findings": self.findings, "fixed": self.fixed}
 
 
+Repair = Callable[[], None]
+
+
+@dataclass
+class _Finder:
+    """Records a finding, and with ``fix`` repairs it at once (later checks see the repair)."""
+
+    result: Result
+    fix: bool
+
+    def __call__(self, msg: str, repair: Repair | None = None) -> None:
+        self.result.findings.append(msg)
+        if self.fix and repair is not None:
+            repair()
+            self.result.fixed.append(msg)
+
+
 def check(
     state: State,
     confirmed: Collection[str],
@@ -41,52 +60,63 @@ def check(
 ) -> Result:
     """``confirmed``: taskers that have registered with this server process."""
     r = Result()
+    found = _Finder(r, fix)
+    running = [j for j in state.jobs.values() if j.state == RUNNING]
+    _orphaned_attempts(state, running, confirmed, found, emit)
+    _stray_holds(state, found)
+    _tasker_use(state, fix, found)
+    _global_use(state, running, found)
+    counts = Counter(map(attrgetter("state"), state.jobs.values()))
+    _counters(state, counts, found)
+    _buckets(state, counts, found)
+    _next_id(state, found)
+    return r
+
+
+def _orphaned_attempts(
+    state: State,
+    running: list[Job],
+    confirmed: Collection[str],
+    found: _Finder,
+    emit: Callable[[list[Event]], None] | None,
+) -> None:
+    """A running job whose tasker is unknown, not ready, unconfirmed or not holding it:
+    its attempt is recovered (a journaled event)."""
     now = time.time()
-
-    def found(msg: str, repair: Callable[[], None] | None = None) -> None:
-        r.findings.append(msg)
-        if fix and repair is not None:
-            repair()
-            r.fixed.append(msg)
-
-    jobs = state.jobs.values()
-    running = [j for j in jobs if j.state == RUNNING]
-    # running jobs <-> taskers
-    orphans: list[Event] = []
     for job in running:
-        t = state.taskers.get(job.tasker or "")
-        why = None
-        if t is None:
-            why = f"unknown tasker {job.tasker}"
-        elif t.state != TASKER_READY:
-            why = f"tasker {t.name} is {t.state}"
-        elif t.name not in confirmed:
-            why = f"tasker {t.name} has not confirmed it"
-        elif job.id not in t.running:
-            why = f"tasker {t.name} does not hold it"
+        why = _orphaned(state, job, confirmed)
         if why:
-            orphans.append(
-                {
-                    "e": "recover",
-                    "t": now,
-                    "job": job.id,
-                    "attempt": job.attempt,
-                    "reason": f"sanity: {why}",
-                }
-            )
-            found(
-                f"job {job.id} is running but {why}",
-                (lambda ev=orphans[-1]: emit([ev])) if emit else None,
-            )
+            ev = recover(job.id, job.attempt, f"sanity: {why}", now)
+            found(f"job {job.id} is running but {why}", partial(emit, [ev]) if emit else None)
+
+
+def _orphaned(state: State, job: Job, confirmed: Collection[str]) -> str | None:
+    t = state.taskers.get(job.tasker or "")
+    if t is None:
+        return f"unknown tasker {job.tasker}"
+    if t.state != TASKER_READY:
+        return f"tasker {t.name} is {t.state}"
+    if t.name not in confirmed:
+        return f"tasker {t.name} has not confirmed it"
+    if job.id not in t.running:
+        return f"tasker {t.name} does not hold it"
+    return None
+
+
+def _stray_holds(state: State, found: _Finder) -> None:
+    """A tasker holding a job that does not run there: the hold is dropped."""
     for t in state.taskers.values():
         for job_id in sorted(t.running):
             job = state.jobs.get(job_id)
             if job is None or job.state != RUNNING or job.tasker != t.name:
                 found(
                     f"tasker {t.name} holds job {job_id}, which does not run there",
-                    lambda t=t, job_id=job_id: t.running.discard(job_id),
+                    partial(t.running.discard, job_id),
                 )
-    # slot and resource accounting
+
+
+def _tasker_use(state: State, fix: bool, found: _Finder) -> None:
+    """Free slots and resources of a tasker against what its jobs hold (invariant 5)."""
     for t in state.taskers.values():
         free, free_slots = dict(t.free), t.free_slots
         state.recount_tasker(t)
@@ -97,7 +127,15 @@ def check(
             )
             if not fix:
                 t.free, t.free_slots = free, free_slots
-            found(msg, lambda: None)
+            found(msg, _recounted)
+
+
+def _recounted() -> None:
+    """Nothing left to do: the check recounted the tasker already."""
+
+
+def _global_use(state: State, running: list[Job], found: _Finder) -> None:
+    """Global resources in use against what running jobs hold, and against the totals."""
     used: Counter[str] = Counter()
     for job in running:
         for k, v in job.need.globals:
@@ -111,16 +149,21 @@ def check(
     for k, v in used.items():
         if v > state.global_total.get(k, 0):
             found(f"{k}: {v} in use, more than the {state.global_total.get(k, 0)} configured")
-    # counters, buckets, ids
-    counts = Counter(map(attrgetter("state"), jobs))
+
+
+def _counters(state: State, counts: Counter[str], found: _Finder) -> None:
+    """The per-state job counters against the jobs."""
     wrong = {s: (n, counts.get(s, 0)) for s, n in state.counts.items() if n != counts.get(s, 0)}
     if wrong:
         found(
             f"state counters wrong (counted, actual): {wrong}",
             lambda: state.counts.update({s: counts.get(s, 0) for s in state.counts}),
         )
-    # Each job is queued in the one bucket of its key, so: every bucket holds as many live
-    # entries as its count, and all buckets together hold every queued job.
+
+
+def _buckets(state: State, counts: Counter[str], found: _Finder) -> None:
+    """Each job is queued in the one bucket of its key, so: every bucket holds as many live
+    entries as its count, and all buckets together hold every queued job."""
     live = {key: _live_entries(state, b) for key, b in state.buckets.items()}
     bad = [key for key, b in state.buckets.items() if b.count != live[key]]
     missing = counts.get(QUEUED, 0) - sum(live.values())
@@ -130,12 +173,15 @@ def check(
             f"{len(bad)} bucket counts wrong)",
             lambda: _rebuild_buckets(state),
         )
+
+
+def _next_id(state: State, found: _Finder) -> None:
+    """Ids are given from ``next_id``: it must be above every job's id."""
     if state.jobs and max(state.jobs) >= state.next_id:
         found(
             f"next id {state.next_id} not above the highest id {max(state.jobs)}",
             lambda: setattr(state, "next_id", max(state.jobs) + 1),
         )
-    return r
 
 
 def _live_entries(state: State, b: Bucket) -> int:

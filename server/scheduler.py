@@ -10,7 +10,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from crq.server.state import TASKER_READY, Event, State, Tasker
+from crq.server.events import Event
+from crq.server.state import TASKER_READY, State, Tasker
 
 
 def dispatch_pass(

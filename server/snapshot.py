@@ -14,12 +14,22 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
-from crq.server.events import NL
+from crq.server.events import NL, TaskerJoin
 from crq.server.journal import RecordReader, frame, fsync_dir
 from crq.server.state import Attempt, Job, State, Tasker, env_digest
 
 from crq.wire import QUEUED, RUNNING
 
+# The format rule (as beanstalkd's Walver in dat.h). The journal has no version number: its
+# records are the events of server/events.py, and a server reads every journal an earlier
+# one wrote. So an event kind's fields only grow; a new field is NotRequired and its absence
+# means what the state did before it (``state_id``, ``session``, ``charge``); a kind never
+# changes meaning, and a changed one is a new kind. A reader meets an unknown kind only
+# from a newer server, and refuses it (a downgrade is not supported). A record shape that
+# changes anyway (the raw submit specs) is read in both shapes (events._upgrade_submit).
+# A snapshot is rewritten at every checkpoint, so its layout may change: bump VERSION, keep
+# reading the previous versions (a snapshot left by the older server), and say here what
+# each version is.
 VERSION = 2  # 2: jobs in chunks of CHUNK, specs raw; 1 (still read): a record a job
 CHUNK = 1000
 PREFIX = "snapshot."
@@ -238,7 +248,7 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
             job = _job_v1(rec, state)
             state.add_job(job)
             if job.state == QUEUED:
-                state._enqueue(job)
+                state.enqueue(job)
         elif "env" in rec:
             state.envs[rec["env"]] = rec["vars"]
         elif "tasker" in rec:
@@ -262,8 +272,21 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
 
 
 def _load_tasker(state: State, r: dict[str, Any]) -> None:
-    state._tasker({**r, "t": r["registered"]})
-    t = state.taskers[r["name"]]
+    ev: TaskerJoin = {
+        "e": "tasker",
+        "t": r["registered"],
+        "name": r["name"],
+        "host": r["host"],
+        "pid": r["pid"],
+        "slots": r["slots"],
+        "resources": r["resources"],
+        "boot_id": r["boot_id"],
+    }
+    if "state_id" in r:
+        ev["state_id"] = r["state_id"]
+    if "session" in r:
+        ev["session"] = r["session"]
+    t = state.load_tasker(ev)
     t.state = r["state"]
     t.running = set(r["running"])
 

@@ -14,7 +14,22 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
-from crq.server.events import Event
+from crq.server.events import (
+    Dispatch,
+    Env,
+    Event,
+    Finish,
+    Forget,
+    Ids,
+    Recover,
+    Rerun,
+    Resources,
+    Start,
+    Stop,
+    Submit,
+    TaskerJoin,
+    TaskerLost,
+)
 from crq.server.resources import Need, NeedCache, parse_capacity
 
 from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
@@ -244,7 +259,8 @@ class State:
         self.global_used: dict[str, int] = {}
         self.needs = NeedCache()
         self.on_final: Callable[[Job], None] | None = None
-        self._apply = {
+        # a kind's handler; typed Any here, each handler takes its kind's TypedDict
+        self._apply: dict[str, Callable[[Any], None]] = {
             "env": self._env,
             "ids": self._ids,
             "submit": self._submit,
@@ -295,11 +311,12 @@ class State:
         if state in FINAL_STATES and self.on_final is not None:
             self.on_final(job)
 
-    def _enqueue(self, job: Job) -> None:
+    def enqueue(self, job: Job) -> None:
+        """Queue a queued job in its bucket (also used by a snapshot's load)."""
         self.enqueue_all((job,))
 
     def enqueue_all(self, jobs: Iterable[Job]) -> None:
-        """_enqueue of many jobs: a run of jobs of one bucket looks it up once."""
+        """enqueue of many jobs: a run of jobs of one bucket looks it up once."""
         buckets = self.buckets
         key: tuple[int, str] | None = None
         bucket: Bucket | None = None
@@ -338,14 +355,14 @@ class State:
 
     # -- event handlers -------------------------------------------------------------------
 
-    def _env(self, ev: Event) -> None:
+    def _env(self, ev: Env) -> None:
         env_id = ev["id"]
         self.envs[env_id] = ev["env"]
         self.env_refs.setdefault(env_id, 0)
         self.env_by_digest[env_digest(ev["env"])] = env_id
         self.next_env = max(self.next_env, env_id + 1)
 
-    def _ids(self, ev: Event) -> None:
+    def _ids(self, ev: Ids) -> None:
         """Ids below ``ceiling`` are reserved; with ``next_id``, ids jump past a possible loss.
 
         A reservation is recorded outside the journal too (server/marks.py) before any of
@@ -355,7 +372,7 @@ class State:
         if "next_id" in ev:
             self.next_id = max(self.next_id, ev["next_id"])
 
-    def _submit(self, ev: Event) -> None:
+    def _submit(self, ev: Submit) -> None:
         # the hot loop of a replay: add_job inlined, the jobs enqueued together
         t, user = ev["t"], ev["user"]
         jobs, env_refs, need_of = self.jobs, self.env_refs, self.needs.get
@@ -381,7 +398,7 @@ class State:
             self.env_refs[job.env] = self.env_refs.get(job.env, 0) + 1
         self.next_id = max(self.next_id, job.id + 1)
 
-    def _dispatch(self, ev: Event) -> None:
+    def _dispatch(self, ev: Dispatch) -> None:
         job = self.jobs[ev["job"]]
         tasker = self.taskers[ev["tasker"]]
         self._dequeue(job)
@@ -398,7 +415,7 @@ class State:
             self.global_used[k] = self.global_used.get(k, 0) + v
         self._set_state(job, RUNNING)
 
-    def _start(self, ev: Event) -> None:
+    def _start(self, ev: Start) -> None:
         job = self.jobs[ev["job"]]
         job.pid = ev["pid"]
         job.started = ev["started"]
@@ -406,7 +423,7 @@ class State:
         if cur is not None:
             cur.started = ev["started"]
 
-    def _finish(self, ev: Event) -> None:
+    def _finish(self, ev: Finish) -> None:
         job = self.jobs[ev["job"]]
         self._release(job)
         job.exit_code, job.signal, job.reason = ev["exit_code"], ev["signal"], ev["reason"]
@@ -424,7 +441,7 @@ class State:
         self._end_attempt(job, state, ev["ended"], ev["exit_code"])
         self._set_state(job, state)
 
-    def _recover(self, ev: Event) -> None:
+    def _recover(self, ev: Recover) -> None:
         """The attempt is gone (tasker lost, host rebooted, operator): requeue or give up."""
         job = self.jobs[ev["job"]]
         self._release(job)
@@ -443,10 +460,10 @@ class State:
         self._end_attempt(job, outcome, ev["t"], None)
         if state == QUEUED:
             job.tasker = job.pid = job.started = job.ended = None
-            self._enqueue(job)
+            self.enqueue(job)
         self._set_state(job, state)
 
-    def _stop(self, ev: Event) -> None:
+    def _stop(self, ev: Stop) -> None:
         job = self.jobs[ev["job"]]
         if job.state == QUEUED:
             self._dequeue(job)
@@ -456,16 +473,16 @@ class State:
         else:
             job.stop_requested = True
 
-    def _rerun(self, ev: Event) -> None:
+    def _rerun(self, ev: Rerun) -> None:
         job = self.jobs[ev["job"]]
         job.tries = 0
         job.stop_requested = False
         job.tasker = job.pid = job.started = job.ended = None
         job.exit_code = job.signal = job.reason = None
-        self._enqueue(job)
+        self.enqueue(job)
         self._set_state(job, QUEUED)
 
-    def _forget(self, ev: Event) -> None:
+    def _forget(self, ev: Forget) -> None:
         for job_id in ev["jobs"]:
             job = self.jobs.pop(job_id, None)
             if job is None:
@@ -484,7 +501,7 @@ class State:
         if env is not None:
             self.env_by_digest.pop(env_digest(env), None)
 
-    def _tasker(self, ev: Event) -> None:
+    def _tasker(self, ev: TaskerJoin) -> None:
         capacity, attributes = parse_capacity(ev["resources"], ev["slots"])  # first: may raise
         tasker = self.taskers.get(ev["name"])
         if tasker is None:
@@ -498,6 +515,12 @@ class State:
         tasker.state = TASKER_READY
         self.recount_tasker(tasker)
 
+    def load_tasker(self, ev: TaskerJoin) -> Tasker:
+        """A tasker as a snapshot recorded it: its registration, applied (the caller then
+        sets its state and running jobs)."""
+        self._tasker(ev)
+        return self.taskers[ev["name"]]
+
     def recount_tasker(self, tasker: Tasker) -> None:
         """Free capacity = offer minus what its running jobs hold (also used by sanity)."""
         tasker.free = dict(tasker.capacity)
@@ -507,10 +530,10 @@ class State:
             for k, v in self.jobs[job_id].need.local:
                 tasker.free[k] = tasker.free.get(k, 0) - v
 
-    def _tasker_lost(self, ev: Event) -> None:
+    def _tasker_lost(self, ev: TaskerLost) -> None:
         tasker = self.taskers.get(ev["name"])
         if tasker is not None:
             tasker.state = TASKER_LOST
 
-    def _resources(self, ev: Event) -> None:
+    def _resources(self, ev: Resources) -> None:
         self.global_total = dict(ev["totals"])

@@ -1,7 +1,9 @@
 """crq's tasker (``vovtasker``): runs jobs on a compute host for a queue server.
 
-Modules: ``statedir`` (durable local state), ``runner`` (job processes), ``agent``
-(register/sync protocol), ``cli`` (the command). Only the standard library and httpx,
+Modules: ``statedir`` (durable local state), ``procs`` (the job wrapper among the host's
+processes), ``runner`` (spawn, reap, kill, adopt), ``outbox`` (reports not acked yet),
+``link`` (where the server is, how a request fails), ``agent`` (the register/sync loop),
+``cli`` (the command). Only the standard library and httpx,
 so it starts fast and installs anywhere the jobs run.
 """
 

@@ -8,7 +8,6 @@ All answers are handled on the main thread, so job state changes in one place.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -17,10 +16,22 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from crq.tasker.link import (
+    Failure,
+    NameInUse,
+    Refused,
+    RetryLater,
+    ServerSource,
+    SourceError,
+    TokenRefused,
+    UnknownTasker,
+    Unreachable,
+    open_client,
+    post,
+)
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir
 
@@ -34,111 +45,29 @@ log = logging.getLogger("crq.tasker")
 BACKOFF_START = 0.2
 BACKOFF_CAP = 30.0
 NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --dead-host)
-CONNECT_TIMEOUT = 5.0
 REPORT_TIMEOUT = 30.0
 POLL_SLACK = 15.0
 RESEND_DELAY = 1.0
 
 
-class Failure(Exception):
-    """A register/sync that did not get a usable answer."""
+@dataclass(frozen=True)
+class PollRequest:
+    """One long poll for the poll thread: where to, what, and under which registration."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        transport: bool = False,
-        unknown: bool = False,
-        auth: bool = False,
-        name_in_use: bool = False,
-        retry_after: float | None = None,
-        status: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.transport = transport
-        self.unknown = unknown
-        self.auth = auth
-        self.name_in_use = name_in_use  # another live session holds our name
-        self.retry_after = retry_after
+    gen: int
+    url: str
+    token: str
+    body: dict[str, Any]
+    timeout: float
 
 
-class SourceError(Exception):
-    """The server's address or the token cannot be found (yet)."""
+@dataclass(frozen=True)
+class PollResult:
+    """A long poll's outcome for the main loop: its answer, or why there is none."""
 
-
-class ServerSource:
-    """Where the server is and which token to show; re-read at every (re)connection.
-
-    With ``--swd`` the URL comes from ``server.json``, which changes when a restarted
-    server picks another port; with ``--server`` URLs a connection failure moves on to
-    the next one (failover).
-    """
-
-    def __init__(
-        self,
-        servers: list[str] | None = None,
-        swd: str | os.PathLike[str] | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.servers = [s.rstrip("/") for s in servers or []]
-        self.swd = wire.Swd(swd) if swd is not None else None
-        self.token_file = Path(token_file) if token_file is not None else None
-        self.token = token
-        self._index = 0
-        self._seen: tuple[int, int] | None = None
-
-    def resolve(self) -> tuple[str, str]:
-        self._seen = self._stamp()
-        return self._url(), self._token()
-
-    def _stamp(self) -> tuple[int, int] | None:
-        if self.swd is None:
-            return None
-        try:
-            st = self.swd.server_json.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_ino
-
-    def changed(self) -> bool:
-        """server.json was rewritten since the last resolve: a new server is worth a try now."""
-        return self.swd is not None and self._stamp() != self._seen
-
-    def _url(self) -> str:
-        if self.servers:
-            return self.servers[self._index % len(self.servers)]
-        assert self.swd is not None
-        try:
-            info = json.loads(self.swd.server_json.read_text())
-            url = str(info["url"]).rstrip("/")
-        except FileNotFoundError:
-            raise SourceError(f"no {self.swd.server_json} (server not started?)") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SourceError(f"cannot read {self.swd.server_json}: {e}") from None
-        return url
-
-    def _token(self) -> str:
-        if self.token_file is not None:
-            path = self.token_file
-        elif self.token:
-            return self.token
-        elif self.swd is not None:
-            path = self.swd.tasker_token
-        else:
-            raise SourceError("no tasker token")
-        try:
-            token = path.read_text().strip()
-        except OSError as e:
-            raise SourceError(f"cannot read token file {path}: {e.strerror or e}") from None
-        if not token:
-            raise SourceError(f"token file {path} is empty")
-        return token
-
-    def failed(self) -> None:
-        """The current server did not answer: try the next one next time."""
-        self._index += 1
+    gen: int
+    answer: dict[str, Any] | None
+    failure: Failure | None
 
 
 @dataclass
@@ -151,60 +80,6 @@ class TaskerInfo:
     rebooted: bool
 
 
-def _post(client: httpx.Client, path: str, body: dict[str, Any], read_timeout: float) -> dict:
-    """POST and decode; every way it can go wrong becomes one Failure."""
-    import httpx
-
-    try:
-        r = client.post(
-            path,
-            json=body,
-            timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT),
-        )
-    except httpx.HTTPError as e:
-        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise Failure(text, transport=True) from None
-    try:
-        data = r.json()
-    except ValueError:
-        data = None
-    if r.status_code == 200:
-        if not isinstance(data, dict):
-            raise Failure("server answered 200 without a JSON object")
-        return data
-    code = data.get("error") if isinstance(data, dict) else None
-    message = data.get("message") if isinstance(data, dict) else None
-    text = f"HTTP {r.status_code}" + (f" {code}" if code else "")
-    text += f": {message}" if message else ""
-    if r.status_code == 409 and code in ("unknown_tasker", "wrong_session"):
-        raise Failure(text, unknown=True, status=409)  # register again: it decides
-    if r.status_code in (401, 403):
-        raise Failure(text, auth=True, status=r.status_code)
-    retry_after = None
-    if "retry-after" in r.headers:
-        try:
-            retry_after = float(r.headers["retry-after"])
-        except ValueError:
-            retry_after = None
-    in_use = r.status_code == 409 and code == "tasker_name_in_use"
-    raise Failure(text, name_in_use=in_use, retry_after=retry_after, status=r.status_code)
-
-
-def _client(url: str, token: str, session: str) -> httpx.Client:
-    import httpx
-
-    return httpx.Client(
-        base_url=url,
-        headers={
-            "Authorization": f"Bearer {token}",
-            "User-Agent": "crq-vovtasker",
-            wire.SESSION_HEADER: session,
-        },
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-        trust_env=False,
-    )
-
-
 class Agent:
     """The tasker's protocol loop (see client/wire.py for the messages)."""
 
@@ -214,6 +89,7 @@ class Agent:
         self.info = info
         self.source = source
         self.runner = runner
+        self.outbox = runner.outbox
         self.state = state
         self.heartbeat = info.heartbeat
         self.host = socket.gethostname()
@@ -234,10 +110,8 @@ class Agent:
         self._down_since: float | None = None
         self._shutdown = False
         self._polling = False
-        self._poll_result: tuple[int, dict | None, Failure | None] | None = None
-        self._poll_q: queue.Queue[tuple[int, str, str, dict[str, Any], float] | None] = (
-            queue.Queue()
-        )
+        self._poll_result: PollResult | None = None
+        self._poll_q: queue.Queue[PollRequest | None] = queue.Queue()
         runner.on_event = self.wake
 
     # -- control from other threads -------------------------------------------------------
@@ -284,16 +158,16 @@ class Agent:
                 self._sleep(min(delay, 0.25))  # short naps: notice a new server.json
                 return None
             return self._register()
-        started, finished = self.runner.reports()
+        started, finished = self.outbox.reports()
         if started or finished:
             self._report(started, finished)
             return None
         if not self._polling:
             self._start_poll()
         with self._cond:
-            due = self.runner.next_due_in()
+            due = self.outbox.next_due_in()
             self._cond.wait_for(
-                lambda: self._stopping or self._poll_result is not None or self.runner.has_due(),
+                lambda: self._stopping or self._poll_result is not None or self.outbox.has_due(),
                 timeout=min(due, 5.0) if due is not None else 5.0,
             )
         return None
@@ -306,15 +180,15 @@ class Agent:
             if self.runner.counts()[0] == 0:
                 break
             self._sleep(0.05)
-        started, finished = self.runner.reports(everything=True)
+        started, finished = self.outbox.reports(everything=True)
         if (started or finished) and self._registered and self._client is not None:
             body = {"started": started, "finished": finished, "running": [], "wait": 0}
             try:
-                answer = _post(self._client, f"{self._base}/sync", body, 2.0)
+                answer = post(self._client, f"{self._base}/sync", body, 2.0)
                 acked = {wire.attempt_key(a) for a in answer.get("ack") or []}
             except (Failure, TypeError, ValueError, KeyError, AttributeError):
                 return
-            self.runner.ack(acked, started, finished)
+            self.outbox.ack(acked, started, finished)
 
     def _sleep(self, seconds: float) -> None:
         with self._cond:
@@ -327,7 +201,7 @@ class Agent:
         if self._client is None or (url, token) != (self._url, self._token):
             if self._client is not None:
                 self._client.close()
-            self._client = _client(url, token, self._session)
+            self._client = open_client(url, token, self._session)
             self._url, self._token = url, token
         return self._client
 
@@ -336,10 +210,10 @@ class Agent:
         try:
             client = self._connect()
         except SourceError as e:
-            self._failed(Failure(str(e), transport=True))
+            self._failed(Unreachable(str(e)))
             return None
         running = self.runner.running()
-        _, finished = self.runner.reports(everything=True)
+        _, finished = self.outbox.reports(everything=True)
         body = {
             "host": self.host,
             "pid": os.getpid(),
@@ -352,12 +226,12 @@ class Agent:
             "finished": finished,
         }
         try:
-            answer = _post(client, f"{self._base}/register", body, REPORT_TIMEOUT)
+            answer = post(client, f"{self._base}/register", body, REPORT_TIMEOUT)
         except Failure as f:
-            if f.auth and not self._ever_registered:
+            if isinstance(f, TokenRefused) and not self._ever_registered:
                 log.error("server %s refused the tasker token: %s", self._url, f)
                 return 1
-            if f.name_in_use:
+            if isinstance(f, NameInUse):
                 self._name_taken(f)
             self._failed(f)
             return None
@@ -391,11 +265,11 @@ class Agent:
                 self.info.rebooted = False
             except OSError as e:
                 log.error("cannot record boot id: %s", e)
-        self.runner.all_due()
+        self.outbox.all_due()
         self._handle(answer, running, finished)
         return None
 
-    def _name_taken(self, f: Failure) -> None:
+    def _name_taken(self, f: NameInUse) -> None:
         """Another live session holds our name: say so once, and kill what we still run.
 
         Whatever we run under the name was dispatched to our session (the attempts and the
@@ -409,7 +283,7 @@ class Agent:
             log.debug("tasker name still in use: %s", f)
             return
         self._refused = True
-        wait = min(NAME_RETRY_CAP, f.retry_after or NAME_RETRY_CAP)
+        wait = min(NAME_RETRY_CAP, f.after or NAME_RETRY_CAP)
         log.error(
             "not registered: %s; retrying (next in about %.0f s)%s",
             f,
@@ -420,27 +294,27 @@ class Agent:
     def _failed(self, f: Failure) -> None:
         """Drop the registration and schedule the next attempt with jittered backoff."""
         self._registered = False
-        if f.transport:
+        if isinstance(f, Unreachable):
             self.source.failed()
-        if f.unknown and self._failures == 0:
+        if isinstance(f, UnknownTasker) and self._failures == 0:
             delay = 0.0  # the server forgot us (restart): say hello again at once
-        elif f.name_in_use and f.retry_after is not None:
+        elif isinstance(f, NameInUse) and f.after is not None:
             # the server knows when the holder's silence would free the name
-            delay = min(NAME_RETRY_CAP, f.retry_after) + random.uniform(0.0, 0.5)
+            delay = min(NAME_RETRY_CAP, f.after) + random.uniform(0.0, 0.5)
         else:
             base = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(self._failures, 16))
             delay = random.uniform(base / 2, base)
-            if f.retry_after is not None:
-                delay = max(delay, min(f.retry_after, BACKOFF_CAP))
+            if isinstance(f, RetryLater):
+                delay = max(delay, min(f.after, BACKOFF_CAP))
         self._failures += 1
         self._next_try = time.monotonic() + delay
-        if f.unknown:
+        if isinstance(f, UnknownTasker):
             log.info("server forgot this tasker (%s): registering again", f)
-        elif f.name_in_use:
+        elif isinstance(f, NameInUse):
             pass  # said once by _name_taken
-        elif f.auth:
+        elif isinstance(f, TokenRefused):
             log.error("server %s refused the tasker token: %s; retrying", self._url, f)
-        elif f.status is not None and f.status < 500:
+        elif isinstance(f, Refused) and f.status < 500:
             log.error("server %s refused our request: %s; retrying", self._url, f)
         elif self._down_since is None:
             self._down_since = time.monotonic()
@@ -470,12 +344,12 @@ class Agent:
             "wait": 0,
         }
         try:
-            answer = _post(self._client, f"{self._base}/sync", body, REPORT_TIMEOUT)
+            answer = post(self._client, f"{self._base}/sync", body, REPORT_TIMEOUT)
         except Failure as f:
             self._failed(f)
             return
         self._ok()
-        self.runner.sent(started, finished, RESEND_DELAY)
+        self.outbox.sent(started, finished, RESEND_DELAY)
         self._handle(answer, started, finished)
 
     def _start_poll(self) -> None:
@@ -487,33 +361,38 @@ class Agent:
             "wait": self.heartbeat,
         }
         self._polling = True
-        self._poll_q.put((self._gen, self._url, self._token, body, self.heartbeat + POLL_SLACK))
+        self._poll_q.put(
+            PollRequest(self._gen, self._url, self._token, body, self.heartbeat + POLL_SLACK)
+        )
 
     def _poll_worker(self) -> None:
         """Runs the long polls on their own connection, hands answers to the main loop."""
         client: httpx.Client | None = None
         ident: tuple[str, str] | None = None
         while True:
-            item = self._poll_q.get()
-            if item is None:
+            req = self._poll_q.get()
+            if req is None:
                 break
-            gen, url, token, body, timeout = item
-            if client is None or ident != (url, token):
+            if client is None or ident != (req.url, req.token):
                 if client is not None:
                     client.close()
-                client, ident = _client(url, token, self._session), (url, token)
-            result: tuple[int, dict | None, Failure | None]
-            try:
-                result = (gen, _post(client, f"{self._base}/sync", body, timeout), None)
-            except Failure as f:
-                result = (gen, None, f)
-            except Exception as e:  # noqa: BLE001 - the loop must learn the poll is over
-                result = (gen, None, Failure(f"{type(e).__name__}: {e}", transport=True))
+                client = open_client(req.url, req.token, self._session)
+                ident = (req.url, req.token)
+            result = self._long_poll(client, req)
             with self._cond:
                 self._poll_result = result
                 self._cond.notify_all()
         if client is not None:
             client.close()
+
+    def _long_poll(self, client: httpx.Client, req: PollRequest) -> PollResult:
+        try:
+            answer = post(client, f"{self._base}/sync", req.body, req.timeout)
+        except Failure as f:
+            return PollResult(req.gen, None, f)
+        except Exception as e:  # noqa: BLE001 - the loop must learn the poll is over
+            return PollResult(req.gen, None, Unreachable(f"{type(e).__name__}: {e}"))
+        return PollResult(req.gen, answer, None)
 
     def _take_poll_result(self) -> None:
         with self._cond:
@@ -521,13 +400,12 @@ class Agent:
         if result is None:
             return
         self._polling = False
-        gen, answer, failure = result
-        if answer is not None:
-            if gen == self._gen:
+        if result.answer is not None:
+            if result.gen == self._gen:
                 self._ok()
-            self._handle(answer, [], [])
-        elif failure is not None and gen == self._gen and self._registered:
-            self._failed(failure)
+            self._handle(result.answer, [], [])
+        elif result.failure is not None and result.gen == self._gen and self._registered:
+            self._failed(result.failure)
 
     def _handle(
         self, answer: dict[str, Any], started: list[dict[str, Any]], finished: list[dict[str, Any]]
@@ -540,7 +418,7 @@ class Agent:
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             log.error("malformed answer from server (%s): %.200s", e, answer)
             return
-        self.runner.ack(acked, started, finished)
+        self.outbox.ack(acked, started, finished)
         if answer.get("shutdown") is True and not self._shutdown:
             # a clean stop without --freeze: the server requeued our jobs (the kills
             # follow) and will not come back on its own; like Accelerator's taskers, leave

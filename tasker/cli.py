@@ -14,10 +14,10 @@ import socket
 import sys
 from typing import NoReturn
 
-from crq.client.clitools import positive_int, positive_seconds
 from crq.tasker import __version__
 
-from crq import wire
+from crq import procfs, wire
+from crq.cliargs import positive_int, positive_seconds
 
 PROG = "vovtasker"
 
@@ -104,9 +104,10 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     log = logging.getLogger("crq.tasker")
 
-    from crq.tasker.agent import Agent, ServerSource, TaskerInfo
+    from crq.tasker.agent import Agent, TaskerInfo
+    from crq.tasker.link import ServerSource
     from crq.tasker.runner import Runner
-    from crq.tasker.statedir import StateDir, StateDirBusy, read_boot_id
+    from crq.tasker.statedir import StateDir, StateDirBusy
 
     state_root = args.state_dir or wire.crq_home() / "taskers" / name
     try:
@@ -120,7 +121,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"{PROG}: cannot use state dir {state_root}: {e.strerror or e}", file=sys.stderr)
         return 1
 
-    boot_id = read_boot_id()
+    boot_id = procfs.boot_id()
     stored = state.stored_boot_id()
     rebooted = bool(stored and boot_id and stored != boot_id)
     slots = args.slots or os.cpu_count() or 1

@@ -1,10 +1,9 @@
 """Start, watch, kill and re-adopt job processes.
 
-Each job runs under a tiny ``/bin/sh`` wrapper in its own session, so it survives a
-``kill -9`` of the tasker, and the wrapper itself writes the job's exit status into the
-state dir, so the result is not lost when nobody is there to ``wait()`` for it. The
-runner keeps the reports (started / finished) the server has not acked yet; the agent
-sends them and tells the runner what was acked.
+Each job runs under the wrapper of ``procs`` (its own session, its exit status written
+into the state dir), so it survives a ``kill -9`` of the tasker. What the runner learns
+goes into its ``outbox`` (the reports the server has not acked yet); the agent sends them
+and tells the outbox what was acked.
 """
 
 from __future__ import annotations
@@ -22,32 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crq.tasker.statedir import Key, StateDir, key_of, parse_name, read_status
+from crq.tasker.outbox import Outbox
+from crq.tasker.procs import (
+    SH,
+    classify,
+    current_umask,
+    find_orphan_wrappers,
+    wrapper_alive,
+    wrapper_argv,
+)
+from crq.tasker.statedir import Key, StateDir, read_status
 
-from crq.wire import process_exists
+from crq import procfs
 
 log = logging.getLogger("crq.tasker")
 
-SH = "/bin/sh"
-WRAPPER_NAME = "crq-job"
-# Runs the command as a child (not exec) so the shell outlives it and records its status.
-# It first makes the status file, empty: an attempt that got that far leaves a trace even
-# if it is killed with its wrapper while no tasker watches (an attempt without one never
-# ran its command, and the server may send it again). Traps make a group-wide
-# SIGTERM/INT/HUP reach the command but let the wrapper write the status before leaving;
-# trapped signals are reset to default for the command itself. The status file is made
-# private (umask 077), then the command gets the tasker's own umask back ($2). Only shell
-# built-ins: the job's env may have no PATH at all.
-WRAPPER = (
-    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
-    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
-)
-# Wrappers of earlier versions, still running jobs after a tasker upgrade (status at $1).
-OLD_WRAPPERS = (
-    'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
-    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
-)
-NSIG = 65
 MAX_REASON = 1000  # the server takes up to 4096; a report it refuses would wedge the slot
 
 
@@ -105,89 +93,44 @@ class _Job:
         }
 
 
-def classify(rc: int) -> tuple[int | None, int | None]:
-    """Wrapper/Popen return code → (exit_code, signal); sh reports a signal death as 128+n."""
-    if rc < 0:
-        return None, -rc
-    if 128 < rc < 128 + NSIG:
-        return None, rc - 128
-    return rc, None
+@dataclass(frozen=True)
+class Ending:
+    """How one attempt ended, as ``_finish_many`` records it.
 
-
-def current_umask() -> int:
-    """This process's umask, read without changing it (os.umask would, for every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o077)
-    os.umask(old)
-    return old
-
-
-def _cmdline(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:
-        return None
-
-
-def wrapper_alive(pid: int, status: Path) -> bool:
-    """True while *our* wrapper still runs as pid: its argv names the status file.
-
-    Checking argv (not just ``kill(pid, 0)``) guards against a recycled pid after a long
-    outage, and a zombie has an empty cmdline so it counts as gone.
+    ``reason`` None: derived from the rest (a signal, a kill the server asked for).
     """
-    if pid <= 0:
-        return False
-    if not os.path.isdir("/proc/self"):
-        return process_exists(pid)
-    argv = _cmdline(pid)
-    return bool(argv) and os.fsencode(str(status)) in argv
+
+    job: _Job
+    exit_code: int | None
+    signal: int | None
+    ended: float
+    reason: str | None = None
 
 
-def _proc_start_time(pid: int) -> float:
-    """Wall-clock start of a process, from /proc; now if unknown (only used for orphans)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])
-        btime = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
-
-
-def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
-    """Wrappers running with a status file in status_dir, found through /proc.
-
-    Catches a job spawned just before a tasker crash, before its record was written.
-    """
-    found: dict[Key, int] = {}
-    prefix = os.fsencode(str(status_dir)) + b"/"
-    wrappers = {w.encode() for w in (WRAPPER, *OLD_WRAPPERS)}
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        argv = _cmdline(pid)
-        if not argv or len(argv) < 5 or argv[2] not in wrappers or not argv[4].startswith(prefix):
-            continue
-        key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
-        if key is not None:
-            found[key] = pid
-    return found
+def _result(end: Ending) -> dict[str, Any]:
+    """The finished report of an ending, with the reason a kill or a signal implies."""
+    job, reason, sig = end.job, end.reason, end.signal
+    if reason is None and (end.exit_code is None or job.kill_at is not None):
+        if job.kill_at is not None:
+            reason = "killed on server request" + (f" (signal {sig})" if sig else "")
+        else:
+            reason = f"killed by signal {sig}" if sig else "killed"
+    result: dict[str, Any] = {
+        "job": job.job,
+        "attempt": job.attempt,
+        "exit_code": end.exit_code,
+        "signal": sig,
+        "started": job.started,
+        "ended": max(end.ended, job.started),  # file mtimes tick coarser than time()
+        "reason": reason,
+    }
+    if job.lost:
+        result["lost"] = True
+    return result
 
 
 class Runner:
-    """Owns the job processes and the not-yet-acked reports about them."""
+    """Owns the job processes; what it learns of them goes into ``outbox``."""
 
     def __init__(
         self,
@@ -204,10 +147,7 @@ class Runner:
         self.on_event = on_event
         self._lock = threading.Lock()
         self._jobs: dict[Key, _Job] = {}
-        self._started: dict[Key, dict[str, Any]] = {}
-        self._finished: dict[Key, dict[str, Any]] = {}
-        self._retry_at: dict[tuple[str, Key], float] = {}
-        self._forgotten: dict[Key, None] = {}
+        self.outbox = Outbox(state)
         self._held: dict[Key, dict[str, Any]] = {}  # dispatched, waiting for a free slot
         self._unusable_seen: dict[str, None] = {}
         self._umask = f"{current_umask():03o}"  # what our jobs inherited before
@@ -232,84 +172,9 @@ class Runner:
             live = [(j.job, j.attempt) for j in self._jobs.values() if not j.done]
             return [{"job": k[0], "attempt": k[1]} for k in [*live, *self._held]]
 
-    def reports(
-        self, everything: bool = False, limit: int = 5000
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Started and finished reports due now (or all of them, for a registration).
-
-        At most ``limit`` of each, so a long outage's backlog goes out in bounded requests.
-        """
-        now = time.time()
-        with self._lock:
-
-            def due(kind: str, key: Key) -> bool:
-                return everything or self._retry_at.get((kind, key), 0.0) <= now
-
-            started = [r for k, r in self._started.items() if due("s", k)][:limit]
-            finished = [r for k, r in self._finished.items() if due("f", k)][:limit]
-        return started, finished
-
-    def has_due(self) -> bool:
-        started, finished = self.reports()
-        return bool(started or finished)
-
-    def next_due_in(self) -> float | None:
-        """Seconds until a report waiting for a resend becomes due; None if none waits."""
-        with self._lock:
-            pending = [
-                t
-                for (kind, k), t in self._retry_at.items()
-                if k in (self._started if kind == "s" else self._finished)
-            ]
-        return max(0.0, min(pending) - time.time()) if pending else None
-
     def counts(self) -> tuple[int, int]:
         with self._lock:
-            return sum(not j.done for j in self._jobs.values()), len(self._finished)
-
-    def sent(
-        self, started: list[dict[str, Any]], finished: list[dict[str, Any]], delay: float
-    ) -> None:
-        """Reports went out but were not acked: resend them after ``delay``, not in a spin."""
-        t = time.time() + delay
-        with self._lock:
-            for r in started:
-                self._retry_at[("s", key_of(r))] = t
-            for r in finished:
-                self._retry_at[("f", key_of(r))] = t
-
-    def all_due(self) -> None:
-        """After a reconnection every report is worth sending again at once."""
-        with self._lock:
-            self._retry_at.clear()
-
-    def ack(
-        self, acked: set[Key], started: list[dict[str, Any]], finished: list[dict[str, Any]]
-    ) -> None:
-        """Forget the reports the server made durable, among those sent in that request.
-
-        Only reports that were actually in the request count: an ack of an attempt must not
-        drop a finished result that was produced after the request left.
-        """
-        s_keys = {key_of(r) for r in started} & acked
-        f_keys = {key_of(r) for r in finished} & acked
-        if not (s_keys or f_keys):
-            return
-        if f_keys:
-            try:
-                self.state.remove_results(sorted(f_keys))
-            except OSError as e:
-                log.error("cannot remove acked results: %s", e)
-        with self._lock:
-            for k in s_keys | f_keys:
-                self._started.pop(k, None)
-                self._retry_at.pop(("s", k), None)
-            for k in f_keys:
-                self._finished.pop(k, None)
-                self._retry_at.pop(("f", k), None)
-                self._forgotten[k] = None
-            while len(self._forgotten) > 10000:
-                self._forgotten.pop(next(iter(self._forgotten)))
+            return sum(not j.done for j in self._jobs.values()), self.outbox.pending()
 
     # -- starting ------------------------------------------------------------------------
 
@@ -332,12 +197,12 @@ class Runner:
                 except (TypeError, ValueError, KeyError) as e:
                     unusable.append((d, e))
                     continue
-                if key in self._jobs or key in self._finished or key in self._forgotten:
+                if key in self._jobs or self.outbox.knows(key):
                     log.info("job %d.%d: dispatched again, ignored", *key)
                     continue
                 self._held.setdefault(key, d)
-        for d, e in unusable:
-            self._unusable(d, e)
+        for item, error in unusable:
+            self._unusable(item, error)
         self._start_held()
 
     def _start_held(self) -> None:
@@ -384,7 +249,7 @@ class Runner:
         with self._lock:
             for job in jobs:
                 self._jobs[job.key] = job
-                self._started[job.key] = job.running_report()
+                self.outbox.add_started(job.running_report())
         for job, name in zip(jobs, names, strict=True):
             log.info("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
             self._watch(job)
@@ -395,7 +260,7 @@ class Runner:
         """Spawn one dispatch item's wrapper: the job and its name, or None (not started)."""
         key = int(d["job"]), int(d["attempt"])
         with self._lock:
-            again = key in self._jobs or key in self._finished or key in self._forgotten
+            again = key in self._jobs or self.outbox.knows(key)
         if again or key in seen:
             log.info("job %d.%d: dispatched again, ignored", *key)
             return None
@@ -451,7 +316,7 @@ class Runner:
         try:
             with logf:
                 proc = subprocess.Popen(
-                    [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), self._umask, *argv],
+                    wrapper_argv(status, self._umask, argv),
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -497,7 +362,7 @@ class Runner:
             "ended": now,
             "reason": reason,
         }
-        self._store_result(result)
+        self.outbox.store_results([result])
         self.on_event()
 
     # -- finishing -----------------------------------------------------------------------
@@ -570,15 +435,14 @@ class Runner:
                         threading.Thread(target=self._wait_child, args=(job,), daemon=True).start()
                 time.sleep(0.1)
 
-    def _ended(self, job: _Job) -> tuple[_Job, int | None, int | None, float, None]:
+    def _ended(self, job: _Job) -> Ending:
         """Reap one ended child: its exit code, signal and end time."""
         assert job.proc is not None
         rc = job.proc.wait()
         st = read_status(job.status)
         # without an exit status in it, the file's mtime is the spawn, not the end
         ended = st[1] if st is not None and st[0] is not None else time.time()
-        exit_code, sig = classify(rc)
-        return job, exit_code, sig, ended, None
+        return Ending(job, *classify(rc), ended)
 
     def _wait_child(self, job: _Job) -> None:
         self._finish_many([self._ended(job)])
@@ -591,45 +455,25 @@ class Runner:
         ended: float,
         reason: str | None = None,
     ) -> None:
-        self._finish_many([(job, exit_code, sig, ended, reason)])
+        self._finish_many([Ending(job, exit_code, sig, ended, reason)])
 
-    def _finish_many(
-        self, ends: list[tuple[_Job, int | None, int | None, float, str | None]]
-    ) -> None:
+    def _finish_many(self, ends: list[Ending]) -> None:
         """Record the results durably, then drop the attempt records; report them at once."""
         with self._lock:
-            todo = [e for e in ends if not e[0].done]
-            for e in todo:
-                e[0].done = True
+            todo = [end for end in ends if not end.job.done]
+            for end in todo:
+                end.job.done = True
         if not todo:
             return
-        results = []
-        for job, exit_code, sig, ended, reason in todo:
-            if reason is None and (exit_code is None or job.kill_at is not None):
-                if job.kill_at is not None:
-                    reason = "killed on server request" + (f" (signal {sig})" if sig else "")
-                else:
-                    reason = f"killed by signal {sig}" if sig else "killed"
-            result = {
-                "job": job.job,
-                "attempt": job.attempt,
-                "exit_code": exit_code,
-                "signal": sig,
-                "started": job.started,
-                "ended": max(ended, job.started),  # file mtimes tick coarser than time()
-                "reason": reason,
-            }
-            if job.lost:
-                result["lost"] = True
-            results.append(result)
-        self._store_results(results)
+        results = [_result(end) for end in todo]
+        self.outbox.store_results(results)
         try:
-            self.state.remove_attempts([e[0].key for e in todo])
+            self.state.remove_attempts([end.job.key for end in todo])
         except OSError as e:
             log.error("cannot remove attempt records: %s", e)
         with self._lock:
-            for e in todo:
-                self._jobs.pop(e[0].key, None)
+            for end in todo:
+                self._jobs.pop(end.job.key, None)
             held = bool(self._held)
         if held:
             self._start_held()
@@ -639,20 +483,6 @@ class Runner:
             else:
                 log.info("job %d.%d finished: %s", r["job"], r["attempt"], r["reason"])
         self.on_event()
-
-    def _store_result(self, result: dict[str, Any]) -> None:
-        self._store_results([result])
-
-    def _store_results(self, results: list[dict[str, Any]]) -> None:
-        try:
-            self.state.write_results(results)
-        except OSError as e:  # keep them in memory: reporting them still beats losing them
-            log.error("cannot record %d results: %s", len(results), e)
-        with self._lock:
-            for result in results:
-                key = key_of(result)
-                self._finished[key] = result
-                self._retry_at.pop(("f", key), None)
 
     # -- killing -------------------------------------------------------------------------
 
@@ -709,8 +539,7 @@ class Runner:
         this state dir ever spawned is listed, or the server would send it again.
         """
         results = self.state.load_results()
-        with self._lock:
-            self._finished.update(results)
+        self.outbox.load(results)
         records = self.state.load_records()
         orphans = find_orphan_wrappers(self.state.status)
         now = time.time()
@@ -732,7 +561,7 @@ class Runner:
                 job = _Job(key[0], key[1], 0, 0, now, self.state.status_path(key))
             self._settle(job, rebooted)
         found = [
-            _Job(key[0], key[1], pid, pid, _proc_start_time(pid), self.state.status_path(key))
+            _Job(key[0], key[1], pid, pid, procfs.start_time(pid), self.state.status_path(key))
             for key, pid in orphans.items()
             if key not in records and key not in results
         ]
@@ -748,7 +577,7 @@ class Runner:
             self._settle(job, rebooted)
         for key in self.state.status_keys():
             with self._lock:
-                known = key in self._jobs or key in self._finished
+                known = key in self._jobs or self.outbox.has_result(key)
             if key in results:  # its result was recorded just before a crash
                 self.state.remove_attempt(key)
             elif not known and key not in records:
@@ -779,7 +608,7 @@ class Runner:
         if wrapper_alive(job.pid, job.status):
             with self._lock:
                 self._jobs[job.key] = job
-                self._started[job.key] = job.running_report()
+                self.outbox.add_started(job.running_report())
             log.info("job %d.%d: re-adopted, pid %d", *job.key, job.pid)
             if job.kill_at is not None:
                 self._schedule_sigkill(job, job.kill_at + self.kill_grace - time.time())

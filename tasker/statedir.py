@@ -24,11 +24,12 @@ jobs, their processes and their outcomes, and a job's own files are no one else'
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from crq import durable
 
 Key = tuple[int, int]
 DIR_MODE = 0o700
@@ -55,14 +56,6 @@ def parse_name(name: str) -> Key | None:
     return int(parts[0]), int(parts[1])
 
 
-def read_boot_id() -> str:
-    """The kernel's id of this boot: a change means every process we knew of is gone."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
 class StateDir:
     """Atomic, fsynced files under one directory; see the module docstring for the layout."""
 
@@ -82,20 +75,12 @@ class StateDir:
 
     def lock(self) -> None:
         """Take the state dir for this process; raise StateDirBusy naming the holder."""
-        path = self.root / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+            self._lock_fd = durable.lock_pidfile(self.root / "lock", FILE_MODE)
+        except durable.LockBusy as e:
             raise StateDirBusy(
-                f"state dir {self.root} is in use by another vovtasker (pid {holder})"
+                f"state dir {self.root} is in use by another vovtasker (pid {e.holder})"
             ) from None
-        os.fchmod(fd, FILE_MODE)  # a lock file of an older tasker was world-readable
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -104,41 +89,13 @@ class StateDir:
 
     # -- primitives ----------------------------------------------------------------------
 
-    def _sync_dir(self, d: Path) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def write_atomic(self, path: Path, data: bytes) -> None:
         """tmp + fsync + rename + fsync(dir): after return the file survives a power cut."""
-        self.write_many([(path, data)])
+        durable.write_atomic(path, data, FILE_MODE, self.fsync)
 
     def write_many(self, files: list[tuple[Path, bytes]]) -> None:
-        """``write_atomic`` for several files, with one fsync per directory for all of them.
-
-        Every file is fsynced and renamed into place before the directory fsync, so after
-        return each one survives a power cut, exactly as if written one by one. On an error
-        the files before the failing one may be in place (each of them complete).
-        """
-        pid = os.getpid()
-        dirs: dict[Path, None] = {}
-        for path, data in files:
-            tmp = path.with_name(f".{path.name}.tmp{pid}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-            try:
-                os.write(fd, data)
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dirs[path.parent] = None
-        for d in dirs:
-            self._sync_dir(d)
+        """``write_atomic`` for several files, with one fsync per directory for all of them."""
+        durable.write_many(files, FILE_MODE, self.fsync)
 
     def _load_dir(self, d: Path) -> dict[Key, dict[str, Any]]:
         out: dict[Key, dict[str, Any]] = {}
@@ -268,22 +225,8 @@ class StateDir:
             import secrets
 
             found = secrets.token_urlsafe(32)
-            self._store_session(path, found)
+            self.write_atomic(path, f"{found}\n".encode())  # 0600, as every file here
         return found
-
-    def _store_session(self, path: Path, secret: str) -> None:
-        """Write the secret readable by this user only (0600), atomically and durably."""
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # an old tmp file of the same name keeps its mode
-            os.write(fd, f"{secret}\n".encode())
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        self._sync_dir(self.root)
 
 
 def read_status(path: Path) -> tuple[int | None, float] | None:

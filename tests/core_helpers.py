@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from crq.server import commands, snapshot
-from crq.server.events import decode, encode
+from crq.server.events import Event, decode, encode
 from crq.server.journal import frame
 from crq.server.models import Batch, JobSpec, Register, ResultReport, RunningReport
 from crq.server.scheduler import dispatch_pass
-from crq.server.state import Event, State
+from crq.server.state import State
 
 
 class Core:

@@ -8,6 +8,7 @@ into the same state as the current format.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import orjson
 from crq.server import commands, events, replay, snapshot
@@ -164,3 +165,18 @@ def test_tasker_sessions_survive_snapshot_and_replay_and_old_files_have_none(
             records[i] = orjson.dumps(rec)
     path.write_bytes(b"".join(frame(i + 1, p) for i, p in enumerate(records)))
     assert {t.session for t in snapshot.read(path).taskers.values()} == {""}
+
+
+def test_the_event_catalogue_declares_every_kind_the_state_applies() -> None:
+    """One TypedDict a kind: its ``e`` tag names a handler of State.apply, and back."""
+    declared = {get_args(get_type_hints(kind)["e"])[0] for kind in get_args(events.Event)}
+    assert declared == set(State()._apply)
+
+
+def test_recover_of_a_planned_stop_is_uncharged_and_round_trips() -> None:
+    charged = events.recover(3, 2, "tasker lost", 5.0)
+    assert charged == {"e": "recover", "t": 5.0, "job": 3, "attempt": 2, "reason": "tasker lost"}
+    planned = events.recover(3, 2, "server stopped", 5.0, charge=False)
+    assert planned["charge"] is False
+    for ev in (charged, planned, events.tasker_lost("t1", "silent", 5.0)):
+        assert events.decode(events.encode(ev)) == ev

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crq.server import cleanup, commands, replay, sanity, snapshot
+from crq.server import commands, replay, sanity, snapshot
+from crq.server.commands import lose_tasker
 from crq.server.models import BadRequest, Register, Sync, parse_submit, validate
-from crq.server.monitor import lose_tasker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,13 +149,12 @@ def _events(core: Core, req: tuple[Any, ...]) -> list[dict[str, Any]]:
         return commands.reports(state, name, body.started, body.finished, now).events
     if kind in ("stop", "rerun", "forget", "recover_job"):
         job = ids[req[1] % len(ids)] if req[1] < 12 else 10**6  # the last ones: no such job
-        command = cleanup.recover_job if kind == "recover_job" else getattr(commands, kind)
-        return command(state, job, now)
+        return getattr(commands, kind)(state, job, now)
     if kind == "lose":
         if req[1] not in state.taskers:
             raise BadRequest(404, "not_found", f"no tasker {req[1]}")
         return lose_tasker(state, req[1], "lost (silent)", now)
-    return cleanup.dead_host(state, req[1], now)
+    return commands.dead_host(state, req[1], now)
 
 
 def run(requests: list[tuple[Any, ...]]) -> tuple[Core, int]:

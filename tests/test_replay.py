@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from crq.server import commands, replay, snapshot
+from crq.server.commands import lose_tasker
 from crq.server.events import encode
 from crq.server.journal import frame
 from crq.server.models import BadRequest, ResultReport
-from crq.server.monitor import lose_tasker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

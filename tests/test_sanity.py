@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import pytest
 from crq.server import sanity
-from crq.server.state import Event, State
+from crq.server.events import Event
+from crq.server.state import State
 
 from tests.core_helpers import Core, fingerprint
 

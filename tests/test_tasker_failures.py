@@ -47,7 +47,7 @@ def work(tmp_path: Path) -> Path:
 
 def finished(runner: Runner, key: tuple[int, int], timeout: float = 4.0) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
-        _, done = runner.reports(everything=True)
+        _, done = runner.outbox.reports(everything=True)
         return next((r for r in done if (r["job"], r["attempt"]) == key), None)
 
     return wait_until(find, timeout)

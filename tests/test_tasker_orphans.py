@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crq.tasker.runner import Runner, find_orphan_wrappers
+from crq.tasker.procs import find_orphan_wrappers
+from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir, read_status
 
 from tests._tasker_util import (
@@ -85,7 +86,7 @@ def _kill_wrappers(status_dir: Path) -> None:
 
 def finished(runner: Runner, key: Key, timeout: float = 4.0) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
-        _, done = runner.reports(everything=True)
+        _, done = runner.outbox.reports(everything=True)
         return next((r for r in done if (r["job"], r["attempt"]) == key), None)
 
     return wait_until(find, timeout)
@@ -131,7 +132,7 @@ def test_an_attempt_the_dying_tasker_never_spawned_is_left_to_be_sent_again(
     )  # fmt: skip
     r = Runner(state)
     assert r.recover() == (0, 0)
-    assert r.reports(everything=True) == ([], []) and r.running_attempts() == []
+    assert r.outbox.reports(everything=True) == ([], []) and r.running_attempts() == []
     r.start(dispatch(60, work, "exit 4"))
     assert finished(r, (60, 1))["exit_code"] == 4
 
@@ -148,11 +149,11 @@ def test_unrecorded_attempt_that_ended_is_reported_once(state: StateDir, work: P
     assert set(state.load_results()) == {(50, 1)}
     # the server sending the attempt again (it should not) would not run it again
     r.start(dispatch(50, work, "echo ran >> marker; exit 7"))
-    assert r.running() == [] and r.reports(everything=True) == ([], [res])
+    assert r.running() == [] and r.outbox.reports(everything=True) == ([], [res])
     # another crash before the server acked: the very same result, once
     r2 = Runner(state)
     assert r2.recover() == (0, 1)
-    assert r2.reports(everything=True) == ([], [res])
+    assert r2.outbox.reports(everything=True) == ([], [res])
     assert (work / "marker").read_text() == "ran\n"
 
 
@@ -164,7 +165,7 @@ def test_unrecorded_running_attempt_is_adopted_and_recorded(state: StateDir, wor
     assert r.recover() == (1, 0)
     (running,) = r.running()
     assert (running["job"], running["pid"]) == (51, pid)
-    started, _ = r.reports()
+    started, _ = r.outbox.reports()
     assert started == [running], "reported started at registration"
     # adopted attempts are recorded, so the next restart knows them without /proc
     rec = state.load_records()[(51, 1)]

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crq.tasker.statedir import read_boot_id
 
+from crq.procfs import boot_id
 from tests._tasker_util import Tasker, dispatch, env_with_root, wait_until
 
 
@@ -115,7 +115,7 @@ def test_results_survive_errors_and_are_reported_once(
     try:
         wait_until(lambda: st.registers)
         reg = st.registers[0]
-        assert reg["boot_id"] == read_boot_id() and reg["rebooted"] is False
+        assert reg["boot_id"] == boot_id() and reg["rebooted"] is False
         assert reg["running"] == [] and reg["finished"] == []
         with st.lock:
             st.fail = 3  # the next three requests fail: the result must wait on disk

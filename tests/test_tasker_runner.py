@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from crq.tasker.runner import Runner, classify, current_umask, find_orphan_wrappers
+from crq.tasker.procs import classify, current_umask, find_orphan_wrappers
+from crq.tasker.runner import Runner
 from crq.tasker.statedir import StateDir, StateDirBusy, read_status
 
 from tests._tasker_util import alive, dispatch, run_and_vanish, wait_until
@@ -31,7 +32,7 @@ def finished(runner: Runner, key: tuple[int, int], timeout: float = 4.0) -> dict
     """Wait for the finished report of one attempt and return it."""
 
     def find() -> dict | None:
-        _, done = runner.reports(everything=True)
+        _, done = runner.outbox.reports(everything=True)
         return next((r for r in done if (r["job"], r["attempt"]) == key), None)
 
     return wait_until(find, timeout)
@@ -42,7 +43,7 @@ def test_true_and_false_report_exit_codes_durably(state: StateDir, work: Path) -
     r = Runner(state, on_event=lambda: events.append(1))
     r.start(dispatch(1, work, ["true"]))
     r.start(dispatch(2, work, ["false"]))
-    started, _ = r.reports()
+    started, _ = r.outbox.reports()
     assert {s["job"] for s in started} == {1, 2}
     assert all(s["pid"] > 0 and s["started"] > 0 for s in started)
     ok, bad = finished(r, (1, 1)), finished(r, (2, 1))
@@ -63,7 +64,7 @@ def test_a_batch_is_recorded_before_it_is_reported(state: StateDir, work: Path) 
     real = state.write_records
 
     def spy(records: list[dict]) -> None:
-        assert r.reports(everything=True)[0] == [], "reported started before the records"
+        assert r.outbox.reports(everything=True)[0] == [], "reported started before the records"
         real(records)
         seen_records.append(set(state.load_records()))
 
@@ -71,7 +72,7 @@ def test_a_batch_is_recorded_before_it_is_reported(state: StateDir, work: Path) 
     items = [dispatch(i, work, ["sh", "-c", f"exit {i % 3}"]) for i in range(1, 9)]
     r.start_many([*items, items[0], {"job": "x"}, dispatch(99, work / "nope", ["true"])])
     assert seen_records == [{(i, 1) for i in range(1, 9)}]  # one write, the whole batch
-    started, _ = r.reports()
+    started, _ = r.outbox.reports()
     assert {s["job"] for s in started} == set(range(1, 9))
     for i in range(1, 9):
         assert finished(r, (i, 1))["exit_code"] == i % 3
@@ -183,15 +184,15 @@ def test_kill_only_the_named_attempt(state: StateDir, work: Path) -> None:
 def test_ack_drops_only_what_was_sent(state: StateDir, work: Path) -> None:
     r = Runner(state)
     r.start(dispatch(1, work, ["true"]))
-    started, _ = r.reports()
+    started, _ = r.outbox.reports()
     res = finished(r, (1, 1))
     # an ack for a request that carried only the started report keeps the result
-    r.ack({(1, 1)}, started, [])
+    r.outbox.ack({(1, 1)}, started, [])
     assert (1, 1) in state.load_results()
-    started2, fin = r.reports()
+    started2, fin = r.outbox.reports()
     assert started2 == [] and fin == [res]
-    r.ack({(1, 1)}, [], fin)
-    assert r.reports(everything=True) == ([], [])
+    r.outbox.ack({(1, 1)}, [], fin)
+    assert r.outbox.reports(everything=True) == ([], [])
     assert state.load_results() == {}
     # a duplicate dispatch of an acked attempt does not run again
     r.start(dispatch(1, work, ["touch", "again"]))
@@ -206,14 +207,14 @@ def test_unacked_reports_wait_before_resend(state: StateDir, work: Path) -> None
     r = Runner(state)
     r.start(dispatch(1, work, ["true"]))
     res = finished(r, (1, 1))
-    started, fin = r.reports()
-    r.sent(started, fin, delay=0.3)
-    assert r.reports() == ([], [])
-    assert 0 < (r.next_due_in() or 0) <= 0.3
-    wait_until(lambda: r.reports()[1] == [res], timeout=1)
-    r.sent(started, fin, delay=30)
-    r.all_due()
-    assert r.reports()[1] == [res]
+    started, fin = r.outbox.reports()
+    r.outbox.sent(started, fin, delay=0.3)
+    assert r.outbox.reports() == ([], [])
+    assert 0 < (r.outbox.next_due_in() or 0) <= 0.3
+    wait_until(lambda: r.outbox.reports()[1] == [res], timeout=1)
+    r.outbox.sent(started, fin, delay=30)
+    r.outbox.all_due()
+    assert r.outbox.reports()[1] == [res]
 
 
 def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
@@ -236,7 +237,7 @@ def test_readoption_of_a_running_job(state: StateDir, work: Path) -> None:
     assert r.recover() == (1, 0)
     (running,) = r.running()
     assert running["job"] == 21 and running["pid"] == state.load_records()[(21, 1)]["pid"]
-    started, _ = r.reports()
+    started, _ = r.outbox.reports()
     assert [s["job"] for s in started] == [21]  # re-sent at register
     res = finished(r, (21, 1), timeout=4)
     assert res["exit_code"] == 0
@@ -281,7 +282,7 @@ def test_orphan_without_record_is_found_through_proc(state: StateDir, work: Path
 def test_an_orphan_of_the_earlier_wrapper_is_found_after_an_upgrade(state: StateDir) -> None:
     import subprocess
 
-    from crq.tasker.runner import OLD_WRAPPERS, SH, WRAPPER_NAME
+    from crq.tasker.procs import OLD_WRAPPERS, SH, WRAPPER_NAME
 
     status = state.status_path((25, 1))
     argv = [SH, "-c", OLD_WRAPPERS[0], WRAPPER_NAME, str(status), "sleep", "30"]
@@ -320,7 +321,7 @@ def test_reboot_drops_vanished_jobs_but_keeps_real_results(state: StateDir) -> N
     # the vanished attempt is left to the server (register says rebooted), the one that
     # ended before the reboot keeps its real result
     assert finished(r, (32, 1), 0.1)["exit_code"] == 0
-    assert [x["job"] for x in r.reports(everything=True)[1]] == [32]
+    assert [x["job"] for x in r.outbox.reports(everything=True)[1]] == [32]
     assert state.load_records() == {} and state.status_keys() == []
 
 
@@ -334,7 +335,7 @@ def test_result_file_wins_over_leftovers(state: StateDir) -> None:
     state.status_path((40, 1)).write_text("0\n")
     r = Runner(state)
     assert r.recover() == (0, 1)
-    assert r.reports(everything=True)[1] == [res]
+    assert r.outbox.reports(everything=True)[1] == [res]
     assert state.load_records() == {} and state.status_keys() == []
 
 
@@ -366,11 +367,13 @@ def test_the_state_dir_is_private(tmp_path: Path, work: Path) -> None:
     state.store_boot_id("boot")
     r = Runner(state)
     r.start(dispatch(1, work, "umask; while [ ! -e go ]; do sleep 0.02; done"))
-    wait_until(lambda: read_status(state.status_path((1, 1))) is not None)
-    dirs = {".", "attempts", "status", "results"}
-    files = {"lock", "id", "boot_id", "attempts/1.1.json", "status/1.1"}
-    assert _modes(root) == {**dict.fromkeys(dirs, 0o700), **dict.fromkeys(files, 0o600)}
-    (work / "go").touch()
+    try:
+        wait_until(lambda: read_status(state.status_path((1, 1))) is not None)
+        dirs = {".", "attempts", "status", "results"}
+        files = {"lock", "id", "boot_id", "attempts/1.1.json", "status/1.1"}
+        assert _modes(root) == {**dict.fromkeys(dirs, 0o700), **dict.fromkeys(files, 0o600)}
+    finally:
+        (work / "go").touch()  # the job ends also when an assertion above fails
     assert finished(r, (1, 1))["exit_code"] == 0
     assert _modes(root)["results/1.1.json"] == 0o600
     assert (work / "job1.log").read_text() == f"{current_umask():04o}\n"
@@ -405,7 +408,7 @@ def _attempts(r: Runner) -> set[tuple[int, int]]:
 
 
 def _started(r: Runner) -> set[int]:
-    return {s["job"] for s in r.reports(everything=True)[0]}
+    return {s["job"] for s in r.outbox.reports(everything=True)[0]}
 
 
 def test_dispatches_beyond_the_slots_wait_for_a_free_one(state: StateDir, work: Path) -> None:

@@ -23,10 +23,10 @@ import httpx
 import pytest
 from crq.server import commands
 from crq.server.app import Server, create_app
+from crq.server.commands import lose_tasker
 from crq.server.engine import Engine
 from crq.server.journal import Journal
 from crq.server.models import Register, ResultReport, RunningReport
-from crq.server.monitor import lose_tasker
 from crq.server.settings import load
 from crq.server.state import State
 

@@ -1,0 +1,53 @@
+"""argparse types shared by ``crq``, ``ncmgr``, ``vovproject`` and ``vovtasker`` (stdlib only).
+
+A bad value is one argparse error line naming what was wanted, the same in every command.
+Here rather than in ``client/`` so that the tasker, which installs without the client's
+needs, takes them from below itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def _number(text: str, kind: Callable[[str], float], what: str) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (slots, attempts, limits, byte counts)."""
+    value = int(_number(text, int, "a whole number"))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a duration in seconds, zero allowed."""
+    value = _number(text, float, "a number of seconds")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a duration in seconds above zero (intervals)."""
+    value = _number(text, float, "a number of seconds")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def as_typed(check: Callable[[str], object]) -> Callable[[str], str]:
+    """The same check, keeping the text as typed: for flags passed on to another program."""
+
+    def parse(text: str) -> str:
+        check(text)
+        return text
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse

@@ -1,0 +1,101 @@
+"""Our job wrappers among this host's processes: how a job runs, and how to find it again.
+
+Each job runs under a tiny ``/bin/sh`` wrapper in its own session, so it survives a
+``kill -9`` of the tasker, and the wrapper itself writes the job's exit status into the
+state dir, so the result is not lost when nobody is there to ``wait()`` for it. What the
+kernel says about a pid in general (argv, start time, boot id) is ``crq.procfs``'s; this
+module knows what *our* wrapper looks like.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from crq.tasker.statedir import Key, parse_name
+
+from crq import procfs
+
+SH = "/bin/sh"
+WRAPPER_NAME = "crq-job"
+# Runs the command as a child (not exec) so the shell outlives it and records its status.
+# It first makes the status file, empty: an attempt that got that far leaves a trace even
+# if it is killed with its wrapper while no tasker watches (an attempt without one never
+# ran its command, and the server may send it again). Traps make a group-wide
+# SIGTERM/INT/HUP reach the command but let the wrapper write the status before leaving;
+# trapped signals are reset to default for the command itself. The status file is made
+# private (umask 077), then the command gets the tasker's own umask back ($2). Only shell
+# built-ins: the job's env may have no PATH at all.
+WRAPPER = (
+    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
+    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
+)
+# Wrappers of earlier versions, still running jobs after a tasker upgrade (status at $1).
+OLD_WRAPPERS = (
+    'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
+)
+NSIG = 65
+
+
+def wrapper_argv(status: Path, umask: str, argv: list[str]) -> list[str]:
+    """The argv that runs ``argv`` under our wrapper, its status going to ``status``."""
+    return [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), umask, *argv]
+
+
+def classify(rc: int) -> tuple[int | None, int | None]:
+    """Wrapper/Popen return code → (exit_code, signal); sh reports a signal death as 128+n."""
+    if rc < 0:
+        return None, -rc
+    if 128 < rc < 128 + NSIG:
+        return None, rc - 128
+    return rc, None
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+def wrapper_alive(pid: int, status: Path) -> bool:
+    """True while *our* wrapper still runs as pid: its argv names the status file.
+
+    Checking argv (not just ``kill(pid, 0)``) guards against a recycled pid after a long
+    outage, and a zombie has an empty cmdline so it counts as gone.
+    """
+    if pid <= 0:
+        return False
+    if not procfs.HAVE_PROC:
+        return procfs.process_exists(pid)
+    argv = procfs.cmdline(pid)
+    return argv is not None and os.fsencode(str(status)) in argv
+
+
+def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
+    """Wrappers running with a status file in status_dir, found through /proc.
+
+    Catches a job spawned just before a tasker crash, before its record was written.
+    """
+    found: dict[Key, int] = {}
+    prefix = os.fsencode(str(status_dir)) + b"/"
+    wrappers = {w.encode() for w in (WRAPPER, *OLD_WRAPPERS)}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        argv = procfs.cmdline(pid)
+        if not argv or len(argv) < 5 or argv[2] not in wrappers or not argv[4].startswith(prefix):
+            continue
+        key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
+        if key is not None:
+            found[key] = pid
+    return found
