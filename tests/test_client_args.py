@@ -385,4 +385,5 @@ def test_ncmgr_reset_lock_without_a_lock(
     swd = tmp_path / "q.swd"
     swd.mkdir()
     assert ncmgr.main(["cleanup", "--swd", str(swd), "--reset-lock"]) == 0
-    assert capsys.readouterr().out == f"crq: no recovery lock ({swd / 'trace.db' / 'recovery.lock'})\n"
+    lock = swd / "trace.db" / "recovery.lock"
+    assert capsys.readouterr().out == f"crq: no recovery lock ({lock})\n"
