@@ -14,7 +14,7 @@ import getpass
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from crq.client import registry
 from crq.client.errors import CrashRecovery, CrqError
@@ -35,8 +35,31 @@ RECONNECT_FOR = 300.0
 #: Failures a read-only wait retries once the server has been seen (it may be restarting).
 TRANSIENT = frozenset({"unreachable", "timeout", "disconnected"})
 
+#: A job's JSON (SPEC section 4): ``id``, ``state``, ``command``… (``env``/``attempts`` from
+#: ``get``); kept a plain dict so new server fields pass through.
 Job = dict[str, Any]
+#: A tasker's JSON: ``name``, ``host``, ``state``, ``slots``, ``free_slots``, ``running``…
+Tasker = dict[str, Any]
+#: ``GET /server``: ``mode``, ``queue``, ``pid``, ``counts``, ``recovery``, ``journal``…
+ServerStatus = dict[str, Any]
 Progress = Callable[[int, int, int], None]
+T = TypeVar("T")
+
+
+class Forgotten(TypedDict):
+    id: int
+    forgotten: bool
+
+
+class Stopping(TypedDict):
+    stopping: bool
+    freeze: bool
+
+
+class SanityReport(TypedDict):
+    ok: bool
+    findings: list[Any]
+    fixed: list[Any]
 
 
 def login() -> str:
@@ -218,7 +241,17 @@ class Client:
             message = f"{message} (this needs the admin token)"
         return CrqError(message, status=status, code=code)
 
-    def _riding_out(self, deadline: float | None, call: Callable[..., Any], *args: Any) -> Any:
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`request` for an endpoint that answers a JSON object."""
+        answer = self.request(method, path, **kwargs)
+        if not isinstance(answer, dict):
+            raise CrqError(
+                f"{self.name} at {self.url} sent a reply that is not a JSON object",
+                code="bad_reply",
+            )
+        return answer
+
+    def _riding_out(self, deadline: float | None, call: Callable[..., T], *args: Any) -> T:
         """Run ``call``, retrying through crash recovery and, once the server has been seen,
         through a restart of up to RECONNECT_FOR seconds. Used by the waits only: they are
         read-only, so retrying is always safe."""
@@ -285,24 +318,24 @@ class Client:
         return [int(i) for i in answer["ids"]]
 
     def get(self, job_id: int) -> Job:
-        return self.request("GET", f"jobs/{int(job_id)}")
+        return self._object("GET", f"jobs/{int(job_id)}")
 
     def queue(self) -> list[int]:
         """Ids of the queued jobs, in dispatch order."""
-        return [int(i) for i in self.request("GET", "queue")["ids"]]
+        return [int(i) for i in self._object("GET", "queue")["ids"]]
 
     def stop(self, job_id: int) -> Job:
-        return self.request("POST", f"jobs/{int(job_id)}/stop")
+        return self._object("POST", f"jobs/{int(job_id)}/stop")
 
     def rerun(self, job_id: int) -> Job:
-        return self.request("POST", f"jobs/{int(job_id)}/rerun")
+        return self._object("POST", f"jobs/{int(job_id)}/rerun")
 
-    def forget(self, job_id: int) -> dict[str, Any]:
-        return self.request("DELETE", f"jobs/{int(job_id)}")
+    def forget(self, job_id: int) -> Forgotten:
+        return cast(Forgotten, self._object("DELETE", f"jobs/{int(job_id)}"))
 
     def _wait_once(self, job_id: int, seconds: float) -> Job:
         poll = round(max(0.05, min(float(LONG_POLL_MAX), seconds)), 2)
-        return self.request(
+        return self._object(
             "GET",
             f"jobs/{int(job_id)}/wait",
             params={"timeout": poll},
@@ -338,65 +371,7 @@ class Client:
         counts every final state but done). An id the server does not know ends as
         ``{"id": id, "state": "unknown"}``.
         """
-        wanted = sorted({int(i) for i in ids})
-        total = len(wanted)
-        results: dict[int, Job] = {}
-        counts = [0, 0]  # done, failed
-
-        def record(job: Job) -> bool:
-            """Store a job; count it the first time it is final; True if it is final."""
-            jid = int(job["id"])
-            was_final = _final(results.get(jid))
-            results[jid] = job
-            if _final(job) and not was_final:
-                counts[0 if job.get("state") == wire.DONE else 1] += 1
-                return True
-            return _final(job)
-
-        pending = list(wanted)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interval = 1.0
-        next_refresh = 0.0
-        while pending:
-            now = time.monotonic()
-            if len(pending) > 1 and now >= next_refresh:
-                before = counts[0] + counts[1]
-                fresh: dict[int, Job] = {}
-                self._riding_out(deadline, self._refresh, pending, fresh)
-                for job in fresh.values():
-                    record(job)
-                pending = [i for i in pending if not _final(results.get(i))]
-                grew = counts[0] + counts[1] > before
-                interval = 1.0 if grew else min(interval * 1.5, 5.0)
-                next_refresh = time.monotonic() + interval
-                if progress and (grew or before == 0):
-                    progress(counts[0], counts[1], total)
-                if not pending:
-                    break
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            # Block on the newest job: it tends to finish last, so when it does the batch is
-            # probably over and a refresh right away finds out.
-            target = pending[-1]
-            block = float(LONG_POLL_MAX)
-            if len(pending) > 1:
-                block = max(0.05, next_refresh - time.monotonic())
-            if deadline is not None:
-                block = min(block, max(deadline - time.monotonic(), 0.05))
-            try:
-                job = self._riding_out(deadline, self._wait_once, target, block)
-            except CrqError as e:
-                if e.status != 404:
-                    if e.code == "timeout" and deadline is not None:
-                        break
-                    raise
-                job = {"id": target, "state": "unknown", "reason": "not found"}
-            if record(job):
-                pending.pop()
-                next_refresh = 0.0
-                if progress:
-                    progress(counts[0], counts[1], total)
-        return {i: results.get(i, {"id": i, "state": "unknown"}) for i in wanted}
+        return _BatchWait(self, ids, progress, timeout).run()
 
     def _refresh(self, pending: list[int], results: dict[int, Job]) -> None:
         """Update ``results`` for every id in ``pending``: page through the id range when it is
@@ -434,20 +409,22 @@ class Client:
 
     # -- server ---------------------------------------------------------------------------
 
-    def taskers(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "taskers")["taskers"])
+    def taskers(self) -> list[Tasker]:
+        return list(self._object("GET", "taskers")["taskers"])
 
-    def server(self) -> dict[str, Any]:
+    def server(self) -> ServerStatus:
         """Server status; answered even during crash recovery."""
-        return self.request("GET", "server")
+        return self._object("GET", "server")
 
-    def stop_server(self, freeze: bool = False) -> dict[str, Any]:
+    def stop_server(self, freeze: bool = False) -> Stopping:
         """Ask for a clean stop (``freeze``: taskers keep their jobs for the next server)."""
-        return self.request("POST", "server/stop", json={"freeze": bool(freeze)})
+        answer = self._object("POST", "server/stop", json={"freeze": bool(freeze)})
+        return cast(Stopping, answer)
 
-    def sanity(self, fix: bool = False) -> dict[str, Any]:
+    def sanity(self, fix: bool = False) -> SanityReport:
         """Run the global sanity check: ``{"ok", "findings", "fixed"}``."""
-        return self.request("POST", "server/sanity", params={"fix": 1 if fix else 0})
+        answer = self._object("POST", "server/sanity", params={"fix": 1 if fix else 0})
+        return cast(SanityReport, answer)
 
     def healthz(self, timeout: float = 0.5) -> bool:
         """True when the server process answers ``/healthz`` within ``timeout`` seconds."""
@@ -491,4 +468,96 @@ class Client:
 
 
 def _final(job: Job | None) -> bool:
-    return bool(job) and (job.get("state") in wire.FINAL_STATES or job.get("state") == "unknown")
+    if not job:
+        return False
+    state = job.get("state")
+    return state in wire.FINAL_STATES or state == "unknown"
+
+
+class _BatchWait:
+    """One :meth:`Client.wait_all`: what is known of each job, the counts, what is still
+    pending and the pace of the refreshes."""
+
+    def __init__(
+        self, client: Client, ids: Iterable[int], progress: Progress | None, timeout: float | None
+    ) -> None:
+        self.client = client
+        self.progress = progress
+        self.wanted = sorted({int(i) for i in ids})
+        self.total = len(self.wanted)
+        self.results: dict[int, Job] = {}
+        self.done = 0
+        self.failed = 0  # every final state but done
+        self.pending = list(self.wanted)
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.interval = 1.0
+        self.next_refresh = 0.0
+
+    def run(self) -> dict[int, Job]:
+        while self.pending:
+            if len(self.pending) > 1 and time.monotonic() >= self.next_refresh:
+                self.refresh()
+                if not self.pending:
+                    break
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                break
+            if not self.block_on_newest():
+                break
+        return {i: self.results.get(i, {"id": i, "state": "unknown"}) for i in self.wanted}
+
+    def record(self, job: Job) -> bool:
+        """Store a job; count it the first time it is final; True if it is final."""
+        jid = int(job["id"])
+        was_final = _final(self.results.get(jid))
+        self.results[jid] = job
+        if _final(job) and not was_final:
+            if job.get("state") == wire.DONE:
+                self.done += 1
+            else:
+                self.failed += 1
+            return True
+        return _final(job)
+
+    def refresh(self) -> None:
+        """Fetch every pending job; refresh sooner while jobs finish, later while none do."""
+        before = self.done + self.failed
+        fresh: dict[int, Job] = {}
+        client = self.client
+        client._riding_out(self.deadline, client._refresh, self.pending, fresh)
+        for job in fresh.values():
+            self.record(job)
+        self.pending = [i for i in self.pending if not _final(self.results.get(i))]
+        grew = self.done + self.failed > before
+        self.interval = 1.0 if grew else min(self.interval * 1.5, 5.0)
+        self.next_refresh = time.monotonic() + self.interval
+        if grew or before == 0:
+            self._report()
+
+    def block_on_newest(self) -> bool:
+        """Long-poll the newest pending job until the next refresh is due: it tends to finish
+        last, so when it does the batch is probably over and a refresh right away finds out.
+        False when the wait is over (its deadline passed)."""
+        target = self.pending[-1]
+        block = float(LONG_POLL_MAX)
+        if len(self.pending) > 1:
+            block = max(0.05, self.next_refresh - time.monotonic())
+        if self.deadline is not None:
+            block = min(block, max(self.deadline - time.monotonic(), 0.05))
+        client = self.client
+        try:
+            job = client._riding_out(self.deadline, client._wait_once, target, block)
+        except CrqError as e:
+            if e.status != 404:
+                if e.code == "timeout" and self.deadline is not None:
+                    return False
+                raise
+            job = {"id": target, "state": "unknown", "reason": "not found"}
+        if self.record(job):
+            self.pending.pop()
+            self.next_refresh = 0.0
+            self._report()
+        return True
+
+    def _report(self) -> None:
+        if self.progress:
+            self.progress(self.done, self.failed, self.total)

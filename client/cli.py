@@ -26,16 +26,14 @@ from crq.client.clitools import (
     seconds,
 )
 from crq.client.errors import CrashRecovery, CrqError
-from crq.client.table import (
-    ago,
-    cell,
-    clip,
-    clock,
-    duration,
-    exit_status,
-    format_table,
-    key_values,
-    when,
+from crq.client.table import format_table
+from crq.client.views import (
+    JOB_HEADERS,
+    TASKER_HEADERS,
+    describe_end,
+    info_text,
+    job_rows,
+    tasker_rows,
 )
 
 from crq import wire
@@ -47,7 +45,6 @@ if TYPE_CHECKING:
 PROGRESS_FROM = 10
 #: Never copied into a job's environment: the job would carry the submitter's admin token.
 PRIVATE_ENV = frozenset({"CRQ_TOKEN", "CRQ_TASKER_TOKEN"})
-NAME_WIDTH = 32
 
 
 # -- argument parsing ---------------------------------------------------------------------
@@ -332,19 +329,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # -- wait ---------------------------------------------------------------------------------
 
 
-def describe_end(job: dict[str, Any]) -> str:
-    """``job 12 failed (exit 1, <reason>)``."""
-    state = job.get("state", "unknown")
-    details = []
-    status = exit_status(job)
-    if status != "-":
-        details.append(f"exit {status}")
-    if job.get("reason"):
-        details.append(str(job["reason"]))
-    tail = f" ({', '.join(details)})" if details else ""
-    return f"job {job.get('id')} {state}{tail}"
-
-
 def wait_and_report(client: Client, ids: list[int], timeout: float | None) -> int:
     """Wait for ``ids``; report every job that did not end done; 0 only if all are done."""
     if len(ids) == 1:
@@ -394,35 +378,6 @@ def _flatten(groups: Iterable[list[int]]) -> list[int]:
 # -- list / info / taskers ----------------------------------------------------------------
 
 
-def job_rows(jobs: Iterable[dict[str, Any]], now: float | None = None) -> list[list[str]]:
-    now = time.time() if now is None else now
-    rows = []
-    for job in jobs:
-        name = job.get("name") or _command_text(job.get("command"))
-        rows.append(
-            [
-                str(job.get("id")),
-                cell(job.get("state")),
-                cell(job.get("priority")),
-                cell(job.get("user")),
-                clip(cell(name), NAME_WIDTH),
-                cell(job.get("tasker")),
-                ago(job.get("submitted"), now),
-                exit_status(job),
-            ]
-        )
-    return rows
-
-
-JOB_HEADERS = ("ID", "STATE", "PRIO", "USER", "NAME", "TASKER", "SUBMITTED", "EXIT")
-
-
-def _command_text(command: Any) -> str:
-    if isinstance(command, list):
-        return shlex.join(str(c) for c in command)
-    return "" if command is None else str(command)
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.queue_order:
@@ -451,82 +406,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def info_text(job: dict[str, Any], show_env: bool = False, now: float | None = None) -> str:
-    """The ``crq info`` page: fields, then the attempts table."""
-    now = time.time() if now is None else now
-    state = str(job.get("state"))
-    status = exit_status(job)
-    state_line = state + (f", exit {status}" if status != "-" else "")
-    attempt = job.get("attempt")
-    attempts_line = f"{attempt or 0} of at most {job.get('max_attempts', '?')}, " + (
-        "rerunnable" if job.get("rerunnable", True) else "not rerunnable"
-    )
-    where = None
-    if job.get("tasker"):
-        where = str(job["tasker"])
-        if job.get("host"):
-            where += f" on {job['host']}"
-        if job.get("pid"):
-            where += f" (pid {job['pid']})"
-    submitted, started, ended = job.get("submitted"), job.get("started"), job.get("ended")
-    started_text = when(started, now)
-    if started and submitted:
-        started_text += f", queued {duration(started - submitted)}"
-    ended_text = when(ended, now)
-    if ended and started:
-        ended_text += f", ran {duration(ended - started)}"
-    elif started and state == wire.RUNNING:
-        started_text += f", running {duration(now - started)}"
-    env = job.get("env")
-    pairs: list[tuple[str, Any]] = [
-        ("id", job.get("id")),
-        ("name", job.get("name")),
-        ("state", state_line),
-        *([("reason", job["reason"])] if job.get("reason") else []),
-        ("user", job.get("user")),
-        ("command", _command_text(job.get("command"))),
-        ("cwd", job.get("cwd")),
-        ("log", job.get("log")),
-        ("priority", job.get("priority")),
-        ("resources", job.get("resources")),
-        ("attempts", attempts_line),
-        ("tasker", where),
-        ("submitted", when(submitted, now)),
-        ("started", started_text),
-        ("ended", ended_text),
-    ]
-    if isinstance(env, dict):
-        pairs.append(("env", f"{len(env)} variables" + ("" if show_env else " (--env shows)")))
-    lines = [key_values(pairs)]
-    if show_env and isinstance(env, dict):
-        lines.append("")
-        lines.extend(f"  {k}={v}" for k, v in sorted(env.items()))
-    attempts = job.get("attempts") or []
-    if attempts:
-        rows = []
-        for a in attempts:
-            ran = (
-                duration(a["ended"] - a["started"]) if a.get("ended") and a.get("started") else "-"
-            )
-            rows.append(
-                [
-                    cell(a.get("attempt")),
-                    cell(a.get("tasker")),
-                    cell(a.get("host")),
-                    clock(a.get("dispatched"), now),
-                    clock(a.get("started"), now),
-                    clock(a.get("ended"), now),
-                    ran,
-                    cell(a.get("outcome")),
-                    cell(a.get("exit_code")),
-                ]
-            )
-        headers = ("#", "TASKER", "HOST", "DISPATCHED", "STARTED", "ENDED", "RAN", "OUTCOME")
-        table = format_table((*headers, "EXIT"), rows, right=(0, 6, 8))
-        lines += ["", "attempts:", *("  " + line for line in table.splitlines())]
-    return "\n".join(lines)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     ids = _flatten(args.ids)
     status = 0
@@ -546,32 +425,6 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print()
             print(info_text(job, show_env=args.env))
     return status
-
-
-def tasker_rows(taskers: Iterable[dict[str, Any]], now: float | None = None) -> list[list[str]]:
-    now = time.time() if now is None else now
-    rows = []
-    for t in taskers:
-        running = [str(j) for j in t.get("running") or []]
-        slots = t.get("slots")
-        busy = len(running)
-        if slots is not None and t.get("free_slots") is not None:
-            busy = int(slots) - int(t["free_slots"])
-        rows.append(
-            [
-                cell(t.get("name")),
-                cell(t.get("host")),
-                cell(t.get("state")),
-                f"{busy}/{cell(slots)}",
-                clip(",".join(running), 30) or "-",
-                ago(t.get("last_contact"), now),
-                cell(t.get("resources")),
-            ]
-        )
-    return rows
-
-
-TASKER_HEADERS = ("NAME", "HOST", "STATE", "SLOTS", "RUNNING", "LAST CONTACT", "RESOURCES")
 
 
 def cmd_taskers(args: argparse.Namespace) -> int:

@@ -99,8 +99,7 @@ def parse_ids(words: Sequence[str]) -> list[int]:
                     ids.append(value)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"not a job id or range: {part!r}") from None
-    seen: set[int] = set()
-    return [i for i in ids if not (i in seen or seen.add(i))]
+    return list(dict.fromkeys(ids))  # without repeats, in order
 
 
 def format_ids(ids: Sequence[int], many: int = 20) -> list[str]:

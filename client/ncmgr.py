@@ -13,29 +13,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crq.client import registry
 from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
-from crq.client.errors import CrqError, recovery_progress
+from crq.client.errors import CrqError
+from crq.client.place import (
+    DEFAULT_HOST,
+    Place,
+    local_url,
+    pid_alive,
+    port_busy,
+)
+from crq.client.starter import DEFAULT_GRACE, START_TIMEOUT, Starter, child_env
 from crq.client.table import key_values, when
+from crq.client.views import counts_text, recovery_text
 
 from crq import wire
 
 if TYPE_CHECKING:
     from crq.client.api import Client
 
-START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
-DEFAULT_GRACE = 120.0
 POLL = 0.1
-DEFAULT_HOST = "127.0.0.1"
 
 #: ``ncmgr start`` settings passed through to ``python -m crq.server``: (flag, kind, help).
 SETTINGS: tuple[tuple[str, str, str], ...] = (
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", metavar="H", help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=_port, metavar="P", help="port (default: hashed from queue)")
     p.add_argument("--foreground", action="store_true", help="run the server in this process")
+    p.add_argument(
+        "--timeout", type=float, default=START_TIMEOUT, metavar="S", help=argparse.SUPPRESS
+    )
     settings = p.add_argument_group("settings (passed to the server; see SPEC section 5)")
     for flag, kind, text in SETTINGS:
         if kind == "flag":
@@ -116,117 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args.func, args)
 
 
-# -- locating a queue ---------------------------------------------------------------------
-
-
-class Place:
-    """A queue's name, swd, registry entry and whatever ``server.json`` says about it."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.queue: str = args.queue or os.environ.get("CRQ_QUEUE") or wire.DEFAULT_QUEUE
-        self.entry = registry.lookup(self.queue)
-        if args.swd:
-            root = Path(os.path.expanduser(args.swd))
-        elif self.entry and self.entry.get("swd"):
-            root = Path(str(self.entry["swd"]))
-        else:
-            root = Path(f"{self.queue}.swd")
-        self.swd = wire.Swd(root)
-        # The registry's host/port belong to its swd; a different --swd starts afresh.
-        self.same_as_registered = bool(
-            self.entry and Path(str(self.entry.get("swd", ""))).absolute() == self.swd.root
-        )
-        self.info = read_server_json(self.swd)
-
-    @property
-    def pid(self) -> int | None:
-        pid = self.info.get("pid")
-        return pid if isinstance(pid, int) and pid > 0 else None
-
-    @property
-    def url(self) -> str:
-        """Where to reach the server: server.json, else the registry, else the default."""
-        if self.info.get("url"):
-            return str(self.info["url"]).rstrip("/")
-        if self.same_as_registered and self.entry and self.entry.get("url"):
-            return str(self.entry["url"]).rstrip("/")
-        return f"http://{DEFAULT_HOST}:{wire.default_port(self.queue)}"
-
-    def token(self) -> str | None:
-        """``CRQ_TOKEN`` > this swd's admin token (authoritative for its server) > registry."""
-        env = os.environ.get("CRQ_TOKEN")
-        if env:
-            return env.strip()
-        found = registry.read_token(self.swd.admin_token)
-        if found:
-            return found
-        token = (self.entry or {}).get("token") if self.same_as_registered else None
-        return str(token) if token else None
-
-    def client(self, url: str | None = None, timeout: float = 10.0) -> Client:
-        from crq.client.api import Client
-
-        return Client(
-            url=url or self.url, token=self.token() or "", queue=self.queue, timeout=timeout
-        )
-
-
-def read_server_json(swd: wire.Swd) -> dict[str, Any]:
-    try:
-        data = json.loads(swd.server_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if ``pid`` runs on this host and looks like a crq server (guards against reuse)."""
-    if not pid or not wire.process_exists(pid):
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    try:
-        text = cmdline.read_bytes().replace(b"\0", b" ")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()  # no procfs: trust kill(0)
-    except OSError:
-        return True
-    if b"server" not in text:
-        return False
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
-
-
-def port_busy(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be bound now (None when it is free). SO_REUSEADDR as the
-    server sets it, so a port in TIME_WAIT is not reported busy."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            return e.strerror or str(e)
-    return None
-
-
-def local_url(host: str, port: int) -> str:
-    """The URL this host uses to reach a server bound to ``host``."""
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
 # -- start --------------------------------------------------------------------------------
 
 
@@ -243,47 +138,6 @@ def server_command(args: argparse.Namespace, place: Place, host: str, port: int)
     return cmd
 
 
-def child_env() -> dict[str, str]:
-    """The server's environment: ours, with this checkout importable even when not installed."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in parts:
-        env["PYTHONPATH"] = os.pathsep.join([root, *parts])
-    env.pop("CRQ_SERVER", None)
-    return env
-
-
-def last_reason(log: Path, offset: int) -> str:
-    """The server's ``crq-server: <reason>`` line written after ``offset``, else its last line."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return "no output"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("crq-server:"):
-            return line.removeprefix("crq-server:").strip()
-    return lines[-1] if lines else "no output"
-
-
-def _recovery_report(swd: wire.Swd, since: float) -> Path | None:
-    reports = [
-        p
-        for p in swd.root.glob("crash_recovery_report_*")
-        if p.suffix != ".json" and p.stat().st_mtime >= since - 1
-    ]
-    return max(reports, key=lambda p: p.stat().st_mtime) if reports else None
-
-
-def _register(place: Place, url: str, host: str | None = None, port: int | None = None) -> None:
-    """Record the queue with the swd's own admin token (never $CRQ_TOKEN)."""
-    token = registry.read_token(place.swd.admin_token)
-    registry.register(place.queue, url, place.swd.root, token, host=host, port=port)
-
-
 def _refuse_if_running(place: Place) -> int | None:
     """Exit status when a server already holds the swd, else None."""
     pid = place.pid
@@ -292,7 +146,7 @@ def _refuse_if_running(place: Place) -> int | None:
     with place.client(timeout=2.0) as client:
         up = client.healthz(timeout=1.0)
     if up:
-        _register(place, place.url)
+        place.register(place.url)
         return fail(f"queue {place.queue} already running at {place.url} (pid {pid})")
     return fail(
         f"a server (pid {pid}) holds {place.swd.root} but does not answer at {place.url}; "
@@ -321,96 +175,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     except OSError as e:
         return fail(f"cannot create {place.swd.root}: {e.strerror}")
     if args.foreground:
-        _register(place, url, host, port)
+        place.register(url, host, port)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, cmd, child_env())
-    return _spawn_and_watch(args, place, cmd, host, int(port), url)
-
-
-def _spawn_and_watch(
-    args: argparse.Namespace, place: Place, cmd: list[str], host: str, port: int, url: str
-) -> int:
-    log = place.swd.logs / "server.out"
-    began = time.time()
-    with open(log, "ab") as out:
-        offset = out.tell()
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=place.swd.root,
-            env=child_env(),
-            close_fds=True,
-        )
     grace = float(args.recovery_grace) if args.recovery_grace is not None else DEFAULT_GRACE
-    deadline = time.monotonic() + START_TIMEOUT + grace
-    public = url
-    registered = False
-    recovered = False
-    last_shown = ""
-    last_shown_at = 0.0
-    client: Client | None = None
-    try:
-        while True:
-            code = proc.poll()
-            if code is not None:
-                reason = last_reason(log, offset)
-                return fail(f"queue {place.queue} did not start: {reason} (log: {log})")
-            if time.monotonic() > deadline:
-                return fail(
-                    f"queue {place.queue} (pid {proc.pid}) did not open within "
-                    f"{START_TIMEOUT + grace:.0f} s; see {log}"
-                )
-            token = place.token()
-            if client is None or (token and client.token != token):
-                if client is not None:
-                    client.close()
-                client = place.client(url=url, timeout=5.0)
-            if not client.healthz(timeout=1.0):
-                time.sleep(POLL)
-                continue
-            place.info = read_server_json(place.swd)
-            if host in ("0.0.0.0", "::") and place.info.get("pid") == proc.pid:
-                public = str(place.info.get("url") or url).rstrip("/")
-            if not registered:
-                _register(place, public, host, port)
-                registered = True
-            try:
-                status = client.server()
-            except CrqError:
-                time.sleep(POLL)
-                continue
-            mode = status.get("mode")
-            if mode == wire.MODE_NORMAL:
-                break
-            if mode == wire.MODE_RECOVERING:
-                recovered = True
-                recovery = status.get("recovery") or {}
-                left = recovery.get("seconds_left")
-                if isinstance(left, int | float):
-                    deadline = max(deadline, time.monotonic() + float(left) + START_TIMEOUT)
-                shown = recovery_progress(recovery, approx=False)
-                head = shown.split(",")[0]
-                now = time.monotonic()
-                if head != last_shown.split(",")[0] or now - last_shown_at >= 5.0:
-                    say(f"recovering: {shown or 'replaying the journal'}")
-                    last_shown, last_shown_at = shown, now
-            time.sleep(POLL)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return fail(f"interrupted; the server (pid {proc.pid}) keeps starting in the background")
-    finally:
-        if client is not None:
-            client.close()
-    _register(place, public, host, port)  # again: the token may be newer than the first call
-    say(f"queue {place.queue} started at {public} (pid {proc.pid}, swd {place.swd.root})")
-    report = _recovery_report(place.swd, began)
-    if recovered or report:
-        say("crash recovery finished" + (f"; report: {report}" if report else ""))
-    return 0
+    starter = Starter(place, cmd, host, int(port), url, stall=float(args.timeout), grace=grace)
+    return starter.run()
 
 
 # -- stop ---------------------------------------------------------------------------------
@@ -459,25 +230,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 # -- status -------------------------------------------------------------------------------
-
-
-def counts_text(counts: dict[str, Any]) -> str:
-    """``3 queued, 2 running, 100 done`` in the canonical state order."""
-    parts = [f"{counts[s]} {s}" for s in wire.JOB_STATES if counts.get(s)]
-    parts += [f"{n} {s}" for s, n in counts.items() if s not in wire.JOB_STATES and n]
-    return ", ".join(parts) or "none"
-
-
-def recovery_text(recovery: dict[str, Any]) -> str:
-    text = recovery_progress(recovery, approx=False)
-    expected = recovery.get("expected") or []
-    back = set(recovery.get("reconnected") or [])
-    missing = [t for t in expected if t not in back]
-    if missing:
-        text += f" (missing: {', '.join(map(str, missing))})"
-    if recovery.get("events_replayed") is not None:
-        text += f", {recovery['events_replayed']} events replayed"
-    return text
 
 
 def status_lines(place: Place, status: dict[str, Any]) -> str:
@@ -546,13 +298,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if args.reset_lock:
         if actions:
             return fail("--reset-lock goes alone")
-        from crq.server.cleanup import reset_lock
-        from crq.server.recovery import LockError
-
-        try:
-            say(f"{reset_lock(place.swd)} ({place.swd.recovery_lock})")
-        except LockError as e:
-            return fail(str(e))
+        reset = _server_cleanup(place, "--reset-lock")
+        if reset is None:
+            return 1
+        say(f"{reset['reset']} ({place.swd.recovery_lock})")
         return 0
     action = actions[0] if actions else "list"
     arg = str(args.job) if action == "job" else args.dead_host
@@ -585,18 +334,29 @@ def _cleanup_standalone(place: Place, action: str, arg: str | None) -> dict[str,
     if not place.swd.trace.is_dir():
         fail(f"{place.swd.root} has no trace.db: not a server working directory (use --swd)")
         return None
-    from crq.server.cleanup import run_standalone
-    from crq.server.models import BadRequest
-    from crq.server.recovery import LockError
-    from crq.server.replay import ReplayError
+    words = {"list": ["--list"], "job": ["--job", str(arg)], "dead_host": ["--dead-host", str(arg)]}
+    return _server_cleanup(place, *words[action])
 
+
+def _server_cleanup(place: Place, *words: str) -> dict[str, Any] | None:
+    """Run ``python -m crq.server cleanup`` on the swd's files, as ``start`` runs the server
+    (the client imports nothing of the server's); its JSON answer, or None once its refusal
+    is printed. Its stderr (replay warnings) passes through."""
+    cmd = [sys.executable, "-m", "crq.server", "cleanup", "--swd", str(place.swd.root), *words]
+    done = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=child_env(), check=False
+    )
     try:
-        return run_standalone(place.swd.root, action, arg)
-    except (LockError, ReplayError) as e:
-        fail(str(e))
-    except BadRequest as e:
-        fail(e.message)
-    return None
+        answer = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        answer = None
+    if not isinstance(answer, dict):
+        fail(f"python -m crq.server cleanup failed (exit status {done.returncode})")
+        return None
+    if done.returncode != 0 or "error" in answer:
+        fail(str(answer.get("error") or f"exit status {done.returncode}"))
+        return None
+    return answer
 
 
 def _print_incomplete(rows: list[dict[str, Any]]) -> None:

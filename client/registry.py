@@ -38,7 +38,7 @@ def path() -> Path:
     return wire.crq_home() / REGISTRY_FILE
 
 
-def all() -> dict[str, Entry]:
+def entries() -> dict[str, Entry]:
     """Every registered queue, by name."""
     p = path()
     try:
@@ -60,7 +60,7 @@ def all() -> dict[str, Entry]:
 
 def lookup(queue: str) -> Entry | None:
     """The registry entry of ``queue``, or None."""
-    return all().get(queue)
+    return entries().get(queue)
 
 
 def register(
@@ -82,7 +82,7 @@ def register(
         "token": token,
     }
     with _locked():
-        data = all()
+        data = entries()
         data[queue] = entry
         _write(data)
     return entry
@@ -91,7 +91,7 @@ def register(
 def unregister(queue: str) -> bool:
     """Drop ``queue`` from the registry; True if it was there."""
     with _locked():
-        data = all()
+        data = entries()
         if data.pop(queue, None) is None:
             return False
         _write(data)
@@ -154,7 +154,7 @@ def resolve_server(flag_url: str | None = None, queue: str | None = None) -> Tar
     url = flag_url or os.environ.get("CRQ_SERVER") or None
     if url:
         url = _normalize(url)
-        registered = all()
+        registered = entries()
         if name and name in registered and _same_url(str(registered[name].get("url", "")), url):
             return Target(url, name, registered[name])
         for qname, entry in registered.items():
@@ -162,10 +162,10 @@ def resolve_server(flag_url: str | None = None, queue: str | None = None) -> Tar
                 return Target(url, qname, entry)
         return Target(url, name, None)
     name = name or wire.DEFAULT_QUEUE
-    entry = lookup(name)
-    if entry and entry.get("url"):
-        return Target(str(entry["url"]).rstrip("/"), name, entry)
-    return Target(f"http://127.0.0.1:{wire.default_port(name)}", name, entry)
+    found = lookup(name)
+    if found and found.get("url"):
+        return Target(str(found["url"]).rstrip("/"), name, found)
+    return Target(f"http://127.0.0.1:{wire.default_port(name)}", name, found)
 
 
 def _normalize(url: str) -> str:

@@ -80,7 +80,7 @@ def is_up(url: str, timeout: float = UP_TIMEOUT) -> bool:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    entries = registry.all()
+    entries = registry.entries()
     if not entries:
         print("no queues registered (ncmgr start registers one)", file=sys.stderr)
         return 0

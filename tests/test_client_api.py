@@ -119,6 +119,20 @@ def test_non_json_error_body() -> None:
     assert exc.value.status == 502 and exc.value.code == "http_502"
 
 
+def test_a_reply_that_is_not_an_object_is_one_error() -> None:
+    """The typed methods promise a JSON object: a list (or nothing) is a bad reply, not an
+    AttributeError further on."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=[1, 2])
+
+    with make(handler) as c:
+        for call in (c.server, lambda: c.get(1), c.taskers):
+            with pytest.raises(CrqError, match="not a JSON object") as exc:
+                call()
+            assert exc.value.code == "bad_reply"
+
+
 def test_crash_recovery_is_typed() -> None:
     body = {
         "error": "crash_recovery",

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from crq.client import cli, clitools, ncmgr, registry, vovproject
+from crq.client import cli, clitools, ncmgr, place, registry, starter, vovproject
 
-from crq import wire
+from crq import procfs, wire
+from tests._tasker_util import ROOT, free_port, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -193,9 +197,9 @@ def test_ncmgr_start_passes_settings_through(tmp_path: Path) -> None:
             "--accept-loss",
         ]  # fmt: skip
     )
-    place = ncmgr.Place(args)
-    assert place.queue == "q1" and place.swd.root == tmp_path / "s"
-    cmd = ncmgr.server_command(args, place, "127.0.0.1", 7001)
+    where = place.Place(args)
+    assert where.queue == "q1" and where.swd.root == tmp_path / "s"
+    cmd = ncmgr.server_command(args, where, "127.0.0.1", 7001)
     assert cmd[:3] == [sys.executable, "-m", "crq.server"]
     assert cmd[3:] == ["--queue", "q1", "--swd", str(tmp_path / "s"), "--host", "127.0.0.1",
                        "--port", "7001", "--recovery-grace", "5", "--fsync", "never",
@@ -203,14 +207,14 @@ def test_ncmgr_start_passes_settings_through(tmp_path: Path) -> None:
 
 
 def test_ncmgr_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    place = ncmgr.Place(ncmgr.build_parser().parse_args(["status"]))
-    assert place.queue == "vnc" and place.swd.root == tmp_path / "vnc.swd"
-    assert place.url == f"http://127.0.0.1:{wire.default_port('vnc')}"
+    where = place.Place(ncmgr.build_parser().parse_args(["status"]))
+    assert where.queue == "vnc" and where.swd.root == tmp_path / "vnc.swd"
+    assert where.url == f"http://127.0.0.1:{wire.default_port('vnc')}"
     monkeypatch.setenv("CRQ_QUEUE", "night")
     registry.register("night", "http://h:7777", "/elsewhere/night.swd", "t")
-    place = ncmgr.Place(ncmgr.build_parser().parse_args(["stop"]))
-    assert place.queue == "night" and str(place.swd.root) == "/elsewhere/night.swd"
-    assert place.url == "http://h:7777" and place.token() == "t"
+    where = place.Place(ncmgr.build_parser().parse_args(["stop"]))
+    assert where.queue == "night" and str(where.swd.root) == "/elsewhere/night.swd"
+    assert where.url == "http://h:7777" and where.token() == "t"
 
 
 def test_ncmgr_usage_errors() -> None:
@@ -238,15 +242,34 @@ def test_port_busy_and_local_url() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert ncmgr.port_busy("127.0.0.1", port)
-    assert ncmgr.port_busy("127.0.0.1", port) is None
-    assert ncmgr.local_url("0.0.0.0", 1) == "http://127.0.0.1:1"
-    assert ncmgr.local_url("::", 1) == "http://[::1]:1"
+        assert place.port_busy("127.0.0.1", port)
+    assert place.port_busy("127.0.0.1", port) is None
+    assert place.local_url("0.0.0.0", 1) == "http://127.0.0.1:1"
+    assert place.local_url("::", 1) == "http://[::1]:1"
 
 
 def test_pid_alive() -> None:
-    assert not ncmgr.pid_alive(None)
-    assert not ncmgr.pid_alive(2**22 + 12345)
+    assert not place.pid_alive(None)
+    assert not place.pid_alive(2**22 + 12345)
+
+
+def test_pid_alive_wants_a_live_server_process() -> None:
+    """A server-looking process is alive; the same pid once it is a zombie is not, nor is a
+    process that is not a server (a reused pid)."""
+    script = "import sys; sys.stdin.read()"
+    server = subprocess.Popen([sys.executable, "-c", script, "server"], stdin=subprocess.PIPE)
+    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    try:
+        assert place.pid_alive(server.pid)
+        assert not place.pid_alive(other.pid)
+        assert server.stdin is not None
+        server.stdin.close()
+        wait_until(lambda: procfs.is_zombie(server.pid), timeout=60)  # exited, not reaped
+        assert not place.pid_alive(server.pid)
+    finally:
+        for proc in (server, other):
+            proc.kill()
+            proc.wait()
 
 
 def test_last_reason(tmp_path: Path) -> None:
@@ -255,8 +278,8 @@ def test_last_reason(tmp_path: Path) -> None:
     offset = log.stat().st_size
     with open(log, "a") as f:
         f.write("INFO starting\ncrq-server: port 6321 is busy\nbye\n")
-    assert ncmgr.last_reason(log, offset) == "port 6321 is busy"
-    assert ncmgr.last_reason(tmp_path / "missing", 0) == "no output"
+    assert starter.last_reason(log, offset) == "port 6321 is busy"
+    assert starter.last_reason(tmp_path / "missing", 0) == "no output"
 
 
 def test_vovproject_enable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -311,3 +334,56 @@ def test_unexpected_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> N
     assert clitools.run(boom, argparse.Namespace()) == 1
     err = capsys.readouterr().err
     assert err == "crq: internal error: ValueError: bad thing (CRQ_DEBUG=1 shows details)\n"
+
+
+def _starter(tmp_path: Path, script: str, stall: float = 0) -> starter.Starter:
+    where = place.Place(argparse.Namespace(queue="st", swd=str(tmp_path / "st.swd")))
+    where.swd.logs.mkdir(parents=True)
+    port = free_port()
+    url = place.local_url("127.0.0.1", port)
+    cmd = [sys.executable, "-c", script, "server"]
+    return starter.Starter(where, cmd, "127.0.0.1", port, url, stall=stall, grace=0)
+
+
+def test_starter_reports_a_server_that_exits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = "print('crq-server: swd is locked'); raise SystemExit(3)"
+    run = _starter(tmp_path, script, stall=starter.START_CAP)  # waits while it lives
+    assert run.run() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("crq: queue st did not start: swd is locked (log: "), err
+    assert run.proc is not None and run.proc.returncode == 3
+
+
+def test_starter_kills_a_server_that_never_opens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _starter(tmp_path, "import sys; sys.stdin.read()")
+    assert run.run() == 1
+    err = capsys.readouterr().err
+    assert f"(pid {run.pid}) did not open within" in err and err.endswith("; killed it\n"), err
+    assert run.proc is not None and run.proc.returncode == -signal.SIGKILL
+
+
+def test_the_client_imports_nothing_of_the_server() -> None:
+    """ncmgr cleanup --standalone/--reset-lock run ``python -m crq.server cleanup``."""
+    for source in (ROOT / "client").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            bad = [n for n in names if n.startswith(("crq.server", "server"))]
+            assert not bad, f"{source.name}:{node.lineno} imports {bad}"
+
+
+def test_ncmgr_reset_lock_without_a_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    swd = tmp_path / "q.swd"
+    swd.mkdir()
+    assert ncmgr.main(["cleanup", "--swd", str(swd), "--reset-lock"]) == 0
+    lock = swd / "trace.db" / "recovery.lock"
+    assert capsys.readouterr().out == f"crq: no recovery lock ({lock})\n"

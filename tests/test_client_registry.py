@@ -45,23 +45,24 @@ def test_register_writes_private_file_atomically(clean_env: Path) -> None:
     assert stat.S_IMODE(clean_env.stat().st_mode) == 0o700
     assert json.loads(path.read_text())["vnc"]["token"] == "tok"
     registry.register("other", "http://h:7000", "/y", None)
-    assert sorted(registry.all()) == ["other", "vnc"]
+    assert sorted(registry.entries()) == ["other", "vnc"]
     assert registry.lookup("vnc")["port"] == 6321
     assert registry.lookup("missing") is None
     assert not [p for p in clean_env.iterdir() if p.name.endswith(".tmp")]
     assert registry.unregister("other") and not registry.unregister("other")
-    assert sorted(registry.all()) == ["vnc"]
+    assert sorted(registry.entries()) == ["vnc"]
 
 
 def test_missing_registry_is_empty() -> None:
-    assert registry.all() == {}
+    assert registry.entries() == {}
+    assert not hasattr(registry, "all"), "registry.all shadowed the builtin inside its module"
 
 
 def test_damaged_registry_is_a_clear_error(clean_env: Path) -> None:
     clean_env.mkdir()
     (clean_env / "registry.json").write_text("{not json")
     with pytest.raises(CrqError, match="not valid JSON"):
-        registry.all()
+        registry.entries()
 
 
 def test_resolution_falls_back_to_default_port_of_vnc() -> None:

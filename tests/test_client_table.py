@@ -5,9 +5,17 @@ from __future__ import annotations
 import time
 
 from crq.client import table
-from crq.client.cli import JOB_HEADERS, TASKER_HEADERS, info_text, job_rows, tasker_rows
 from crq.client.errors import recovery_progress
-from crq.client.ncmgr import counts_text, recovery_text
+from crq.client.views import (
+    JOB_HEADERS,
+    TASKER_HEADERS,
+    counts_text,
+    describe_end,
+    info_text,
+    job_rows,
+    recovery_text,
+    tasker_rows,
+)
 
 
 def test_table_aligns_columns_without_trailing_blanks() -> None:
@@ -163,3 +171,9 @@ def test_recovery_and_counts_text() -> None:
     assert "(missing: c)" in recovery_text({**rec, "events_replayed": 5})
     assert counts_text({"done": 3, "queued": 1, "failed": 0}) == "1 queued, 3 done"
     assert counts_text({}) == "none"
+
+
+def test_describe_end_names_exit_and_reason() -> None:
+    job = {"id": 12, "state": "failed", "exit_code": 1, "reason": "killed by the operator"}
+    assert describe_end(job) == "job 12 failed (exit 1, killed by the operator)"
+    assert describe_end({"id": 3, "state": "lost"}) == "job 3 lost"

@@ -1,0 +1,126 @@
+"""Finding a queue and probing its server process: swd, registry entry, ``server.json``.
+
+What ``ncmgr`` needs to know before it acts (the commands themselves are in ``ncmgr.py``).
+Stdlib only, so ``ncmgr --help`` stays fast; httpx comes with :meth:`Place.client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crq.client import registry
+
+from crq import procfs, wire
+
+if TYPE_CHECKING:
+    from crq.client.api import Client
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+class Place:
+    """A queue's name, swd, registry entry and whatever ``server.json`` says about it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.queue: str = args.queue or os.environ.get("CRQ_QUEUE") or wire.DEFAULT_QUEUE
+        self.entry = registry.lookup(self.queue)
+        if args.swd:
+            root = Path(os.path.expanduser(args.swd))
+        elif self.entry and self.entry.get("swd"):
+            root = Path(str(self.entry["swd"]))
+        else:
+            root = Path(f"{self.queue}.swd")
+        self.swd = wire.Swd(root)
+        # The registry's host/port belong to its swd; a different --swd starts afresh.
+        self.same_as_registered = bool(
+            self.entry and Path(str(self.entry.get("swd", ""))).absolute() == self.swd.root
+        )
+        self.info = read_server_json(self.swd)
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.info.get("pid")
+        return pid if isinstance(pid, int) and pid > 0 else None
+
+    @property
+    def url(self) -> str:
+        """Where to reach the server: server.json, else the registry, else the default."""
+        if self.info.get("url"):
+            return str(self.info["url"]).rstrip("/")
+        if self.same_as_registered and self.entry and self.entry.get("url"):
+            return str(self.entry["url"]).rstrip("/")
+        return f"http://{DEFAULT_HOST}:{wire.default_port(self.queue)}"
+
+    def token(self) -> str | None:
+        """``CRQ_TOKEN`` > this swd's admin token (authoritative for its server) > registry."""
+        env = os.environ.get("CRQ_TOKEN")
+        if env:
+            return env.strip()
+        found = registry.read_token(self.swd.admin_token)
+        if found:
+            return found
+        token = (self.entry or {}).get("token") if self.same_as_registered else None
+        return str(token) if token else None
+
+    def client(
+        self, url: str | None = None, timeout: float = 10.0, token: str | None = None
+    ) -> Client:
+        """A client of this queue's server, with ``token`` else :meth:`token`."""
+        from crq.client.api import Client
+
+        token = token if token is not None else self.token()
+        return Client(url=url or self.url, token=token or "", queue=self.queue, timeout=timeout)
+
+    def register(self, url: str, host: str | None = None, port: int | None = None) -> None:
+        """Record the queue with the swd's own admin token (never $CRQ_TOKEN)."""
+        token = registry.read_token(self.swd.admin_token)
+        registry.register(self.queue, url, self.swd.root, token, host=host, port=port)
+
+
+def read_server_json(swd: wire.Swd) -> dict[str, Any]:
+    try:
+        data = json.loads(swd.server_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True if ``pid`` runs on this host and looks like a crq server (guards against reuse)."""
+    if not pid or not procfs.process_exists(pid):
+        return False
+    argv = procfs.cmdline(pid)
+    if argv is None:
+        return not procfs.HAVE_PROC  # no procfs: trust kill(0)
+    if b"server" not in b" ".join(argv):
+        return False
+    return not procfs.is_zombie(pid)
+
+
+def port_busy(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now (None when it is free). SO_REUSEADDR as the
+    server sets it, so a port in TIME_WAIT is not reported busy."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL this host uses to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
