@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from crq.server.cleanup import reset_lock, run_standalone
+from crq.server.files import LockError
 from crq.server.models import BadRequest
-from crq.server.recovery import LockError
 from crq.server.replay import ReplayError
 
 from crq.wire import Swd
