@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import time
@@ -13,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests._tasker_util import (
+    PATIENCE,
     CrqServer,
     Tasker,
     alive,
     e2e_server,
     env_with_root,
     free_port,
+    kill_jobs,
     server_available,
     wait_until,
 )
@@ -42,14 +42,7 @@ def tasker(tmp_path: Path, srv: CrqServer) -> Iterator[Tasker]:
     t.start()
     yield t
     t.kill9()
-    _kill_jobs(t.state)
-
-
-def _kill_jobs(state: Path) -> None:
-    """Leave no job behind: their groups are in the attempt records."""
-    for rec in (state / "attempts").glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            os.killpg(int(json.loads(rec.read_text())["pgid"]), signal.SIGKILL)
+    kill_jobs(t.state)
 
 
 def spec(cwd: Path, command: object, **kw: object) -> dict[str, object]:
@@ -74,7 +67,7 @@ def test_jobs_run_and_report(srv: CrqServer, tasker: Tasker, work: Path) -> None
     assert (work / "logs" / "b.log").read_text() == f"{b}.1\n"
     assert jc["state"] == "failed" and jc["reason"] == f"cwd does not exist: {work / 'missing'}"
     # every result acked: nothing left on the tasker's disk
-    wait_until(lambda: not list((tasker.state / "results").iterdir()), timeout=2)
+    wait_until(lambda: not list((tasker.state / "results").iterdir()))
 
 
 def test_dispatch_is_prompt(srv: CrqServer, tasker: Tasker, work: Path) -> None:
@@ -156,6 +149,7 @@ def test_failover_to_the_next_server(srv: CrqServer, tmp_path: Path, work: Path)
         assert srv.wait(job)["state"] == "done"
     finally:
         t.kill9()
+        kill_jobs(t.state)
 
 
 def test_clean_stop_without_freeze_stops_the_tasker(
@@ -165,8 +159,8 @@ def test_clean_stop_without_freeze_stops_the_tasker(
     pid = wait_until(lambda: running(srv, job))["pid"]
     srv.stop(freeze=False)
     assert tasker.proc is not None
-    assert tasker.proc.wait(timeout=5) == 0
-    wait_until(lambda: not alive(pid), timeout=2)
+    assert tasker.proc.wait(timeout=PATIENCE) == 0
+    wait_until(lambda: not alive(pid))
 
 
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
@@ -179,7 +173,7 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
             [sys.executable, "-m", "tasker", *args],
             capture_output=True,
             env={**env_with_root(), "CRQ_TASKER_TOKEN": "", "CRQ_HOME": str(tmp_path)},
-            timeout=10,
+            timeout=PATIENCE,
         )
         assert p.returncode == 2, (args, p.stderr)
         assert len(p.stderr.decode().strip().splitlines()) == 1, p.stderr
@@ -196,7 +190,7 @@ def test_busy_state_dir_is_refused(tmp_path: Path, srv: CrqServer) -> None:
         p = subprocess.run(
             [sys.executable, "-m", "tasker", "--swd", str(srv.swd), "--state-dir",
              str(tmp_path / "s")],
-            capture_output=True, env=env_with_root(), timeout=10,
+            capture_output=True, env=env_with_root(), timeout=PATIENCE,
         )  # fmt: skip
         assert p.returncode == 1
         assert b"in use by another vovtasker" in p.stderr
@@ -208,25 +202,25 @@ def test_busy_state_dir_is_refused(tmp_path: Path, srv: CrqServer) -> None:
 def test_lost_tasker_comes_back_and_is_fenced(tmp_path: Path, work: Path) -> None:
     """A tasker frozen past the timeout: its job is requeued; back, it kills the old attempt."""
     srv = CrqServer(tmp_path / "q.swd", "t1", "--tasker-timeout", "1", "--heartbeat", "0.5")
-    srv.start()
     t = Tasker(tmp_path / "st", "--swd", str(srv.swd), "--slots", "1")
-    t.start()
     try:
+        srv.start()
+        t.start()
         (job,) = srv.submit(spec(work, "sleep 30", max_attempts=3))
         pid = wait_until(lambda: running(srv, job))["pid"]
         assert t.proc is not None
         os.kill(t.proc.pid, signal.SIGSTOP)
-        wait_until(lambda: srv.request("GET", f"/jobs/{job}")["state"] == "queued", timeout=4)
+        wait_until(lambda: srv.request("GET", f"/jobs/{job}")["state"] == "queued")
         os.kill(t.proc.pid, signal.SIGCONT)
         # attempt 1 is killed, attempt 2 then runs on the same (only) tasker
-        wait_until(lambda: not alive(pid), timeout=4)
-        j2 = wait_until(lambda: running(srv, job), timeout=4)
+        wait_until(lambda: not alive(pid))
+        j2 = wait_until(lambda: running(srv, job))
         assert j2["attempt"] == 2 and j2["pid"] != pid
         srv.request("POST", f"/jobs/{job}/stop")
         assert srv.wait(job)["attempt"] == 2
     finally:
         t.kill9()
-        _kill_jobs(t.state)
+        kill_jobs(t.state)
         srv.kill9()
 
 
@@ -237,7 +231,8 @@ def test_reboot_reports_lost_jobs_at_once(srv: CrqServer, tasker: Tasker, work: 
     os.killpg(pid, signal.SIGKILL)  # the "reboot" took the job with it
     (tasker.state / "boot_id").write_text("an-older-boot\n")
     tasker.start()
-    j = wait_until(lambda: (x := running(srv, job)) and x["attempt"] == 2 and x, timeout=4)
+    # at once: well before the 90 s tasker timeout would have the monitor requeue it
+    j = wait_until(lambda: (x := running(srv, job)) and x["attempt"] == 2 and x, timeout=30)
     assert j["attempts"][0]["outcome"] == "requeued"  # recovered, not failed
     assert "gone with the host reboot" in tasker.log()
     srv.request("POST", f"/jobs/{job}/stop")
@@ -282,9 +277,9 @@ def test_kill9_storm_keeps_every_result(srv: CrqServer, tasker: Tasker, work: Pa
             return False
         return counts.get("done", 0) + counts.get("failed", 0) == n
 
-    wait_until(all_final, timeout=10, step=0.1)
+    wait_until(all_final, step=0.1)
     for j in srv.request("GET", "/jobs")["jobs"]:
         assert j["attempt"] == 1, j
         assert j["exit_code"] == int(j["command"].rsplit(" ", 1)[1]), j
-    wait_until(lambda: not list((tasker.state / "results").iterdir()), timeout=3)
+    wait_until(lambda: not list((tasker.state / "results").iterdir()))
     assert "Traceback" not in tasker.log()

@@ -27,6 +27,7 @@ import pytest
 from tasker.runner import Runner, find_orphan_wrappers
 from tasker.statedir import Key, StateDir, read_status
 from tests._tasker_util import (
+    PATIENCE,
     CrqServer,
     Tasker,
     dispatch,
@@ -57,7 +58,7 @@ def spawn_unrecorded(state: StateDir, cwd: Path, jobs: list[dict[str, Any]]) -> 
         check=True,
         env=env_with_root(),
         cwd=cwd,
-        timeout=10,
+        timeout=PATIENCE,
     )
     assert state.load_records() == {}, "the crash window: spawned, not recorded"
 
@@ -83,7 +84,7 @@ def _kill_wrappers(status_dir: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-def finished(runner: Runner, key: Key, timeout: float = 4.0) -> dict[str, Any]:
+def finished(runner: Runner, key: Key, timeout: float = PATIENCE) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         _, done = runner.reports(everything=True)
         return next((r for r in done if (r["job"], r["attempt"]) == key), None)
@@ -127,7 +128,7 @@ def test_an_attempt_the_dying_tasker_never_spawned_is_left_to_be_sent_again(
     items = json.dumps([dispatch(60, work, "true")])
     subprocess.run(
         [sys.executable, "-c", UNSPAWNED, str(state.root), items],
-        check=True, env=env_with_root(), cwd=work, timeout=10,
+        check=True, env=env_with_root(), cwd=work, timeout=PATIENCE,
     )  # fmt: skip
     r = Runner(state)
     assert r.recover() == (0, 0)

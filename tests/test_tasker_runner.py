@@ -6,18 +6,21 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tasker.runner import Runner, classify, find_orphan_wrappers
 from tasker.statedir import StateDir, StateDirBusy, read_status
-from tests._tasker_util import alive, dispatch, run_and_vanish, wait_until
+from tests._tasker_util import PATIENCE, alive, dispatch, kill_jobs, run_and_vanish, wait_until
 
 
 @pytest.fixture
-def state(tmp_path: Path) -> StateDir:
-    return StateDir(tmp_path / "state")
+def state(tmp_path: Path) -> Iterator[StateDir]:
+    s = StateDir(tmp_path / "state")
+    yield s
+    kill_jobs(s.root)  # a failed test leaves its jobs running
 
 
 @pytest.fixture
@@ -27,7 +30,7 @@ def work(tmp_path: Path) -> Path:
     return d
 
 
-def finished(runner: Runner, key: tuple[int, int], timeout: float = 4.0) -> dict:
+def finished(runner: Runner, key: tuple[int, int], timeout: float = PATIENCE) -> dict:
     """Wait for the finished report of one attempt and return it."""
 
     def find() -> dict | None:
@@ -210,7 +213,7 @@ def test_unacked_reports_wait_before_resend(state: StateDir, work: Path) -> None
     r.sent(started, fin, delay=0.3)
     assert r.reports() == ([], [])
     assert 0 < (r.next_due_in() or 0) <= 0.3
-    wait_until(lambda: r.reports()[1] == [res], timeout=1)
+    wait_until(lambda: r.reports()[1] == [res])
     r.sent(started, fin, delay=30)
     r.all_due()
     assert r.reports()[1] == [res]
@@ -221,7 +224,7 @@ def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
     status = state.status_path((20, 1))
     assert (20, 1) in state.load_records()
     wait_until(lambda: read_status(status) is not None)  # made empty by the wrapper at start
-    wait_until(lambda: (read_status(status) or (None,))[0] == 4, timeout=3)
+    wait_until(lambda: (read_status(status) or (None,))[0] == 4)
     r = Runner(state)
     assert r.recover() == (0, 1)
     res = finished(r, (20, 1), timeout=0.1)
@@ -237,7 +240,7 @@ def test_readoption_of_a_running_job(state: StateDir, work: Path) -> None:
     assert running["job"] == 21 and running["pid"] == state.load_records()[(21, 1)]["pid"]
     started, _ = r.reports()
     assert [s["job"] for s in started] == [21]  # re-sent at register
-    res = finished(r, (21, 1), timeout=4)
+    res = finished(r, (21, 1))
     assert res["exit_code"] == 0
     assert (work / "job21.log").read_text() == "done\n"
     r.close()
