@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from client.table import key_values, when
 if TYPE_CHECKING:
     from client.api import Client
 
-START_TIMEOUT = 60.0
+START_TIMEOUT = 60.0  # give up on a server that neither opens nor works for this long
+START_CAP = 1800.0  # and on one still not open after this long, however busy
 STOP_TIMEOUT = 60.0
 DEFAULT_GRACE = 120.0
 POLL = 0.1
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", metavar="H", help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=_port, metavar="P", help="port (default: hashed from queue)")
     p.add_argument("--foreground", action="store_true", help="run the server in this process")
+    p.add_argument(
+        "--timeout", type=float, default=START_TIMEOUT, metavar="S", help=argparse.SUPPRESS
+    )
     settings = p.add_argument_group("settings (passed to the server; see SPEC section 5)")
     for flag, kind, text in SETTINGS:
         if kind == "flag":
@@ -167,6 +172,12 @@ class Place:
         return Client(
             url=url or self.url, token=self.token() or "", queue=self.queue, timeout=timeout
         )
+
+
+def _client(place: Place, url: str, token: str | None) -> Client:
+    from client.api import Client
+
+    return Client(url=url, token=token or "", queue=place.queue, timeout=5.0)
 
 
 def read_server_json(swd: wire.Swd) -> dict[str, Any]:
@@ -326,9 +337,35 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _spawn_and_watch(args, place, cmd, host, int(port), url)
 
 
+def _cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of ``pid`` in clock ticks (None without procfs)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _give_up(proc: subprocess.Popen[bytes], message: str) -> int:
+    """Fail a start in one line, killing the server it spawned: a failed ``ncmgr start``
+    leaves nothing running (its session holds the server and any checkpoint child)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        proc.kill()
+    proc.wait()
+    return fail(f"{message}; killed it")
+
+
 def _spawn_and_watch(
     args: argparse.Namespace, place: Place, cmd: list[str], host: str, port: int, url: str
 ) -> int:
+    """Start the server and watch it until it is open for clients, or give up.
+
+    Waits while the process lives and makes progress: until it answers, while it uses CPU
+    (loading a long journal on a busy machine); then while crash recovery has time left.
+    A server that hangs is not waited for.
+    """
     log = place.swd.logs / "server.out"
     began = time.time()
     with open(log, "ab") as out:
@@ -344,8 +381,12 @@ def _spawn_and_watch(
             close_fds=True,
         )
     grace = float(args.recovery_grace) if args.recovery_grace is not None else DEFAULT_GRACE
-    deadline = time.monotonic() + START_TIMEOUT + grace
+    stall = max(0.0, float(args.timeout))
+    cap = time.monotonic() + START_CAP + grace
+    deadline = time.monotonic() + stall + grace
+    ticks = _cpu_ticks(proc.pid)
     public = url
+    answered = False
     registered = False
     recovered = False
     last_shown = ""
@@ -357,19 +398,26 @@ def _spawn_and_watch(
             if code is not None:
                 reason = last_reason(log, offset)
                 return fail(f"queue {place.queue} did not start: {reason} (log: {log})")
+            now_ticks = None if answered else _cpu_ticks(proc.pid)
+            if now_ticks is not None and now_ticks != ticks:  # still loading: wait on
+                ticks = now_ticks
+                deadline = max(deadline, min(cap, time.monotonic() + stall))
             if time.monotonic() > deadline:
-                return fail(
+                return _give_up(
+                    proc,
                     f"queue {place.queue} (pid {proc.pid}) did not open within "
-                    f"{START_TIMEOUT + grace:.0f} s; see {log}"
+                    f"{time.time() - began:.0f} s (see {log})",
                 )
-            token = place.token()
+            # Our own server's swd token: $CRQ_TOKEN may well be another queue's.
+            token = registry.read_token(place.swd.admin_token) or place.token()
             if client is None or (token and client.token != token):
                 if client is not None:
                     client.close()
-                client = place.client(url=url, timeout=5.0)
+                client = _client(place, url, token)
             if not client.healthz(timeout=1.0):
                 time.sleep(POLL)
                 continue
+            answered = True
             place.info = read_server_json(place.swd)
             if host in ("0.0.0.0", "::") and place.info.get("pid") == proc.pid:
                 public = str(place.info.get("url") or url).rstrip("/")
@@ -378,7 +426,12 @@ def _spawn_and_watch(
                 registered = True
             try:
                 status = client.server()
-            except CrqError:
+            except CrqError as e:
+                fresh = registry.read_token(place.swd.admin_token)
+                if e.status in (401, 403) and fresh in (None, token):  # not a token just made
+                    return _give_up(
+                        proc, f"queue {place.queue} refused ncmgr start's check: {e.message}"
+                    )
                 time.sleep(POLL)
                 continue
             mode = status.get("mode")
@@ -389,7 +442,7 @@ def _spawn_and_watch(
                 recovery = status.get("recovery") or {}
                 left = recovery.get("seconds_left")
                 if isinstance(left, int | float):
-                    deadline = max(deadline, time.monotonic() + float(left) + START_TIMEOUT)
+                    deadline = max(deadline, time.monotonic() + float(left) + stall)
                 shown = recovery_progress(recovery, approx=False)
                 head = shown.split(",")[0]
                 now = time.monotonic()

@@ -23,7 +23,15 @@ from typing import Any
 
 import pytest
 
-from tests._tasker_util import ROOT, free_port, server_available, wait_until
+from tests._tasker_util import (
+    PATIENCE,
+    ROOT,
+    alive,
+    free_port,
+    kill_jobs,
+    server_available,
+    wait_until,
+)
 
 HAVE_SERVER = server_available()
 HAVE_TASKER = (ROOT / "tasker" / "cli.py").exists()
@@ -31,7 +39,9 @@ HAVE_TASKER = (ROOT / "tasker" / "cli.py").exists()
 pytestmark = pytest.mark.skipif(not HAVE_SERVER, reason="server/ not written yet")
 needs_tasker = pytest.mark.skipif(not HAVE_TASKER, reason="tasker/cli.py not written yet")
 
-CMD_TIMEOUT = 90.0
+# A cap on each CLI run, above ncmgr start's own patience, so that ncmgr reports (and cleans
+# up) a failed start itself; a command returns as soon as it is done.
+CMD_TIMEOUT = 240.0
 
 
 @dataclass
@@ -44,10 +54,15 @@ class Queue:
     env: dict[str, str]
     tasker: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    swds: list[Path] = field(default_factory=list)  # of other queues the tests start
 
     @property
     def swd(self) -> Path:
         return self.root / f"{self.name}.swd"
+
+    @property
+    def token(self) -> str:
+        return (self.swd / "security" / "admin.token").read_text().strip()
 
     @property
     def url(self) -> str:
@@ -112,10 +127,41 @@ class Queue:
             self.tasker.send_signal(signal.SIGCONT)
             self.tasker.terminate()
             try:
-                self.tasker.wait(15)
+                self.tasker.wait(PATIENCE)
             except subprocess.TimeoutExpired:
                 self.tasker.kill()
-                self.tasker.wait(5)
+                self.tasker.wait()
+        kill_jobs(self.root / "tasker-state")
+
+    def close(self) -> None:
+        """Kill all the tests started, whatever state a failed test left it in."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.stop_tasker()
+        try:
+            self.ncmgr("stop", "--queue", self.name)
+        except subprocess.TimeoutExpired:
+            pass
+        for swd in (self.swd, *self.swds):
+            kill_servers_of(swd)
+
+
+def kill_servers_of(swd: Path) -> list[int]:
+    """kill -9 every server running on ``swd`` (found by its command line, not by a
+    server.json that a failed start may not have written); the pids it killed."""
+    wanted = b"-m\0server\0", f"--swd\0{swd}\0".encode()
+    killed = []
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if all(w in cmdline for w in wanted):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        except OSError:
+            pass
+    return killed
 
 
 @pytest.fixture(scope="module")
@@ -131,24 +177,14 @@ def q(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Queue]:
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
     queue = Queue(name=name, port=free_port(), root=root, env=env)
-    out = queue.ncmgr(*queue.start_args())
-    assert out.returncode == 0, out.stderr + out.stdout
-    if HAVE_TASKER:
-        queue.start_tasker()
     try:
+        out = queue.ncmgr(*queue.start_args())
+        assert out.returncode == 0, out.stderr + out.stdout
+        if HAVE_TASKER:
+            queue.start_tasker()
         yield queue
     finally:
-        for proc in queue.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        queue.stop_tasker()
-        queue.ncmgr("stop", "--queue", name, timeout=90)
-        try:
-            pid = queue.server_pid()
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError, KeyError):
-            pass
+        queue.close()
 
 
 def test_started_and_registered(q: Queue) -> None:
@@ -184,10 +220,51 @@ def test_busy_port_is_a_clear_error(q: Queue) -> None:
     assert out.stderr.count("\n") == 1
 
 
+def _start_other(q: Queue, name: str, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``ncmgr start`` of a second queue next to q (its servers are killed at the end)."""
+    swd = q.root / f"{name}.swd"
+    q.swds.append(swd)
+    return subprocess.run(
+        [sys.executable, "-m", "client.ncmgr", "start", "--queue", name, "--swd", str(swd),
+         "--port", str(free_port()), "--fsync", "never", *extra],
+        env={**q.env, **env}, cwd=q.root, capture_output=True, text=True, timeout=CMD_TIMEOUT,
+    )  # fmt: skip
+
+
+def test_start_with_another_queues_token(q: Queue) -> None:
+    """CRQ_TOKEN set for q: starting another queue checks the new server with that server's
+    own token (it hung 90 s on 401s, then failed and left the server running)."""
+    other = f"tok{os.getpid()}"
+    out = _start_other(q, other, "--recovery-grace", "30", CRQ_TOKEN=q.token)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"crq: queue {other} started at"), out.stdout
+    swd = q.swds[-1]
+    env = {k: v for k, v in q.env.items() if k != "CRQ_TOKEN"}
+    stop = subprocess.run(
+        [sys.executable, "-m", "client.ncmgr", "stop", "--queue", other, "--swd", str(swd)],
+        env=env, cwd=q.root, capture_output=True, text=True, timeout=CMD_TIMEOUT,
+    )  # fmt: skip
+    assert stop.returncode == 0, stop.stderr
+    assert kill_servers_of(swd) == []
+
+
+def test_a_start_that_gives_up_kills_its_server(q: Queue) -> None:
+    """A server that does not open in time: one line, and nothing left running."""
+    name = f"slow{os.getpid()}"
+    out = _start_other(q, name, "--timeout", "0", "--recovery-grace", "0")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1, out.stderr
+    m = re.fullmatch(rf"crq: queue {name} \(pid (\d+)\) did not open within \d+ s \(see .+\); "
+                     r"killed it\n", out.stderr)  # fmt: skip
+    assert m, out.stderr
+    assert not alive(int(m[1])), "the server is still there"
+    assert kill_servers_of(q.swds[-1]) == [], "ncmgr start gave up but left its server running"
+
+
 def test_bad_token_is_one_line(q: Queue) -> None:
     env = dict(q.env, CRQ_TOKEN="wrong")
     out = subprocess.run([sys.executable, "-m", "client.cli", "list"], env=env,
-                         capture_output=True, text=True, timeout=30)  # fmt: skip
+                         capture_output=True, text=True, timeout=CMD_TIMEOUT)  # fmt: skip
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "bad token" in out.stderr
 
@@ -256,7 +333,7 @@ def test_submit_file_in_one_batch(q: Queue) -> None:
 @needs_tasker
 def test_stop_rerun_forget(q: Queue) -> None:
     sleeper = q.submit("--", "sleep", "60")
-    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "running")
     out = q.crq("stop", str(sleeper))
     assert out.returncode == 0
     assert out.stdout.strip() in (
@@ -267,9 +344,9 @@ def test_stop_rerun_forget(q: Queue) -> None:
     assert out.returncode == 1 and f"job {sleeper} stopped" in out.stderr
     out = q.crq("rerun", str(sleeper))
     assert out.returncode == 0, out.stderr
-    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "running")
     assert q.crq("stop", str(sleeper)).returncode == 0
-    wait_until(lambda: q.job(sleeper)["state"] == "stopped", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "stopped")
     assert q.job(sleeper)["attempt"] == 2
     out = q.crq("forget", str(sleeper), "999999")
     assert out.returncode == 1
@@ -309,31 +386,31 @@ def test_queue_order(q: Queue) -> None:
 def test_crash_recovery_seen_by_clients(q: Queue) -> None:
     assert q.tasker is not None
     sleeper = q.submit("--", "sleep", "60")
-    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "running")
     q.tasker.send_signal(signal.SIGSTOP)  # the tasker cannot come back until we say so
     try:
         os.kill(q.server_pid(), signal.SIGKILL)
-        wait_until(lambda: q.crq("list").returncode == 1, timeout=20)
+        wait_until(lambda: q.crq("list").returncode == 1)
         starter = q.spawn("ncmgr", *q.start_args())
-        wait_until(lambda: "mode      recovering" in q.ncmgr("status").stdout, timeout=30)
+        wait_until(lambda: "mode      recovering" in q.ncmgr("status").stdout)
         out = q.crq("submit", "--", "true")
         assert out.returncode == 1
         assert out.stderr.startswith(f"crq: queue {q.name} is in crash recovery (0/1 taskers back")
         assert out.stderr.rstrip().endswith("retry later or use --wait")
         patient = q.spawn("cli", "submit", "--wait", "--", "true")
         assert patient.stderr is not None
-        ready, _, _ = select.select([patient.stderr], [], [], 30)
+        ready, _, _ = select.select([patient.stderr], [], [], PATIENCE)
         assert ready, "submit --wait said nothing while the server recovers"
         first_line = patient.stderr.readline()
         assert b"is in crash recovery" in first_line and b"waiting to submit" in first_line
         assert patient.poll() is None
     finally:
         q.tasker.send_signal(signal.SIGCONT)
-    stdout, stderr = starter.communicate(timeout=60)
+    stdout, stderr = starter.communicate(timeout=CMD_TIMEOUT)
     assert starter.returncode == 0, stderr
     assert b"recovering: 0/1 taskers back" in stdout
     assert b"crash recovery finished; report:" in stdout
-    stdout, stderr = patient.communicate(timeout=60)
+    stdout, stderr = patient.communicate(timeout=CMD_TIMEOUT)
     assert patient.returncode == 0, stderr
     job = q.job(int(stdout.split()[0]))
     assert job["state"] == "done"
