@@ -62,6 +62,14 @@ class Cluster:
         cmd = f'echo "$CRQ_JOB_ID:$CRQ_ATTEMPT" >> {self.runs}; sleep {sleep}'
         return {"command": cmd, "cwd": str(self.work)}
 
+    def held(self) -> dict[str, Any]:
+        """A job that runs until the test touches ``gate``: it outlives a restart however
+        slow the machine is."""
+        gate = self.tmp / "gate"
+        cmd = f'echo "$CRQ_JOB_ID:$CRQ_ATTEMPT" >> {self.runs}; '
+        cmd += f"while [ ! -e {gate} ]; do sleep 0.05; done"
+        return {"command": cmd, "cwd": str(self.work)}
+
     def submit_loop(self, sleep: float = 0.05, batch: int = 3) -> None:
         """Submit until told to stop; keep only acknowledged ids."""
 
@@ -194,6 +202,7 @@ def test_kill_during_submits_and_dispatch(
 ) -> None:
     c = cluster_factory()
     c.submit_loop(sleep=0.1)
+    wait_until(lambda: c.acked)  # submitting is under way, however busy the machine is
     time.sleep(delay)
     c.srv.kill9()
     c.stop_submitting()
@@ -300,7 +309,7 @@ def test_queue_order_survives_kill(tmp_path: Path) -> None:
 
 def test_recovery_ends_as_soon_as_taskers_are_back(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory("--recovery-grace", "120")
-    c.acked += c.srv.submit(*[c.spec(3) for _ in range(4)])
+    c.acked += c.srv.submit(*[c.held() for _ in range(4)])
     wait_until(lambda: all(c.srv.request("GET", f"/jobs/{i}")["pid"] for i in c.acked))
     c.srv.kill9()
     began = time.monotonic()
@@ -308,6 +317,7 @@ def test_recovery_ends_as_soon_as_taskers_are_back(cluster_factory: Callable[...
     assert time.monotonic() - began < 15, "recovery waited for the grace period"
     rep = _check_report(c)
     assert rep["jobs"]["reattached"] == 4
+    (c.tmp / "gate").touch()
     c.check()
 
 

@@ -179,14 +179,17 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
     the frozen tasker's late results (exit 7) are refused, and it takes new work."""
     rig: Rig = rig_factory(*FAST)
     frozen = rig.tasker("frozen", "--slots", "2", "--resources", "sideA")
-    # attempt 1 exits 7 after a while; attempt 2 exits 0 at once
-    cmd = '[ "$CRQ_ATTEMPT" = 1 ] && { sleep 1.5; exit 7; }; exit 0'
+    # attempt 1 exits 7 once the tasker is frozen (the gate opens); attempt 2 exits 0 at once
+    gate = rig.tmp / "gate"
+    wait_gate = f"until [ -e {gate} ]; do sleep 0.02; done"
+    cmd = f'[ "$CRQ_ATTEMPT" = 1 ] && {{ {wait_gate}; exit 7; }}; exit 0'
     ids = rig.srv.submit(*[rig.spec(cmd)] * 2)
     pids = [wait_until(lambda i=i: rig.running_on(i, "frozen"))["pid"] for i in ids]
     other = rig.tasker("other", "--slots", "2")
     wait_until(lambda: rig.tasker_state("other") == "ready")
     assert frozen.proc is not None
     os.kill(frozen.proc.pid, signal.SIGSTOP)
+    gate.touch()
     jobs = [rig.srv.wait(i) for i in ids]
     for j in jobs:
         assert (j["state"], j["exit_code"], j["attempt"], j["tasker"]) == (

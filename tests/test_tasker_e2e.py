@@ -49,6 +49,12 @@ def spec(cwd: Path, command: object, **kw: object) -> dict[str, object]:
     return {"command": command, "cwd": str(cwd), "env": {"PATH": os.environ["PATH"]}, **kw}
 
 
+def gated(work: Path, then: str) -> str:
+    """A job that runs until the test touches ``work/gate``, then ``then``: it outlives a
+    restart of either side however slow the machine is."""
+    return f"while [ ! -e {work / 'gate'} ]; do sleep 0.02; done; {then}"
+
+
 def running(srv: CrqServer, job: int) -> dict | None:
     j = srv.request("GET", f"/jobs/{job}")
     return j if j["state"] == "running" and j["pid"] else None
@@ -81,10 +87,12 @@ def test_dispatch_is_prompt(srv: CrqServer, tasker: Tasker, work: Path) -> None:
 
 
 def test_tasker_kill9_readopts_running_job(srv: CrqServer, tasker: Tasker, work: Path) -> None:
-    (job,) = srv.submit(spec(work, "sleep 1.5; echo done"))
+    (job,) = srv.submit(spec(work, gated(work, "echo done")))
     pid = wait_until(lambda: running(srv, job))["pid"]
     tasker.kill9()
     tasker.start()
+    wait_until(lambda: "re-adopted" in tasker.log())
+    (work / "gate").touch()
     j = srv.wait(job)
     assert (j["state"], j["exit_code"], j["attempt"], j["pid"]) == ("done", 0, 1, pid)
     assert (work / f"crq.{job}.log").read_text() == "done\n"
@@ -126,13 +134,14 @@ def test_stop_kills_the_running_job(srv: CrqServer, tasker: Tasker, work: Path) 
 
 
 def test_sigterm_leaves_jobs_running(srv: CrqServer, tasker: Tasker, work: Path) -> None:
-    (job,) = srv.submit(spec(work, "sleep 1; echo ok"))
+    (job,) = srv.submit(spec(work, gated(work, "echo ok")))
     pid = wait_until(lambda: running(srv, job))["pid"]
     t0 = time.monotonic()
     assert tasker.term() == 0
     assert time.monotonic() - t0 < 2
     os.kill(pid, 0)  # still there
     assert "Traceback" not in tasker.log()
+    (work / "gate").touch()
     tasker.start()
     assert srv.wait(job)["state"] == "done"
     assert (work / f"crq.{job}.log").read_text() == "ok\n"
@@ -242,13 +251,14 @@ def test_reboot_reports_lost_jobs_at_once(srv: CrqServer, tasker: Tasker, work: 
 def test_freeze_stop_keeps_jobs_for_the_next_server(
     srv: CrqServer, tasker: Tasker, work: Path
 ) -> None:
-    (job,) = srv.submit(spec(work, "sleep 1.5; echo kept"))
+    (job,) = srv.submit(spec(work, gated(work, "echo kept")))
     pid = wait_until(lambda: running(srv, job))["pid"]
     srv.stop(freeze=True)
     time.sleep(0.3)
     assert tasker.proc is not None and tasker.proc.poll() is None
     assert alive(pid)
     srv.start(port=free_port())
+    (work / "gate").touch()
     j = srv.wait(job)
     assert (j["state"], j["attempt"], j["pid"]) == ("done", 1, pid)
     assert (work / f"crq.{job}.log").read_text() == "kept\n"

@@ -165,14 +165,18 @@ def test_restart_registers_with_the_running_job(stage: tuple[Stage, str], tmp_pa
     t = _tasker(tmp_path, url)
     try:
         wait_until(lambda: st.registers)
+        gate = work / "gate"  # the job outlives the restart however slow the machine is
         with st.lock:
-            st.to_dispatch.append(dispatch(7, work, ["sleep", "1"]))
+            st.to_dispatch.append(
+                dispatch(7, work, ["sh", "-c", f"until [ -e {gate} ]; do sleep 0.02; done"])
+            )
         started = wait_until(lambda: [r for _, b in st.syncs for r in b["started"]])
         t.kill9()
         t = _tasker(tmp_path, url)
         wait_until(lambda: len(st.registers) >= 2)
         (running,) = st.registers[-1]["running"]
         assert running["pid"] == started[0]["pid"] and running["job"] == 7
+        gate.touch()
         wait_until(lambda: _finished_reports(st, (7, 1)))
     finally:
         t.kill9()
