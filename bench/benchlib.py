@@ -273,7 +273,7 @@ class ServerDied(RuntimeError):
 
 @dataclass
 class Server:
-    """One ``python -m server`` in the foreground, on a free loopback port."""
+    """One ``python -m crq.server`` in the foreground, on a free loopback port."""
 
     swd: Path
     port: int = field(default_factory=free_port)
@@ -305,7 +305,7 @@ class Server:
         cmd = [
             PY,
             "-m",
-            "server",
+            "crq.server",
             "--queue",
             self.queue,
             "--swd",
@@ -441,7 +441,7 @@ class Tasker:
         cmd = [
             PY,
             "-m",
-            "tasker",
+            "crq.tasker",
             "--swd",
             str(self.swd),
             "--name",

@@ -28,6 +28,7 @@ MODERATE: dict[str, list[str]] = {
     "memory": ["--jobs", "200000"],
     "recovery": ["--sizes", "10000,100000", "--snapshot-size", "100000", "--tasker-size", "10000"],
     "checkpoint": ["--jobs", "200000"],
+    "bigbatch": ["--jobs", "100000", "--repeat", "2"],
 }
 FULL: dict[str, list[str]] = {
     "submit": ["--seconds", "10"],
@@ -43,6 +44,7 @@ FULL: dict[str, list[str]] = {
         "100000",
     ],
     "checkpoint": ["--jobs", "1000000"],
+    "bigbatch": ["--jobs", "100000", "--repeat", "3"],
 }
 
 

@@ -1,6 +1,6 @@
 """crq's Python client and command-line tools.
 
-``from client import Client`` loads httpx only when the client is first used.
+``from crq.client import Client`` loads httpx only when the client is first used.
 """
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from client.api import Client, CrqError
+    from crq.client.api import Client, CrqError
 
 __all__ = ["Client", "CrqError"]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from client import api
+        from crq.client import api
 
         return getattr(api, name)
     raise AttributeError(name)

@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from client import registry, wire
-from client.errors import CrashRecovery, CrqError
+from crq.client import registry
+from crq.client.errors import CrashRecovery, CrqError
+
+from crq import __version__, wire
 
 if TYPE_CHECKING:
     import httpx
 
 __all__ = ["Client", "CrqError", "CrashRecovery", "login"]
 
-VERSION = "0.1.0"
+VERSION = __version__
 #: Longest single long poll we ask for; the server caps it at 300 s.
 LONG_POLL_MAX = 60
 #: After the server has answered once, how long wait()/wait_all() ride out its absence.

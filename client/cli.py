@@ -13,11 +13,20 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from client import wire
-from client.clitools import ProgressLine, fail, format_ids, parse_ids, positive_int, run, seconds
-from client.errors import CrashRecovery, CrqError
-from client.table import (
+from crq.client.clitools import (
+    ProgressLine,
+    UsageError,
+    fail,
+    format_ids,
+    parse_ids,
+    positive_int,
+    run,
+    seconds,
+)
+from crq.client.errors import CrashRecovery, CrqError
+from crq.client.table import (
     ago,
     cell,
     clip,
@@ -29,8 +38,10 @@ from client.table import (
     when,
 )
 
+from crq import wire
+
 if TYPE_CHECKING:
-    from client.api import Client
+    from crq.client.api import Client
 
 #: Waiting on at least this many jobs shows a progress line on stderr.
 PROGRESS_FROM = 10
@@ -74,6 +85,28 @@ def _ids(text: str) -> list[int]:
     return parse_ids([text])
 
 
+def server_url_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a server URL (``host:port`` is one), or None."""
+    url = text.strip()
+    try:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        parts.port  # noqa: B018 -- raises on a bad port
+    except ValueError as e:
+        return f"{text!r} is not a URL: {e}"
+    if parts.scheme not in ("http", "https"):
+        return f"{text!r} is not an http:// or https:// URL"
+    if not parts.hostname:
+        return f"{text!r} is not a URL: no host"
+    return None
+
+
+def _server_url(text: str) -> str:
+    problem = server_url_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crq",
@@ -81,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The server is --server, else $CRQ_SERVER, else $CRQ_QUEUE (or vnc) looked up "
         "in the registry written by `ncmgr start`.",
     )
-    parser.add_argument("--server", metavar="URL", help="server URL (overrides CRQ_SERVER)")
+    parser.add_argument(
+        "--server", type=_server_url, metavar="URL", help="server URL (overrides CRQ_SERVER)"
+    )
     parser.add_argument("--queue", "-q", metavar="Q", help="queue name (overrides CRQ_QUEUE)")
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
@@ -174,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    from client.api import Client
+    from crq.client.api import Client
+
+    env_url = os.environ.get("CRQ_SERVER")
+    if not args.server and env_url and (problem := server_url_problem(env_url)):
+        raise UsageError(f"CRQ_SERVER: {problem}")
 
     client = Client(url=args.server, queue=args.queue)
     client.notify = lambda line: print(f"crq: {line}", file=sys.stderr, flush=True)
@@ -212,14 +251,27 @@ def job_env(
 
 
 def read_commands(path: str) -> list[str]:
-    """Non-blank, non-comment lines of ``path`` (``-`` = stdin)."""
-    if path == "-":
-        text = sys.stdin.read()
-    else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    stripped = (line.strip() for line in text.splitlines())
-    return [line for line in stripped if line and not line.startswith("#")]
+    """Non-blank, non-comment lines of ``path`` (``-`` = stdin). A file that cannot be read,
+    is not UTF-8 or has a NUL byte is a usage error: nothing is sent."""
+    where = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--file {where}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"--file {where}: {e.strerror or e}") from None
+    commands = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if "\0" in line:
+            raise UsageError(f"--file {where}: line {number} has a NUL byte")
+        if line and not line.startswith("#"):
+            commands.append(line)
+    return commands
 
 
 def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -240,7 +292,7 @@ def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
     if args.file:
         commands: list[str | list[str]] = list(read_commands(args.file))
         if not commands:
-            raise CrqError(f"{args.file}: no commands (blank and # lines are skipped)")
+            raise UsageError(f"{args.file}: no commands (blank and # lines are skipped)")
     else:
         commands = [command_of(args.command)]
     specs = []

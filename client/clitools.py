@@ -10,15 +10,20 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from client.errors import CrashRecovery, CrqError
+from crq.client.errors import CrashRecovery, CrqError
 
 PREFIX = "crq"
 
 
-def fail(message: str) -> int:
-    """Print one ``crq: …`` line on stderr; return exit status 1."""
+class UsageError(Exception):
+    """A command line that cannot work as given (a bad value, an unreadable ``--file``):
+    exit status 2, like argparse's own errors, so that scripts can tell it from a failure."""
+
+
+def fail(message: str, status: int = 1) -> int:
+    """Print one ``crq: …`` line on stderr; return exit status ``status`` (1: failure)."""
     print(f"{PREFIX}: {' '.join(str(message).split())}", file=sys.stderr)
-    return 1
+    return status
 
 
 def say(message: str) -> None:
@@ -69,12 +74,15 @@ def as_typed(check: Callable[[str], object]) -> Callable[[str], str]:
 
 
 def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a subcommand, turning every failure into one line on stderr and an exit status.
+    """Run a subcommand, turning every failure into one line on stderr and an exit status:
+    2 for a usage error, 1 for a failure (the server refused, or is not there).
 
     ``CRQ_DEBUG=1`` shows the traceback of unexpected errors.
     """
     try:
         return body(args)
+    except UsageError as e:
+        return fail(str(e), status=2)
     except CrashRecovery as e:
         return fail(f"{e.summary()}; retry later")
     except CrqError as e:

@@ -1,6 +1,6 @@
 """``ncmgr``: start, stop and inspect the server of a queue (SPEC sections 2 and 5).
 
-``ncmgr start`` runs ``python -m server …`` in its own session, output in
+``ncmgr start`` runs ``python -m crq.server …`` in its own session, output in
 ``<swd>/logs/server.out``, and returns once the server is open for clients (showing crash
 recovery progress meanwhile). Defaults: queue ``$CRQ_QUEUE`` or ``vnc``; swd, host and port
 from the registry when the queue is registered there, else ``./<queue>.swd``, ``127.0.0.1``
@@ -22,13 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client import registry, wire
-from client.clitools import as_typed, fail, positive_int, run, say, seconds
-from client.errors import CrqError, recovery_progress
-from client.table import key_values, when
+from crq.client import registry
+from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
+from crq.client.errors import CrqError, recovery_progress
+from crq.client.table import key_values, when
+
+from crq import procfs, wire
 
 if TYPE_CHECKING:
-    from client.api import Client
+    from crq.client.api import Client
 
 START_TIMEOUT = 60.0  # give up on a server that neither opens nor works for this long
 START_CAP = 1800.0  # and on one still not open after this long, however busy
@@ -37,7 +39,7 @@ DEFAULT_GRACE = 120.0
 POLL = 0.1
 DEFAULT_HOST = "127.0.0.1"
 
-#: ``ncmgr start`` settings passed through to ``python -m server``: (flag, kind, help).
+#: ``ncmgr start`` settings passed through to ``python -m crq.server``: (flag, kind, help).
 SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("--recovery-grace", "seconds", "how long recovery waits for taskers (default 120)"),
     ("--tasker-timeout", "seconds", "silence before a tasker's jobs are recovered (default 90)"),
@@ -167,7 +169,7 @@ class Place:
         return str(token) if token else None
 
     def client(self, url: str | None = None, timeout: float = 10.0) -> Client:
-        from client.api import Client
+        from crq.client.api import Client
 
         return Client(
             url=url or self.url, token=self.token() or "", queue=self.queue, timeout=timeout
@@ -175,7 +177,7 @@ class Place:
 
 
 def _client(place: Place, url: str, token: str | None) -> Client:
-    from client.api import Client
+    from crq.client.api import Client
 
     return Client(url=url, token=token or "", queue=place.queue, timeout=5.0)
 
@@ -240,7 +242,7 @@ def local_url(host: str, port: int) -> str:
 
 
 def server_command(args: argparse.Namespace, place: Place, host: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "server", "--queue", place.queue, "--swd", str(place.swd.root)]
+    cmd = [sys.executable, "-m", "crq.server", "--queue", place.queue, "--swd", str(place.swd.root)]
     cmd += ["--host", host, "--port", str(port)]
     for flag, kind, _ in SETTINGS:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -337,15 +339,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _spawn_and_watch(args, place, cmd, host, int(port), url)
 
 
-def _cpu_ticks(pid: int) -> int | None:
-    """User + system CPU time of ``pid`` in clock ticks (None without procfs)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _give_up(proc: subprocess.Popen[bytes], message: str) -> int:
     """Fail a start in one line, killing the server it spawned: a failed ``ncmgr start``
     leaves nothing running (its session holds the server and any checkpoint child)."""
@@ -384,7 +377,7 @@ def _spawn_and_watch(
     stall = max(0.0, float(args.timeout))
     cap = time.monotonic() + START_CAP + grace
     deadline = time.monotonic() + stall + grace
-    ticks = _cpu_ticks(proc.pid)
+    ticks = procfs.cpu_ticks(proc.pid)
     public = url
     answered = False
     registered = False
@@ -398,7 +391,7 @@ def _spawn_and_watch(
             if code is not None:
                 reason = last_reason(log, offset)
                 return fail(f"queue {place.queue} did not start: {reason} (log: {log})")
-            now_ticks = None if answered else _cpu_ticks(proc.pid)
+            now_ticks = None if answered else procfs.cpu_ticks(proc.pid)
             if now_ticks is not None and now_ticks != ticks:  # still loading: wait on
                 ticks = now_ticks
                 deadline = max(deadline, min(cap, time.monotonic() + stall))
@@ -597,8 +590,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if args.reset_lock:
         if actions:
             return fail("--reset-lock goes alone")
-        from server.cleanup import reset_lock
-        from server.recovery import LockError
+        from crq.server.cleanup import reset_lock
+        from crq.server.recovery import LockError
 
         try:
             say(f"{reset_lock(place.swd)} ({place.swd.recovery_lock})")
@@ -636,10 +629,10 @@ def _cleanup_standalone(place: Place, action: str, arg: str | None) -> dict[str,
     if not place.swd.trace.is_dir():
         fail(f"{place.swd.root} has no trace.db: not a server working directory (use --swd)")
         return None
-    from server.cleanup import run_standalone
-    from server.models import BadRequest
-    from server.recovery import LockError
-    from server.replay import ReplayError
+    from crq.server.cleanup import run_standalone
+    from crq.server.models import BadRequest
+    from crq.server.recovery import LockError
+    from crq.server.replay import ReplayError
 
     try:
         return run_standalone(place.swd.root, action, arg)
@@ -651,7 +644,7 @@ def _cleanup_standalone(place: Place, action: str, arg: str | None) -> dict[str,
 
 
 def _print_incomplete(rows: list[dict[str, Any]]) -> None:
-    from client.table import ago, format_table
+    from crq.client.table import ago, format_table
 
     if not rows:
         print("every running attempt is confirmed by a live tasker")

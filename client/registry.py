@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from client import wire
-from client.errors import CrqError
+from crq.client.errors import CrqError
+
+from crq import wire
 
 REGISTRY_FILE = "registry.json"
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from client import registry
-from client.clitools import fail, run
-from client.table import format_table
+from crq.client import registry
+from crq.client.clitools import fail, run
+from crq.client.table import format_table
 
 UP_TIMEOUT = 0.5
 
@@ -98,7 +98,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_sanity(args: argparse.Namespace) -> int:
-    from client.api import Client
+    from crq.client.api import Client
 
     with Client(url=args.server) as client:
         result = client.sanity(fix=args.fix)

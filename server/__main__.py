@@ -1,5 +1,5 @@
 import sys
 
-from server.main import main
+from crq.server.main import main
 
 sys.exit(main())

@@ -9,28 +9,50 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+from crq.server import commands
+from crq.server.engine import Engine, Link
+from crq.server.httplimits import BodyLimit
+from crq.server.models import (
+    MAX_BODY,
+    TASKER_NAME,
+    BadRequest,
+    Register,
+    StopServer,
+    Sync,
+    describe,
+    parse_json,
+    validate,
+)
+from crq.server.openapi import allowed_methods, install_openapi
+from crq.server.settings import Settings
+from crq.server.state import TASKER_LOST, Job, State, Tasker
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, Response
 
-from client.wire import MODE_NORMAL, MODE_RECOVERING, QUEUED, USER_HEADER
-from server import commands
-from server.engine import Engine, Link
-from server.models import BadRequest, Register, Sync, parse_json, parse_submit, validate
-from server.settings import Settings
-from server.state import TASKER_LOST, Job, State
+from crq import __version__
+from crq.wire import (
+    JOB_STATES,
+    MODE_NORMAL,
+    MODE_RECOVERING,
+    QUEUED,
+    SESSION_HEADER,
+    USER_HEADER,
+)
 
 log = logging.getLogger("crq.http")
 STATIC = Path(__file__).parent / "static"
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class JSON(Response):
@@ -65,7 +87,7 @@ class Server:
         self.checkpoints = {"written": 0, "failed": 0}  # forked checkpoints since start
 
     def _sanity(self, fix: bool) -> dict[str, Any]:
-        from server import sanity
+        from crq.server import sanity
 
         engine = self.engine
         return sanity.check(engine.state, set(engine.links), fix, engine.emit).as_dict()
@@ -76,10 +98,13 @@ class Server:
 
 
 def _token(request: Request) -> bytes:
-    auth = request.headers.get("authorization", "")
-    if not auth.startswith("Bearer "):
+    """The credentials of ``Authorization: Bearer <token>``; the scheme is case-insensitive
+    (RFC 7235), so ``bearer`` and ``BEARER`` do too."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise BadRequest(401, "unauthorized", "missing bearer token (Authorization: Bearer …)")
-    return auth[7:].strip().encode()
+    return token.encode()
 
 
 def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
@@ -119,6 +144,7 @@ def log_path(job_id: int, spec: dict[str, Any]) -> str:
 
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
+BIG_BODY = 1 << 20  # a submit body over this is parsed and applied with the collector paused
 
 
 def create_app(srv: Server) -> FastAPI:
@@ -129,6 +155,8 @@ def create_app(srv: Server) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
+    install_openapi(app, lambda: srv.state.global_total)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
     engine = srv.engine
     api = "/api/v1"
 
@@ -142,14 +170,16 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> Response:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return error(422, "invalid", f"{where}: {err['msg']}")
+        return error(422, "invalid", describe(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}")
+        resp = error(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}")
+        resp.headers.update(e.headers or {})
+        if e.status_code == 405:  # every method of the path, not only the first route's
+            resp.headers["Allow"] = allowed_methods(app, request.scope)
+        return resp
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> Response:
@@ -198,11 +228,29 @@ def create_app(srv: Server) -> FastAPI:
         user = client(request)
         if engine.shutting_down:
             raise BadRequest(503, "stopping", "the server is stopping")
-        batch = parse_submit(parse_json(await request.body()))
-        events, ids = commands.submit(srv.state, batch, user, time.time())
-        engine.emit(events)
+        body = await request.body()
+        if len(body) <= BIG_BODY:
+            ids = await _submit(parse_json(body), user)
+        else:
+            with commands.collector_paused():
+                ids = await _submit(parse_json(body), user)
         await engine.durable()
         return JSON({"ids": ids}, status_code=201)
+
+    async def _submit(data: Any, user: str) -> list[int]:
+        """A batch of more than SLICE jobs is checked, and its envs defined, in slices that
+        let other requests through, then applied as one submit event: still all accepted
+        or all refused, its ids contiguous."""
+        sub = await commands.submit_sliced(srv.state, data, user)
+        if len(sub.rows) > commands.SLICE:
+            if engine.shutting_down:  # while it was checked
+                raise BadRequest(503, "stopping", "the server is stopping")
+            for envs in sub.env_slices(srv.state):
+                engine.emit(envs)
+                await asyncio.sleep(0)
+        events, ids = sub.events(srv.state, time.time())
+        engine.emit(events)
+        return ids
 
     app.add_route(api + "/jobs", submit, methods=["POST"])
 
@@ -215,6 +263,8 @@ def create_app(srv: Server) -> FastAPI:
         after: int = 0,
     ) -> Response:
         client(request)
+        if state is not None and state not in JOB_STATES:
+            raise BadRequest(400, "invalid", f"state: must be one of {', '.join(JOB_STATES)}")
         limit = max(1, min(limit, 10_000))
         out = []
         nxt = None
@@ -341,8 +391,7 @@ def create_app(srv: Server) -> FastAPI:
     async def server_stop(request: Request) -> Response:
         admin(request)
         body = await request.body()
-        data = parse_json(body) if body else {}
-        freeze = bool(data.get("freeze")) if isinstance(data, dict) else False
+        freeze = validate(StopServer, parse_json(body) if body else {}).freeze
         srv.request_stop(freeze)
         return JSON({"stopping": True, "freeze": freeze})
 
@@ -357,7 +406,7 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.get(api + "/cleanup")
     async def cleanup_list(request: Request) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         admin(request)
         contact = {n: link.last_contact for n, link in engine.links.items()}
@@ -366,7 +415,7 @@ def create_app(srv: Server) -> FastAPI:
         return JSON({"incomplete": out})
 
     async def _cleanup(request: Request, make: Callable[[], list[Any]]) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         admin(request)
         events = make()
@@ -380,13 +429,13 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.post(api + "/cleanup/jobs/{job_id}")
     async def cleanup_job(request: Request, job_id: int) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         return await _cleanup(request, lambda: cleanup.recover_job(srv.state, job_id, time.time()))
 
     @app.post(api + "/cleanup/hosts/{host}")
     async def cleanup_host(request: Request, host: str) -> Response:
-        from server import cleanup
+        from crq.server import cleanup
 
         return await _cleanup(request, lambda: cleanup.dead_host(srv.state, host, time.time()))
 
@@ -396,26 +445,51 @@ def create_app(srv: Server) -> FastAPI:
         name = request.path_params["name"]
         tasker_auth(request)
         _check_name(name)
+        secret = _session_secret(request)
         body = validate(Register, parse_json(await request.body()))
+        issued = None
+        if not secret:  # a tasker without a secret of its own gets one made here
+            secret = issued = secrets.token_urlsafe(32)
+        session = commands.session_hash(secret)
         now = time.time()
-        out = commands.register(srv.state, name, body, now)
+        link = engine.links.get(name)
+        silent_for = now - (link.last_contact if link is not None else srv.started_at)
+        held = srv.state.taskers.get(name)
+        try:
+            out = commands.register(
+                srv.state, name, body, now, session, silent_for, srv.settings.tasker_timeout
+            )
+        except commands.NameInUse as e:
+            log.warning("tasker %s from host %s pid %s refused: %s", name, body.host, body.pid, e)
+            resp = error(e.status, e.code, e.message)
+            resp.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after)))
+            return resp
+        if held is not None and held.session and held.session != session:
+            log.warning(
+                "tasker %s taken over by a new session (host %s pid %s); the old one "
+                "(host %s pid %s) was %s",
+                name, body.host, body.pid, held.host, held.pid,
+                held.state if held.state == TASKER_LOST else f"silent {silent_for:.0f} s",
+            )  # fmt: skip
+            if link is not None:
+                link.kill.clear()  # orders for the old session's attempts, recovered now
         engine.emit(out.events)
         srv.on_register(name, body, out)
-        link = engine.links.get(name)
         if link is None:
             link = engine.links[name] = Link(name)
         link.last_contact = now
         link.generation += 1
         link.wake.set()
         await engine.durable()
-        return JSON(
-            {
-                "kill": [{"job": j, "attempt": a} for j, a in sorted(out.kill)],
-                "ack": [{"job": j, "attempt": a} for j, a in out.ack],
-                "heartbeat": srv.settings.heartbeat,
-                "instance": srv.instance,
-            }
-        )
+        answer = {
+            "kill": [{"job": j, "attempt": a} for j, a in sorted(out.kill)],
+            "ack": [{"job": j, "attempt": a} for j, a in out.ack],
+            "heartbeat": srv.settings.heartbeat,
+            "instance": srv.instance,
+        }
+        if issued is not None:
+            answer["session"] = issued
+        return JSON(answer)
 
     async def sync(request: Request) -> Response:
         name = request.path_params["name"]
@@ -426,18 +500,23 @@ def create_app(srv: Server) -> FastAPI:
         link = engine.links.get(name)
         if tasker is None or link is None or tasker.state == TASKER_LOST:
             raise BadRequest(409, "unknown_tasker", f"tasker {name} must register first")
+        session = _sync_session(request, tasker)
         now = time.time()
         link.last_contact = now
         link.generation += 1
         generation = link.generation
-        out = commands.reports(st, name, body.started, body.finished, now)
+        out = commands.reports(st, name, body.started, body.finished, now, session=session)
         engine.emit(out.events)
         reported = {(r.job, r.attempt) for r in body.started} | {
             (r.job, r.attempt) for r in body.finished
         }
         deadline = now + min(body.wait, srv.settings.heartbeat * 3)
+        replaced = False
         while True:
             link.wake.clear()
+            if tasker.session != session:  # taken over meanwhile: its orders are not ours
+                replaced, send, kill = True, [], set(out.kill)
+                break
             send, kill = commands.sync_orders(st, name, body.running, reported)
             kill |= out.kill | link.kill
             left = deadline - time.time()
@@ -454,9 +533,11 @@ def create_app(srv: Server) -> FastAPI:
                 await asyncio.wait_for(link.wake.wait(), left)
             except TimeoutError:
                 pass
-        link.kill -= kill
+        if not replaced:
+            link.kill -= kill
         await engine.durable()
-        link.last_contact = time.time()
+        if tasker.session == session:
+            link.last_contact = time.time()
         return JSON(
             {
                 "dispatch": [dispatch_json(st, job) for job in send],
@@ -485,7 +566,7 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        from server.metrics import render
+        from crq.server.metrics import render
 
         body, content_type = render(srv)
         return Response(body, media_type=content_type)
@@ -517,8 +598,36 @@ class Recovering(Exception):
         self.progress = progress
 
 
+def _session_secret(request: Request) -> str:
+    """The session secret a tasker request shows ("" if none); a malformed one is refused."""
+    secret = request.headers.get(SESSION_HEADER, "")
+    if secret and not (
+        16 <= len(secret) <= 256 and all(c.isascii() and (c.isalnum() or c in "-_") for c in secret)
+    ):
+        raise BadRequest(
+            422, "invalid", f"{SESSION_HEADER}: 16 to 256 characters of A-Z a-z 0-9 - _"
+        )
+    return secret
+
+
+def _sync_session(request: Request, tasker: Tasker) -> str:
+    """The hash of the request's session, which must be the one holding the name."""
+    secret = _session_secret(request)
+    session = commands.session_hash(secret) if secret else ""
+    if not session or not hmac.compare_digest(session, tasker.session):
+        why = "shows no session" if not secret else "shows another session"
+        raise BadRequest(
+            409,
+            "wrong_session",
+            f"tasker name {tasker.name} is held by the session that registered it (host "
+            f"{tasker.host}, pid {tasker.pid}); this request {why} ({SESSION_HEADER}): "
+            "register first",
+        )
+    return session
+
+
 def _check_name(name: str) -> None:
-    if not name or len(name) > 128 or not all(c.isalnum() or c in "._-@" for c in name):
+    if not TASKER_NAME.fullmatch(name):
         raise BadRequest(422, "invalid", f"bad tasker name {name[:40]!r}")
 
 

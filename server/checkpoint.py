@@ -17,16 +17,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.wire import DONE, RUNNING
-from server import snapshot
-from server.journal import HEADER, fsync_dir, list_segments
-from server.state import Event, State
+from crq.server import snapshot
+from crq.server.journal import first_seq, fsync_dir, list_segments
+from crq.server.state import Event, State
+
+from crq.wire import DONE, RUNNING
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
     from typing import Any
 
-    from server.app import Server
+    from crq.server.app import Server
 
 log = logging.getLogger("crq.checkpoint")
 
@@ -48,7 +49,13 @@ def release_running(state: State, now: float) -> list[Event]:
 
 
 def prune(trace: Path) -> None:
-    """Keep the newest two snapshots and the journal segments after the older one."""
+    """Keep the newest two snapshots and the journal segments after the older one.
+
+    An old segment goes once the next readable segment starts within what the snapshot
+    covers; an empty one (a server killed before its first event) holds nothing and goes
+    too, and one whose start is unreadable is judged by the segments after it. Neither may
+    stop pruning for good. The newest segment, the one being written, always stays.
+    """
     snaps = snapshot.list_snapshots(trace)
     keep = snaps[-snapshot.KEEP :]
     for old in snaps[: -snapshot.KEEP]:
@@ -57,20 +64,18 @@ def prune(trace: Path) -> None:
         return
     covered = snapshot.snapshot_seq(keep[0])
     segments = list_segments(trace)
-    for seg, nxt in zip(segments, segments[1:], strict=False):
-        first_next = _first_seq(nxt)
-        if first_next is None or first_next - 1 > covered:
+    firsts = [first_seq(seg) for seg in segments]
+    for i, seg in enumerate(segments[:-1]):
+        if seg.stat().st_size == 0:
+            seg.unlink(missing_ok=True)
+            continue
+        later = next((f for f in firsts[i + 1 :] if f is not None), None)
+        if later is None or later - 1 > covered:
             break
         seg.unlink(missing_ok=True)
     for tmp in trace.glob(".snapshot.*.tmp"):
         tmp.unlink(missing_ok=True)
     fsync_dir(trace)
-
-
-def _first_seq(path: Path) -> int | None:
-    with open(path, "rb") as f:
-        head = f.read(HEADER.size)
-    return HEADER.unpack(head)[2] if len(head) == HEADER.size else None
 
 
 async def write_forked(srv: Server) -> Path | None:
@@ -99,6 +104,8 @@ async def write_forked(srv: Server) -> Path | None:
     srv.checkpoints["written"] += 1
     await engine.durable()
     prune(trace)
+    if engine.marker is not None:
+        await engine.marker.write()
     path = snapshot.list_snapshots(trace)[-1]
     log.info("checkpoint %s written in %.2f s", path.name, time.time() - started)
     return path
@@ -127,7 +134,9 @@ async def final(srv: Server) -> None:
     engine.journal.close()
     snapshot.write(engine.state, paths.trace, fsync=srv.settings.fsync == "always")
     prune(paths.trace)
-    from server.main import write_atomic
+    if engine.marker is not None:
+        engine.marker.put_now()
+    from crq.server.main import write_atomic
 
     write_atomic(paths.clean_marker, f"{time.time()}\n".encode())
 
@@ -144,6 +153,15 @@ async def _checkpoints(srv: Server) -> None:
             # do not walk a million jobs (1 s pauses otherwise). Jobs hold no cycles.
             gc.freeze()
             frozen_at = time.monotonic()
+
+
+async def _marks(srv: Server) -> None:
+    """The high-water mark follows the journal about every second, off the ack path."""
+    marker = srv.engine.marker
+    while marker is not None:
+        await asyncio.sleep(1.0)
+        if marker.behind():
+            await marker.write()
 
 
 async def _autoforget(srv: Server) -> None:
@@ -175,6 +193,6 @@ async def _autoforget(srv: Server) -> None:
 
 
 def background(srv: Server) -> list[Coroutine[Any, Any, None]]:
-    from server import monitor
+    from crq.server import monitor
 
-    return [_checkpoints(srv), _autoforget(srv), monitor.watch(srv)]
+    return [_checkpoints(srv), _marks(srv), _autoforget(srv), monitor.watch(srv)]

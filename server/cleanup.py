@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.wire import RUNNING, Swd, process_exists
-from server import replay
-from server.events import encode
-from server.journal import Journal
-from server.models import BadRequest
-from server.monitor import lose_tasker
-from server.recovery import LockError, read_lock, take_lock
-from server.state import TASKER_READY, Event, State
+from crq.server import replay
+from crq.server.events import encode
+from crq.server.journal import Journal
+from crq.server.models import BadRequest
+from crq.server.monitor import lose_tasker
+from crq.server.recovery import LockError, boot_id, read_lock, take_lock
+from crq.server.state import TASKER_READY, Event, State
+
+from crq.wire import RUNNING, Swd, process_exists
 
 REASON = "manual cleanup"
 
@@ -113,7 +114,8 @@ def reset_lock(swd: Swd) -> str:
     if held is None:
         return "no recovery lock"
     pid, host = int(held.get("pid") or 0), held.get("host")
-    if host == os.uname().nodename and pid and process_exists(pid):
+    earlier_boot = bool(held.get("boot")) and held.get("boot") != boot_id()  # pid reused
+    if host == os.uname().nodename and pid and process_exists(pid) and not earlier_boot:
         raise LockError(f"recovery lock held by live pid {pid}: not removed")
     if host != os.uname().nodename:
         raise LockError(

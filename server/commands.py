@@ -4,20 +4,46 @@ Nothing here changes the state; the engine applies and journals what is returned
 refused command raises BadRequest and so changes nothing (invariant 6). Reports from
 taskers are fenced by ``(job, attempt)``: only the current attempt on the tasker it was
 sent to may start or finish a job (invariant 4).
+
+A tasker name belongs to the session that registered it: a secret the tasker keeps in its
+state dir and shows at every request; the state keeps only its hash (``Tasker.session``).
+Another session takes the name only from a holder that is lost or silent past the tasker
+timeout, and the takeover recovers every attempt of the old session. So the running
+attempts of a name were all dispatched to its current session, and reports under any
+other session are refused (invariant 9: no one acts as someone else).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import hashlib
+import hmac
+import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from client.wire import FINAL_STATES, QUEUED, RUNNING
-from server.events import spec_bytes
-from server.models import AttemptRef, BadRequest, Batch, Register, ResultReport, RunningReport
-from server.resources import ResourceError
-from server.state import Event, Job, State, env_digest
+from crq.server.events import spec_bytes
+from crq.server.models import (
+    MAX_BATCH,
+    AttemptRef,
+    BadRequest,
+    Batch,
+    JobSpec,
+    Register,
+    ResultReport,
+    RunningReport,
+    parse_submit,
+)
+from crq.server.resources import ResourceError, parse_capacity
+from crq.server.state import TASKER_READY, Event, Job, State, env_digest
+from pydantic import ValidationError
+
+from crq.wire import FINAL_STATES, QUEUED, RUNNING
 
 Ref = tuple[int, int]
 
@@ -29,50 +55,176 @@ def _job(state: State, job_id: int) -> Job:
     return job
 
 
+ID_BLOCK = 10_000  # ids reserved at a time: one high-water mark write per block
+
+
+def reserve_ids(state: State, last: int, now: float) -> list[Event]:
+    """A new block of ids when ``last`` is past the reserved ones (see State._ids)."""
+    if last < state.id_ceiling:
+        return []
+    return [{"e": "ids", "t": now, "ceiling": (last // ID_BLOCK + 1) * ID_BLOCK + 1}]
+
+
+SLICE = 2000  # jobs of a big submit checked between two turns of the event loop
+_gc_pauses = [0, True]  # big submits under way, whether the collector was on before
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while big batches are checked and applied.
+
+    A 100,000-job batch makes a few hundred thousand objects that either live on (jobs)
+    or die by reference count (parsed JSON, pydantic models); none is in a cycle. Left
+    on, the collector ran full passes over all of them, up to 0.35 s each, several per
+    batch. After an accepted batch its jobs are frozen out of the collector's sight (as
+    the checkpoint task does every 30 s) before it is turned back on.
+    """
+    if _gc_pauses[0] == 0:
+        _gc_pauses[1] = gc.isenabled()
+        gc.disable()
+    _gc_pauses[0] += 1
+    accepted = False
+    try:
+        yield
+        accepted = True
+    finally:
+        _gc_pauses[0] -= 1
+        if _gc_pauses[0] == 0 and _gc_pauses[1]:
+            if accepted:  # not after a refusal: its garbage (a traceback's cycles) must go
+                gc.freeze()
+            gc.enable()
+
+
 def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Event], list[int]]:
-    events: list[Event] = []
-    new_envs: dict[str, int] = {}
-    next_env = state.next_env
-    jobs: list[list[object]] = []
-    specs: list[bytes] = []
-    first = state.next_id
+    sub = Submission(batch.env, user, len(batch.jobs))
+    sub.add(state, batch.jobs)
+    return sub.events(state, now)
 
-    def where(i: int) -> str:
-        return f"jobs[{i}]." if len(batch.jobs) > 1 else ""
 
-    for i, spec in enumerate(batch.jobs):
+async def submit_sliced(state: State, data: Any, user: str) -> Submission:
+    """Validate and check a submit body; a big batch in slices, yielding in between.
+
+    In one go, a 100,000-job batch held the event loop for seconds (pydantic, then the
+    checks), and /healthz, syncs and every other request waited. Every job is checked
+    before anything is emitted, so a refused batch still changes nothing.
+    """
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    if not isinstance(jobs, list) or len(jobs) <= SLICE:
+        batch = parse_submit(data)
+        sub = Submission(batch.env, user, len(batch.jobs))
+        sub.add(state, batch.jobs)
+        return sub
+    if len(jobs) > MAX_BATCH:  # said before validating millions of jobs only to refuse them
+        raise BadRequest(
+            422, "invalid", f"jobs: at most {MAX_BATCH} jobs in one submit, not {len(jobs)}"
+        )
+    head = parse_submit({**data, "jobs": jobs[:1]})  # all but the jobs: env, unknown keys
+    specs: list[JobSpec] = []
+    for at in range(0, len(jobs), SLICE):
+        await asyncio.sleep(0)
         try:
-            need = state.needs.get(spec.resources)
-        except ResourceError as e:
-            raise BadRequest(422, "invalid", f"{where(i)}resources: {e}") from None
-        for k, _ in need.globals:
-            if k not in state.global_total:
-                raise BadRequest(422, "invalid", f"{where(i)}resources: unknown resource {k}")
-        env = spec.env if spec.env is not None else batch.env
-        env_id = None
-        if env:
-            digest = env_digest(env)
-            env_id = state.env_by_digest.get(digest) or new_envs.get(digest)
+            specs += Batch.model_validate({"jobs": jobs[at : at + SLICE]}).jobs
+        except ValidationError:
+            parse_submit(data)  # refused: in one go, for the message a small batch would get
+            raise
+    sub = Submission(head.env, user, len(jobs))
+    for at in range(0, len(specs), SLICE):
+        await asyncio.sleep(0)
+        sub.add(state, specs[at : at + SLICE])
+    return sub
+
+
+class Submission:
+    """A submit checked a slice at a time (``add``), then turned into events at once.
+
+    Ids and env ids are given by ``events`` from the state as it is then, so whatever ran
+    between the slices (other submits, forgets), the batch's ids are contiguous and the
+    envs it refers to exist.
+    """
+
+    def __init__(self, batch_env: dict[str, str] | None, user: str, size: int) -> None:
+        self.batch_env = batch_env
+        self.batch_digest = env_digest(batch_env) if batch_env else None
+        self.user = user
+        self.many = size > 1
+        self.rows: list[list[Any]] = []  # the submit event's jobs; id, env as placeholders
+        self.specs: list[bytes] = []
+        self.envs: dict[str, dict[str, str]] = {}  # by digest, in order of first use
+
+    def add(self, state: State, specs: Iterable[JobSpec]) -> None:
+        """Check and convert the next jobs; BadRequest refuses the whole batch."""
+        rows = self.rows
+        for spec in specs:
+            i = len(rows)
+            where = f"jobs[{i}]." if self.many else ""
+            try:
+                need = state.needs.get(spec.resources)
+            except ResourceError as e:
+                raise BadRequest(422, "invalid", f"{where}resources: {e}") from None
+            for k, _ in need.globals:
+                if k not in state.global_total:
+                    raise BadRequest(422, "invalid", f"{where}resources: unknown resource {k}")
+            if spec.env is None:
+                env, digest = self.batch_env, self.batch_digest
+            else:
+                env = spec.env
+                digest = env_digest(env) if env else None
+            if env and digest is not None and digest not in self.envs:
+                self.envs[digest] = env
+            rows.append(
+                [
+                    i,
+                    spec.priority,
+                    need.text,
+                    spec.name or _default_name(spec.command),
+                    digest,
+                    spec.rerunnable,
+                    spec.max_attempts,
+                ]
+            )
+            self.specs.append(
+                spec_bytes(
+                    {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log}
+                )
+            )
+
+    def env_slices(self, state: State) -> Iterator[list[Event]]:
+        """The env events of a big batch, a slice at a time, numbered from the state as it
+        is when each slice is asked for: emit one, yield to the loop, ask for the next.
+        An env defined so, ahead of its jobs, is unused until the submit; one left unused
+        by a crash in between is harmless (as one a torn journal tail can leave)."""
+        items = list(self.envs.items())
+        for at in range(0, len(items), SLICE):
+            events: list[Event] = []
+            next_env = state.next_env
+            for digest, env in items[at : at + SLICE]:
+                if digest not in state.env_by_digest:
+                    events.append({"e": "env", "id": next_env, "env": env})
+                    next_env += 1
+            if events:
+                yield events
+
+    def events(self, state: State, now: float) -> tuple[list[Event], list[int]]:
+        """The env and submit events, numbered from the state now (call once, then emit)."""
+        events = reserve_ids(state, state.next_id + len(self.rows) - 1, now)
+        env_ids: dict[str, int] = {}
+        next_env = state.next_env
+        for digest, env in self.envs.items():
+            env_id = state.env_by_digest.get(digest)
             if env_id is None:
-                env_id = new_envs[digest] = next_env
-                next_env += 1
+                env_id, next_env = next_env, next_env + 1
                 events.append({"e": "env", "id": env_id, "env": env})
-        jobs.append(
-            [
-                first + i,
-                spec.priority,
-                need.text,
-                spec.name or _default_name(spec.command),
-                env_id,
-                spec.rerunnable,
-                spec.max_attempts,
-            ]
+            env_ids[digest] = env_id
+        first = state.next_id
+        for row in self.rows:
+            row[0] += first
+            if row[4] is not None:
+                row[4] = env_ids[row[4]]
+        user = sys.intern(self.user)
+        events.append(
+            {"e": "submit", "t": now, "user": user, "jobs": self.rows, "specs": self.specs}
         )
-        specs.append(
-            spec_bytes({"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log})
-        )
-    events.append({"e": "submit", "t": now, "user": sys.intern(user), "jobs": jobs, "specs": specs})
-    return events, [j[0] for j in jobs]
+        return events, [row[0] for row in self.rows]
 
 
 def _default_name(command: list[str] | str) -> str:
@@ -112,6 +264,31 @@ class Outcome:
     kill: set[Ref] = field(default_factory=set)
 
 
+def session_hash(secret: str) -> str:
+    """What the server keeps of a session secret: enough to recognise it, useless to steal."""
+    return hashlib.blake2b(secret.encode(), digest_size=16).hexdigest()
+
+
+class NameInUse(BadRequest):
+    """A live session holds the tasker name; ``retry_after``: seconds until it may be taken."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(409, "tasker_name_in_use", message)
+        self.retry_after = retry_after
+
+
+def _holds(state: State, tasker: str, session: str | None) -> bool:
+    """Whether ``session`` may report for the name's attempts (None: the caller checked).
+
+    A name with no session yet (a journal from before sessions) is its claimant's, so an
+    upgrade keeps its running jobs.
+    """
+    t = state.taskers.get(tasker)
+    if session is None or t is None or not t.session:
+        return True
+    return hmac.compare_digest(t.session, session)
+
+
 def _current(state: State, tasker: str, ref: Ref) -> Job | None:
     job = state.jobs.get(ref[0])
     if job is not None and job.state == RUNNING and job.attempt == ref[1] and job.tasker == tasker:
@@ -126,13 +303,20 @@ def reports(
     finished: Iterable[ResultReport],
     now: float,
     out: Outcome | None = None,
+    session: str | None = None,
 ) -> Outcome:
+    """Apply what the current attempts report; ack all, kill the stale rivals.
+
+    ``session``: the hash of the reporting session; attempts of a name are its session's,
+    so under another session nothing is current.
+    """
     out = out or Outcome()
+    mine = _holds(state, tasker, session)
     done: set[Ref] = set()
     for r in started:
         ref = (r.job, r.attempt)
         out.ack.append(ref)
-        job = _current(state, tasker, ref)
+        job = _current(state, tasker, ref) if mine else None
         if job is None:
             if not _ended(state, ref):
                 out.kill.add(ref)  # superseded: its job went on without it
@@ -150,9 +334,15 @@ def reports(
     for r in finished:
         ref = (r.job, r.attempt)
         out.ack.append(ref)
-        if ref in done or _current(state, tasker, ref) is None:
+        if ref in done or not mine or _current(state, tasker, ref) is None:
             continue  # a duplicate or a superseded attempt: recorded at most once
         done.add(ref)
+        if r.lost:  # killed with its tasker, as the monitor would find it: the rerun policy
+            reason = r.reason or f"attempt lost with tasker {tasker}"
+            out.events.append(
+                {"e": "recover", "t": now, "job": r.job, "attempt": r.attempt, "reason": reason}
+            )
+            continue
         out.events.append(
             {
                 "e": "finish",
@@ -175,8 +365,40 @@ def _ended(state: State, ref: Ref) -> bool:
     return job is not None and job.attempt == ref[1] and job.state in FINAL_STATES
 
 
-def register(state: State, name: str, body: Register, now: float) -> Outcome:
-    """A tasker (re)joins: adopt what it still runs, record what it finished, fence the rest."""
+def register(
+    state: State,
+    name: str,
+    body: Register,
+    now: float,
+    session: str = "",
+    silent_for: float = math.inf,
+    timeout: float = 0.0,
+) -> Outcome:
+    """A tasker (re)joins: adopt what it still runs, record what it finished, fence the rest.
+
+    ``session`` is the hash of the secret the request showed; ``silent_for`` how long the
+    name's link has been silent. A name held by another session that is ready and heard
+    from within ``timeout`` is refused (NameInUse); one lost or silent longer is taken
+    over, and then nothing of the old session is adopted: its attempts are recovered.
+    """
+    try:  # before any event: an offer the state cannot apply must change nothing
+        parse_capacity(body.resources, body.slots)
+    except ResourceError as e:
+        raise BadRequest(422, "invalid", f"resources: {e}") from None
+    tasker = state.taskers.get(name)
+    takeover = (
+        tasker is not None
+        and bool(tasker.session)
+        and not hmac.compare_digest(tasker.session, session)
+    )
+    if takeover and tasker is not None and tasker.state == TASKER_READY and silent_for <= timeout:
+        raise NameInUse(
+            f"tasker name {name} is held by a live tasker (host {tasker.host}, pid "
+            f"{tasker.pid}, heard from {silent_for:.0f} s ago): give this one another --name; "
+            f"the name frees after {timeout:.0f} s of silence, or at once with "
+            f"`ncmgr cleanup --dead-host {name}`",
+            retry_after=timeout - silent_for,
+        )
     out = Outcome()
     out.events.append(
         {
@@ -189,17 +411,21 @@ def register(state: State, name: str, body: Register, now: float) -> Outcome:
             "resources": body.resources,
             "boot_id": body.boot_id,
             "state_id": body.state_id,
+            "session": session,
         }
     )
-    reports(state, name, body.running, body.finished, now, out)
+    reports(state, name, body.running, body.finished, now, out, session)
     known = {(r.job, r.attempt) for r in body.running} | {(r.job, r.attempt) for r in body.finished}
-    tasker = state.taskers.get(name)
+    if takeover:
+        known = set()  # refused above: the old session's attempts are not this one's
     remembers = tasker is not None and bool(body.state_id) and tasker.state_id == body.state_id
     for job_id in sorted(tasker.running) if tasker else ():
         job = state.jobs[job_id]
         if (job_id, job.attempt) in known:
             continue
-        if body.rebooted:
+        if takeover:
+            reason = f"tasker {name} taken over by another session (host {body.host})"
+        elif body.rebooted:
             reason = f"host {body.host} rebooted"
         elif job.started is not None:
             reason = f"tasker {name} restarted without it"

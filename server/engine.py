@@ -13,12 +13,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from client.wire import MODE_NORMAL
-from server.events import encode
-from server.journal import Journal
-from server.scheduler import dispatch_pass
-from server.state import Event, Job, State, Tasker
+from crq.server.events import encode
+from crq.server.journal import Journal
+from crq.server.scheduler import dispatch_pass
+from crq.server.state import Event, Job, State, Tasker
+
+from crq.wire import MODE_NORMAL
+
+if TYPE_CHECKING:
+    from crq.server.marks import Marker
 
 log = logging.getLogger("crq.engine")
 
@@ -47,6 +52,7 @@ class Engine:
         self.dispatched = 0
         self.after_emit: list[Callable[[], None]] = []
         self.fresh_within = 30.0  # seconds of silence after which no new work is sent
+        self.marker: Marker | None = None  # keeps trace.db/durable.json (server/marks.py)
         state.on_final = self._job_final
 
     # -- writing --------------------------------------------------------------------------
@@ -75,7 +81,16 @@ class Engine:
             hook()
 
     def durable(self) -> Awaitable[None]:
-        return self.journal.barrier()
+        """Resolves once everything emitted so far is durable.
+
+        While a new block of ids is not in durable.json yet, that too (once a block): a
+        lost journal tail must never give back an acknowledged id.
+        """
+        barrier = self.journal.barrier()
+        marker = self.marker
+        if marker is None or self.state.id_ceiling <= marker.written.ceiling:
+            return barrier
+        return marker.ensure(barrier, self.state.id_ceiling)
 
     async def durable_or_disk_full(self) -> bool:
         """Wait until durable (True), or until the journal waits for disk space (False).

@@ -97,6 +97,22 @@ class RecordReader:
         return any(_valid_at(view, o) is not None for o in range(off + 1, len(self.data)))
 
 
+def salvage(data: bytes, off: int) -> list[tuple[int, bytes]]:
+    """The valid records after damage at ``off``: dropped by --accept-loss, still readable."""
+    view = memoryview(data)
+    out: list[tuple[int, bytes]] = []
+    o = off + 1
+    while o < len(data):
+        found = _valid_at(view, o)
+        if found is None:
+            o += 1
+            continue
+        seq, end = found
+        out.append((seq, bytes(view[o + HEADER.size : end])))
+        o = end
+    return out
+
+
 def segment_number(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
@@ -104,6 +120,17 @@ def segment_number(path: Path) -> int:
 def list_segments(trace: Path) -> list[Path]:
     found = [p for p in trace.glob(PREFIX + "*") if p.name[len(PREFIX) :].isdigit()]
     return sorted(found, key=segment_number)
+
+
+def first_seq(path: Path) -> int | None:
+    """The seq of a segment's first record, or None if it is empty or unreadable there."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+        if len(head) < HEADER.size or HEADER.unpack(head)[0] > MAX_RECORD:
+            return None
+        data = head + f.read(HEADER.unpack(head)[0])
+    found = _valid_at(data, 0)
+    return found[0] if found is not None else None
 
 
 def fsync_dir(path: Path) -> None:
@@ -134,10 +161,12 @@ class Journal:
         segs = list_segments(trace)
         self.segment = (segment_number(segs[-1]) + 1) if segs else 1
         self._fd = self._open_segment(self.segment)
+        self._size = 0  # of the current segment, as the writer thread left it
+        self.durable_pos = (self.segment, 0)  # (segment, size) when durable_seq was reached
 
     def _open_segment(self, number: int) -> int:
         path = self.trace / f"{PREFIX}{number:06d}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fsync_dir(self.trace)
         return fd
 
@@ -209,6 +238,7 @@ class Journal:
             log.critical("journal write failed, stopping the server: %s", exc)
             os._exit(70)  # after a failed fsync the page cache cannot be trusted (fsyncgate)
         self.durable_seq = last
+        self.durable_pos = (self.segment, self._size)
         if not fut.done():
             fut.set_result(None)
         self._kick()
@@ -225,7 +255,7 @@ class Journal:
             self._fd = self._until_space(lambda: self._open_segment(self.segment + 1))
             self.segment += 1
             os.close(old)
-            self.bytes_written = 0
+            self.bytes_written = self._size = 0
 
     def _write_once(self, data: bytes) -> None:
         """Append and fsync all of ``data``, or none of it (a failed write is cut off)."""
@@ -240,6 +270,7 @@ class Journal:
             os.ftruncate(self._fd, start)
             raise
         self.bytes_written += len(data)
+        self._size = start + len(data)
 
     def _until_space(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` until the disk has room for it: replies wait with us meanwhile."""
@@ -268,6 +299,7 @@ class Journal:
             self._buf.clear()
             self._executor.submit(self._write, data, False).result()
             self.durable_seq = self.next_seq - 1
+            self.durable_pos = (self.segment, self._size)
 
     def close(self) -> None:
         self.flush_now()

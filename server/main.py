@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import logging
 import logging.handlers
 import os
 import secrets
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -22,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from crq.server import checkpoint, marks, replay
+from crq.server.app import Server, create_app
+from crq.server.engine import Engine
+from crq.server.journal import Journal, fsync_dir
+from crq.server.marks import Marker
+from crq.server.settings import Settings, SettingsError, load
 
-from client.wire import MODE_NORMAL, MODE_STOPPED, Swd
-from server import checkpoint, replay
-from server.app import Server, create_app
-from server.engine import Engine
-from server.journal import Journal, fsync_dir
-from server.settings import Settings, SettingsError, load
+from crq.wire import MODE_NORMAL, MODE_STOPPED, Swd
 
 log = logging.getLogger("crq.server")
 
@@ -41,7 +45,7 @@ class StopError(Exception):
     """The clean stop could not finish: the stop is left unclean, the journal intact."""
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -51,6 +55,31 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def make_private(paths: Swd) -> None:
+    """trace.db, logs and security hold job environments (secrets) and tokens: owner only.
+
+    New files are private by the umask; what an older version left readable is tightened.
+    """
+    for d in (paths.trace, paths.logs, paths.security):
+        d.mkdir(mode=0o700, exist_ok=True)
+        _tighten(d, 0o700)
+        for f in d.iterdir():
+            if f.is_file() and not f.is_symlink():
+                _tighten(f, 0o600)
+    for f in paths.root.glob("crash_recovery_report_*"):
+        _tighten(f, 0o600)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """Drop the permission bits ``mode`` lacks (never add any)."""
+    try:
+        now = stat.S_IMODE(path.lstat().st_mode)
+        if now & ~mode:
+            os.chmod(path, now & mode)
+    except OSError as e:  # not ours (a tasker log of another user): say so, go on
+        log.warning("cannot make %s private: %s", path, e.strerror or e)
 
 
 def lock_swd(paths: Swd) -> int:
@@ -134,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: Settings) -> int:
     paths = settings.paths
-    for d in (paths.root, paths.trace, paths.logs):
-        d.mkdir(parents=True, exist_ok=True)
-    paths.security.mkdir(mode=0o700, exist_ok=True)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # everything the server writes below is its owner's alone
+    make_private(paths)
     lock_fd = lock_swd(paths)
     setup_logging(paths)
     admin = ensure_token(paths.admin_token)
@@ -173,6 +202,7 @@ def run(settings: Settings) -> int:
     )
     journal = Journal(paths.trace, next_seq=loaded.state.seq + 1, fsync=settings.fsync == "always")
     engine = Engine(loaded.state, journal)
+    engine.marker = start_marks(paths, settings.queue, loaded, journal)
     engine.fresh_within = 3 * settings.heartbeat + 1  # a long poll lasts at most 3 heartbeats
     srv = Server(settings, engine, admin, tasker, uuid.uuid4().hex[:12], url)
 
@@ -184,19 +214,64 @@ def run(settings: Settings) -> int:
     return 0
 
 
+def start_marks(paths: Swd, queue: str, loaded: replay.Replayed, journal: Journal) -> Marker:
+    """Record the queue's identity if it has none yet, and where its journal stands now.
+
+    The new mark is written before serving: after an accepted loss the old one is ahead of
+    the journal and would refuse the next start.
+    """
+    st = loaded.state
+    ceiling = max(st.id_ceiling, loaded.mark.ceiling if loaded.mark else 1)
+    mark = marks.Mark(st.seq, journal.segment, 0, st.next_id, ceiling, time.time())
+    try:
+        if loaded.identity is None:
+            ident = marks.write_identity(paths.trace, queue)
+            log.info("recorded the identity of queue %s: %s", queue, ident["uuid"])
+        marks.write_mark(paths.trace, mark)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise StartError(f"cannot write {paths.trace}: {e.strerror or e}") from None
+        # a full disk holds replies, it does not stop the start: written once space returns
+        log.error("disk full: %s not written yet", marks.MARK)
+        on_disk = loaded.mark.ceiling if loaded.mark else 1
+        mark = dataclasses.replace(mark, seq=-1, ceiling=on_disk)
+    return Marker(paths.trace, journal, st, mark)
+
+
+def skip_ids(engine: Engine) -> None:
+    """After an unclean stop, ids go on past every id that may have been handed out.
+
+    The journal's tail may be lost without a trace (a truncation within the last second
+    the high-water mark does not know of yet): ids up to the reserved ceiling may have
+    been acknowledged in it. As a database sequence does after a crash, skip them; as an
+    event, so that replay ends in the same state.
+    """
+    st, marker = engine.state, engine.marker
+    floor = max(st.id_ceiling, marker.written.ceiling if marker else 1)
+    if st.next_id < floor:
+        log.warning("ids go on at %d after the unclean stop (skipping from %d)", floor, st.next_id)
+        engine.emit([{"e": "ids", "t": time.time(), "ceiling": floor, "next_id": floor}])
+
+
 async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, unclean: bool) -> None:
     import uvicorn
+    from crq.server import httplimits
 
     engine, settings = srv.engine, srv.settings
+    fds = httplimits.raise_fd_limit(settings.max_connections + 2 * httplimits.FDS_RESERVED)
+    cap = httplimits.connection_cap(settings.max_connections, fds)
+    if cap < settings.max_connections:
+        log.warning("open-file limit %d: serving at most %d connections at once", fds, cap)
     config = uvicorn.Config(
         create_app(srv),
         loop="none",
-        http="httptools",
+        http=httplimits.http_protocol(settings.idle_timeout, cap),
         lifespan="off",
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=3,
-        timeout_keep_alive=30,
+        timeout_keep_alive=max(1, round(settings.idle_timeout)),
+        limit_concurrency=cap + 1,  # past the cap (no idle connection to close): 503
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -215,6 +290,8 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
     _signals(request_stop)
     if settings.resources != engine.state.global_total:
         engine.emit([{"e": "resources", "t": time.time(), "totals": settings.resources}])
+    if unclean:
+        skip_ids(engine)
     await _open(srv, loaded, unclean)
     server_json(srv, engine.mode)
     tasks = [asyncio.create_task(t) for t in checkpoint.background(srv)]
@@ -241,7 +318,7 @@ async def serve(srv: Server, sock: socket.socket, loaded: replay.Replayed, uncle
 async def _open(srv: Server, loaded: replay.Replayed, unclean: bool) -> None:
     """Normal service at once after a clean stop; crash recovery mode after an unclean one."""
     if unclean:
-        from server import recovery
+        from crq.server import recovery
 
         await recovery.begin(srv, loaded)
     else:

@@ -9,7 +9,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from crq.server.app import Server
 
 
 class _Queue(Collector):

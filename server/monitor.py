@@ -13,11 +13,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from client.wire import MODE_NORMAL
-from server.state import TASKER_READY, Event, State
+from crq.server.state import TASKER_READY, Event, State
+
+from crq.wire import MODE_NORMAL
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from crq.server.app import Server
 
 log = logging.getLogger("crq.monitor")
 

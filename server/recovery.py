@@ -19,23 +19,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from crq.server import checkpoint, sanity
+from crq.server.commands import Outcome
+from crq.server.models import Register
+from crq.server.monitor import lose_tasker
+from crq.server.state import TASKER_READY
 
-from client.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING, process_exists
-from server import checkpoint, sanity
-from server.commands import Outcome
-from server.models import Register
-from server.monitor import lose_tasker
-from server.state import TASKER_READY
+from crq.wire import MODE_NORMAL, MODE_RECOVERING, RUNNING, process_exists
 
 if TYPE_CHECKING:
-    from server.app import Server
-    from server.replay import Replayed
+    from crq.server.app import Server
+    from crq.server.replay import Replayed
 
 log = logging.getLogger("crq.recovery")
 
 
 class LockError(Exception):
     pass
+
+
+def boot_id() -> str:
+    """This boot of this host ("" where Linux's boot id is not to be had)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def read_lock(path: Path) -> dict[str, Any] | None:
@@ -47,27 +55,41 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         return {"pid": 0, "host": "?", "time": 0}
 
 
-def take_lock(path: Path) -> None:
-    """One recovery at a time per swd; a stale lock is named, not silently taken over."""
+def take_lock(path: Path, take_over: bool = False) -> dict[str, Any] | None:
+    """One recovery at a time per swd; a stale lock is named, not silently taken over.
+
+    With ``take_over`` (a server starting, under server.lock, so no rival can be starting
+    too), a lock left by a process of this very boot of this host that is gone now is
+    replaced, and returned so the caller can say so. Any other holder is refused: a live
+    pid, another host (its process may live), or another or unknown boot (the pid may be
+    some other process now).
+    """
     held = read_lock(path)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot_id(), "time": 0.0}
     if held is not None:
         when = datetime.fromtimestamp(held.get("time") or 0).strftime("%Y-%m-%d %H:%M:%S")
         who = f"pid {held.get('pid')} on {held.get('host')} since {when}"
-        if held.get("host") == socket.gethostname() and not process_exists(
-            int(held.get("pid") or 0)
-        ):
+        pid = int(held.get("pid") or 0)
+        if held.get("host") == me["host"] and (pid == me["pid"] or not process_exists(pid)):
+            if take_over and me["boot"] and held.get("boot") == me["boot"]:
+                me["time"] = time.time()
+                from crq.server.main import write_atomic
+
+                write_atomic(path, orjson.dumps(me))
+                return held
             raise LockError(
                 f"stale recovery lock {path} ({who}, process gone): "
                 "check the swd, then run `ncmgr cleanup --reset-lock`"
             )
         raise LockError(f"a recovery of this swd is already running ({who})")
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    me["time"] = time.time()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, orjson.dumps(info))
+        os.write(fd, orjson.dumps(me))
         os.fsync(fd)
     finally:
         os.close(fd)
+    return None
 
 
 class Recovery:
@@ -86,6 +108,7 @@ class Recovery:
         self.lost: list[dict[str, Any]] = []
         self.back = asyncio.Event()
         self.ended_at: float | None = None
+        self.lock_taken_over: dict[str, Any] | None = None  # a dead recovery's lock
 
     def progress(self) -> dict[str, Any]:
         missing = [n for n in self.expected if n not in self.reconnected]
@@ -158,7 +181,7 @@ class Recovery:
         srv.recovery = lambda: None
         srv.on_register = lambda *a: None
         engine.schedule_dispatch()
-        from server.main import server_json
+        from crq.server.main import server_json
 
         server_json(srv, MODE_NORMAL)
         log.info(
@@ -187,6 +210,10 @@ class Recovery:
                 "events_replayed": ld.events_replayed,
                 "bytes_discarded": ld.bytes_discarded,
                 "losses": ld.losses,
+                "lost_seq": ld.lost_seq,
+                "lost_jobs": ld.lost_jobs,
+                "lost_ids": ld.lost_ids,
+                "kept": ld.kept,
             },
             "taskers": {
                 "expected": self.expected,
@@ -199,10 +226,11 @@ class Recovery:
                 "lost": self.lost,
             },
             "sanity": result.as_dict(),
+            "lock_taken_over": self.lock_taken_over,
         }
 
     def write_report(self, result: sanity.Result) -> Path:
-        from server.main import write_atomic
+        from crq.server.main import write_atomic
 
         data = self.report(result)
         stamp = datetime.fromtimestamp(self.started_at).strftime("%Y%m%d-%H%M%S")
@@ -222,6 +250,21 @@ def _snap_seq(path: Path | None) -> int:
     return int(path.name.split(".", 1)[1]) if path else 0
 
 
+def _runs(ids: list[int]) -> list[list[int]]:
+    """Sorted ids as [first, last] runs."""
+    out: list[list[int]] = []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def _ranges(ranges: list[list[int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
 def render_text(r: dict[str, Any]) -> str:
     t, j, jn, s = r["taskers"], r["jobs"], r["journal"], r["sanity"]
     lines = [
@@ -233,6 +276,12 @@ def render_text(r: dict[str, Any]) -> str:
         f"{jn['bytes_discarded']} bytes of torn tail discarded",
     ]
     lines += [f"          LOSS ACCEPTED: {loss}" for loss in jn.get("losses", [])]
+    if jn.get("lost_seq"):
+        lines.append(f"          events lost: {_ranges(jn['lost_seq'])}")
+    if jn.get("lost_ids"):
+        lines.append(f"          jobs lost (ids known durable): {_ranges([jn['lost_ids']])}")
+    if jn.get("lost_jobs"):
+        lines.append(f"          jobs lost (read back): {_ranges(_runs(jn['lost_jobs']))}")
     lines += [
         f"taskers   expected {len(t['expected'])}, reconnected {len(t['reconnected'])}, "
         f"missing {len(t['missing'])}" + (f": {', '.join(t['missing'])}" if t["missing"] else ""),
@@ -240,6 +289,12 @@ def render_text(r: dict[str, Any]) -> str:
         f"the outage, {len(j['lost'])} recovered",
     ]
     lines += [f"          job {x['id']} (tasker {x['tasker']}): {x['action']}" for x in j["lost"]]
+    held = r.get("lock_taken_over")
+    if held:
+        lines.append(
+            f"lock      took over the recovery lock of pid {held.get('pid')} on "
+            f"{held.get('host')} (gone: it crashed during a recovery)"
+        )
     lines.append(
         f"sanity    {'ok' if s['ok'] else 'PROBLEMS REMAIN'}, {len(s['findings'])} findings, "
         f"{len(s['fixed'])} fixed"
@@ -250,15 +305,21 @@ def render_text(r: dict[str, Any]) -> str:
 
 async def begin(srv: Server, loaded: Replayed) -> None:
     """Enter the mode; serving starts at once, the recovery ends in the background."""
-    from server.main import StartError
+    from crq.server.main import StartError
 
     try:
-        take_lock(srv.settings.paths.recovery_lock)
+        taken = take_lock(srv.settings.paths.recovery_lock, take_over=True)
     except LockError as e:
         raise StartError(str(e)) from None
     except OSError as e:
         raise StartError(f"cannot take the recovery lock: {e}") from None
     rec = Recovery(srv, loaded)
+    if taken is not None:
+        rec.lock_taken_over = taken
+        log.warning(
+            "took over the recovery lock of pid %s (gone; a crash during a recovery)",
+            taken.get("pid"),
+        )
     srv.engine.mode = MODE_RECOVERING
     srv.recovery = rec.progress
     srv.on_register = rec.on_register

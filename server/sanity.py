@@ -15,8 +15,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from client.wire import QUEUED, RUNNING
-from server.state import TASKER_READY, Bucket, Event, State
+from crq.server.state import TASKER_READY, Bucket, Event, State
+
+from crq.wire import QUEUED, RUNNING
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from server.state import TASKER_READY, Event, State, Tasker
+from crq.server.state import TASKER_READY, Event, State, Tasker
 
 
 def dispatch_pass(

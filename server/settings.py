@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from client.wire import DEFAULT_QUEUE, Swd, default_port
+from crq.wire import DEFAULT_QUEUE, Swd, default_port
 
 
 @dataclass
@@ -23,6 +23,8 @@ class Settings:
     checkpoint_bytes: int = 64 << 20
     autoforget_done: float = 3600.0
     autoforget_other: float = 2 * 86400.0
+    max_connections: int = 4096  # fewer if the open-file limit is lower
+    idle_timeout: float = 30.0  # an idle or half-sent request is closed after this
     accept_loss: bool = False
     resources: dict[str, int] = field(default_factory=dict)  # global totals, config.toml only
 
@@ -39,6 +41,8 @@ TUNABLES = {
     "checkpoint_bytes": int,
     "autoforget_done": float,
     "autoforget_other": float,
+    "max_connections": int,
+    "idle_timeout": float,
 }
 
 
@@ -47,7 +51,7 @@ class SettingsError(ValueError):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server", description="Run a crq queue server.")
+    p = argparse.ArgumentParser(prog="python -m crq.server", description="Run a crq queue server.")
     p.add_argument("--queue", default=DEFAULT_QUEUE)
     p.add_argument("--swd", help="server working directory (default ./<queue>.swd)")
     p.add_argument("--host")
@@ -97,6 +101,8 @@ def load(argv: list[str] | None = None) -> Settings:
         s.port = default_port(s.queue)
     if s.fsync not in ("always", "never"):
         raise SettingsError(f"fsync must be always or never, not {s.fsync!r}")
+    if s.max_connections < 1 or s.idle_timeout <= 0:
+        raise SettingsError("max_connections must be at least 1 and idle_timeout above 0")
     return s
 
 

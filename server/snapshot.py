@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
+from crq.server.events import NL
+from crq.server.journal import RecordReader, frame, fsync_dir
+from crq.server.state import Attempt, Job, State, Tasker, env_digest
 
-from client.wire import QUEUED, RUNNING
-from server.events import NL
-from server.journal import RecordReader, frame, fsync_dir
-from server.state import Attempt, Job, State, Tasker, env_digest
+from crq.wire import QUEUED, RUNNING
 
 VERSION = 2  # 2: jobs in chunks of CHUNK, specs raw; 1 (still read): a record a job
 CHUNK = 1000
@@ -140,6 +140,7 @@ def _tasker_record(t: Tasker) -> dict[str, Any]:
         "pid": t.pid,
         "registered": t.registered,
         "state_id": t.state_id,
+        "session": t.session,
     }
 
 
@@ -152,13 +153,15 @@ def write(state: State, trace: Path, *, fsync: bool = True, chunk: int = CHUNK) 
         "version": VERSION,
         "seq": state.seq,
         "next_id": state.next_id,
+        "id_ceiling": state.id_ceiling,
         "next_env": state.next_env,
         "created": time.time(),
         "global_total": state.global_total,
         "jobs": len(state.jobs),
     }
     try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # job envs: private
+        with open(fd, "wb", buffering=1 << 20) as f:
             _put_all(state, f, header, chunk)
             f.flush()
             if fsync:
@@ -250,6 +253,7 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
         raise SnapshotError(f"{path}: snapshot incomplete (no end record)")
     state.seq = header["seq"]
     state.next_id = max(state.next_id, header["next_id"])
+    state.id_ceiling = header.get("id_ceiling", 1)  # absent before id blocks
     state.next_env = header["next_env"]
     if global_resources is None:
         state.global_total = header["global_total"]

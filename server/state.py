@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
+from crq.server.events import Event
+from crq.server.resources import Need, NeedCache, parse_capacity
 
-from client.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
-from server.events import Event
-from server.resources import Need, NeedCache, parse_capacity
+from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
 
 TASKER_READY = "ready"
 TASKER_LOST = "lost"
@@ -153,6 +153,7 @@ class Tasker:
         "pid",
         "registered",
         "state_id",
+        "session",
     )
 
     def __init__(self, name: str) -> None:
@@ -168,6 +169,7 @@ class Tasker:
         self.state = TASKER_READY
         self.boot_id = ""
         self.state_id = ""
+        self.session = ""  # hash of the secret of the session holding the name ("": none yet)
         self.pid = 0
         self.registered = 0.0
 
@@ -184,8 +186,13 @@ class Tasker:
 
     def give(self, need: Need) -> None:
         self.free_slots += 1
+        free = self.free
         for k, v in need.local:
-            self.free[k] = self.free.get(k, 0) + v
+            left = free.get(k, 0) + v
+            if left == 0 and k not in self.capacity:
+                del free[k]  # held beyond a changed offer: gone, as a recount leaves it
+            else:
+                free[k] = left
 
 
 class Bucket:
@@ -222,6 +229,7 @@ class State:
     def __init__(self, global_resources: dict[str, int] | None = None) -> None:
         self.seq = 0  # sequence number of the last event applied
         self.next_id = 1
+        self.id_ceiling = 1  # ids below it are reserved (see the "ids" event)
         self.jobs: dict[int, Job] = {}
         self.taskers: dict[str, Tasker] = {}
         self.envs: dict[int, dict[str, str]] = {}
@@ -238,6 +246,7 @@ class State:
         self.on_final: Callable[[Job], None] | None = None
         self._apply = {
             "env": self._env,
+            "ids": self._ids,
             "submit": self._submit,
             "dispatch": self._dispatch,
             "start": self._start,
@@ -335,6 +344,16 @@ class State:
         self.env_refs.setdefault(env_id, 0)
         self.env_by_digest[env_digest(ev["env"])] = env_id
         self.next_env = max(self.next_env, env_id + 1)
+
+    def _ids(self, ev: Event) -> None:
+        """Ids below ``ceiling`` are reserved; with ``next_id``, ids jump past a possible loss.
+
+        A reservation is recorded outside the journal too (server/marks.py) before any of
+        its ids is acknowledged, so ids lost with a journal tail are never handed out again.
+        """
+        self.id_ceiling = max(self.id_ceiling, ev["ceiling"])
+        if "next_id" in ev:
+            self.next_id = max(self.next_id, ev["next_id"])
 
     def _submit(self, ev: Event) -> None:
         # the hot loop of a replay: add_job inlined, the jobs enqueued together
@@ -466,13 +485,15 @@ class State:
             self.env_by_digest.pop(env_digest(env), None)
 
     def _tasker(self, ev: Event) -> None:
+        capacity, attributes = parse_capacity(ev["resources"], ev["slots"])  # first: may raise
         tasker = self.taskers.get(ev["name"])
         if tasker is None:
             tasker = self.taskers[ev["name"]] = Tasker(ev["name"])
         tasker.host, tasker.pid, tasker.boot_id = ev["host"], ev["pid"], ev["boot_id"]
         tasker.state_id = ev.get("state_id", "")
+        tasker.session = ev.get("session", "")  # absent in journals from before sessions
         tasker.slots, tasker.resources = ev["slots"], ev["resources"]
-        tasker.capacity, tasker.attributes = parse_capacity(ev["resources"], ev["slots"])
+        tasker.capacity, tasker.attributes = capacity, attributes
         tasker.registered = ev["t"]
         tasker.state = TASKER_READY
         self.recount_tasker(tasker)

@@ -5,4 +5,6 @@ Modules: ``statedir`` (durable local state), ``runner`` (job processes), ``agent
 so it starts fast and installs anywhere the jobs run.
 """
 
-__version__ = "0.1.0"
+from crq import __version__
+
+__all__ = ["__version__"]

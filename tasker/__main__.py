@@ -1,7 +1,7 @@
-"""``python -m tasker`` is ``vovtasker``."""
+"""``python -m crq.tasker`` is ``vovtasker``."""
 
 import sys
 
-from tasker.cli import main
+from crq.tasker.cli import main
 
 sys.exit(main())

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from client import wire
-from tasker.runner import Runner
-from tasker.statedir import Key, StateDir
+from crq.tasker.runner import Runner
+from crq.tasker.statedir import Key, StateDir
+
+from crq import wire
 
 if TYPE_CHECKING:
     import httpx
@@ -32,6 +33,7 @@ log = logging.getLogger("crq.tasker")
 
 BACKOFF_START = 0.2
 BACKOFF_CAP = 30.0
+NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --dead-host)
 CONNECT_TIMEOUT = 5.0
 REPORT_TIMEOUT = 30.0
 POLL_SLACK = 15.0
@@ -48,6 +50,7 @@ class Failure(Exception):
         transport: bool = False,
         unknown: bool = False,
         auth: bool = False,
+        name_in_use: bool = False,
         retry_after: float | None = None,
         status: int | None = None,
     ) -> None:
@@ -56,6 +59,7 @@ class Failure(Exception):
         self.transport = transport
         self.unknown = unknown
         self.auth = auth
+        self.name_in_use = name_in_use  # another live session holds our name
         self.retry_after = retry_after
 
 
@@ -172,8 +176,8 @@ def _post(client: httpx.Client, path: str, body: dict[str, Any], read_timeout: f
     message = data.get("message") if isinstance(data, dict) else None
     text = f"HTTP {r.status_code}" + (f" {code}" if code else "")
     text += f": {message}" if message else ""
-    if r.status_code == 409 and code == "unknown_tasker":
-        raise Failure(text, unknown=True, status=409)
+    if r.status_code == 409 and code in ("unknown_tasker", "wrong_session"):
+        raise Failure(text, unknown=True, status=409)  # register again: it decides
     if r.status_code in (401, 403):
         raise Failure(text, auth=True, status=r.status_code)
     retry_after = None
@@ -182,15 +186,20 @@ def _post(client: httpx.Client, path: str, body: dict[str, Any], read_timeout: f
             retry_after = float(r.headers["retry-after"])
         except ValueError:
             retry_after = None
-    raise Failure(text, retry_after=retry_after, status=r.status_code)
+    in_use = r.status_code == 409 and code == "tasker_name_in_use"
+    raise Failure(text, name_in_use=in_use, retry_after=retry_after, status=r.status_code)
 
 
-def _client(url: str, token: str) -> httpx.Client:
+def _client(url: str, token: str, session: str) -> httpx.Client:
     import httpx
 
     return httpx.Client(
         base_url=url,
-        headers={"Authorization": f"Bearer {token}", "User-Agent": "crq-vovtasker"},
+        headers={
+            "Authorization": f"Bearer {token}",
+            "User-Agent": "crq-vovtasker",
+            wire.SESSION_HEADER: session,
+        },
         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         trust_env=False,
     )
@@ -216,6 +225,8 @@ class Agent:
         self._gen = 0
         self._url: str | None = None
         self._token: str | None = None
+        self._session = state.session()  # holds our name on the server (see statedir)
+        self._refused = False  # the name is another live session's: said once, retrying
         self._client: httpx.Client | None = None
         self._instance: Any = None
         self._failures = 0
@@ -316,7 +327,7 @@ class Agent:
         if self._client is None or (url, token) != (self._url, self._token):
             if self._client is not None:
                 self._client.close()
-            self._client = _client(url, token)
+            self._client = _client(url, token, self._session)
             self._url, self._token = url, token
         return self._client
 
@@ -346,8 +357,13 @@ class Agent:
             if f.auth and not self._ever_registered:
                 log.error("server %s refused the tasker token: %s", self._url, f)
                 return 1
+            if f.name_in_use:
+                self._name_taken(f)
             self._failed(f)
             return None
+        if self._refused:
+            log.info("tasker name %s is ours now", self.info.name)
+            self._refused = False
         self._gen += 1
         self._registered = True
         self._ever_registered = True
@@ -379,6 +395,28 @@ class Agent:
         self._handle(answer, running, finished)
         return None
 
+    def _name_taken(self, f: Failure) -> None:
+        """Another live session holds our name: say so once, and kill what we still run.
+
+        Whatever we run under the name was dispatched to our session (the attempts and the
+        secret share the state dir), so the other session took the name over, and that
+        takeover recovered every one of our attempts: they are superseded.
+        """
+        stale = [wire.attempt_key(a) for a in self.runner.running_attempts()]
+        for key in stale:
+            self.runner.kill(key)
+        if self._refused:
+            log.debug("tasker name still in use: %s", f)
+            return
+        self._refused = True
+        wait = min(NAME_RETRY_CAP, f.retry_after or NAME_RETRY_CAP)
+        log.error(
+            "not registered: %s; retrying (next in about %.0f s)%s",
+            f,
+            wait,
+            f" (killed {len(stale)} jobs superseded by that session)" if stale else "",
+        )
+
     def _failed(self, f: Failure) -> None:
         """Drop the registration and schedule the next attempt with jittered backoff."""
         self._registered = False
@@ -386,6 +424,9 @@ class Agent:
             self.source.failed()
         if f.unknown and self._failures == 0:
             delay = 0.0  # the server forgot us (restart): say hello again at once
+        elif f.name_in_use and f.retry_after is not None:
+            # the server knows when the holder's silence would free the name
+            delay = min(NAME_RETRY_CAP, f.retry_after) + random.uniform(0.0, 0.5)
         else:
             base = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(self._failures, 16))
             delay = random.uniform(base / 2, base)
@@ -395,6 +436,8 @@ class Agent:
         self._next_try = time.monotonic() + delay
         if f.unknown:
             log.info("server forgot this tasker (%s): registering again", f)
+        elif f.name_in_use:
+            pass  # said once by _name_taken
         elif f.auth:
             log.error("server %s refused the tasker token: %s; retrying", self._url, f)
         elif f.status is not None and f.status < 500:
@@ -458,7 +501,7 @@ class Agent:
             if client is None or ident != (url, token):
                 if client is not None:
                     client.close()
-                client, ident = _client(url, token), (url, token)
+                client, ident = _client(url, token, self._session), (url, token)
             result: tuple[int, dict | None, Failure | None]
             try:
                 result = (gen, _post(client, f"{self._base}/sync", body, timeout), None)

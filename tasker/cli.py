@@ -14,9 +14,10 @@ import socket
 import sys
 from typing import NoReturn
 
-from client import wire
-from client.clitools import positive_int, positive_seconds
-from tasker import __version__
+from crq.client.clitools import positive_int, positive_seconds
+from crq.tasker import __version__
+
+from crq import wire
 
 PROG = "vovtasker"
 
@@ -41,13 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--swd",
         metavar="DIR",
-        help="server working dir: URL from server.json, token from security/tasker.token",
+        help="server working dir: URL from crq.server.json, token from security/tasker.token",
     )
     p.add_argument("--name", help="tasker name (default: short host name)")
     p.add_argument("--slots", type=positive_int, help="jobs run at once (default: CPU count)")
-    p.add_argument(
-        "--resources", default="", help='resources offered, e.g. "RAM/64000 linux" (server parses)'
-    )
+    p.add_argument("--resources", default="", help='resources offered, e.g. "RAM/64000 linux"')
     p.add_argument(
         "--state-dir", metavar="DIR", help="durable local state (default: $CRQ_HOME/taskers/NAME)"
     )
@@ -88,6 +87,12 @@ def _main(argv: list[str] | None) -> int:
     for url in args.server or []:
         if not url.startswith(("http://", "https://")):
             return _usage(f"bad server URL (want http://host:port): {url}")
+    from crq.server.resources import ResourceError, parse_capacity  # stdlib only, like wire
+
+    try:  # the server's own rule: a bad offer would be refused at every registration
+        parse_capacity(args.resources, 1)
+    except ResourceError as e:
+        return _usage(f"bad --resources: {e}")
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -99,14 +104,15 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     log = logging.getLogger("crq.tasker")
 
-    from tasker.agent import Agent, ServerSource, TaskerInfo
-    from tasker.runner import Runner
-    from tasker.statedir import StateDir, StateDirBusy, read_boot_id
+    from crq.tasker.agent import Agent, ServerSource, TaskerInfo
+    from crq.tasker.runner import Runner
+    from crq.tasker.statedir import StateDir, StateDirBusy, read_boot_id
 
     state_root = args.state_dir or wire.crq_home() / "taskers" / name
     try:
         state = StateDir(state_root)
         state.lock()
+        state.session()  # made now: a state dir that cannot keep it fails here, not later
     except StateDirBusy as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.wire import process_exists
-from tasker.statedir import Key, StateDir, key_of, parse_name, read_status
+from crq.tasker.statedir import Key, StateDir, key_of, parse_name, read_status
+
+from crq.wire import process_exists
 
 log = logging.getLogger("crq.tasker")
 
@@ -34,13 +35,39 @@ WRAPPER_NAME = "crq-job"
 # if it is killed with its wrapper while no tasker watches (an attempt without one never
 # ran its command, and the server may send it again). Traps make a group-wide
 # SIGTERM/INT/HUP reach the command but let the wrapper write the status before leaving;
-# trapped signals are reset to default for the command itself. Only shell built-ins: the
-# job's env may have no PATH at all.
+# trapped signals are reset to default for the command itself. The status file is made
+# private (umask 077), then the command gets the tasker's own umask back ($2). Only shell
+# built-ins: the job's env may have no PATH at all.
 WRAPPER = (
-    'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
     '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
 )
+# Wrappers of earlier versions, still running jobs after a tasker upgrade (status at $1).
+OLD_WRAPPERS = (
+    'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
+)
 NSIG = 65
+MAX_REASON = 1000  # the server takes up to 4096; a report it refuses would wedge the slot
+
+
+def _job_env(given: object, key: Key) -> tuple[dict[str, str], str | None]:
+    """The job's environment, or why it cannot be one (execve would refuse it)."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        return {}, f"not a mapping: {type(given).__name__}"
+    env: dict[str, str] = {}
+    for k, v in given.items():
+        name, value = str(k), str(v)
+        if not name or "=" in name:
+            return {}, f"variable name {name[:100]!r} is empty or holds '='"
+        if "\0" in name or "\0" in value:
+            return {}, f"variable {name[:100]!r} holds a NUL byte"
+        env[name] = value
+    env["CRQ_JOB_ID"] = str(key[0])
+    env["CRQ_ATTEMPT"] = str(key[1])
+    return env, None
 
 
 @dataclass
@@ -57,6 +84,7 @@ class _Job:
     kill_at: float | None = None
     sigkilled: bool = False
     done: bool = False
+    lost: bool = False  # died while no tasker watched, without an exit status
 
     @property
     def key(self) -> Key:
@@ -84,6 +112,19 @@ def classify(rc: int) -> tuple[int | None, int | None]:
     if 128 < rc < 128 + NSIG:
         return None, rc - 128
     return rc, None
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
 
 
 def _cmdline(pid: int) -> list[bytes] | None:
@@ -130,14 +171,14 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
     """
     found: dict[Key, int] = {}
     prefix = os.fsencode(str(status_dir)) + b"/"
-    wrapper = WRAPPER.encode()
+    wrappers = {w.encode() for w in (WRAPPER, *OLD_WRAPPERS)}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return found
     for pid in pids:
         argv = _cmdline(pid)
-        if not argv or len(argv) < 5 or argv[2] != wrapper or not argv[4].startswith(prefix):
+        if not argv or len(argv) < 5 or argv[2] not in wrappers or not argv[4].startswith(prefix):
             continue
         key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
         if key is not None:
@@ -168,6 +209,8 @@ class Runner:
         self._retry_at: dict[tuple[str, Key], float] = {}
         self._forgotten: dict[Key, None] = {}
         self._held: dict[Key, dict[str, Any]] = {}  # dispatched, waiting for a free slot
+        self._unusable_seen: dict[str, None] = {}
+        self._umask = f"{current_umask():03o}"  # what our jobs inherited before
         self._starting = threading.Lock()  # one spawner at a time: room is counted once
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
@@ -281,33 +324,39 @@ class Runner:
         (we were cut off, it requeued our jobs) die within the kill grace, and until then
         a new job would run beyond our slots. Held items start as running jobs end.
         """
+        unusable: list[tuple[object, Exception]] = []
         with self._lock:
             for d in items:
                 try:
                     key = int(d["job"]), int(d["attempt"])
                 except (TypeError, ValueError, KeyError) as e:
-                    log.error("malformed dispatch %.200s: %s", d, e)
+                    unusable.append((d, e))
                     continue
                 if key in self._jobs or key in self._finished or key in self._forgotten:
                     log.info("job %d.%d: dispatched again, ignored", *key)
                     continue
                 self._held.setdefault(key, d)
+        for d, e in unusable:
+            self._unusable(d, e)
         self._start_held()
 
     def _start_held(self) -> None:
         with self._starting:
-            with self._lock:
-                busy = sum(not j.done for j in self._jobs.values())
-                room = len(self._held) if self.slots is None else self.slots - busy
-                if room <= 0 or not self._held:
-                    if self._held:
-                        log.info("%d dispatched jobs wait for a free slot", len(self._held))
-                    return
-                batch = [self._held.pop(k) for k in list(self._held)[:room]]
-            self._spawn_batch(batch)
+            while True:
+                with self._lock:
+                    busy = sum(not j.done for j in self._jobs.values())
+                    room = len(self._held) if self.slots is None else self.slots - busy
+                    if room <= 0 or not self._held:
+                        if self._held:
+                            log.info("%d dispatched jobs wait for a free slot", len(self._held))
+                        return
+                    batch = [self._held.pop(k) for k in list(self._held)[:room]]
+                if self._spawn_batch(batch) == len(batch):
+                    return  # every slot taken is held by a job: its end starts the next
+                # some did not start (reported failed): their slots are free at once
 
-    def _spawn_batch(self, items: list[dict[str, Any]]) -> None:
-        """Spawn them all, then record them all.
+    def _spawn_batch(self, items: list[dict[str, Any]]) -> int:
+        """Spawn them all, then record them all; returns how many run.
 
         The attempt records are made durable together (one directory fsync) before any of
         the jobs is reported started or watched for its end. A crash between the spawn and
@@ -320,14 +369,14 @@ class Runner:
         for d in items:
             try:
                 spawned = self._spawn(d, seen)
-            except (TypeError, ValueError, KeyError, AttributeError) as e:
-                log.error("malformed dispatch %.200s: %s", d, e)
+            except Exception as e:  # noqa: BLE001 - no (job, attempt): nothing to report on
+                self._unusable(d, e)
                 continue
             if spawned is not None:
                 jobs.append(spawned[0])
                 names.append(spawned[1])
         if not jobs:
-            return
+            return 0
         try:
             self.state.write_records([j.record() for j in jobs])  # one directory fsync
         except OSError as e:  # the jobs run anyway; a restart finds them through /proc
@@ -340,6 +389,7 @@ class Runner:
             log.info("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
             self._watch(job)
         self.on_event()
+        return len(jobs)
 
     def _spawn(self, d: dict[str, Any], seen: set[Key]) -> tuple[_Job, str] | None:
         """Spawn one dispatch item's wrapper: the job and its name, or None (not started)."""
@@ -351,6 +401,15 @@ class Runner:
             return None
         seen.add(key)
         now = time.time()
+        try:
+            return self._launch(key, d, now)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the server must hear it
+            log.exception("job %d.%d: unexpected error while starting it", *key)
+            self._fail(key, now, f"cannot start: {type(e).__name__}: {e}")
+            return None
+
+    def _launch(self, key: Key, d: dict[str, Any], now: float) -> tuple[_Job, str] | None:
+        """_spawn's work; a dispatch it cannot run is reported failed with the reason."""
         cwd = d.get("cwd")
         command = d.get("command")
         if isinstance(command, str) and command:
@@ -360,11 +419,23 @@ class Runner:
         else:
             self._fail(key, now, f"bad command: {command!r}")
             return None
+        if any("\0" in a for a in argv):
+            self._fail(key, now, "bad command: it holds a NUL byte")
+            return None
+        if isinstance(cwd, str) and "\0" in cwd:
+            self._fail(key, now, "bad cwd: it holds a NUL byte")
+            return None
         if not isinstance(cwd, str) or not os.path.isdir(cwd):
             self._fail(key, now, f"cwd does not exist: {cwd}")
             return None
-        logpath = d.get("log") or f"crq.{key[0]}.log"
-        logpath = os.path.join(cwd, str(logpath))
+        env, bad = _job_env(d.get("env"), key)
+        if bad:
+            self._fail(key, now, f"bad env: {bad}")
+            return None
+        logpath = os.path.join(cwd, str(d.get("log") or f"crq.{key[0]}.log"))
+        if "\0" in logpath:
+            self._fail(key, now, "bad log path: it holds a NUL byte")
+            return None
         try:
             logdir = os.path.dirname(logpath) or "."
             if not os.path.isdir(logdir):  # mkdir of an existing dir costs more than a stat
@@ -373,9 +444,6 @@ class Runner:
         except OSError as e:
             self._fail(key, now, f"cannot open log {logpath}: {e.strerror or e}")
             return None
-        env = {str(k): str(v) for k, v in (d.get("env") or {}).items()}
-        env["CRQ_JOB_ID"] = str(key[0])
-        env["CRQ_ATTEMPT"] = str(key[1])
         status = self.state.status_path(key)
         with contextlib.suppress(FileNotFoundError):
             status.unlink()
@@ -383,7 +451,7 @@ class Runner:
         try:
             with logf:
                 proc = subprocess.Popen(
-                    [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), *argv],
+                    [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), self._umask, *argv],
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -403,7 +471,22 @@ class Runner:
         job = _Job(key[0], key[1], proc.pid, proc.pid, spawned, status, proc=proc)
         return job, str(d.get("name") or argv[0])
 
+    def _unusable(self, d: object, e: Exception) -> None:
+        """A dispatch item without a usable (job, attempt) cannot be reported on: say so
+        once (the server sends it again until reported; the log must not grow with it)."""
+        text = f"{d!r:.200}"
+        with self._lock:
+            if text in self._unusable_seen:
+                return
+            self._unusable_seen[text] = None
+            while len(self._unusable_seen) > 1000:
+                self._unusable_seen.pop(next(iter(self._unusable_seen)))
+        log.error("malformed dispatch %s: %s: %s", text, type(e).__name__, e)
+
     def _fail(self, key: Key, now: float, reason: str) -> None:
+        """An attempt that cannot start is reported failed, with the reason: never dropped."""
+        if len(reason) > MAX_REASON:  # the server refuses longer ones, with the whole report
+            reason = reason[: MAX_REASON - 1] + "\u2026"
         log.warning("job %d.%d not started: %s", *key, reason)
         result = {
             "job": key[0],
@@ -527,17 +610,18 @@ class Runner:
                     reason = "killed on server request" + (f" (signal {sig})" if sig else "")
                 else:
                     reason = f"killed by signal {sig}" if sig else "killed"
-            results.append(
-                {
-                    "job": job.job,
-                    "attempt": job.attempt,
-                    "exit_code": exit_code,
-                    "signal": sig,
-                    "started": job.started,
-                    "ended": max(ended, job.started),  # file mtimes tick coarser than time()
-                    "reason": reason,
-                }
-            )
+            result = {
+                "job": job.job,
+                "attempt": job.attempt,
+                "exit_code": exit_code,
+                "signal": sig,
+                "started": job.started,
+                "ended": max(ended, job.started),  # file mtimes tick coarser than time()
+                "reason": reason,
+            }
+            if job.lost:
+                result["lost"] = True
+            results.append(result)
         self._store_results(results)
         try:
             self.state.remove_attempts([e[0].key for e in todo])
@@ -618,7 +702,8 @@ class Runner:
 
         A result file wins over everything; then a complete status file (the job ended
         while we were away); then a live wrapper is adopted; anything else was killed
-        (reported so), or vanished with a reboot (left to the server: see ``_settle``).
+        (reported lost, for the rerun policy), or vanished with a reboot (left to the
+        server: see ``_settle``).
         Attempts spawned but never recorded (the tasker died in between) are found too,
         through /proc while they run and through their status file after: every attempt
         this state dir ever spawned is listed, or the server would send it again.
@@ -704,6 +789,10 @@ class Runner:
         if st is not None and st[0] is not None:
             self._finish(job, *classify(st[0]), st[1])
         else:
+            # No status: it died with its wrapper while no tasker watched, most likely
+            # killed together with the tasker. Not a result of the job: reported lost, so
+            # the server applies the rerun policy, as its monitor does for a silent tasker.
+            job.lost = True
             self._finish(job, None, None, time.time(), "killed while the tasker was down")
 
     def _ensure_poller(self) -> None:

@@ -7,6 +7,8 @@ that finished while nobody watched::
     <state>/lock                     flock: one vovtasker per state dir
     <state>/boot_id                  host boot id at the last successful registration
     <state>/id                       made once: tells the server this is the same memory
+    <state>/session                  made once (mode 0600): the secret that holds the tasker
+                                     name on the server; shown at every register and sync
     <state>/attempts/<job>.<n>.json  one record per started attempt (pid, pgid, status path)
     <state>/status/<job>.<n>         made empty by the job's own shell wrapper at start;
                                      the exit status goes into it when the job exits
@@ -14,6 +16,9 @@ that finished while nobody watched::
 
 A result file is the source of truth once written: the attempt record and status file
 are removed after it, and the result file only after the server acked it.
+
+All of it is private to the tasker's user (directories 0700, files 0600): it names the
+jobs, their processes and their outcomes, and a job's own files are no one else's business.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 Key = tuple[int, int]
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class StateDirBusy(Exception):
@@ -67,14 +74,16 @@ class StateDir:
         self.results = self.root / "results"
         self._lock_fd: int | None = None
         for d in (self.root, self.attempts, self.status, self.results):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            if d.stat().st_mode & 0o777 != DIR_MODE:  # made by an older tasker, or by hand
+                d.chmod(DIR_MODE)
 
     # -- locking -------------------------------------------------------------------------
 
     def lock(self) -> None:
         """Take the state dir for this process; raise StateDirBusy naming the holder."""
         path = self.root / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -83,6 +92,7 @@ class StateDir:
             raise StateDirBusy(
                 f"state dir {self.root} is in use by another vovtasker (pid {holder})"
             ) from None
+        os.fchmod(fd, FILE_MODE)  # a lock file of an older tasker was world-readable
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -118,7 +128,7 @@ class StateDir:
         dirs: dict[Path, None] = {}
         for path, data in files:
             tmp = path.with_name(f".{path.name}.tmp{pid}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
             try:
                 os.write(fd, data)
                 if self.fsync:
@@ -240,6 +250,40 @@ class StateDir:
             found = secrets.token_hex(8)
             self.write_atomic(path, f"{found}\n".encode())
         return found
+
+    def session(self) -> str:
+        """The session secret, made (and durable) before the server ever sees it.
+
+        The server ties the tasker name to it: a restarted tasker with this state dir is
+        the same session and takes its name back at once; one with another state dir must
+        wait until this one is silent past the tasker timeout. Made here rather than by the
+        server so that a register whose answer was lost cannot lock its own tasker out.
+        """
+        path = self.root / "session"
+        try:
+            found = path.read_text().strip()
+        except FileNotFoundError:
+            found = ""
+        if not found:
+            import secrets
+
+            found = secrets.token_urlsafe(32)
+            self._store_session(path, found)
+        return found
+
+    def _store_session(self, path: Path, secret: str) -> None:
+        """Write the secret readable by this user only (0600), atomically and durably."""
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # an old tmp file of the same name keeps its mode
+            os.write(fd, f"{secret}\n".encode())
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._sync_dir(self.root)
 
 
 def read_status(path: Path) -> tuple[int | None, float] | None:

@@ -82,8 +82,8 @@ def run_and_vanish(state: Path, cwd: Path, jobs: list[dict[str, Any]]) -> None:
     """Start jobs from a separate Python process that then dies like kill -9 (os._exit)."""
     script = (
         "import json, os, sys\n"
-        "from tasker.statedir import StateDir\n"
-        "from tasker.runner import Runner\n"
+        "from crq.tasker.statedir import StateDir\n"
+        "from crq.tasker.runner import Runner\n"
         "r = Runner(StateDir(sys.argv[1]))\n"
         "for d in json.loads(sys.argv[2]):\n"
         "    r.start(d)\n"
@@ -111,7 +111,7 @@ def kill_jobs(state: Path) -> None:
     """Leave no job of a tasker (or Runner) with this state dir behind: the process groups
     in its attempt records, and wrappers spawned but not recorded yet (found in /proc by
     their status file). Jobs run in their own sessions, so killing the tasker spares them."""
-    from tasker.runner import find_orphan_wrappers
+    from crq.tasker.runner import find_orphan_wrappers
 
     groups = set(find_orphan_wrappers(state / "status").values())
     for rec in (state / "attempts").glob("*.json"):
@@ -139,7 +139,7 @@ def server_available() -> bool:
 
 
 class CrqServer:
-    """A real ``python -m server`` in the foreground, killable with -9 and restartable."""
+    """A real ``python -m crq.server`` in the foreground, killable with -9 and restartable."""
 
     def __init__(self, swd: Path, queue: str = "t1", *extra: str) -> None:
         self.swd = swd
@@ -147,14 +147,15 @@ class CrqServer:
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.preexec: Callable[[], Any] | None = None  # run in the child before the server
 
     def start(self, port: int | None = None, timeout: float = PATIENCE) -> None:
         self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--queue", self.queue, "--swd", str(self.swd),
+            [sys.executable, "-m", "crq.server", "--queue", self.queue, "--swd", str(self.swd),
              "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
             cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=self.preexec,
         )  # fmt: skip
         wait_for_start(self.proc, self._healthy, "server", cap=timeout)
 
@@ -242,7 +243,7 @@ class Tasker:
         out = open(self.logfile, "ab")  # noqa: SIM115 - kept by the child
         with out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tasker", *self.args],
+                [sys.executable, "-m", "crq.tasker", *self.args],
                 cwd=ROOT, env=env or env_with_root(), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out,
             )  # fmt: skip

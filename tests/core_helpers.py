@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server import commands, snapshot
-from server.events import decode, encode
-from server.journal import frame
-from server.models import Batch, JobSpec, Register, ResultReport, RunningReport
-from server.scheduler import dispatch_pass
-from server.state import Event, State
+from crq.server import commands, snapshot
+from crq.server.events import decode, encode
+from crq.server.journal import frame
+from crq.server.models import Batch, JobSpec, Register, ResultReport, RunningReport
+from crq.server.scheduler import dispatch_pass
+from crq.server.state import Event, State
 
 
 class Core:
@@ -43,10 +43,10 @@ class Core:
         return ids
 
     def register(
-        self, name: str, slots: int = 2, resources: str = "", **kw: Any
+        self, name: str, slots: int = 2, resources: str = "", session: str = "", **kw: Any
     ) -> commands.Outcome:
         body = Register(host=f"host-{name}", slots=slots, resources=resources, **kw)
-        out = commands.register(self.state, name, body, self.tick())
+        out = commands.register(self.state, name, body, self.tick(), session)
         self.emit(out.events)
         return out
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from crq.client.api import Client
+from crq.client.errors import CrashRecovery, CrqError
 
-from client import wire
-from client.api import Client
-from client.errors import CrashRecovery, CrqError
+from crq import wire
 
 
 @pytest.fixture(autouse=True)

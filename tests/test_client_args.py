@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from crq.client import cli, clitools, ncmgr, registry, vovproject
 
-from client import cli, clitools, ncmgr, registry, vovproject, wire
+from crq import wire
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +64,56 @@ def test_submit_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["submit", "--file", "x", "--", "true"])
     with pytest.raises(SystemExit):
         cli.main(["submit", "--file", "x", "-l", "log"])
+
+
+@pytest.mark.parametrize(
+    "server", ["ftp://host", "http://[::1", "http://host:99999", "http://:8080"]
+)
+def test_a_bad_server_url_is_a_usage_error(
+    server: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--server", server, "list"])
+    assert exc.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("CRQ_SERVER", server)  # the same URL from the environment
+    assert cli.main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crq: CRQ_SERVER: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "--file jobs.txt: No such file or directory"),
+        (b"# only a comment\n\n", "jobs.txt: no commands (blank and # lines are skipped)"),
+        (b"echo a\n\xff\xfe\n", "--file jobs.txt: not UTF-8 text (byte 7)"),
+        (b"echo a\n# c\necho \x00b\n", "--file jobs.txt: line 3 has a NUL byte"),
+    ],
+)
+def test_a_bad_file_of_jobs_is_a_usage_error_and_sends_nothing(
+    tmp_path: Path, content: bytes | None, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if content is not None:
+        (tmp_path / "jobs.txt").write_bytes(content)
+    # no server listens there: a usage error is found before anything is sent
+    assert cli.main(["--server", "http://127.0.0.1:9", "submit", "--file", "jobs.txt"]) == 2
+    assert capsys.readouterr().err == f"crq: {message}\n"
+
+
+def test_a_directory_as_file_of_jobs_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--server", "http://127.0.0.1:9", "submit", "--file", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"crq: --file {tmp_path}: Is a directory\n"
+
+
+def test_usage_errors_exit_2_other_failures_1(capsys: pytest.CaptureFixture[str]) -> None:
+    def usage(args: argparse.Namespace) -> int:
+        raise clitools.UsageError("bad\nvalue")
+
+    assert clitools.run(usage, argparse.Namespace()) == 2
+    assert capsys.readouterr().err == "crq: bad value\n"
 
 
 def test_command_of() -> None:
@@ -145,7 +196,7 @@ def test_ncmgr_start_passes_settings_through(tmp_path: Path) -> None:
     place = ncmgr.Place(args)
     assert place.queue == "q1" and place.swd.root == tmp_path / "s"
     cmd = ncmgr.server_command(args, place, "127.0.0.1", 7001)
-    assert cmd[:3] == [sys.executable, "-m", "server"]
+    assert cmd[:3] == [sys.executable, "-m", "crq.server"]
     assert cmd[3:] == ["--queue", "q1", "--swd", str(tmp_path / "s"), "--host", "127.0.0.1",
                        "--port", "7001", "--recovery-grace", "5", "--fsync", "never",
                        "--accept-loss"]  # fmt: skip

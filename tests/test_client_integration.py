@@ -72,7 +72,7 @@ class Queue:
         self, tool: str, *args: str, timeout: float = CMD_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", f"client.{tool}", *args],
+            [sys.executable, "-m", f"crq.client.{tool}", *args],
             env=self.env,
             cwd=self.root,
             capture_output=True,
@@ -88,7 +88,7 @@ class Queue:
 
     def spawn(self, tool: str, *args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"client.{tool}", *args],
+            [sys.executable, "-m", f"crq.client.{tool}", *args],
             env=self.env,
             cwd=self.root,
             stdout=subprocess.PIPE,
@@ -115,7 +115,7 @@ class Queue:
         return int(out.stdout.split()[0])
 
     def start_tasker(self) -> None:
-        cmd = [sys.executable, "-m", "tasker", "--swd", str(self.swd), "--slots", "2",
+        cmd = [sys.executable, "-m", "crq.tasker", "--swd", str(self.swd), "--slots", "2",
                "--name", "it-tk", "--state-dir", str(self.root / "tasker-state")]  # fmt: skip
         with open(self.root / "tasker.err", "ab") as err:
             self.tasker = subprocess.Popen(
@@ -151,7 +151,7 @@ class Queue:
 def kill_servers_of(swd: Path) -> list[int]:
     """kill -9 every server running on ``swd`` (found by its command line, not by a
     server.json that a failed start may not have written); the pids it killed."""
-    wanted = b"-m\0server\0", f"--swd\0{swd}\0".encode()
+    wanted = b"-m\0crq.server\0", f"--swd\0{swd}\0".encode()
     killed = []
     for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
         try:
@@ -225,7 +225,7 @@ def _start_other(q: Queue, name: str, *extra: str, **env: str) -> subprocess.Com
     swd = q.root / f"{name}.swd"
     q.swds.append(swd)
     return subprocess.run(
-        [sys.executable, "-m", "client.ncmgr", "start", "--queue", name, "--swd", str(swd),
+        [sys.executable, "-m", "crq.client.ncmgr", "start", "--queue", name, "--swd", str(swd),
          "--port", str(free_port()), "--fsync", "never", *extra],
         env={**q.env, **env}, cwd=q.root, capture_output=True, text=True, timeout=CMD_TIMEOUT,
     )  # fmt: skip
@@ -241,7 +241,7 @@ def test_start_with_another_queues_token(q: Queue) -> None:
     swd = q.swds[-1]
     env = {k: v for k, v in q.env.items() if k != "CRQ_TOKEN"}
     stop = subprocess.run(
-        [sys.executable, "-m", "client.ncmgr", "stop", "--queue", other, "--swd", str(swd)],
+        [sys.executable, "-m", "crq.client.ncmgr", "stop", "--queue", other, "--swd", str(swd)],
         env=env, cwd=q.root, capture_output=True, text=True, timeout=CMD_TIMEOUT,
     )  # fmt: skip
     assert stop.returncode == 0, stop.stderr
@@ -263,7 +263,7 @@ def test_a_start_that_gives_up_kills_its_server(q: Queue) -> None:
 
 def test_bad_token_is_one_line(q: Queue) -> None:
     env = dict(q.env, CRQ_TOKEN="wrong")
-    out = subprocess.run([sys.executable, "-m", "client.cli", "list"], env=env,
+    out = subprocess.run([sys.executable, "-m", "crq.client.cli", "list"], env=env,
                          capture_output=True, text=True, timeout=CMD_TIMEOUT)  # fmt: skip
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "bad token" in out.stderr
@@ -273,6 +273,19 @@ def test_sanity_is_clean(q: Queue) -> None:
     out = q.run("vovproject", "sanity")
     assert out.returncode == 0, out.stderr
     assert "sanity: ok" in out.stdout
+
+
+def test_a_refused_submit_exits_1_a_usage_error_2(q: Queue) -> None:
+    before = q.crq("list", "--json").stdout
+    out = q.crq("submit", "-r", "License:nosuch", "--", "true")  # the server refuses: 1
+    assert out.returncode == 1
+    assert out.stderr == "crq: resources: unknown resource License:nosuch\n"
+    (q.root / "jobs.txt").write_bytes(b"echo a\n\xff\n")  # the command line is wrong: 2
+    out = q.crq("submit", "--file", "jobs.txt")
+    assert out.returncode == 2
+    assert out.stderr == "crq: --file jobs.txt: not UTF-8 text (byte 7)\n"
+    assert q.crq("list", "--state", "bogus").returncode == 2
+    assert q.crq("list", "--json").stdout == before  # nothing was queued
 
 
 @needs_tasker

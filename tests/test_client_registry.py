@@ -7,9 +7,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from crq.client import registry
+from crq.client.errors import CrqError
 
-from client import registry, wire
-from client.errors import CrqError
+from crq import wire
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from client import table
-from client.cli import JOB_HEADERS, TASKER_HEADERS, info_text, job_rows, tasker_rows
-from client.errors import recovery_progress
-from client.ncmgr import counts_text, recovery_text
+from crq.client import table
+from crq.client.cli import JOB_HEADERS, TASKER_HEADERS, info_text, job_rows, tasker_rows
+from crq.client.errors import recovery_progress
+from crq.client.ncmgr import counts_text, recovery_text
 
 
 def test_table_aligns_columns_without_trailing_blanks() -> None:

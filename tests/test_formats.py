@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+from crq.server import commands, events, replay, snapshot
+from crq.server.journal import frame
+from crq.server.state import Job, State
 
-from server import commands, events, replay, snapshot
-from server.journal import frame
-from server.state import Job, State
 from tests.core_helpers import Core, fingerprint, write_journal
 
 AWKWARD = {
@@ -138,3 +138,29 @@ def test_a_checksummed_record_that_is_no_event_is_refused_by_name(tmp_path: Path
         assert "CR.000001" in str(e)
     else:
         raise AssertionError("a malformed event was applied")
+
+
+def test_tasker_sessions_survive_snapshot_and_replay_and_old_files_have_none(
+    tmp_path: Path,
+) -> None:
+    core = busy_core()
+    core.register("t2", slots=1, session="hash-of-a-secret")
+    assert core.state.taskers["t2"].session == "hash-of-a-secret"
+    path = snapshot.write(core.state, tmp_path, fsync=False)
+    assert snapshot.read(path).taskers["t2"].session == "hash-of-a-secret"
+    trace = tmp_path / "trace.db"
+    write_journal(trace, core.events)
+    assert replay.load(trace, None).state.taskers["t2"].session == "hash-of-a-secret"
+    # written before sessions: tasker events and records without the field
+    old = [{k: v for k, v in ev.items() if k != "session"} for ev in core.events]
+    write_journal(tmp_path / "old", old)
+    st = replay.load(tmp_path / "old", None).state
+    assert {t.session for t in st.taskers.values()} == {""}
+    records = [p for _, p in snapshot.RecordReader(path, path.read_bytes())]
+    for i, p in enumerate(records):
+        rec = orjson.loads(p) if p[:1] == b"{" else None
+        if isinstance(rec, dict) and "tasker" in rec:
+            del rec["tasker"]["session"]
+            records[i] = orjson.dumps(rec)
+    path.write_bytes(b"".join(frame(i + 1, p) for i, p in enumerate(records)))
+    assert {t.session for t in snapshot.read(path).taskers.values()} == {""}

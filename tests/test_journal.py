@@ -6,8 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
-from server.journal import HEADER, Journal, RecordReader, frame, list_segments
+from crq.server.journal import HEADER, Journal, RecordReader, frame, list_segments
 
 
 def test_frame_roundtrip_and_sequence(tmp_path: Path) -> None:

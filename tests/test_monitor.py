@@ -96,7 +96,7 @@ class Rig:
         for k in ("CRQ_TOKEN", "CRQ_SERVER", "CRQ_QUEUE"):
             env.pop(k, None)
         return subprocess.run(
-            [sys.executable, "-m", "client.ncmgr", "cleanup", "--swd", str(self.swd), *args],
+            [sys.executable, "-m", "crq.client.ncmgr", "cleanup", "--swd", str(self.swd), *args],
             cwd=self.tmp, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 

@@ -13,13 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-
-from server import app as app_module
-from server.app import Server, create_app
-from server.engine import Engine
-from server.journal import Journal
-from server.settings import load
-from server.state import State
+from crq.server import app as app_module
+from crq.server.app import Server, create_app
+from crq.server.engine import Engine
+from crq.server.journal import Journal
+from crq.server.settings import load
+from crq.server.state import State
 
 TOKEN = "admin-token"
 

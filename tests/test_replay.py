@@ -12,14 +12,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from crq.server import commands, replay, snapshot
+from crq.server.events import encode
+from crq.server.journal import frame
+from crq.server.models import BadRequest, ResultReport
+from crq.server.monitor import lose_tasker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import replay, snapshot
-from server.events import encode
-from server.journal import frame
-from server.models import BadRequest
-from server.monitor import lose_tasker
 from tests.core_helpers import Core, fingerprint, write_journal
 
 TASKERS = ["t1", "t2", "t3"]
@@ -40,6 +40,7 @@ op = st.one_of(
         st.integers(0, 4),
         st.sampled_from(["", "RAM/200 linux", "linux CORES/8"]),
         st.booleans(),
+        st.sampled_from(["s1", "s2"]),  # another session than the holder's takes over
     ),
     st.tuples(st.just("dispatch")),
     st.tuples(st.just("start"), st.integers(0, 50)),
@@ -61,7 +62,7 @@ def run(ops: list[tuple]) -> Core:
             if kind == "submit":
                 core.submit(o[1], priority=o[2], resources=o[3], env=o[4], rerunnable=o[5])
             elif kind == "register":
-                core.register(o[1], slots=o[2], resources=o[3], rebooted=o[4])
+                core.register(o[1], slots=o[2], resources=o[3], rebooted=o[4], session=o[5])
             elif kind == "dispatch":
                 core.dispatch()
             elif kind in ("start", "finish", "stale") and running:
@@ -74,11 +75,12 @@ def run(ops: list[tuple]) -> Core:
                     before = fingerprint(core.state)
                     core.finish(job.tasker, job.id, job.attempt - 1, 0)
                     core.finish("t-other", job.id, job.attempt, 0)
+                    rep = [ResultReport(job=job.id, attempt=job.attempt, exit_code=0)]
+                    out = commands.reports(core.state, job.tasker, [], rep, 0.0, session="x")
+                    assert out.events == []  # another session reports: refused
                     assert fingerprint(core.state) == before
             elif kind in ("stop", "rerun", "forget") and core.state.jobs:
                 ids = sorted(core.state.jobs)
-                from server import commands
-
                 cmd = getattr(commands, kind)
                 core.emit(cmd(core.state, ids[o[1] % len(ids)], core.tick()))
             elif kind == "lose" and o[1] in core.state.taskers:
@@ -101,6 +103,7 @@ def test_replay_equals_live(ops: list[tuple], split: int) -> None:
     try:
         write_journal(tmp / "a", core.events)
         assert replayed(tmp / "a") == live
+        assert replay.load(tmp / "a", None).state.id_ceiling == core.state.id_ceiling
         # snapshot after a prefix, then the rest of the journal
         split = min(split, len(core.events))
         prefix = Core()
@@ -109,6 +112,7 @@ def test_replay_equals_live(ops: list[tuple], split: int) -> None:
         snapshot.write(prefix.state, tmp / "b", fsync=False, chunk=3)
         write_journal(tmp / "b", core.events[split:], first_seq=split + 1)
         assert replayed(tmp / "b") == live
+        assert replay.load(tmp / "b", None).state.id_ceiling == core.state.id_ceiling
     finally:
         shutil.rmtree(tmp)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from crq.server import sanity
+from crq.server.state import Event, State
 
-from server import sanity
-from server.state import Event, State
 from tests.core_helpers import Core, fingerprint
 
 LIVE = {"t1", "t2"}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from server import sanity
+from crq.server import sanity
+
 from tests.core_helpers import Core
 
 
@@ -71,7 +72,7 @@ def test_superseded_attempt_cannot_overwrite_result() -> None:
     (job,) = core.submit(1)
     core.register("t1", slots=1)
     core.dispatch()
-    from server.monitor import lose_tasker
+    from crq.server.monitor import lose_tasker
 
     core.emit(lose_tasker(core.state, "t1", "silent", core.tick()))
     assert core.state.jobs[job].state == "queued"
@@ -91,7 +92,7 @@ def test_requeue_keeps_queue_position_and_poison_job_ends_lost() -> None:
     first, second = core.submit(2, max_attempts=2)
     core.register("t1", slots=1)
     core.dispatch()
-    from server.monitor import lose_tasker
+    from crq.server.monitor import lose_tasker
 
     core.emit(lose_tasker(core.state, "t1", "silent", core.tick()))
     assert list(core.state.queue_order()) == [first, second]

@@ -179,7 +179,7 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     for args in ([], ["--server", "http://x"], ["--swd", "x", "--slots", "0"],
                  ["--swd", "x", "--name", "a/b"]):  # fmt: skip
         p = subprocess.run(
-            [sys.executable, "-m", "tasker", *args],
+            [sys.executable, "-m", "crq.tasker", *args],
             capture_output=True,
             env={**env_with_root(), "CRQ_TASKER_TOKEN": "", "CRQ_HOME": str(tmp_path)},
             timeout=PATIENCE,
@@ -197,7 +197,7 @@ def test_busy_state_dir_is_refused(tmp_path: Path, srv: CrqServer) -> None:
     try:
         wait_until(lambda: "registered" in a.log())
         p = subprocess.run(
-            [sys.executable, "-m", "tasker", "--swd", str(srv.swd), "--state-dir",
+            [sys.executable, "-m", "crq.tasker", "--swd", str(srv.swd), "--state-dir",
              str(tmp_path / "s")],
             capture_output=True, env=env_with_root(), timeout=PATIENCE,
         )  # fmt: skip

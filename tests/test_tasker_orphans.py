@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker.runner import Runner, find_orphan_wrappers
+from crq.tasker.statedir import Key, StateDir, read_status
 
-from tasker.runner import Runner, find_orphan_wrappers
-from tasker.statedir import Key, StateDir, read_status
 from tests._tasker_util import (
     PATIENCE,
     CrqServer,
@@ -40,8 +40,8 @@ from tests._tasker_util import (
 # A dying tasker, as run_and_vanish, except that its attempt records never reach the disk.
 UNRECORDED = (
     "import json, os, sys\n"
-    "from tasker.statedir import StateDir\n"
-    "from tasker.runner import Runner\n"
+    "from crq.tasker.statedir import StateDir\n"
+    "from crq.tasker.runner import Runner\n"
     "r = Runner(StateDir(sys.argv[1]))\n"
     "def crash(records):\n"
     "    raise OSError(5, 'the tasker died before writing its attempt records')\n"
@@ -111,8 +111,8 @@ GATED = "echo ran >> marker; while [ ! -e go ]; do sleep 0.02; done; exit 3"
 # A tasker that dies at the spawn itself: nothing of the job ever ran.
 UNSPAWNED = (
     "import json, os, subprocess, sys\n"
-    "from tasker.statedir import StateDir\n"
-    "from tasker.runner import Runner\n"
+    "from crq.tasker.statedir import StateDir\n"
+    "from crq.tasker.runner import Runner\n"
     "def crash(*a, **k):\n"
     "    os._exit(0)\n"
     "subprocess.Popen = crash\n"
@@ -245,7 +245,9 @@ def spec(cwd: Path, command: object, **kw: object) -> dict[str, object]:
     return {"command": command, "cwd": str(cwd), "env": {"PATH": os.environ["PATH"]}, **kw}
 
 
-def stall_record_write(srv: CrqServer, tasker: Tasker, command: str, work: Path) -> int:
+def stall_record_write(
+    srv: CrqServer, tasker: Tasker, command: str, work: Path, **kw: object
+) -> int:
     """Submit one job whose attempt record the tasker cannot write: it hangs right there.
 
     ``write_many`` opens ``.<job>.<n>.json.tmp<pid>`` for writing; a FIFO of that name
@@ -257,14 +259,14 @@ def stall_record_write(srv: CrqServer, tasker: Tasker, command: str, work: Path)
     wait_until(lambda: "registered with" in tasker.log())
     job = 1  # a fresh queue: ids start at 1
     os.mkfifo(tasker.state / "attempts" / f".{job}.1.json.tmp{tasker.proc.pid}")
-    (submitted,) = srv.submit(spec(work, command))
+    (submitted,) = srv.submit(spec(work, command, **kw))
     assert submitted == job, "the FIFO must be named after the job"
     return job
 
 
-def stalled_gated_job(srv: CrqServer, tasker: Tasker, work: Path) -> tuple[int, int]:
+def stalled_gated_job(srv: CrqServer, tasker: Tasker, work: Path, **kw: object) -> tuple[int, int]:
     """A GATED job running with no record and no start report: (job id, wrapper pid)."""
-    job = stall_record_write(srv, tasker, GATED, work)
+    job = stall_record_write(srv, tasker, GATED, work, **kw)
     wait_until(lambda: (work / "marker").exists())
     assert never_started(srv, job)
     (pid,) = find_orphan_wrappers(tasker.state / "status").values()
@@ -325,18 +327,19 @@ def test_e2e_job_running_at_restart_is_adopted_once(
 def test_e2e_job_killed_before_record_is_not_sent_again(
     srv: CrqServer, tasker: Tasker, tmp_path: Path
 ) -> None:
+    """Killed with the tasker: lost for a job that may not run again (never re-sent)."""
     work = tmp_path / "w"
     work.mkdir()
-    job, pid = stalled_gated_job(srv, tasker, work)
+    job, pid = stalled_gated_job(srv, tasker, work, rerunnable=False)
     tasker.kill9()
     os.killpg(pid, signal.SIGKILL)  # the job dies too, before writing any status
     wait_until(lambda: not find_orphan_wrappers(tasker.state / "status"))
     tasker.start()
     j = srv.wait(job)
     assert (j["state"], j["attempt"], j["reason"]) == (
-        "failed",
+        "lost",
         1,
         "killed while the tasker was down",
     ), j
     no_second_run(srv, work, job)
-    assert time.time() >= j["ended"] >= j["started"]
+    assert time.time() >= j["ended"] >= j["submitted"]

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker.statedir import read_boot_id
 
-from tasker.statedir import read_boot_id
 from tests._tasker_util import Tasker, dispatch, env_with_root, kill_jobs, wait_until
 
 

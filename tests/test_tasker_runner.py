@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crq.tasker.runner import Runner, classify, current_umask, find_orphan_wrappers
+from crq.tasker.statedir import StateDir, StateDirBusy, read_status
 
-from tasker.runner import Runner, classify, find_orphan_wrappers
-from tasker.statedir import StateDir, StateDirBusy, read_status
 from tests._tasker_util import PATIENCE, alive, dispatch, kill_jobs, run_and_vanish, wait_until
 
 
@@ -229,6 +229,7 @@ def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
     assert r.recover() == (0, 1)
     res = finished(r, (20, 1), timeout=0.1)
     assert res["exit_code"] == 4 and res["reason"] is None
+    assert "lost" not in res  # a real exit status is a real result
     assert state.load_records() == {} and state.status_keys() == []
 
 
@@ -267,6 +268,7 @@ def test_adopted_job_killed_behind_our_back(state: StateDir, work: Path) -> None
     os.killpg(pid, signal.SIGKILL)
     res = finished(r, (23, 1))
     assert res["exit_code"] is None and res["reason"] == "killed"
+    assert "lost" not in res  # it died while we watched: the job's own failure
     r.close()
 
 
@@ -282,6 +284,22 @@ def test_orphan_without_record_is_found_through_proc(state: StateDir, work: Path
     r.close()
 
 
+def test_an_orphan_of_the_earlier_wrapper_is_found_after_an_upgrade(state: StateDir) -> None:
+    import subprocess
+
+    from crq.tasker.runner import OLD_WRAPPERS, SH, WRAPPER_NAME
+
+    status = state.status_path((25, 1))
+    argv = [SH, "-c", OLD_WRAPPERS[0], WRAPPER_NAME, str(status), "sleep", "30"]
+    proc = subprocess.Popen(argv, start_new_session=True)
+    try:
+        wait_until(lambda: read_status(status) is not None)
+        assert find_orphan_wrappers(state.status) == {(25, 1): proc.pid}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_dead_record_is_reported_killed(state: StateDir) -> None:
     state.write_record(
         {"job": 30, "attempt": 2, "pid": 999999999, "pgid": 999999999, "started": 1.0,
@@ -292,6 +310,8 @@ def test_dead_record_is_reported_killed(state: StateDir) -> None:
     res = finished(r, (30, 2), timeout=0.1)
     assert res["exit_code"] is None and res["reason"] == "killed while the tasker was down"
     assert res["started"] == 1.0
+    # no exit status: it died with the tasker, for the server's rerun policy (durably so)
+    assert res["lost"] is True and state.load_results()[(30, 2)]["lost"] is True
 
 
 def test_reboot_drops_vanished_jobs_but_keeps_real_results(state: StateDir) -> None:
@@ -331,6 +351,36 @@ def test_state_dir_lock_is_exclusive(tmp_path: Path) -> None:
         StateDir(tmp_path / "s").lock()
     a.unlock()
     StateDir(tmp_path / "s").lock()
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_the_state_dir_is_private(tmp_path: Path, work: Path) -> None:
+    """0700 directories, 0600 files, also where an older tasker left them world-readable;
+    the job itself still gets the tasker's umask."""
+    root = tmp_path / "old"
+    for d in (root, root / "attempts", root / "status", root / "results"):
+        d.mkdir()
+        d.chmod(0o755)
+    (root / "lock").write_text("")
+    (root / "lock").chmod(0o644)
+    state = StateDir(root)
+    state.lock()
+    state.identity()
+    state.store_boot_id("boot")
+    r = Runner(state)
+    r.start(dispatch(1, work, "umask; while [ ! -e go ]; do sleep 0.02; done"))
+    wait_until(lambda: read_status(state.status_path((1, 1))) is not None)
+    dirs = {".", "attempts", "status", "results"}
+    files = {"lock", "id", "boot_id", "attempts/1.1.json", "status/1.1"}
+    assert _modes(root) == {**dict.fromkeys(dirs, 0o700), **dict.fromkeys(files, 0o600)}
+    (work / "go").touch()
+    assert finished(r, (1, 1))["exit_code"] == 0
+    assert _modes(root)["results/1.1.json"] == 0o600
+    assert (work / "job1.log").read_text() == f"{current_umask():04o}\n"
+    state.unlock()
 
 
 def test_atomic_writes_leave_no_tmp_and_tmp_is_ignored(state: StateDir) -> None:

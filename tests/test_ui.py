@@ -166,16 +166,19 @@ def test_crash_recovery_banner(page: Page, tmp_path: Path) -> None:
     try:
         job = submit(srv, command="sleep 1000")
         tt = srv.tasker_token
-        r = srv.api("POST", "/taskers/t1/register", token=tt, json={"host": "h1", "slots": 2})
+        me = {"X-Crq-Session": "ui-test-session-secret"}  # a tasker shows its session
+        r = srv.api("POST", "/taskers/t1/register", token=tt, headers=me,
+                    json={"host": "h1", "slots": 2})  # fmt: skip
         assert r.status_code == 200, r.text
         for _ in range(20):
-            sync = srv.api("POST", "/taskers/t1/sync", token=tt, json={"wait": 1}).json()
+            r = srv.api("POST", "/taskers/t1/sync", token=tt, headers=me, json={"wait": 1})
+            sync = r.json()
             if sync["dispatch"]:
                 break
         run = {"job": job, "attempt": sync["dispatch"][0]["attempt"]}
         started = {**run, "pid": 4242, "started": time.time()}
         body = {"started": [started], "running": [run]}
-        r = srv.api("POST", "/taskers/t1/sync", token=tt, json=body)
+        r = srv.api("POST", "/taskers/t1/sync", token=tt, headers=me, json=body)
         assert r.status_code == 200, r.text
 
         page.goto(f"{srv.url}/#token={srv.admin_token}")
@@ -194,7 +197,8 @@ def test_crash_recovery_banner(page: Page, tmp_path: Path) -> None:
         assert srv.api("GET", "/jobs").status_code == 503
 
         body = {"host": "h1", "slots": 2, "running": [started]}
-        assert srv.api("POST", "/taskers/t1/register", token=tt, json=body).status_code == 200
+        r = srv.api("POST", "/taskers/t1/register", token=tt, headers=me, json=body)
+        assert r.status_code == 200, r.text
         expect(banner).to_be_hidden()
         expect(page.locator("#mode")).to_have_text("normal")
         expect(row(page, job).locator(".state")).to_have_text("running")

@@ -7,11 +7,19 @@ Tasker protocol (all bodies JSON, tasker token):
 ``POST /api/v1/taskers/{name}/register``
     request: ``{"host", "pid", "slots", "resources", "boot_id", "rebooted",
     "running": [Running], "finished": [Result]}``;
-    answer: ``{"kill": [Attempt], "ack": [Attempt], "heartbeat": s, "instance": id}``.
+    answer: ``{"kill": [Attempt], "ack": [Attempt], "heartbeat": s, "instance": id}``,
+    plus ``"session"`` when the request showed none (a secret the server made).
+    409 ``tasker_name_in_use``: a live tasker of another session holds the name
+    (``Retry-After``: when it may be taken over).
 ``POST /api/v1/taskers/{name}/sync`` (long poll up to ``wait`` seconds)
     request: ``{"started": [Running], "finished": [Result], "running": [Attempt], "wait": s}``;
     answer: ``{"dispatch": [Dispatch], "kill": [Attempt], "ack": [Attempt]}``;
-    409 ``unknown_tasker`` means: register again.
+    409 ``unknown_tasker`` means: register again; 409 ``wrong_session``: this request's
+    session does not hold the name (register again, and be refused or take it over).
+
+Both carry the tasker's session secret in ``X-Crq-Session`` (SESSION_HEADER): the name
+belongs to the session that registered it, so a second tasker under a live tasker's name
+is refused, and no one reports for attempts dispatched to another session.
 
 ``Attempt`` is ``{"job": id, "attempt": n}``. ``Running`` adds ``pid`` and ``started``.
 ``Result`` adds ``exit_code`` (None when killed), ``signal``, ``started``, ``ended``,
@@ -48,6 +56,7 @@ PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 15, 4
 MAX_ATTEMPTS_DEFAULT = 3
 
 USER_HEADER = "X-Crq-User"
+SESSION_HEADER = "X-Crq-Session"
 
 
 def default_port(queue: str) -> int:

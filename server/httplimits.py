@@ -1,0 +1,197 @@
+"""Bounds on what HTTP clients can make the server hold: body bytes, sockets, idle time.
+
+uvicorn alone reads a whole request body before the handler sees it, keeps a connection
+that never sends a request line (or sends half of one) forever, and, once every file
+descriptor is taken, drops new connections unanswered: a few hundred idle sockets could
+make submits fail. Here the body limit counts bytes as they arrive, a connection that
+keeps us waiting for its request is closed after ``idle_timeout``, and the number of
+connections stays below what the descriptor limit allows: past the cap, the connection
+idle the longest gives way to the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from typing import Any
+
+from crq.server.models import BadRequest
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("crq.http")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+FDS_RESERVED = 128  # descriptors kept for the rest: journal, snapshot, logs, pipes, epoll
+OVER_CAP = 32  # connections past the cap that may still get a 503 instead of a hang-up
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is refused (413) as soon as it is.
+
+    A declared Content-Length over the limit is refused on the first read, before any
+    byte of the body; a chunked body as soon as the running count passes it. The refusal
+    is raised from ``receive``, so the handler's own error handling answers it, and the
+    reply closes the connection so the rest of the body is not read. A client gone
+    mid-body (or timed out, see ``http_protocol``) is no internal error.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        declared = 0
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                declared = int(value) if value.isdigit() else 0
+                break
+        seen = 0
+        refused = False
+
+        def too_large() -> BadRequest:
+            nonlocal refused
+            refused = True
+            return BadRequest(413, "too_large", f"request body over {limit} bytes")
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            if declared > limit:
+                raise too_large()
+            message: Message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise too_large()
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if refused and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, closing_send)
+        except ClientDisconnect:
+            pass  # gone mid-body (or timed out): no one to answer, nothing to log
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``want`` (within the hard limit); the soft limit.
+
+    systemd starts services with a soft limit of 1,024 and a much higher hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
+def connection_cap(max_connections: int, fd_limit: int) -> int:
+    """Connections served at once: the setting, or fewer if descriptors are short."""
+    return max(1, min(max_connections, fd_limit - FDS_RESERVED - OVER_CAP))
+
+
+def http_protocol(idle_timeout: float, cap: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with an idle timeout and a connection cap."""
+    warned = [0.0]
+
+    def warn(what: str, connections: int) -> None:
+        now = time.monotonic()
+        if now - warned[0] >= 10.0:  # at most one line in 10 s under a flood
+            warned[0] = now
+            log.warning("%d connections (cap %d): %s", connections, cap, what)
+
+    class LimitedHttp(HttpToolsProtocol):
+        """Times out a connection that keeps us waiting; makes room for new ones at the cap.
+
+        The clock runs while we wait for a request (from connect or the last response
+        until its headers are in: an idle, or half-sent, request) and while a body stalls
+        (no byte for ``idle_timeout``). It stops while the application works on a request:
+        a long poll is not idle.
+        """
+
+        ready_since = 0.0  # when we started waiting for the next request
+        last_data = 0.0  # when a byte last arrived
+        timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.ready_since = self.last_data = self.loop.time()
+            self._arm(idle_timeout)
+            if len(self.connections) > cap:
+                self._make_room()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            self.last_data = self.loop.time()
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self.ready_since = self.loop.time()
+            super().on_response_complete()
+
+        def waiting_for_request(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self, delay: float) -> None:
+            self.timer = self.loop.call_later(max(delay, 0.05), self._check)
+
+        def _check(self) -> None:
+            self.timer = None
+            if self.transport.is_closing():
+                return
+            now = self.loop.time()
+            if self.waiting_for_request():
+                due = self.ready_since + idle_timeout
+            elif self.cycle.more_body:
+                due = self.last_data + idle_timeout
+            else:  # the application is working on the request
+                due = now + idle_timeout
+            if now >= due:
+                self.transport.close()
+            else:
+                self._arm(due - now)
+
+        def _make_room(self) -> None:
+            """Over the cap: close the connection waiting longest for a request."""
+            count = len(self.connections)
+            oldest: LimitedHttp | None = None
+            for conn in self.connections:
+                if (
+                    conn is not self
+                    and isinstance(conn, LimitedHttp)
+                    and conn.waiting_for_request()
+                    and not conn.transport.is_closing()
+                    and (oldest is None or conn.ready_since < oldest.ready_since)
+                ):
+                    oldest = conn
+            if oldest is not None:
+                oldest.transport.close()
+                oldest.connections.discard(oldest)  # counted out now, not at the next tick
+                warn("closed the connection idle longest to make room", count)
+            elif count > cap + OVER_CAP:
+                warn("every connection is busy: refused a new one", count)
+                self.transport.close()
+            else:
+                warn("every connection is busy: new requests get 503", count)
+
+    return LimitedHttp

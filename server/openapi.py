@@ -1,0 +1,440 @@
+"""The OpenAPI document (``/api/openapi.json``): every route, its answers and its errors.
+
+The hot routes (submit, tasker register and sync) are plain Starlette routes that FastAPI
+does not see; their request bodies are described from the very pydantic models that
+validate them, so the document cannot drift from what is enforced. Every error answer is
+``{"error", "message", …}`` (never FastAPI's ``{"detail"}``), and each route lists the
+statuses it can really answer; ``tests/test_openapi.py`` runs schemathesis against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from crq.server.models import (
+    ABS_PATH,
+    BLANKS,
+    ENV_NAME,
+    NO_NUL,
+    SHELL_LINE,
+    TASKER_NAME,
+    Batch,
+    JobSpec,
+    Register,
+    StopServer,
+    Sync,
+)
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+from starlette.routing import Match
+
+from crq.wire import JOB_STATES, SESSION_HEADER
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: list[str], **props: Schema) -> Schema:
+    return {"type": "object", "required": required, "properties": props}
+
+
+def _nullable(kind: str) -> Schema:
+    return {"type": [kind, "null"]}
+
+
+INT, NUM, STR, BOOL = ({"type": t} for t in ("integer", "number", "string", "boolean"))
+INTS: Schema = {"type": "array", "items": INT}
+ATTEMPTS: Schema = {"type": "array", "items": _ref("Attempt")}
+
+_JOB = {
+    "id": INT,
+    "name": STR,
+    "user": STR,
+    "state": {"type": "string", "enum": list(JOB_STATES)},
+    "priority": INT,
+    "resources": STR,
+    "command": {"anyOf": [{"type": "array", "items": STR}, STR]},
+    "cwd": STR,
+    "log": STR,
+    "rerunnable": BOOL,
+    "max_attempts": INT,
+    "attempt": INT,
+    "tasker": _nullable("string"),
+    "host": _nullable("string"),
+    "pid": _nullable("integer"),
+    "submitted": NUM,
+    "started": _nullable("number"),
+    "ended": _nullable("number"),
+    "exit_code": _nullable("integer"),
+    "signal": _nullable("integer"),
+    "reason": _nullable("string"),
+}
+
+#: Answers (what the handlers in server/app.py return), beside the request models.
+ANSWERS: dict[str, Schema] = {
+    "Error": {
+        **_obj(["error", "message"], error=STR, message=STR),
+        "description": "Every refusal: a machine-readable code and one readable line.",
+    },
+    "Recovering": {
+        **_obj(["error", "message", "recovery"], error=STR, message=STR, recovery={}),
+        "description": "Crash recovery (503, with Retry-After): the progress so far.",
+    },
+    "Ids": _obj(["ids"], ids=INTS),
+    "JobSummary": _obj(list(_JOB), **_JOB),
+    "Job": _obj(
+        [*_JOB, "env", "attempts"],
+        **_JOB,
+        env={"type": ["object", "null"], "additionalProperties": STR},
+        attempts={"type": "array", "items": {"type": "object"}},
+    ),
+    "JobPage": _obj(
+        ["jobs", "next"],
+        jobs={"type": "array", "items": _ref("JobSummary")},
+        next={**_nullable("integer"), "description": "give it as `after` for the next page"},
+    ),
+    "Forgotten": _obj(["id", "forgotten"], id=INT, forgotten=BOOL),
+    "Taskers": _obj(
+        ["taskers"],
+        taskers={
+            "type": "array",
+            "items": _obj(
+                ["name", "host", "state", "slots", "free_slots", "running"],
+                name=STR,
+                host=STR,
+                state={"type": "string", "enum": ["ready", "full", "gone", "lost"]},
+                slots=INT,
+                free_slots=INT,
+                resources=STR,
+                running=INTS,
+                last_contact=_nullable("number"),
+                registered=NUM,
+            ),
+        },
+    ),
+    "ServerInfo": _obj(
+        ["queue", "mode", "pid", "url", "instance", "version", "counts", "journal"],
+        queue=STR,
+        mode=STR,
+        pid=INT,
+        host=STR,
+        url=STR,
+        instance=STR,
+        version=STR,
+        started_at=NUM,
+        counts={"type": ["object", "null"], "additionalProperties": INT},
+        taskers=INT,
+        recovery={"type": ["object", "null"]},
+        journal={"type": "object"},
+    ),
+    "Stopping": _obj(["stopping", "freeze"], stopping=BOOL, freeze=BOOL),
+    "Sanity": _obj(
+        ["ok", "findings", "fixed"],
+        ok=BOOL,
+        findings={"type": "array", "items": STR},
+        fixed={"type": "array", "items": STR},
+    ),
+    "Incomplete": _obj(["incomplete"], incomplete={"type": "array", "items": {"type": "object"}}),
+    "Recovered": _obj(["recovered"], recovered={"type": "array", "items": {"type": "object"}}),
+    "Attempt": _obj(["job", "attempt"], job=INT, attempt=INT),
+    "Registered": _obj(
+        ["kill", "ack", "heartbeat", "instance"],
+        kill=ATTEMPTS,
+        ack=ATTEMPTS,
+        heartbeat=NUM,
+        instance=STR,
+        session={
+            **STR,
+            "description": f"a session made for a tasker that sent no {SESSION_HEADER}",
+        },
+    ),
+    "Orders": _obj(
+        ["dispatch", "kill", "ack", "shutdown"],
+        dispatch={
+            "type": "array",
+            "items": _obj(
+                ["job", "attempt", "command", "cwd", "env", "log", "name"],
+                job=INT,
+                attempt=INT,
+                command=_JOB["command"],
+                cwd=STR,
+                env={"type": ["object", "null"], "additionalProperties": STR},
+                log=STR,
+                name=STR,
+            ),
+        },
+        kill=ATTEMPTS,
+        ack=ATTEMPTS,
+        shutdown=BOOL,
+    ),
+    "Ok": _obj(["ok"], ok=BOOL, mode=STR),
+}
+
+_WHY = {
+    400: "malformed JSON, or a query value outside its set",
+    401: "no token, or a wrong one (WWW-Authenticate: Bearer)",
+    403: "the tasker token on a client route",
+    404: "no such job, tasker or file",
+    409: "the job's state does not allow it; the tasker name is held by another session "
+    "(Retry-After), or the tasker must register first",
+    413: "the body is too large",
+    422: "a field is invalid: the message names it (`jobs[3].env: …`)",
+    503: "crash recovery (Retry-After), or the server is stopping",
+}
+CLIENT = (401, 403, 503)  # any client route: tokens, then crash recovery
+BODY = (400, 413, 422)  # a route that reads a JSON body
+JOB_ID = (404, 422)
+
+#: (method, path) -> summary, success status, answer schema, error statuses, needs a token.
+Op = tuple[str, int, str, tuple[int, ...], bool]
+OPS: dict[tuple[str, str], Op] = {
+    ("post", "/api/v1/jobs"): ("Submit one job spec or a batch", 201, "Ids", CLIENT + BODY, True),
+    ("get", "/api/v1/jobs"): ("List jobs, paged", 200, "JobPage", CLIENT + (400, 422), True),
+    ("get", "/api/v1/jobs/{job_id}"): ("One job, with attempts", 200, "Job", CLIENT + JOB_ID, True),
+    ("get", "/api/v1/jobs/{job_id}/wait"): (
+        "Long poll until the job ends (at most `timeout` s, 300 at most)",
+        200,
+        "Job",
+        CLIENT + JOB_ID,
+        True,
+    ),
+    ("get", "/api/v1/queue"): ("Queued job ids in dispatch order", 200, "Ids", CLIENT, True),
+    ("post", "/api/v1/jobs/{job_id}/stop"): (
+        "Stop a job",
+        200,
+        "Job",
+        CLIENT + JOB_ID + (409,),
+        True,
+    ),
+    ("post", "/api/v1/jobs/{job_id}/rerun"): (
+        "Queue an ended job again",
+        200,
+        "Job",
+        CLIENT + JOB_ID + (409,),
+        True,
+    ),
+    ("delete", "/api/v1/jobs/{job_id}"): (
+        "Forget an ended job",
+        200,
+        "Forgotten",
+        CLIENT + JOB_ID + (409,),
+        True,
+    ),
+    ("get", "/api/v1/taskers"): ("Taskers", 200, "Taskers", CLIENT, True),
+    ("get", "/api/v1/server"): (
+        "Server state (admin or tasker token)",
+        200,
+        "ServerInfo",
+        (401,),
+        True,
+    ),
+    ("post", "/api/v1/server/stop"): ("Clean stop (admin)", 200, "Stopping", (401,) + BODY, True),
+    ("post", "/api/v1/server/sanity"): (
+        "Global sanity check (admin)",
+        200,
+        "Sanity",
+        (401, 422),
+        True,
+    ),
+    ("get", "/api/v1/cleanup"): ("Incomplete jobs (admin)", 200, "Incomplete", (401,), True),
+    ("post", "/api/v1/cleanup/jobs/{job_id}"): (
+        "Recover one running job (admin)",
+        200,
+        "Recovered",
+        (401, 404, 409, 422),
+        True,
+    ),
+    ("post", "/api/v1/cleanup/hosts/{host}"): (
+        "Recover every job of the taskers on a dead host (admin)",
+        200,
+        "Recovered",
+        (401, 404),
+        True,
+    ),
+    ("post", "/api/v1/taskers/{name}/register"): (
+        "A tasker (re)joins with its running jobs and unreported results",
+        200,
+        "Registered",
+        (401, 409) + BODY,
+        True,
+    ),
+    ("post", "/api/v1/taskers/{name}/sync"): (
+        "Tasker long poll: reports in, dispatches and kills out",
+        200,
+        "Orders",
+        (401, 409) + BODY,
+        True,
+    ),
+    ("get", "/healthz"): ("Alive", 200, "Ok", (), False),
+    ("get", "/readyz"): ("Ready (503 while recovering)", 200, "Ok", (503,), False),
+    ("get", "/metrics"): ("Prometheus metrics", 200, "", (), False),
+    ("get", "/"): ("The browser UI", 200, "", (503,), False),
+    ("get", "/static/{name}"): ("UI files", 200, "", (404,), False),
+}
+#: Bodies of the routes FastAPI does not read itself: (model names, required).
+BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
+    ("post", "/api/v1/jobs"): (("JobSpec", "Batch"), True),
+    ("post", "/api/v1/taskers/{name}/register"): (("Register",), True),
+    ("post", "/api/v1/taskers/{name}/sync"): (("Sync",), True),
+    ("post", "/api/v1/server/stop"): (("StopServer",), False),
+}
+MEDIA = {
+    "/metrics": "text/plain",
+    "/": "text/html",
+    "/static/{name}": {"text/javascript": {"schema": STR}, "text/css": {"schema": STR}},
+}
+TASKER_PARAMS: list[Schema] = [
+    {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": TASKER_NAME.pattern, "maxLength": 128},
+    },
+    {
+        "name": SESSION_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "the session holding the tasker name (register makes one without)",
+        "schema": {"type": "string", "pattern": "^(?:[A-Za-z0-9_-]{16,256})?$"},
+    },
+]
+
+
+_NUL = {"pattern": "\\x00"}
+#: The validators' patterns (anchored, since pydantic searches) in the equivalent form the
+#: document gives them: "contains no NUL" as a ``not``. A ``[^\x00]*`` beside ``maxLength``
+#: gets folded by tools into ``[^\x00]{0,65536}``, which takes seconds to compile, and a
+#: short unanchored pattern such as ``^/`` into ``^/{1,4096}$``, which means something else.
+DOC_FORMS: dict[str, Schema] = {
+    NO_NUL: {"not": _NUL},
+    ENV_NAME: {"not": {"pattern": "[=\\x00]"}},
+    ABS_PATH: {"not": {"anyOf": [_NUL, {"pattern": "^[^/]"}]}},
+    SHELL_LINE: {"not": {"anyOf": [_NUL, {"pattern": f"^[{BLANKS}]*$"}]}},
+}
+
+
+def _doc_forms(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("pattern") in DOC_FORMS:
+            node.update(DOC_FORMS[node.pop("pattern")])
+        for value in node.values():
+            _doc_forms(value)
+    elif isinstance(node, list):
+        for value in node:
+            _doc_forms(value)
+
+
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> str:
+    """The ``Allow`` header of a 405: the methods of every route of this path."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def install_openapi(app: FastAPI, known: Callable[[], Iterable[str]] = tuple) -> None:
+    """Serve :func:`build` as the app's OpenAPI document (built once, on first request).
+    ``known``: the global resources this server was configured with (config.toml)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build(app, known())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _responses(method: str, path: str, op: Op) -> dict[str, Any]:
+    _, ok, answer, errors, _ = op
+    media = MEDIA.get(path)
+    if isinstance(media, dict):
+        content = media
+    elif media:
+        content = {media: {"schema": STR}}
+    else:
+        content = {"application/json": {"schema": _ref(answer)}}
+    out: dict[str, Any] = {str(ok): {"description": "OK", "content": content}}
+    for status in errors:
+        schema = _ref("Recovering" if status == 503 and path != "/api/v1/jobs" else "Error")
+        if status == 503 and path == "/api/v1/jobs":
+            schema = {"anyOf": [_ref("Recovering"), _ref("Error")]}
+        resp: dict[str, Any] = {
+            "description": _WHY[status],
+            "content": {"application/json": {"schema": schema}},
+        }
+        if status == 401:
+            resp["headers"] = {"WWW-Authenticate": {"schema": STR, "required": True}}
+        if status == 503 and path.startswith("/api/") or status == 409 and "register" in path:
+            resp["headers"] = {"Retry-After": {"schema": STR}}
+        out[str(status)] = resp
+    return out
+
+
+def job_resources(known: Iterable[str]) -> str:
+    """The pattern of a job's ``resources`` on this server: local words as the parser has
+    them, and only the global (``Kind:NAME``) resources it knows; it refuses others (422)."""
+    number = r"(?:/\d{1,12})?"
+    words = [rf"[A-Za-z_][\w.+-]*{number}"]
+    names = sorted(known)
+    if names:  # '.' and '+' in a class: the same in Python, ECMA and Rust regexes
+        quoted = ("".join(f"[{c}]" if c in ".+" else c for c in name) for name in names)
+        words.append(f"(?:{'|'.join(quoted)}){number}")
+    word = f"(?:{'|'.join(words)})"
+    blank = f"[{BLANKS}]"
+    return f"^{blank}*(?:{word}(?:{blank}+{word})*{blank}*)?$"
+
+
+def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
+    """FastAPI's document (paths and parameters of its routes), completed: the hot routes
+    added, every answer and error described, the bearer token declared."""
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    models = [(m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer)]
+    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    _doc_forms(defs)
+    schemas = {**defs.get("$defs", {}), **ANSWERS}
+    resources = schemas["JobSpec"]["properties"]["resources"]
+    resources["pattern"] = job_resources(known)
+    resources["description"] = (
+        "words NAME (an attribute), NAME/N (N units of a consumable), Kind:NAME[/N] (a "
+        "global resource configured on this server)"
+    )
+    doc["components"] = {
+        "schemas": schemas,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    }
+    paths: dict[str, Any] = doc.setdefault("paths", {})
+    for (method, path), op in OPS.items():
+        item = paths.setdefault(path, {}).setdefault(method, {"parameters": []})
+        item["summary"] = op[0]
+        item.pop("operationId", None)
+        item["operationId"] = f"{method}_{path}".replace("/", "_").strip("_")
+        item["responses"] = _responses(method, path, op)
+        if op[4]:
+            item["security"] = [{"bearer": []}]
+        if (method, path) in BODIES:
+            names, required = BODIES[method, path]
+            schema = _ref(names[0]) if len(names) == 1 else {"oneOf": [_ref(n) for n in names]}
+            item["requestBody"] = {
+                "required": required,
+                "content": {"application/json": {"schema": schema}},
+            }
+        if "{name}" in path and path.startswith("/api/v1/taskers/"):
+            item["parameters"] = TASKER_PARAMS
+        for param in item.get("parameters", []):
+            if path == "/api/v1/jobs" and param["name"] == "state":
+                param["schema"] = {"type": "string", "enum": list(JOB_STATES)}
+            elif param.get("in") == "query" and "anyOf" in param.get("schema", {}):
+                param["schema"] = param["schema"]["anyOf"][0]
+    undescribed = [
+        f"{m.upper()} {p}" for p, item in paths.items() for m in item if (m, p) not in OPS
+    ]
+    if undescribed:
+        raise RuntimeError(f"routes missing from server/openapi.py OPS: {undescribed}")
+    return doc
