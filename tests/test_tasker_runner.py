@@ -372,11 +372,13 @@ def test_the_state_dir_is_private(tmp_path: Path, work: Path) -> None:
     state.store_boot_id("boot")
     r = Runner(state)
     r.start(dispatch(1, work, "umask; while [ ! -e go ]; do sleep 0.02; done"))
-    wait_until(lambda: read_status(state.status_path((1, 1))) is not None)
-    dirs = {".", "attempts", "status", "results"}
-    files = {"lock", "id", "boot_id", "attempts/1.1.json", "status/1.1"}
-    assert _modes(root) == {**dict.fromkeys(dirs, 0o700), **dict.fromkeys(files, 0o600)}
-    (work / "go").touch()
+    try:
+        wait_until(lambda: read_status(state.status_path((1, 1))) is not None)
+        dirs = {".", "attempts", "status", "results"}
+        files = {"lock", "id", "boot_id", "attempts/1.1.json", "status/1.1"}
+        assert _modes(root) == {**dict.fromkeys(dirs, 0o700), **dict.fromkeys(files, 0o600)}
+    finally:
+        (work / "go").touch()  # the job ends also when an assertion above fails
     assert finished(r, (1, 1))["exit_code"] == 0
     assert _modes(root)["results/1.1.json"] == 0o600
     assert (work / "job1.log").read_text() == f"{current_umask():04o}\n"
