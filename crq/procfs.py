@@ -44,6 +44,16 @@ def alive(pid: int) -> bool:
     return process_exists(pid) and not is_zombie(pid)
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of ``pid`` in clock ticks: grows while it works (None when
+    it is gone or there is no procfs)."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[11]) + int(fields[12]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
 def cmdline(pid: int) -> list[bytes] | None:
     """argv of ``pid``; None if it is gone or unreadable (empty for a zombie)."""
     try:
@@ -77,13 +87,3 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-def cpu_ticks(pid: int) -> int | None:
-    """User + system CPU time of ``pid`` in clock ticks (None without procfs): a process
-    whose count moves is working, not hung."""
-    fields = _stat_fields(pid)
-    try:
-        return int(fields[11]) + int(fields[12]) if fields else None
-    except (IndexError, ValueError):
-        return None

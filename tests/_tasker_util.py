@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,13 @@ if str(ROOT) not in sys.path:  # the repo may not be pip-installed when tests ru
     sys.path.insert(0, str(ROOT))
 
 
-def wait_until(pred: Callable[[], Any], timeout: float = 5.0, step: float = 0.02) -> Any:
+PATIENCE = 120.0
+"""The cap of every wait in the tests. A wait returns as soon as its condition holds, so a
+generous cap costs nothing on a quiet machine and rides out a busy one; it only bounds how
+long a broken test hangs."""
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = PATIENCE, step: float = 0.02) -> Any:
     """Poll until pred() is truthy; fail the test with a clear message on timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -28,6 +36,26 @@ def wait_until(pred: Callable[[], Any], timeout: float = 5.0, step: float = 0.02
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(step)
+
+
+def wait_for_start(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, cap: float = PATIENCE
+) -> None:
+    """Wait for ready() while ``proc`` lives: a start follows the process, not a clock.
+
+    Fails at once, with the process's stderr, when it exits; after ``cap`` seconds (a hang,
+    not a slow machine) it is killed, so that a failed start leaves nothing running.
+    """
+    deadline = time.monotonic() + cap
+    while not ready():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise AssertionError(f"{what} exited {proc.returncode}: {err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{what} (pid {proc.pid}) alive but not up after {cap:.0f} s")
+        time.sleep(0.05)
 
 
 def dispatch(job: int, cwd: Path, command: Any, attempt: int = 1, **extra: Any) -> dict[str, Any]:
@@ -61,14 +89,12 @@ def run_and_vanish(state: Path, cwd: Path, jobs: list[dict[str, Any]]) -> None:
         "    r.start(d)\n"
         "os._exit(0)\n"
     )
-    import json
-
     subprocess.run(
         [sys.executable, "-c", script, str(state), json.dumps(jobs)],
         check=True,
         env=env_with_root(),
         cwd=cwd,
-        timeout=10,
+        timeout=PATIENCE,
     )
 
 
@@ -79,6 +105,25 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def kill_jobs(state: Path) -> None:
+    """Leave no job of a tasker (or Runner) with this state dir behind: the process groups
+    in its attempt records, and wrappers spawned but not recorded yet (found in /proc by
+    their status file). Jobs run in their own sessions, so killing the tasker spares them."""
+    from crq.tasker.runner import find_orphan_wrappers
+
+    groups = set(find_orphan_wrappers(state / "status").values())
+    for rec in (state / "attempts").glob("*.json"):
+        try:
+            groups.add(int(json.loads(rec.read_text())["pgid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for pgid in groups - {0, 1}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def free_port() -> int:
@@ -102,29 +147,25 @@ class CrqServer:
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.preexec: Callable[[], Any] | None = None  # run in the child before the server
 
-    def start(self, port: int | None = None, timeout: float = 10.0) -> None:
-        import httpx
-
+    def start(self, port: int | None = None, timeout: float = PATIENCE) -> None:
         self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crq.server", "--queue", self.queue, "--swd", str(self.swd),
              "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
             cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=self.preexec,
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise AssertionError(f"server exited {self.proc.returncode}: {err}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("server did not come up")
+        wait_for_start(self.proc, self._healthy, "server", cap=timeout)
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     @property
     def url(self) -> str:
@@ -159,7 +200,7 @@ class CrqServer:
     def submit(self, *specs: dict[str, Any]) -> list[int]:
         return list(self.request("POST", "/jobs", json={"jobs": list(specs)})["ids"])
 
-    def wait(self, job: int, timeout: float = 5.0) -> dict[str, Any]:
+    def wait(self, job: int, timeout: float = PATIENCE) -> dict[str, Any]:
         """Wait for a final state, riding out crash recovery (503) within the timeout."""
         deadline = time.monotonic() + timeout
         while True:
@@ -184,7 +225,7 @@ class CrqServer:
             return
         try:
             self.request("POST", "/server/stop", json={"freeze": freeze})
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=PATIENCE)
         except Exception:  # noqa: BLE001 - teardown must not hide the test's own failure
             self.kill9()
 
@@ -215,7 +256,7 @@ class Tasker:
             self.proc.kill()
             self.proc.wait()
 
-    def term(self, timeout: float = 5.0) -> int:
+    def term(self, timeout: float = PATIENCE) -> int:
         assert self.proc is not None
         self.proc.terminate()
         return self.proc.wait(timeout=timeout)

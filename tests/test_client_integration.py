@@ -23,8 +23,15 @@ from typing import Any
 
 import pytest
 
-from crq.procfs import alive
-from tests._tasker_util import ROOT, free_port, server_available, wait_until
+from tests._tasker_util import (
+    PATIENCE,
+    ROOT,
+    alive,
+    free_port,
+    kill_jobs,
+    server_available,
+    wait_until,
+)
 
 HAVE_SERVER = server_available()
 HAVE_TASKER = (ROOT / "tasker" / "cli.py").exists()
@@ -120,10 +127,11 @@ class Queue:
             self.tasker.send_signal(signal.SIGCONT)
             self.tasker.terminate()
             try:
-                self.tasker.wait(15)
+                self.tasker.wait(PATIENCE)
             except subprocess.TimeoutExpired:
                 self.tasker.kill()
                 self.tasker.wait()
+        kill_jobs(self.root / "tasker-state")
 
     def close(self) -> None:
         """Kill all the tests started, whatever state a failed test left it in."""
@@ -338,7 +346,7 @@ def test_submit_file_in_one_batch(q: Queue) -> None:
 @needs_tasker
 def test_stop_rerun_forget(q: Queue) -> None:
     sleeper = q.submit("--", "sleep", "60")
-    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "running")
     out = q.crq("stop", str(sleeper))
     assert out.returncode == 0
     assert out.stdout.strip() in (
@@ -349,9 +357,9 @@ def test_stop_rerun_forget(q: Queue) -> None:
     assert out.returncode == 1 and f"job {sleeper} stopped" in out.stderr
     out = q.crq("rerun", str(sleeper))
     assert out.returncode == 0, out.stderr
-    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "running")
     assert q.crq("stop", str(sleeper)).returncode == 0
-    wait_until(lambda: q.job(sleeper)["state"] == "stopped", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "stopped")
     assert q.job(sleeper)["attempt"] == 2
     out = q.crq("forget", str(sleeper), "999999")
     assert out.returncode == 1
@@ -391,20 +399,20 @@ def test_queue_order(q: Queue) -> None:
 def test_crash_recovery_seen_by_clients(q: Queue) -> None:
     assert q.tasker is not None
     sleeper = q.submit("--", "sleep", "60")
-    wait_until(lambda: q.job(sleeper)["state"] == "running", timeout=20)
+    wait_until(lambda: q.job(sleeper)["state"] == "running")
     q.tasker.send_signal(signal.SIGSTOP)  # the tasker cannot come back until we say so
     try:
         os.kill(q.server_pid(), signal.SIGKILL)
-        wait_until(lambda: q.crq("list").returncode == 1, timeout=20)
+        wait_until(lambda: q.crq("list").returncode == 1)
         starter = q.spawn("ncmgr", *q.start_args())
-        wait_until(lambda: "mode      recovering" in q.ncmgr("status").stdout, timeout=30)
+        wait_until(lambda: "mode      recovering" in q.ncmgr("status").stdout)
         out = q.crq("submit", "--", "true")
         assert out.returncode == 1
         assert out.stderr.startswith(f"crq: queue {q.name} is in crash recovery (0/1 taskers back")
         assert out.stderr.rstrip().endswith("retry later or use --wait")
         patient = q.spawn("cli", "submit", "--wait", "--", "true")
         assert patient.stderr is not None
-        ready, _, _ = select.select([patient.stderr], [], [], 30)
+        ready, _, _ = select.select([patient.stderr], [], [], PATIENCE)
         assert ready, "submit --wait said nothing while the server recovers"
         first_line = patient.stderr.readline()
         assert b"is in crash recovery" in first_line and b"waiting to submit" in first_line

@@ -9,7 +9,6 @@ have run exactly once, the recovery report must exist with a clean sanity check.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests._tasker_util import CrqServer, Tasker, wait_until
+from tests._tasker_util import PATIENCE, CrqServer, Tasker, kill_jobs, wait_until
 
 SETTINGS = ("--heartbeat", "1", "--recovery-grace", "20", "--tasker-timeout", "30")
 
@@ -34,19 +33,31 @@ class Cluster:
         self.work = tmp / "work"
         self.work.mkdir()
         self.srv = CrqServer(self.swd, "crash", *SETTINGS, *extra)
-        self.srv.start()
         self.taskers = [
             Tasker(tmp / f"state{i}", "--swd", str(self.swd), "--slots", str(slots), name=f"w{i}")
             for i in range(taskers)
         ]
-        for t in self.taskers:
-            t.start()
         self.acked: list[int] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        try:
+            self.srv.start()
+            for t in self.taskers:
+                t.start()
+        except BaseException:
+            self.close()  # the factory never got us: leave nothing running
+            raise
 
     def spec(self, sleep: float) -> dict[str, Any]:
         cmd = f'echo "$CRQ_JOB_ID:$CRQ_ATTEMPT" >> {self.runs}; sleep {sleep}'
+        return {"command": cmd, "cwd": str(self.work)}
+
+    def held(self) -> dict[str, Any]:
+        """A job that runs until the test touches ``gate``: it outlives a restart however
+        slow the machine is."""
+        gate = self.tmp / "gate"
+        cmd = f'echo "$CRQ_JOB_ID:$CRQ_ATTEMPT" >> {self.runs}; '
+        cmd += f"while [ ! -e {gate} ]; do sleep 0.05; done"
         return {"command": cmd, "cwd": str(self.work)}
 
     def submit_loop(self, sleep: float = 0.05, batch: int = 3) -> None:
@@ -82,9 +93,9 @@ class Cluster:
 
     def restart(self) -> None:
         self.srv.start(port=self.srv.port)
-        wait_until(lambda: self.server()["mode"] == "normal", timeout=30, step=0.1)
+        wait_until(lambda: self.server()["mode"] == "normal", step=0.1)
 
-    def wait_all_done(self, timeout: float = 60) -> dict[int, dict[str, Any]]:
+    def wait_all_done(self, timeout: float = PATIENCE) -> dict[int, dict[str, Any]]:
         def jobs() -> dict[int, dict[str, Any]]:
             out: dict[int, dict[str, Any]] = {}
             after = 0
@@ -135,13 +146,7 @@ class Cluster:
 
 
 def _kill_recorded_jobs(state: Path) -> None:
-    for f in state.glob("**/*.json"):
-        try:
-            pgid = json.loads(f.read_text()).get("pgid")
-            if pgid:
-                os.killpg(int(pgid), signal.SIGKILL)
-        except (ValueError, OSError, AttributeError):
-            pass
+    kill_jobs(state)
 
 
 @pytest.fixture
@@ -187,6 +192,7 @@ def test_kill_during_submits_and_dispatch(
 ) -> None:
     c = cluster_factory()
     c.submit_loop(sleep=0.1)
+    wait_until(lambda: c.acked)  # submitting is under way, however busy the machine is
     time.sleep(delay)
     c.srv.kill9()
     c.stop_submitting()
@@ -200,7 +206,7 @@ def test_kill_during_submits_and_dispatch(
 def test_kill_while_jobs_complete_fast(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory()
     c.acked += c.srv.submit(*[c.spec(0) for _ in range(300)])
-    wait_until(lambda: c.server()["counts"]["done"] > 50, timeout=20)
+    wait_until(lambda: c.server()["counts"]["done"] > 50)
     c.srv.kill9()
     c.restart()
     _check_report(c)
@@ -210,7 +216,7 @@ def test_kill_while_jobs_complete_fast(cluster_factory: Callable[..., Cluster]) 
 def test_kill_during_checkpoints(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory("--checkpoint-bytes", "4000")
     c.submit_loop(sleep=0.05)
-    wait_until(lambda: len(list((c.swd / "trace.db").glob("snapshot.*"))) >= 2, timeout=20)
+    wait_until(lambda: len(list((c.swd / "trace.db").glob("snapshot.*"))) >= 2)
     time.sleep(0.3)
     c.srv.kill9()
     c.stop_submitting()
@@ -241,11 +247,11 @@ def test_kill_during_recovery_takes_the_lock_over(cluster_factory: Callable[...,
     """
     c = cluster_factory()
     c.acked += c.srv.submit(*[c.spec(2) for _ in range(6)])
-    wait_until(lambda: c.server()["counts"]["running"] == 6, timeout=10)
+    wait_until(lambda: c.server()["counts"]["running"] == 6)
     c.taskers[1].proc.send_signal(signal.SIGSTOP)  # one expected tasker stays away
     c.srv.kill9()
     c.srv.start(port=c.srv.port)
-    wait_until(lambda: c.server()["mode"] == "recovering", timeout=10)
+    wait_until(lambda: c.server()["mode"] == "recovering")
     r = httpx.get(
         f"{c.srv.url}/api/v1/jobs", headers={"Authorization": f"Bearer {c.srv.admin_token}"}
     )
@@ -281,7 +287,7 @@ def test_queue_order_survives_kill(tmp_path: Path) -> None:
         before = srv.request("GET", "/queue")["ids"]
         srv.kill9()
         srv.start(port=srv.port)
-        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal", timeout=10)
+        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal")
         assert srv.request("GET", "/queue")["ids"] == before
         new = srv.submit(spec)[0]
         assert new > max(before + [stopped]), "ids must never be reused"
@@ -291,14 +297,15 @@ def test_queue_order_survives_kill(tmp_path: Path) -> None:
 
 def test_recovery_ends_as_soon_as_taskers_are_back(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory("--recovery-grace", "120")
-    c.acked += c.srv.submit(*[c.spec(3) for _ in range(4)])
-    wait_until(lambda: all(c.srv.request("GET", f"/jobs/{i}")["pid"] for i in c.acked), timeout=10)
+    c.acked += c.srv.submit(*[c.held() for _ in range(4)])
+    wait_until(lambda: all(c.srv.request("GET", f"/jobs/{i}")["pid"] for i in c.acked))
     c.srv.kill9()
     began = time.monotonic()
     c.restart()
     assert time.monotonic() - began < 15, "recovery waited for the grace period"
     rep = _check_report(c)
     assert rep["jobs"]["reattached"] == 4
+    (c.tmp / "gate").touch()
     c.check()
 
 
@@ -307,7 +314,7 @@ def test_missing_tasker_jobs_are_requeued_after_grace(
 ) -> None:
     c = cluster_factory("--recovery-grace", "3")
     c.acked += c.srv.submit(*[c.spec(1) for _ in range(8)])
-    wait_until(lambda: c.server()["counts"]["running"] == 8, timeout=10)
+    wait_until(lambda: c.server()["counts"]["running"] == 8)
     gone = c.taskers[1]
     gone.kill9()
     _kill_recorded_jobs(gone.state)
@@ -324,20 +331,20 @@ def test_missing_tasker_jobs_are_requeued_after_grace(
 
 def test_damaged_journal_refuses_to_start(tmp_path: Path) -> None:
     srv = CrqServer(tmp_path / "q.swd", "dmg", *SETTINGS)
-    srv.start()
-    srv.submit(*[{"command": "true", "cwd": str(tmp_path)} for _ in range(5)])
-    srv.submit({"command": "true", "cwd": str(tmp_path)})
-    srv.kill9()
-    seg = sorted((tmp_path / "q.swd" / "trace.db").glob("CR.*"))[-1]
-    data = bytearray(seg.read_bytes())
-    data[30] ^= 0xFF  # inside the first record, valid ones follow
-    seg.write_bytes(bytes(data))
-    with pytest.raises(AssertionError, match=r"CR\.\d+ at byte 0.*--accept-loss"):
-        srv.start(port=srv.port)
-    srv.extra.append("--accept-loss")
-    srv.start(port=srv.port)
     try:
-        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal", timeout=10)
+        srv.start()
+        srv.submit(*[{"command": "true", "cwd": str(tmp_path)} for _ in range(5)])
+        srv.submit({"command": "true", "cwd": str(tmp_path)})
+        srv.kill9()
+        seg = sorted((tmp_path / "q.swd" / "trace.db").glob("CR.*"))[-1]
+        data = bytearray(seg.read_bytes())
+        data[30] ^= 0xFF  # inside the first record, valid ones follow
+        seg.write_bytes(bytes(data))
+        with pytest.raises(AssertionError, match=r"CR\.\d+ at byte 0.*--accept-loss"):
+            srv.start(port=srv.port)
+        srv.extra.append("--accept-loss")
+        srv.start(port=srv.port)
+        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal")
         rep = json.loads(
             sorted((tmp_path / "q.swd").glob("crash_recovery_report_*.json"))[-1].read_text()
         )

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests._tasker_util import CrqServer, server_available, wait_until
+from tests._tasker_util import PATIENCE, CrqServer, server_available, wait_until
 
 SIZE = "8m"
 
@@ -100,8 +100,7 @@ def one_acked_one_held(
     out: dict[str, Any] = {}
     t = submit_in_thread(srv, out)
     info = wait_until(
-        lambda: (s := srv.request("GET", "/server"))["journal"]["disk_full_since"] and s,
-        timeout=10,
+        lambda: (s := srv.request("GET", "/server"))["journal"]["disk_full_since"] and s
     )
     return first, filler, out, t, info
 
@@ -117,14 +116,14 @@ def test_replies_wait_for_space_and_every_ack_survives_a_kill(small_fs: Path) ->
         assert "crq_journal_disk_full 1.0" in metrics
         assert t.is_alive() and "response" not in out, "acknowledged while the disk was full"
         filler.unlink()
-        t.join(timeout=30)
+        t.join(timeout=PATIENCE)
         r = out["response"]
         assert r.status_code == 201, r.text
         held = r.json()["ids"]
         assert srv.request("GET", "/server")["journal"]["disk_full_since"] is None
         srv.kill9()
         srv.start()
-        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal", timeout=20)
+        wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal")
         for job_id in (first, *held):
             assert srv.request("GET", f"/jobs/{job_id}")["state"] == "queued"
     finally:
@@ -137,7 +136,7 @@ def test_a_kill_while_replies_wait_loses_only_what_was_not_acknowledged(small_fs
     try:
         first, filler, out, t, _ = one_acked_one_held(srv, small_fs)
         srv.kill9()
-        t.join(timeout=30)
+        t.join(timeout=PATIENCE)
         assert "response" not in out and "error" in out, "no answer from a server killed mid-wait"
         filler.unlink()
         srv.start()
@@ -156,13 +155,13 @@ def test_a_checkpoint_that_finds_no_room_fails_alone(small_fs: Path) -> None:
     try:
         ids = srv.request("POST", "/jobs", json={"jobs": [job(i) for i in range(4000)]})["ids"]
         trace = srv.swd / "trace.db"
-        wait_until(lambda: list(trace.glob("snapshot.*")), timeout=20)  # room: it works
+        wait_until(lambda: list(trace.glob("snapshot.*")))  # room: it works
         filler = fill(small_fs)
         os.truncate(filler, filler.stat().st_size - 256 * 1024)  # room for the journal only
         more = srv.request("POST", "/jobs", json={"jobs": [job(i) for i in range(1000)]})
         ids += more["ids"]
         failed = 'crq_checkpoints_total{result="failed"} 1.0'
-        wait_until(lambda: failed in httpx.get(f"{srv.url}/metrics").text, timeout=20)
+        wait_until(lambda: failed in httpx.get(f"{srv.url}/metrics", timeout=30).text)
         assert not list(trace.glob(".snapshot.*.tmp")), "the partial snapshot must not stay"
         assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
         filler.unlink()
@@ -183,7 +182,7 @@ def test_a_clean_stop_that_cannot_write_its_snapshot_is_not_clean(small_fs: Path
         filler = fill(small_fs)
         srv.request("POST", "/server/stop", json={"freeze": False})
         assert srv.proc is not None
-        code = srv.proc.wait(timeout=30)
+        code = srv.proc.wait(timeout=PATIENCE)
         err = srv.proc.stderr.read().decode() if srv.proc.stderr else ""
         assert code != 0, "a stop that wrote no snapshot must not exit 0"
         assert "Traceback" not in err and "snapshot" in err, err

@@ -15,8 +15,6 @@ import gc
 import resource
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from crq.server.service import Service
 from crq.server.settings import SettingsError, load
 from crq.server.state import State
 
-from tests._tasker_util import ROOT, CrqServer, env_with_root, free_port
+from tests._tasker_util import CrqServer
 
 MIB = 1 << 20
 
@@ -45,24 +43,7 @@ class LimitedServer(CrqServer):
 
     def __init__(self, swd: Path, nofile: tuple[int, int], *extra: str) -> None:
         super().__init__(swd, "t1", *extra)
-        self.nofile = nofile
-
-    def start(self, port: int | None = None, timeout: float = 30.0) -> None:
-        self.port = port or free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crq.server", "--queue", self.queue, "--swd", str(self.swd),
-             "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
-            cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile),
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"server did not come up (exit {self.proc.poll()})")
+        self.preexec = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
 
 def status_kib(pid: int, field: str) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests._tasker_util import (
+    PATIENCE,
     ROOT,
     CrqServer,
     Tasker,
@@ -90,7 +91,7 @@ class Rig:
     def runs_of(self) -> Counter[str]:
         return Counter(self.runs.read_text().split())
 
-    def ncmgr(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def ncmgr(self, *args: str, timeout: float = PATIENCE) -> subprocess.CompletedProcess[str]:
         env = {**env_with_root(), "CRQ_HOME": str(self.home)}
         for k in ("CRQ_TOKEN", "CRQ_SERVER", "CRQ_QUEUE"):
             env.pop(k, None)
@@ -145,9 +146,9 @@ def test_dead_tasker_jobs_requeued_after_timeout(rig_factory: Any) -> None:
     # attempt 1 would never end by itself; attempt 2 ends at once
     ids = rig.srv.submit(*[rig.spec('[ "$CRQ_ATTEMPT" = 1 ] && sleep 30; exit 0')] * 3)
     for i in ids:
-        wait_until(lambda i=i: rig.running_on(i, "dead1"), timeout=10)
+        wait_until(lambda i=i: rig.running_on(i, "dead1"))
     rig.tasker("alive1", "--slots", "3")
-    wait_until(lambda: rig.tasker_state("alive1") == "ready", timeout=10)
+    wait_until(lambda: rig.tasker_state("alive1") == "ready")
     killed_at = time.time()
     dead.kill9()
     _kill_recorded_jobs(dead.state)
@@ -155,7 +156,7 @@ def test_dead_tasker_jobs_requeued_after_timeout(rig_factory: Any) -> None:
     assert all(rig.job(i)["state"] == "running" for i in ids), "recovered before the timeout"
     assert rig.tasker_state("dead1") != "lost"
     for i in ids:
-        j = rig.srv.wait(i, timeout=15)
+        j = rig.srv.wait(i)
         assert (j["state"], j["exit_code"], j["attempt"], j["tasker"]) == (
             "done",
             0,
@@ -178,15 +179,18 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
     the frozen tasker's late results (exit 7) are refused, and it takes new work."""
     rig: Rig = rig_factory(*FAST)
     frozen = rig.tasker("frozen", "--slots", "2", "--resources", "sideA")
-    # attempt 1 exits 7 after a while; attempt 2 exits 0 at once
-    cmd = '[ "$CRQ_ATTEMPT" = 1 ] && { sleep 1.5; exit 7; }; exit 0'
+    # attempt 1 exits 7 once the tasker is frozen (the gate opens); attempt 2 exits 0 at once
+    gate = rig.tmp / "gate"
+    wait_gate = f"until [ -e {gate} ]; do sleep 0.02; done"
+    cmd = f'[ "$CRQ_ATTEMPT" = 1 ] && {{ {wait_gate}; exit 7; }}; exit 0'
     ids = rig.srv.submit(*[rig.spec(cmd)] * 2)
-    pids = [wait_until(lambda i=i: rig.running_on(i, "frozen"), timeout=10)["pid"] for i in ids]
+    pids = [wait_until(lambda i=i: rig.running_on(i, "frozen"))["pid"] for i in ids]
     other = rig.tasker("other", "--slots", "2")
-    wait_until(lambda: rig.tasker_state("other") == "ready", timeout=10)
+    wait_until(lambda: rig.tasker_state("other") == "ready")
     assert frozen.proc is not None
     os.kill(frozen.proc.pid, signal.SIGSTOP)
-    jobs = [rig.srv.wait(i, timeout=15) for i in ids]
+    gate.touch()
+    jobs = [rig.srv.wait(i) for i in ids]
     for j in jobs:
         assert (j["state"], j["exit_code"], j["attempt"], j["tasker"]) == (
             "done",
@@ -196,12 +200,12 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
         ), j
     assert rig.tasker_state("frozen") == "lost"
     # attempt 1 went on in its own session while the tasker was frozen, and ended (exit 7)
-    wait_until(lambda: not any(alive(p) for p in pids), timeout=5)
+    wait_until(lambda: not any(alive(p) for p in pids))
     assert len(list((frozen.state / "status").iterdir())) == 2
     os.kill(frozen.proc.pid, signal.SIGCONT)
-    wait_until(lambda: rig.tasker_state("frozen") == "ready", timeout=10)
+    wait_until(lambda: rig.tasker_state("frozen") == "ready")
     # its late results are delivered (and acked) but refused: nothing changes
-    wait_until(lambda: not list((frozen.state / "results").iterdir()), timeout=10)
+    wait_until(lambda: not list((frozen.state / "results").iterdir()))
     for before in jobs:
         after = rig.job(before["id"])
         assert (after["state"], after["exit_code"], after["attempt"], after["tasker"]) == (
@@ -217,7 +221,7 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
     assert "Traceback" not in frozen.log()
     # it carries on with new work: this job needs what only it offers
     (new,) = rig.srv.submit(rig.spec("exit 0", resources="sideA"))
-    j = rig.srv.wait(new, timeout=10)
+    j = rig.srv.wait(new)
     assert (j["state"], j["attempt"], j["tasker"]) == ("done", 1, "frozen"), j
     sanity = rig.sanity()
     assert sanity["ok"] and not sanity["findings"], sanity
@@ -236,13 +240,13 @@ def test_back_from_a_freeze_the_tasker_never_runs_beyond_its_slots(rig_factory: 
         "[ \"$CRQ_ATTEMPT\" = 1 ] && { trap '' TERM; sleep 60; }; exit 0"
     )
     (job,) = rig.srv.submit(rig.spec(cmd))
-    old = wait_until(lambda: rig.running_on(job, "solo"), timeout=10)["pid"]
+    old = wait_until(lambda: rig.running_on(job, "solo"))["pid"]
     assert t.proc is not None
     os.kill(t.proc.pid, signal.SIGSTOP)
-    wait_until(lambda: rig.tasker_state("solo") == "lost", timeout=10)
+    wait_until(lambda: rig.tasker_state("solo") == "lost")
     assert rig.job(job)["state"] == "queued" and alive(old)
     os.kill(t.proc.pid, signal.SIGCONT)
-    j = rig.srv.wait(job, timeout=20)
+    j = rig.srv.wait(job)
     assert (j["state"], j["attempt"], j["tasker"]) == ("done", 2, "solo"), j
     assert "OVERLAP" not in rig.runs.read_text(), "two jobs ran at once on one slot"
     assert "wait for a free slot" in t.log()
@@ -275,10 +279,10 @@ def test_poison_job_gives_up_after_max_attempts(rig_factory: Any, delay: float) 
     sup = threading.Thread(target=supervise, daemon=True)
     sup.start()
     try:
-        wait_until(lambda: rig.tasker_state(name) == "ready", timeout=10)
+        wait_until(lambda: rig.tasker_state(name) == "ready")
         kill = f"sleep {delay}; pkill -9 -f -- '--name {name} '; kill -9 0"
         (job,) = rig.srv.submit(rig.spec(kill, max_attempts=2, name="poison"))
-        j = rig.srv.wait(job, timeout=20)
+        j = rig.srv.wait(job)
         assert j["state"] == "lost", j
         assert j["attempt"] == 2 and len(j["attempts"]) == 2, j
         assert "2 attempts" in (j["reason"] or ""), j
@@ -287,9 +291,9 @@ def test_poison_job_gives_up_after_max_attempts(rig_factory: Any, delay: float) 
         assert rig.job(job)["attempt"] == 2
         assert rig.runs_of() == Counter({f"{job}:1": 1, f"{job}:2": 1})
         # the rebuilt tasker is fine with healthy work
-        wait_until(lambda: rig.tasker_state(name) == "ready", timeout=10)
+        wait_until(lambda: rig.tasker_state(name) == "ready")
         (ok,) = rig.srv.submit(rig.spec("exit 0"))
-        assert rig.srv.wait(ok, timeout=10)["state"] == "done"
+        assert rig.srv.wait(ok)["state"] == "done"
         assert state["n"] == 3, "the tasker should have been rebuilt twice"
     finally:
         done.set()
@@ -305,7 +309,7 @@ def _frozen_with_jobs(rig: Rig, name: str, n: int) -> tuple[Tasker, list[int]]:
     t = rig.tasker(name, "--slots", str(n))
     ids = rig.srv.submit(*[rig.spec('[ "$CRQ_ATTEMPT" = 1 ] && sleep 30; exit 0')] * n)
     for i in ids:
-        wait_until(lambda i=i: rig.running_on(i, name), timeout=10)
+        wait_until(lambda i=i: rig.running_on(i, name))
     assert t.proc is not None
     os.kill(t.proc.pid, signal.SIGSTOP)
     return t, ids
@@ -331,7 +335,7 @@ def test_cleanup_list_job_dead_host_with_server(rig_factory: Any) -> None:
         rows = _listed(p.stdout)
         return rows if set(rows) == set(ids) else None
 
-    rows = wait_until(listed, timeout=10, step=0.2)
+    rows = wait_until(listed, step=0.2)
     for i in ids:
         assert rows[i][1:4] == ["1", "icy", socket.gethostname()], rows[i]
     head = rig.ncmgr("--list").stdout.splitlines()[0].split()
@@ -375,10 +379,10 @@ def test_cleanup_list_job_dead_host_with_server(rig_factory: Any) -> None:
     rig.tasker("warm", "--slots", "3")
     os.kill(frozen.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
     for i in ids:
-        j = rig.srv.wait(i, timeout=15)
+        j = rig.srv.wait(i)
         assert (j["state"], j["attempt"]) == ("done", 2), j
         assert [a["outcome"] for a in j["attempts"]] == ["requeued", "done"]
-    j = rig.srv.wait(filler, timeout=15)
+    j = rig.srv.wait(filler)
     assert (j["state"], j["attempt"]) == ("done", 1), j
     assert rig.runs_of() == Counter(
         {f"{i}:{a}": 1 for i in ids for a in (1, 2)} | {f"{filler}:1": 1}
@@ -393,7 +397,7 @@ def test_cleanup_standalone_then_restart(rig_factory: Any) -> None:
     gone = rig.tasker("gone", "--slots", "2")
     a, b = rig.srv.submit(*[rig.spec('[ "$CRQ_ATTEMPT" = 1 ] && sleep 30; exit 0')] * 2)
     for i in (a, b):
-        wait_until(lambda i=i: rig.running_on(i, "gone"), timeout=10)
+        wait_until(lambda i=i: rig.running_on(i, "gone"))
     gone.kill9()
     _kill_recorded_jobs(gone.state)  # the host is gone
     rig.srv.kill9()
@@ -408,13 +412,13 @@ def test_cleanup_standalone_then_restart(rig_factory: Any) -> None:
     assert set(_listed(rig.ncmgr("--standalone", "--list").stdout)) == {b}
     # restart: b's tasker never comes back, so the grace period recovers it
     rig.srv.start(port=rig.srv.port)
-    wait_until(lambda: rig.srv.request("GET", "/server")["mode"] == "normal", timeout=15)
+    wait_until(lambda: rig.srv.request("GET", "/server")["mode"] == "normal")
     ja = rig.job(a)
     assert ja["state"] == "queued" and ja["attempts"][0]["outcome"] == "requeued"
     assert "manual cleanup" in ja["reason"]
     rig.tasker("fresh", "--slots", "2")
     for i in (a, b):
-        j = rig.srv.wait(i, timeout=15)
+        j = rig.srv.wait(i)
         assert (j["state"], j["attempt"], j["tasker"]) == ("done", 2, "fresh"), j
     assert rig.runs_of() == Counter({f"{i}:{n}": 1 for i in (a, b) for n in (1, 2)})
     sanity = rig.sanity()
@@ -429,7 +433,7 @@ def test_server_crash_right_after_dead_host(rig_factory: Any) -> None:
     assert p.returncode == 0, p.stderr
     rig.srv.kill9()  # right after the answer: what was answered must stand
     rig.srv.start(port=rig.srv.port)
-    wait_until(lambda: rig.srv.request("GET", "/server")["mode"] == "normal", timeout=15)
+    wait_until(lambda: rig.srv.request("GET", "/server")["mode"] == "normal")
     for i in ids:
         j = rig.job(i)
         assert (j["state"], j["attempt"]) == ("queued", 1), j
@@ -440,7 +444,7 @@ def test_server_crash_right_after_dead_host(rig_factory: Any) -> None:
     # the frozen tasker thaws: its old attempts are killed, attempt 2 runs and ends
     os.kill(frozen.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
     for i in ids:
-        j = rig.srv.wait(i, timeout=15)
+        j = rig.srv.wait(i)
         assert (j["state"], j["attempt"], j["tasker"]) == ("done", 2, "numb"), j
     assert rig.runs_of() == Counter({f"{i}:{n}": 1 for i in ids for n in (1, 2)})
 

@@ -26,7 +26,7 @@ from crq.server.models import BadRequest, Register, Sync, parse_submit, validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests._tasker_util import CrqServer, env_with_root, server_available
+from tests._tasker_util import PATIENCE, CrqServer, env_with_root, server_available
 from tests.core_helpers import Core, fingerprint, write_journal
 
 TASKERS = ["t1", "t2"]
@@ -278,7 +278,7 @@ def test_vovtasker_refuses_a_bad_offer_at_start(tmp_path: Path) -> None:
         [sys.executable, "-m", "crq.tasker", "--server", "http://127.0.0.1:9", "--resources",
          "CORES/4 RAM/x", "--state-dir", str(tmp_path / "st")],
         capture_output=True, text=True, env={**env_with_root(), "CRQ_TASKER_TOKEN": "t"},
-        timeout=30,
+        timeout=PATIENCE,
     )  # fmt: skip
     assert p.returncode == 2, p.stderr
     assert p.stderr == (

@@ -25,7 +25,14 @@ from crq.server import checkpoint, snapshot
 from crq.server.journal import frame
 
 from crq.procfs import boot_id
-from tests._tasker_util import ROOT, CrqServer, env_with_root, server_available, wait_until
+from tests._tasker_util import (
+    PATIENCE,
+    ROOT,
+    CrqServer,
+    env_with_root,
+    server_available,
+    wait_until,
+)
 from tests.core_helpers import Core, write_journal
 
 pytestmark = pytest.mark.skipif(not server_available(), reason="needs the server package")
@@ -63,13 +70,12 @@ def mark_catches_up(srv: CrqServer) -> None:
     mark = trace(srv) / "durable.json"  # written before the server serves
     wait_until(
         lambda: not mark.exists() or json.loads(mark.read_text())["seq"] >= durable,
-        timeout=30,
         step=0.1,
     )
 
 
 def open_normal(srv: CrqServer) -> None:
-    wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal", timeout=30, step=0.1)
+    wait_until(lambda: srv.request("GET", "/server")["mode"] == "normal", step=0.1)
 
 
 def refused(srv: CrqServer) -> str:
@@ -237,7 +243,7 @@ def test_an_empty_segment_does_not_stop_pruning(srv: CrqServer) -> None:
     open_normal(srv)
     submit_many(srv, 10)
     srv.request("POST", "/server/stop", json={})  # its checkpoint covers everything before
-    assert srv.proc is not None and srv.proc.wait(timeout=30) == 0
+    assert srv.proc is not None and srv.proc.wait(timeout=PATIENCE) == 0
     left = sorted(p.name for p in trace(srv).glob("CR.*"))
     assert len(left) == 1, f"old segments kept: {left}"
 
@@ -305,7 +311,7 @@ def test_other_recovery_locks_still_refuse(srv: CrqServer, who: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "crq.client.ncmgr", "cleanup", "--swd", str(srv.swd),
          "--reset-lock"],
-        cwd=ROOT, env=env_with_root(), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=env_with_root(), capture_output=True, text=True, timeout=PATIENCE,
     )  # fmt: skip
     assert out.returncode == 0 and not lock.exists(), out.stderr
     srv.start(port=srv.port)

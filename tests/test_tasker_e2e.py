@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import time
@@ -13,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests._tasker_util import (
+    PATIENCE,
     CrqServer,
     Tasker,
     alive,
     e2e_server,
     env_with_root,
     free_port,
+    kill_jobs,
     server_available,
     wait_until,
 )
@@ -42,18 +42,17 @@ def tasker(tmp_path: Path, srv: CrqServer) -> Iterator[Tasker]:
     t.start()
     yield t
     t.kill9()
-    _kill_jobs(t.state)
-
-
-def _kill_jobs(state: Path) -> None:
-    """Leave no job behind: their groups are in the attempt records."""
-    for rec in (state / "attempts").glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            os.killpg(int(json.loads(rec.read_text())["pgid"]), signal.SIGKILL)
+    kill_jobs(t.state)
 
 
 def spec(cwd: Path, command: object, **kw: object) -> dict[str, object]:
     return {"command": command, "cwd": str(cwd), "env": {"PATH": os.environ["PATH"]}, **kw}
+
+
+def gated(work: Path, then: str) -> str:
+    """A job that runs until the test touches ``work/gate``, then ``then``: it outlives a
+    restart of either side however slow the machine is."""
+    return f"while [ ! -e {work / 'gate'} ]; do sleep 0.02; done; {then}"
 
 
 def running(srv: CrqServer, job: int) -> dict | None:
@@ -74,7 +73,7 @@ def test_jobs_run_and_report(srv: CrqServer, tasker: Tasker, work: Path) -> None
     assert (work / "logs" / "b.log").read_text() == f"{b}.1\n"
     assert jc["state"] == "failed" and jc["reason"] == f"cwd does not exist: {work / 'missing'}"
     # every result acked: nothing left on the tasker's disk
-    wait_until(lambda: not list((tasker.state / "results").iterdir()), timeout=2)
+    wait_until(lambda: not list((tasker.state / "results").iterdir()))
 
 
 def test_dispatch_is_prompt(srv: CrqServer, tasker: Tasker, work: Path) -> None:
@@ -88,10 +87,12 @@ def test_dispatch_is_prompt(srv: CrqServer, tasker: Tasker, work: Path) -> None:
 
 
 def test_tasker_kill9_readopts_running_job(srv: CrqServer, tasker: Tasker, work: Path) -> None:
-    (job,) = srv.submit(spec(work, "sleep 1.5; echo done"))
+    (job,) = srv.submit(spec(work, gated(work, "echo done")))
     pid = wait_until(lambda: running(srv, job))["pid"]
     tasker.kill9()
     tasker.start()
+    wait_until(lambda: "re-adopted" in tasker.log())
+    (work / "gate").touch()
     j = srv.wait(job)
     assert (j["state"], j["exit_code"], j["attempt"], j["pid"]) == ("done", 0, 1, pid)
     assert (work / f"crq.{job}.log").read_text() == "done\n"
@@ -133,13 +134,14 @@ def test_stop_kills_the_running_job(srv: CrqServer, tasker: Tasker, work: Path) 
 
 
 def test_sigterm_leaves_jobs_running(srv: CrqServer, tasker: Tasker, work: Path) -> None:
-    (job,) = srv.submit(spec(work, "sleep 1; echo ok"))
+    (job,) = srv.submit(spec(work, gated(work, "echo ok")))
     pid = wait_until(lambda: running(srv, job))["pid"]
     t0 = time.monotonic()
     assert tasker.term() == 0
     assert time.monotonic() - t0 < 2
     os.kill(pid, 0)  # still there
     assert "Traceback" not in tasker.log()
+    (work / "gate").touch()
     tasker.start()
     assert srv.wait(job)["state"] == "done"
     assert (work / f"crq.{job}.log").read_text() == "ok\n"
@@ -156,6 +158,7 @@ def test_failover_to_the_next_server(srv: CrqServer, tmp_path: Path, work: Path)
         assert srv.wait(job)["state"] == "done"
     finally:
         t.kill9()
+        kill_jobs(t.state)
 
 
 def test_clean_stop_without_freeze_stops_the_tasker(
@@ -165,8 +168,8 @@ def test_clean_stop_without_freeze_stops_the_tasker(
     pid = wait_until(lambda: running(srv, job))["pid"]
     srv.stop(freeze=False)
     assert tasker.proc is not None
-    assert tasker.proc.wait(timeout=5) == 0
-    wait_until(lambda: not alive(pid), timeout=2)
+    assert tasker.proc.wait(timeout=PATIENCE) == 0
+    wait_until(lambda: not alive(pid))
 
 
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
@@ -179,7 +182,7 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
             [sys.executable, "-m", "crq.tasker", *args],
             capture_output=True,
             env={**env_with_root(), "CRQ_TASKER_TOKEN": "", "CRQ_HOME": str(tmp_path)},
-            timeout=10,
+            timeout=PATIENCE,
         )
         assert p.returncode == 2, (args, p.stderr)
         assert len(p.stderr.decode().strip().splitlines()) == 1, p.stderr
@@ -196,7 +199,7 @@ def test_busy_state_dir_is_refused(tmp_path: Path, srv: CrqServer) -> None:
         p = subprocess.run(
             [sys.executable, "-m", "crq.tasker", "--swd", str(srv.swd), "--state-dir",
              str(tmp_path / "s")],
-            capture_output=True, env=env_with_root(), timeout=10,
+            capture_output=True, env=env_with_root(), timeout=PATIENCE,
         )  # fmt: skip
         assert p.returncode == 1
         assert b"in use by another vovtasker" in p.stderr
@@ -208,25 +211,25 @@ def test_busy_state_dir_is_refused(tmp_path: Path, srv: CrqServer) -> None:
 def test_lost_tasker_comes_back_and_is_fenced(tmp_path: Path, work: Path) -> None:
     """A tasker frozen past the timeout: its job is requeued; back, it kills the old attempt."""
     srv = CrqServer(tmp_path / "q.swd", "t1", "--tasker-timeout", "1", "--heartbeat", "0.5")
-    srv.start()
     t = Tasker(tmp_path / "st", "--swd", str(srv.swd), "--slots", "1")
-    t.start()
     try:
+        srv.start()
+        t.start()
         (job,) = srv.submit(spec(work, "sleep 30", max_attempts=3))
         pid = wait_until(lambda: running(srv, job))["pid"]
         assert t.proc is not None
         os.kill(t.proc.pid, signal.SIGSTOP)
-        wait_until(lambda: srv.request("GET", f"/jobs/{job}")["state"] == "queued", timeout=4)
+        wait_until(lambda: srv.request("GET", f"/jobs/{job}")["state"] == "queued")
         os.kill(t.proc.pid, signal.SIGCONT)
         # attempt 1 is killed, attempt 2 then runs on the same (only) tasker
-        wait_until(lambda: not alive(pid), timeout=4)
-        j2 = wait_until(lambda: running(srv, job), timeout=4)
+        wait_until(lambda: not alive(pid))
+        j2 = wait_until(lambda: running(srv, job))
         assert j2["attempt"] == 2 and j2["pid"] != pid
         srv.request("POST", f"/jobs/{job}/stop")
         assert srv.wait(job)["attempt"] == 2
     finally:
         t.kill9()
-        _kill_jobs(t.state)
+        kill_jobs(t.state)
         srv.kill9()
 
 
@@ -237,7 +240,8 @@ def test_reboot_reports_lost_jobs_at_once(srv: CrqServer, tasker: Tasker, work: 
     os.killpg(pid, signal.SIGKILL)  # the "reboot" took the job with it
     (tasker.state / "boot_id").write_text("an-older-boot\n")
     tasker.start()
-    j = wait_until(lambda: (x := running(srv, job)) and x["attempt"] == 2 and x, timeout=4)
+    # at once: well before the 90 s tasker timeout would have the monitor requeue it
+    j = wait_until(lambda: (x := running(srv, job)) and x["attempt"] == 2 and x, timeout=30)
     assert j["attempts"][0]["outcome"] == "requeued"  # recovered, not failed
     assert "gone with the host reboot" in tasker.log()
     srv.request("POST", f"/jobs/{job}/stop")
@@ -247,13 +251,14 @@ def test_reboot_reports_lost_jobs_at_once(srv: CrqServer, tasker: Tasker, work: 
 def test_freeze_stop_keeps_jobs_for_the_next_server(
     srv: CrqServer, tasker: Tasker, work: Path
 ) -> None:
-    (job,) = srv.submit(spec(work, "sleep 1.5; echo kept"))
+    (job,) = srv.submit(spec(work, gated(work, "echo kept")))
     pid = wait_until(lambda: running(srv, job))["pid"]
     srv.stop(freeze=True)
     time.sleep(0.3)
     assert tasker.proc is not None and tasker.proc.poll() is None
     assert alive(pid)
     srv.start(port=free_port())
+    (work / "gate").touch()
     j = srv.wait(job)
     assert (j["state"], j["attempt"], j["pid"]) == ("done", 1, pid)
     assert (work / f"crq.{job}.log").read_text() == "kept\n"
@@ -282,9 +287,9 @@ def test_kill9_storm_keeps_every_result(srv: CrqServer, tasker: Tasker, work: Pa
             return False
         return counts.get("done", 0) + counts.get("failed", 0) == n
 
-    wait_until(all_final, timeout=10, step=0.1)
+    wait_until(all_final, step=0.1)
     for j in srv.request("GET", "/jobs")["jobs"]:
         assert j["attempt"] == 1, j
         assert j["exit_code"] == int(j["command"].rsplit(" ", 1)[1]), j
-    wait_until(lambda: not list((tasker.state / "results").iterdir()), timeout=3)
+    wait_until(lambda: not list((tasker.state / "results").iterdir()))
     assert "Traceback" not in tasker.log()

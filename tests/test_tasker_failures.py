@@ -8,11 +8,8 @@ processes throughout: the runner with real jobs, then a real server and vovtaske
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,19 +20,23 @@ from crq.tasker.runner import MAX_REASON, Runner
 from crq.tasker.statedir import StateDir
 
 from tests._tasker_util import (
+    PATIENCE,
     CrqServer,
     Tasker,
     alive,
     dispatch,
     e2e_server,
+    kill_jobs,
     server_available,
     wait_until,
 )
 
 
 @pytest.fixture
-def state(tmp_path: Path) -> StateDir:
-    return StateDir(tmp_path / "state")
+def state(tmp_path: Path) -> Iterator[StateDir]:
+    s = StateDir(tmp_path / "state")
+    yield s
+    kill_jobs(s.root)  # a failed test leaves its jobs running
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def work(tmp_path: Path) -> Path:
     return d
 
 
-def finished(runner: Runner, key: tuple[int, int], timeout: float = 4.0) -> dict[str, Any]:
+def finished(runner: Runner, key: tuple[int, int], timeout: float = PATIENCE) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         _, done = runner.outbox.reports(everything=True)
         return next((r for r in done if (r["job"], r["attempt"]) == key), None)
@@ -172,7 +173,7 @@ def test_e2e_jobs_the_tasker_cannot_start_fail_with_the_reason(
         spec(long_cwd, ["true"]),
         spec(work, ["true"]),
     )
-    jobs = [srv.wait(i, timeout=15) for i in ids]
+    jobs = [srv.wait(i) for i in ids]
     assert [j["state"] for j in jobs] == ["failed", "failed", "failed", "done"], jobs
     assert jobs[0]["reason"] == f"cwd does not exist: {work / 'not-on-this-host'}"
     assert jobs[1]["reason"].startswith(f"cannot open log {work / 'afile' / 'x.log'}: ")
@@ -190,21 +191,21 @@ def test_e2e_jobs_killed_with_their_tasker_follow_the_rerun_policy(
     the monitor ends them after the timeout (requeued if they may rerun, else lost), not
     failed; the same fault has the same outcome whenever the tasker returns."""
     srv = CrqServer(tmp_path / "q.swd", "t1", "--tasker-timeout", "60", "--heartbeat", "0.5")
-    srv.start()
     t = Tasker(tmp_path / "st", "--swd", str(srv.swd), "--slots", "2")
-    t.start()
     try:
+        srv.start()
+        t.start()
         again, once = srv.submit(
             spec(work, '[ "$CRQ_ATTEMPT" = 1 ] && sleep 30; exit 0'),
             spec(work, "sleep 30", rerunnable=False),
         )
-        pids = [wait_until(lambda j=j: _running(srv, j), timeout=15)["pid"] for j in (again, once)]
+        pids = [wait_until(lambda j=j: _running(srv, j))["pid"] for j in (again, once)]
         killed_at = time.time()
         t.kill9()
         _kill_recorded_jobs(t.state)
-        wait_until(lambda: not any(alive(p) for p in pids), timeout=10)
+        wait_until(lambda: not any(alive(p) for p in pids))
         t.start()
-        ja, jo = srv.wait(again, timeout=20), srv.wait(once, timeout=20)
+        ja, jo = srv.wait(again), srv.wait(once)
         assert (ja["state"], ja["attempt"], ja["exit_code"]) == ("done", 2, 0), ja
         first = ja["attempts"][0]
         assert (first["outcome"], first["reason"]) == (
@@ -229,6 +230,4 @@ def _running(srv: CrqServer, job: int) -> dict[str, Any] | None:
 
 
 def _kill_recorded_jobs(state: Path) -> None:
-    for rec in (state / "attempts").glob("*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            os.killpg(int(json.loads(rec.read_text())["pgid"]), signal.SIGKILL)
+    kill_jobs(state)

@@ -28,6 +28,7 @@ from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir, read_status
 
 from tests._tasker_util import (
+    PATIENCE,
     CrqServer,
     Tasker,
     dispatch,
@@ -58,7 +59,7 @@ def spawn_unrecorded(state: StateDir, cwd: Path, jobs: list[dict[str, Any]]) -> 
         check=True,
         env=env_with_root(),
         cwd=cwd,
-        timeout=10,
+        timeout=PATIENCE,
     )
     assert state.load_records() == {}, "the crash window: spawned, not recorded"
 
@@ -84,7 +85,7 @@ def _kill_wrappers(status_dir: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-def finished(runner: Runner, key: Key, timeout: float = 4.0) -> dict[str, Any]:
+def finished(runner: Runner, key: Key, timeout: float = PATIENCE) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         _, done = runner.outbox.reports(everything=True)
         return next((r for r in done if (r["job"], r["attempt"]) == key), None)
@@ -128,7 +129,7 @@ def test_an_attempt_the_dying_tasker_never_spawned_is_left_to_be_sent_again(
     items = json.dumps([dispatch(60, work, "true")])
     subprocess.run(
         [sys.executable, "-c", UNSPAWNED, str(state.root), items],
-        check=True, env=env_with_root(), cwd=work, timeout=10,
+        check=True, env=env_with_root(), cwd=work, timeout=PATIENCE,
     )  # fmt: skip
     r = Runner(state)
     assert r.recover() == (0, 0)
@@ -175,7 +176,7 @@ def test_unrecorded_running_attempt_is_adopted_and_recorded(state: StateDir, wor
     (work / "go").touch()
     res = finished(r, (51, 1))
     assert (res["exit_code"], res["reason"], res["started"]) == (3, None, running["started"])
-    assert state.load_records() == {} and state.status_keys() == []
+    wait_until(lambda: state.load_records() == {} and state.status_keys() == [])  # just after
     assert (work / "marker").read_text() == "ran\n"
     r.close()
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from crq.procfs import boot_id
-from tests._tasker_util import Tasker, dispatch, env_with_root, wait_until
+from tests._tasker_util import Tasker, dispatch, env_with_root, kill_jobs, wait_until
 
 
 class Stage:
@@ -121,8 +121,8 @@ def test_results_survive_errors_and_are_reported_once(
             st.fail = 3  # the next three requests fail: the result must wait on disk
             st.to_dispatch.append(dispatch(5, work, ["sh", "-c", "exit 2"]))
         results = tmp_path / "state" / "results"
-        wait_until(lambda: _finished_reports(st, (5, 1)), timeout=5)
-        wait_until(lambda: not list(results.iterdir()), timeout=2)
+        wait_until(lambda: _finished_reports(st, (5, 1)))
+        wait_until(lambda: not list(results.iterdir()))
         time.sleep(1.2)  # a few more polls: the acked result never comes back
         assert len(_finished_reports(st, (5, 1))) == 1
         (rep,) = [r for _, b in st.syncs for r in b["finished"]]
@@ -130,6 +130,7 @@ def test_results_survive_errors_and_are_reported_once(
         assert len(st.registers) >= 2, "a 500 makes the tasker register again"
     finally:
         t.kill9()
+        kill_jobs(tmp_path / "state")
 
 
 def test_unacked_report_is_resent_without_spinning(
@@ -151,9 +152,10 @@ def test_unacked_report_is_resent_without_spinning(
         assert list((tmp_path / "state" / "results").iterdir()), "kept until acked"
         with st.lock:
             st.ack = True
-        wait_until(lambda: not list((tmp_path / "state" / "results").iterdir()), timeout=3)
+        wait_until(lambda: not list((tmp_path / "state" / "results").iterdir()))
     finally:
         t.kill9()
+        kill_jobs(tmp_path / "state")
 
 
 def test_restart_registers_with_the_running_job(stage: tuple[Stage, str], tmp_path: Path) -> None:
@@ -163,14 +165,19 @@ def test_restart_registers_with_the_running_job(stage: tuple[Stage, str], tmp_pa
     t = _tasker(tmp_path, url)
     try:
         wait_until(lambda: st.registers)
+        gate = work / "gate"  # the job outlives the restart however slow the machine is
         with st.lock:
-            st.to_dispatch.append(dispatch(7, work, ["sleep", "1"]))
+            st.to_dispatch.append(
+                dispatch(7, work, ["sh", "-c", f"until [ -e {gate} ]; do sleep 0.02; done"])
+            )
         started = wait_until(lambda: [r for _, b in st.syncs for r in b["started"]])
         t.kill9()
         t = _tasker(tmp_path, url)
         wait_until(lambda: len(st.registers) >= 2)
         (running,) = st.registers[-1]["running"]
         assert running["pid"] == started[0]["pid"] and running["job"] == 7
-        wait_until(lambda: _finished_reports(st, (7, 1)), timeout=3)
+        gate.touch()
+        wait_until(lambda: _finished_reports(st, (7, 1)))
     finally:
         t.kill9()
+        kill_jobs(tmp_path / "state")

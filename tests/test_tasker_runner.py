@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from crq.tasker.procs import classify, current_umask, find_orphan_wrappers
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import StateDir, StateDirBusy, read_status
 
-from tests._tasker_util import alive, dispatch, run_and_vanish, wait_until
+from tests._tasker_util import PATIENCE, alive, dispatch, kill_jobs, run_and_vanish, wait_until
 
 
 @pytest.fixture
-def state(tmp_path: Path) -> StateDir:
-    return StateDir(tmp_path / "state")
+def state(tmp_path: Path) -> Iterator[StateDir]:
+    s = StateDir(tmp_path / "state")
+    yield s
+    kill_jobs(s.root)  # a failed test leaves its jobs running
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def work(tmp_path: Path) -> Path:
     return d
 
 
-def finished(runner: Runner, key: tuple[int, int], timeout: float = 4.0) -> dict:
+def finished(runner: Runner, key: tuple[int, int], timeout: float = PATIENCE) -> dict:
     """Wait for the finished report of one attempt and return it."""
 
     def find() -> dict | None:
@@ -50,10 +53,10 @@ def test_true_and_false_report_exit_codes_durably(state: StateDir, work: Path) -
     assert (ok["exit_code"], ok["signal"], ok["reason"]) == (0, None, None)
     assert (bad["exit_code"], bad["signal"]) == (1, None)
     assert ok["ended"] >= ok["started"]
-    # the result is on disk, the attempt record and status file are gone
+    # the result is on disk, the attempt record and status file are gone (the reaper drops
+    # them just after it stores the result: wait for it, as below)
     assert set(state.load_results()) == {(1, 1), (2, 1)}
-    assert state.load_records() == {}
-    assert state.status_keys() == []
+    wait_until(lambda: state.load_records() == {} and state.status_keys() == [])
     assert events, "the agent must be woken for prompt reports"
 
 
@@ -211,7 +214,7 @@ def test_unacked_reports_wait_before_resend(state: StateDir, work: Path) -> None
     r.outbox.sent(started, fin, delay=0.3)
     assert r.outbox.reports() == ([], [])
     assert 0 < (r.outbox.next_due_in() or 0) <= 0.3
-    wait_until(lambda: r.outbox.reports()[1] == [res], timeout=1)
+    wait_until(lambda: r.outbox.reports()[1] == [res])
     r.outbox.sent(started, fin, delay=30)
     r.outbox.all_due()
     assert r.outbox.reports()[1] == [res]
@@ -222,7 +225,7 @@ def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
     status = state.status_path((20, 1))
     assert (20, 1) in state.load_records()
     wait_until(lambda: read_status(status) is not None)  # made empty by the wrapper at start
-    wait_until(lambda: (read_status(status) or (None,))[0] == 4, timeout=3)
+    wait_until(lambda: (read_status(status) or (None,))[0] == 4)
     r = Runner(state)
     assert r.recover() == (0, 1)
     res = finished(r, (20, 1), timeout=0.1)
@@ -232,14 +235,17 @@ def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
 
 
 def test_readoption_of_a_running_job(state: StateDir, work: Path) -> None:
-    run_and_vanish(state.root, work, [dispatch(21, work, "sleep 1; echo done")])
+    gate = work / "gate"  # the job outlives the dead runner however slow the machine is
+    job = f"until [ -e {gate} ]; do sleep 0.02; done; echo done"
+    run_and_vanish(state.root, work, [dispatch(21, work, job)])
     r = Runner(state, poll_interval=0.1)
     assert r.recover() == (1, 0)
     (running,) = r.running()
     assert running["job"] == 21 and running["pid"] == state.load_records()[(21, 1)]["pid"]
     started, _ = r.outbox.reports()
     assert [s["job"] for s in started] == [21]  # re-sent at register
-    res = finished(r, (21, 1), timeout=4)
+    gate.touch()
+    res = finished(r, (21, 1))
     assert res["exit_code"] == 0
     assert (work / "job21.log").read_text() == "done\n"
     r.close()

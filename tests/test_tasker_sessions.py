@@ -33,6 +33,7 @@ from crq.server.state import State
 
 from crq.wire import SESSION_HEADER
 from tests._tasker_util import (
+    PATIENCE,
     CrqServer,
     Tasker,
     alive,
@@ -295,11 +296,12 @@ def test_a_second_tasker_is_refused_and_a_restarted_one_recognised(
     work = tmp_path / "work"
     work.mkdir()
     first = _tasker(srv, procs, tmp_path / "a.state", 2)
-    wait_until(lambda: "registered with" in first.log(), timeout=15)
-    (job,) = srv.submit(_spec(work, "sleep 3"))
-    wait_until(lambda: _job(srv, job)["pid"], timeout=15)
+    wait_until(lambda: "registered with" in first.log())
+    gate = work / "gate"  # the job runs through the checks below however slow the machine is
+    (job,) = srv.submit(_spec(work, f"until [ -e {gate} ]; do sleep 0.02; done"))
+    wait_until(lambda: _job(srv, job)["pid"])
     second = _tasker(srv, procs, tmp_path / "b.state", 7)
-    wait_until(lambda: "not registered" in second.log(), timeout=15)
+    wait_until(lambda: "not registered" in second.log())
     assert "tasker_name_in_use" in second.log() and "held by a live tasker" in second.log()
     assert second.proc is not None and second.proc.poll() is None, "refused, not crashed"
     (t,) = _taskers(srv)
@@ -307,12 +309,13 @@ def test_a_second_tasker_is_refused_and_a_restarted_one_recognised(
     # the first one, restarted with its state dir, is the same session: back at once
     first.kill9()
     first.start()
-    wait_until(lambda: first.log().count("registered with") == 2, timeout=15)
+    wait_until(lambda: first.log().count("registered with") == 2)
     assert "not registered" not in first.log()
-    j = srv.wait(job, timeout=15)
+    gate.touch()
+    j = srv.wait(job)
     assert (j["state"], j["attempt"]) == ("done", 1), j
     (other,) = srv.submit(_spec(work, "true"))
-    assert srv.wait(other, timeout=15)["state"] == "done"
+    assert srv.wait(other)["state"] == "done"
     assert second.log().count("not registered") == 1, "said once, not a line a retry"
     assert not list((tmp_path / "b.state" / "attempts").iterdir()), "the second ran a job"
     mode = stat.S_IMODE((tmp_path / "a.state" / "session").stat().st_mode)
@@ -325,14 +328,14 @@ def test_a_second_tasker_is_refused_and_a_restarted_one_recognised(
         env.pop(k, None)
     p = subprocess.run(
         [sys.executable, "-m", "crq.client.ncmgr", "cleanup", "--swd", str(srv.swd), "--dead-host",
-         "dup"], env=env, capture_output=True, text=True, timeout=60,
+         "dup"], env=env, capture_output=True, text=True, timeout=PATIENCE,
     )  # fmt: skip
     assert p.returncode == 0 and "tasker dup: marked lost" in p.stdout, p.stderr
-    wait_until(lambda: "tasker name dup is ours now" in second.log(), timeout=30)
+    wait_until(lambda: "tasker name dup is ours now" in second.log())
     (t,) = _taskers(srv)
     assert (t["slots"], t["state"]) == (7, "ready"), t
     (last,) = srv.submit(_spec(work, "true"))
-    assert srv.wait(last, timeout=15)["state"] == "done"
+    assert srv.wait(last)["state"] == "done"
 
 
 @e2e
@@ -346,17 +349,17 @@ def test_a_replaced_tasker_kills_what_the_new_session_took_over(
     work.mkdir()
     old = _tasker(srv, procs, tmp_path / "a.state", 1)
     (job,) = srv.submit(_spec(work, '[ "$CRQ_ATTEMPT" = 1 ] && sleep 60; exit 0'))
-    pid = wait_until(lambda: _job(srv, job)["pid"], timeout=15)
+    pid = wait_until(lambda: _job(srv, job)["pid"])
     assert old.proc is not None
     os.kill(old.proc.pid, signal.SIGSTOP)
-    wait_until(lambda: _taskers(srv)[0]["state"] == "lost", timeout=15)
+    wait_until(lambda: _taskers(srv)[0]["state"] == "lost")
     new = _tasker(srv, procs, tmp_path / "b.state", 3)
-    j = srv.wait(job, timeout=15)
+    j = srv.wait(job)
     assert (j["state"], j["attempt"]) == ("done", 2), j
     assert alive(pid)
     os.kill(old.proc.pid, signal.SIGCONT)
-    wait_until(lambda: not alive(pid), timeout=15)
-    wait_until(lambda: "killed 1 jobs superseded" in old.log(), timeout=5)
+    wait_until(lambda: not alive(pid))
+    wait_until(lambda: "killed 1 jobs superseded" in old.log())
     assert "registered with" in new.log() and "held by a live tasker" in old.log()
     (t,) = _taskers(srv)
     assert t["slots"] == 3 and t["state"] == "ready", "the old tasker took the name back"

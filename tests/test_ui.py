@@ -16,7 +16,7 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
-from tests._tasker_util import CrqServer  # noqa: E402
+from tests._tasker_util import PATIENCE, CrqServer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -34,7 +34,7 @@ SHOT = "/tmp/crq-ui.png"
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 
-expect.set_options(timeout=10_000)
+expect.set_options(timeout=PATIENCE * 1000)  # a cap: each expect ends once it holds
 
 
 @pytest.fixture(scope="module")
