@@ -128,16 +128,3 @@ class Swd:
 
 def attempt_key(report: dict[str, Any]) -> tuple[int, int]:
     return int(report["job"]), int(report["attempt"])
-
-
-def process_exists(pid: int) -> bool:
-    """``kill(pid, 0)``: some process has this pid on this host (maybe another user's)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
