@@ -230,7 +230,10 @@ async def serve(srv: Service, sock: socket.socket, loaded: replay.Replayed, uncl
         limit_concurrency=cap + 1,  # past the cap (no idle connection to close): 503
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    # uvicorn's own SIGTERM/SIGINT handlers would only close the sockets (taskers never told,
+    # running jobs never released) and re-raise the signal once it has served: ours (below)
+    # run the clean stop, the same as `ncmgr stop`.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     _signals(srv)
     if settings.resources != engine.state.global_total:
         engine.emit([{"e": "resources", "t": time.time(), "totals": settings.resources}])
