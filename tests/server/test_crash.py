@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests._tasker_util import PATIENCE, CrqServer, Tasker, kill_jobs, wait_until
+from tests.rigs import PATIENCE, CrqServer, Tasker, kill_jobs, wait_until
 
 SETTINGS = ("--heartbeat", "1", "--recovery-grace", "20", "--tasker-timeout", "30")
 
@@ -142,11 +142,7 @@ class Cluster:
         self.srv.stop()
         self.srv.kill9()
         for d in self.tmp.glob("state*"):
-            _kill_recorded_jobs(d)
-
-
-def _kill_recorded_jobs(state: Path) -> None:
-    kill_jobs(state)
+            kill_jobs(d)
 
 
 @pytest.fixture
@@ -243,7 +239,7 @@ def test_kill_during_clean_stop(cluster_factory: Callable[..., Cluster], delay: 
 def test_kill_during_recovery_takes_the_lock_over(cluster_factory: Callable[..., Cluster]) -> None:
     """A crash during a recovery (an OOM): the next start, same host and boot, goes on alone.
 
-    (A lock of another host or boot still stops the start: tests/test_storage_damage.py.)
+    (A lock of another host or boot still stops the start: tests/server/test_storage_damage.py.)
     """
     c = cluster_factory()
     c.acked += c.srv.submit(*[c.spec(2) for _ in range(6)])
@@ -317,7 +313,7 @@ def test_missing_tasker_jobs_are_requeued_after_grace(
     wait_until(lambda: c.server()["counts"]["running"] == 8)
     gone = c.taskers[1]
     gone.kill9()
-    _kill_recorded_jobs(gone.state)
+    kill_jobs(gone.state)
     c.srv.kill9()
     c.restart()
     rep = _check_report(c, all_back=False)

@@ -10,7 +10,7 @@ which the process wiring (server/main.py) would turn into a clean stop; here it 
 the call, so the run goes on and the test sees the route was exercised.
 
 Bounded: a fixed seed and a few examples per operation (about half a minute). To explore
-more: ``CRQ_FUZZ_SEED=7 CRQ_FUZZ_EXAMPLES=100 python -m pytest tests/test_openapi.py``.
+more: ``CRQ_FUZZ_SEED=7 CRQ_FUZZ_EXAMPLES=100 python -m pytest tests/server/test_openapi.py``.
 """
 
 from __future__ import annotations

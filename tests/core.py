@@ -1,4 +1,4 @@
-"""Drive the core (commands + State.apply) without HTTP, as the engine does, for unit tests."""
+"""Drive the core (commands + State.apply) without HTTP, as the engine does: the `core` fixture."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests._tasker_util import (
+from tests.rigs import (
     PATIENCE,
     ROOT,
     alive,

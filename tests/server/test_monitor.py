@@ -23,17 +23,17 @@ from typing import Any
 
 import pytest
 
-from tests._tasker_util import (
+from tests.rigs import (
     PATIENCE,
     ROOT,
     CrqServer,
     Tasker,
     alive,
     env_with_root,
+    kill_jobs,
     server_available,
     wait_until,
 )
-from tests.test_crash import _kill_recorded_jobs
 
 pytestmark = pytest.mark.skipif(not server_available(), reason="server not written yet")
 
@@ -110,7 +110,7 @@ class Rig:
             t.kill9()
         self.srv.kill9()
         for d in self.tmp.glob("*.state"):
-            _kill_recorded_jobs(d)
+            kill_jobs(d)
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_dead_tasker_jobs_requeued_after_timeout(rig_factory: Any) -> None:
     wait_until(lambda: rig.tasker_state("alive1") == "ready")
     killed_at = time.time()
     dead.kill9()
-    _kill_recorded_jobs(dead.state)
+    kill_jobs(dead.state)
     time.sleep(TIMEOUT / 4)
     assert all(rig.job(i)["state"] == "running" for i in ids), "recovered before the timeout"
     assert rig.tasker_state("dead1") != "lost"
@@ -399,7 +399,7 @@ def test_cleanup_standalone_then_restart(rig_factory: Any) -> None:
     for i in (a, b):
         wait_until(lambda i=i: rig.running_on(i, "gone"))
     gone.kill9()
-    _kill_recorded_jobs(gone.state)  # the host is gone
+    kill_jobs(gone.state)  # the host is gone
     rig.srv.kill9()
     p = rig.ncmgr("--standalone", "--list")
     assert p.returncode == 0, p.stderr

@@ -1,4 +1,4 @@
-"""Helpers shared by the end-to-end tests (real processes, nothing mocked)."""
+"""The one test rig: real server and tasker processes (nothing mocked), waits that follow them."""
 
 from __future__ import annotations
 
