@@ -26,17 +26,27 @@ SETTINGS = ("--heartbeat", "1", "--recovery-grace", "20", "--tasker-timeout", "3
 
 
 class Cluster:
-    def __init__(self, tmp: Path, *extra: str, taskers: int = 2, slots: int = 4) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        srv: CrqServer,
+        new_tasker: Callable[..., Tasker],
+        taskers: int = 2,
+        slots: int = 4,
+    ) -> None:
         self.tmp = tmp
-        self.swd = tmp / "q.swd"
+        self.swd = srv.swd
         self.runs = tmp / "runs.txt"
         self.work = tmp / "work"
         self.work.mkdir()
-        self.srv = CrqServer(self.swd, "crash", *SETTINGS, *extra)
+        self.srv = srv  # not started yet (the crq_server fixture)
         self.taskers = [
-            Tasker(tmp / f"state{i}", "--swd", str(self.swd), "--slots", str(slots), name=f"w{i}")
+            new_tasker(
+                f"w{i}", "--swd", str(self.swd), "--slots", str(slots),
+                state=tmp / f"state{i}", start=False,
+            )
             for i in range(taskers)
-        ]
+        ]  # fmt: skip
         self.acked: list[int] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -146,11 +156,14 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+def cluster_factory(
+    tmp_path: Path, crq_server: Callable[..., CrqServer], crq_tasker: Callable[..., Tasker]
+) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(*extra: str, **kw: Any) -> Cluster:
-        c = Cluster(tmp_path, *extra, **kw)
+        srv = crq_server(*SETTINGS, *extra, queue="crash", start=False)
+        c = Cluster(tmp_path, srv, crq_tasker, **kw)
         made.append(c)
         return c
 

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +46,21 @@ SLOW = ("--tasker-timeout", "60", "--heartbeat", "0.5", "--recovery-grace", "3")
 class Rig:
     """A server on a fresh swd, taskers started on demand, a work dir and a runs file."""
 
-    def __init__(self, tmp: Path, *settings: str) -> None:
+    def __init__(self, tmp: Path, srv: CrqServer, new_tasker: Callable[..., Tasker]) -> None:
         self.tmp = tmp
-        self.swd = tmp / "q.swd"
+        self.srv = srv  # started (the crq_server fixture)
+        self.swd = srv.swd
         self.work = tmp / "work"
         self.work.mkdir()
         self.runs = tmp / "runs.txt"
         self.runs.touch()
         self.home = tmp / "crqhome"
         self.home.mkdir()
-        self.srv = CrqServer(self.swd, "mon", *settings)
-        self.srv.start()
+        self.new_tasker = new_tasker  # the crq_tasker fixture
         self.taskers: list[Tasker] = []
 
     def tasker(self, name: str, *args: str, state: Path | None = None) -> Tasker:
-        t = Tasker(state or self.tmp / f"{name}.state", "--swd", str(self.swd), *args, name=name)
-        t.start()
+        t = self.new_tasker(name, "--swd", str(self.swd), *args, state=state)
         self.taskers.append(t)
         return t
 
@@ -114,11 +113,13 @@ class Rig:
 
 
 @pytest.fixture
-def rig_factory(tmp_path: Path) -> Iterator[Any]:
+def rig_factory(
+    tmp_path: Path, crq_server: Callable[..., CrqServer], crq_tasker: Callable[..., Tasker]
+) -> Iterator[Any]:
     made: list[Rig] = []
 
     def make(*settings: str) -> Rig:
-        r = Rig(tmp_path, *settings)
+        r = Rig(tmp_path, crq_server(*settings, queue="mon"), crq_tasker)
         made.append(r)
         return r
 
