@@ -28,6 +28,11 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # a benchmark runs as bench/<name>.py: the rig is at tests/
+    sys.path.insert(0, str(REPO))
+
+from tests.rigs import server_argv, tasker_argv  # noqa: E402 - after the path above
+
 PY = sys.executable
 API = "/api/v1"
 
@@ -302,22 +307,7 @@ class Server:
 
     def start(self) -> Server:
         """Spawn the server (does not wait: see ``wait_healthz``)."""
-        cmd = [
-            PY,
-            "-m",
-            "crq.server",
-            "--queue",
-            self.queue,
-            "--swd",
-            str(self.swd),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--fsync",
-            "always",
-            *self.extra,
-        ]
+        cmd = server_argv(self.queue, self.swd, self.port, *self.extra, fsync="always")
         self.started_at = time.time()
         self.proc = _spawn(cmd, self.out_path)
         return self
@@ -438,19 +428,9 @@ class Tasker:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Tasker:
-        cmd = [
-            PY,
-            "-m",
-            "crq.tasker",
-            "--swd",
-            str(self.swd),
-            "--name",
-            self.name,
-            "--slots",
-            str(self.slots),
-            "--state-dir",
-            str(self.state_dir),
-        ]
+        cmd = tasker_argv(
+            self.name, self.state_dir, "--swd", str(self.swd), "--slots", str(self.slots)
+        )
         self.proc = _spawn(cmd, self.state_dir.parent / f"tasker-{self.name}.log")
         return self
 

@@ -4,7 +4,7 @@ The hot routes (submit, tasker register and sync) are plain Starlette routes tha
 does not see; their request bodies are described from the very pydantic models that
 validate them, so the document cannot drift from what is enforced. Every error answer is
 ``{"error", "message", …}`` (never FastAPI's ``{"detail"}``), and each route lists the
-statuses it can really answer; ``tests/test_openapi.py`` runs schemathesis against it.
+statuses it can really answer; ``tests/server/test_openapi.py`` runs schemathesis against it.
 """
 
 from __future__ import annotations

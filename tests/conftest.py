@@ -1,4 +1,5 @@
-"""The suite's safety net: no test module may leave a process behind.
+"""The suite's fixtures (``core``, ``api``, ``crq_server``, ``crq_tasker``) and its safety net:
+no test module may leave a process behind.
 
 Every fixture kills what it started, also when its test fails. This checks that they did:
 after each test module (and once more at the end of the session) it looks in /proc for
@@ -19,10 +20,13 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.core import Core, InProcess
+from tests.rigs import CrqServer, Tasker, kill_jobs
 
 MARK = "CRQ_TEST_RUN"
 RUN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -124,3 +128,60 @@ def no_process_left(request: pytest.FixtureRequest, _tmp_root: Path) -> Iterator
 def no_process_left_at_all(_tmp_root: Path) -> Iterator[None]:
     yield
     reap_leftovers(_tmp_root, "the test session")
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def core() -> Core:
+    """The core in process (commands + ``State.apply``), no HTTP, no journal."""
+    return Core()
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> InProcess:
+    """The real app over a real journal in tmp, in process: ``api.run(body, *settings)``."""
+    return InProcess(tmp_path)
+
+
+@pytest.fixture
+def crq_server(tmp_path: Path) -> Iterator[Callable[..., CrqServer]]:
+    """Real ``python -m crq.server`` processes: ``crq_server(*settings, queue=, swd=,
+    start=)`` gives one (started unless ``start=False``); each is killed at teardown."""
+    made: list[CrqServer] = []
+
+    def make(
+        *settings: str, queue: str = "t1", swd: Path | None = None, start: bool = True
+    ) -> CrqServer:
+        where = swd or tmp_path / ("q.swd" if not made else f"q{len(made)}.swd")
+        srv = CrqServer(where, queue, *settings)
+        made.append(srv)
+        if start:
+            srv.start()
+        return srv
+
+    yield make
+    for srv in made:
+        srv.kill9()
+
+
+@pytest.fixture
+def crq_tasker(tmp_path: Path) -> Iterator[Callable[..., Tasker]]:
+    """Real ``vovtasker`` processes: ``crq_tasker(name, *args, state=, start=)``; at teardown
+    each is resumed (a stopped process dies only once resumed) and killed, and its jobs too."""
+    made: list[Tasker] = []
+
+    def make(name: str, *args: str, state: Path | None = None, start: bool = True) -> Tasker:
+        t = Tasker(state or tmp_path / f"{name}.state", *args, name=name)
+        made.append(t)
+        if start:
+            t.start()
+        return t
+
+    yield make
+    for t in made:
+        if t.proc is not None and t.proc.poll() is None:
+            t.proc.send_signal(signal.SIGCONT)
+        t.kill9()
+        kill_jobs(t.state)

@@ -20,23 +20,33 @@ from typing import Any
 import httpx
 import pytest
 
-from tests._tasker_util import PATIENCE, CrqServer, Tasker, kill_jobs, wait_until
+from tests.rigs import PATIENCE, CrqServer, Tasker, kill_jobs, wait_until
 
 SETTINGS = ("--heartbeat", "1", "--recovery-grace", "20", "--tasker-timeout", "30")
 
 
 class Cluster:
-    def __init__(self, tmp: Path, *extra: str, taskers: int = 2, slots: int = 4) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        srv: CrqServer,
+        new_tasker: Callable[..., Tasker],
+        taskers: int = 2,
+        slots: int = 4,
+    ) -> None:
         self.tmp = tmp
-        self.swd = tmp / "q.swd"
+        self.swd = srv.swd
         self.runs = tmp / "runs.txt"
         self.work = tmp / "work"
         self.work.mkdir()
-        self.srv = CrqServer(self.swd, "crash", *SETTINGS, *extra)
+        self.srv = srv  # not started yet (the crq_server fixture)
         self.taskers = [
-            Tasker(tmp / f"state{i}", "--swd", str(self.swd), "--slots", str(slots), name=f"w{i}")
+            new_tasker(
+                f"w{i}", "--swd", str(self.swd), "--slots", str(slots),
+                state=tmp / f"state{i}", start=False,
+            )
             for i in range(taskers)
-        ]
+        ]  # fmt: skip
         self.acked: list[int] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -142,19 +152,18 @@ class Cluster:
         self.srv.stop()
         self.srv.kill9()
         for d in self.tmp.glob("state*"):
-            _kill_recorded_jobs(d)
-
-
-def _kill_recorded_jobs(state: Path) -> None:
-    kill_jobs(state)
+            kill_jobs(d)
 
 
 @pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+def cluster_factory(
+    tmp_path: Path, crq_server: Callable[..., CrqServer], crq_tasker: Callable[..., Tasker]
+) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(*extra: str, **kw: Any) -> Cluster:
-        c = Cluster(tmp_path, *extra, **kw)
+        srv = crq_server(*SETTINGS, *extra, queue="crash", start=False)
+        c = Cluster(tmp_path, srv, crq_tasker, **kw)
         made.append(c)
         return c
 
@@ -243,7 +252,7 @@ def test_kill_during_clean_stop(cluster_factory: Callable[..., Cluster], delay: 
 def test_kill_during_recovery_takes_the_lock_over(cluster_factory: Callable[..., Cluster]) -> None:
     """A crash during a recovery (an OOM): the next start, same host and boot, goes on alone.
 
-    (A lock of another host or boot still stops the start: tests/test_storage_damage.py.)
+    (A lock of another host or boot still stops the start: tests/server/test_storage_damage.py.)
     """
     c = cluster_factory()
     c.acked += c.srv.submit(*[c.spec(2) for _ in range(6)])
@@ -317,7 +326,7 @@ def test_missing_tasker_jobs_are_requeued_after_grace(
     wait_until(lambda: c.server()["counts"]["running"] == 8)
     gone = c.taskers[1]
     gone.kill9()
-    _kill_recorded_jobs(gone.state)
+    kill_jobs(gone.state)
     c.srv.kill9()
     c.restart()
     rep = _check_report(c, all_back=False)

@@ -3,7 +3,7 @@ connections, the number of connections under a low open-file limit, and big batc
 that must not hold the event loop.
 
 Real servers (``python -m crq.server``) for the socket-level behaviour; the in-process app
-(httpx's ASGI transport, as tests/test_paging.py) for the ordering of a big batch
+(httpx's ASGI transport, as tests/server/test_paging.py) for the ordering of a big batch
 against other requests.
 """
 
@@ -33,7 +33,7 @@ from crq.server.service import Service
 from crq.server.settings import SettingsError, load
 from crq.server.state import State
 
-from tests._tasker_util import CrqServer
+from tests.rigs import CrqServer
 
 MIB = 1 << 20
 

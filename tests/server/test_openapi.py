@@ -10,7 +10,7 @@ which the process wiring (server/main.py) would turn into a clean stop; here it 
 the call, so the run goes on and the test sees the route was exercised.
 
 Bounded: a fixed seed and a few examples per operation (about half a minute). To explore
-more: ``CRQ_FUZZ_SEED=7 CRQ_FUZZ_EXAMPLES=100 python -m pytest tests/test_openapi.py``.
+more: ``CRQ_FUZZ_SEED=7 CRQ_FUZZ_EXAMPLES=100 python -m pytest tests/server/test_openapi.py``.
 """
 
 from __future__ import annotations
@@ -25,17 +25,14 @@ import httpx
 import pytest
 import schemathesis
 from crq.server.app import create_app
-from crq.server.engine import Engine
-from crq.server.journal import Journal
 from crq.server.service import Service
-from crq.server.settings import load
-from crq.server.state import State
 from schemathesis import engine
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events
 from starlette.routing import Route
 
-TOKEN = "admin-token"
+from tests.core import TOKEN, service
+
 SEED = int(os.environ.get("CRQ_FUZZ_SEED", "20250"))
 EXAMPLES = int(os.environ.get("CRQ_FUZZ_EXAMPLES", "10"))
 #: schemathesis' default statuses for "invalid data was refused", and 413: a body over the
@@ -46,18 +43,8 @@ REFUSALS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422"
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Service]:
     # heartbeat 0.05 s: a tasker's long poll (sync) lasts at most 3 heartbeats
-    settings = load(["--swd", str(tmp_path / "q.swd"), "--fsync", "never", "--heartbeat", "0.05"])
-    settings.paths.trace.mkdir(parents=True)
-    journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
-    srv = Service(
-        settings, Engine(State(), journal), TOKEN.encode(), b"tasker-token", "test", "http://t"
-    )
-    srv.stops = []  # type: ignore[attr-defined]
-    srv.request_stop = srv.stops.append  # type: ignore[attr-defined]
-    try:
+    with service(tmp_path / "q.swd", "--heartbeat", "0.05") as srv:
         yield srv
-    finally:
-        journal.close()
 
 
 def document(srv: Service) -> dict[str, Any]:

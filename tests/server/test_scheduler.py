@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from crq.server import sanity
 
-from tests.core_helpers import Core
+from tests.core import Core
 
 
 def running(core: Core) -> dict[int, str | None]:

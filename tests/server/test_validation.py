@@ -6,53 +6,21 @@ The real app, engine and journal in process (httpx's ASGI transport), as in test
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from crq.server.app import create_app
-from crq.server.engine import Engine
-from crq.server.journal import Journal
 from crq.server.service import Service
-from crq.server.settings import load
-from crq.server.state import State
 
-TOKEN = "admin-token"
-TASKER_TOKEN = "tasker-token"
+from tests.core import TASKER_TOKEN, TOKEN, run_app
+
 OK = {"command": ["true"], "cwd": "/tmp"}
 
 
-@asynccontextmanager
-async def serving(tmp: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
-    settings = load(["--swd", str(tmp / "q.swd"), "--fsync", "never", "--heartbeat", "0.05"])
-    settings.paths.trace.mkdir(parents=True)
-    journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
-    engine = Engine(State(), journal)
-    srv = Service(settings, engine, TOKEN.encode(), TASKER_TOKEN.encode(), "test", "http://test")
-    srv.stops = []  # type: ignore[attr-defined]
-    srv.request_stop = srv.stops.append  # type: ignore[attr-defined]
-    transport = httpx.ASGITransport(app=create_app(srv))
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://t", headers=headers
-        ) as client:
-            yield client, srv
-    finally:
-        engine.wake_all()
-        journal.close()
-
-
 def run(tmp: Path, body: Callable[[httpx.AsyncClient, Service], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        async with serving(tmp) as (client, srv):
-            return await body(client, srv)
-
-    return asyncio.run(go())
+    return run_app(tmp / "q.swd", body, "--heartbeat", "0.05")
 
 
 # -- specs a tasker cannot run -------------------------------------------------------------

@@ -20,7 +20,7 @@ from crq.server.models import BadRequest, ResultReport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.core_helpers import Core, fingerprint, write_journal
+from tests.core import Core, fingerprint, write_journal
 
 TASKERS = ["t1", "t2", "t3"]
 RESOURCES = ["", "CORES/2", "RAM/100", "License:vcs", "linux", "CORES/1 License:vcs/2"]

@@ -19,7 +19,7 @@ import pytest
 from crq.tasker.runner import MAX_REASON, Runner
 from crq.tasker.statedir import StateDir
 
-from tests._tasker_util import (
+from tests.rigs import (
     PATIENCE,
     CrqServer,
     Tasker,
@@ -153,7 +153,7 @@ def tasker(tmp_path: Path, srv: CrqServer) -> Iterator[Tasker]:
     t.start()
     yield t
     t.kill9()
-    _kill_recorded_jobs(t.state)
+    kill_jobs(t.state)
 
 
 def spec(cwd: Path | str, command: object, **kw: object) -> dict[str, object]:
@@ -202,7 +202,7 @@ def test_e2e_jobs_killed_with_their_tasker_follow_the_rerun_policy(
         pids = [wait_until(lambda j=j: _running(srv, j))["pid"] for j in (again, once)]
         killed_at = time.time()
         t.kill9()
-        _kill_recorded_jobs(t.state)
+        kill_jobs(t.state)
         wait_until(lambda: not any(alive(p) for p in pids))
         t.start()
         ja, jo = srv.wait(again), srv.wait(once)
@@ -220,14 +220,10 @@ def test_e2e_jobs_killed_with_their_tasker_follow_the_rerun_policy(
         assert check["ok"] and not check["findings"], check
     finally:
         t.kill9()
-        _kill_recorded_jobs(t.state)
+        kill_jobs(t.state)
         srv.kill9()
 
 
 def _running(srv: CrqServer, job: int) -> dict[str, Any] | None:
     j = srv.request("GET", f"/jobs/{job}")
     return j if j["state"] == "running" and j["pid"] else None
-
-
-def _kill_recorded_jobs(state: Path) -> None:
-    kill_jobs(state)

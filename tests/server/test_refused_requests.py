@@ -26,8 +26,8 @@ from crq.server.models import BadRequest, Register, Sync, parse_submit, validate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests._tasker_util import PATIENCE, CrqServer, env_with_root, server_available
-from tests.core_helpers import Core, fingerprint, write_journal
+from tests.core import Core, fingerprint, write_journal
+from tests.rigs import PATIENCE, CrqServer, env_with_root, server_available
 
 TASKERS = ["t1", "t2"]
 GOOD_OFFERS = ["", "RAM/200 linux", "CORES/8 License:vcs/1"]

@@ -17,23 +17,23 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests._tasker_util import (
+from tests.rigs import (
     PATIENCE,
     ROOT,
     CrqServer,
     Tasker,
     alive,
     env_with_root,
+    kill_jobs,
     server_available,
     wait_until,
 )
-from tests.test_crash import _kill_recorded_jobs
 
 pytestmark = pytest.mark.skipif(not server_available(), reason="server not written yet")
 
@@ -46,22 +46,21 @@ SLOW = ("--tasker-timeout", "60", "--heartbeat", "0.5", "--recovery-grace", "3")
 class Rig:
     """A server on a fresh swd, taskers started on demand, a work dir and a runs file."""
 
-    def __init__(self, tmp: Path, *settings: str) -> None:
+    def __init__(self, tmp: Path, srv: CrqServer, new_tasker: Callable[..., Tasker]) -> None:
         self.tmp = tmp
-        self.swd = tmp / "q.swd"
+        self.srv = srv  # started (the crq_server fixture)
+        self.swd = srv.swd
         self.work = tmp / "work"
         self.work.mkdir()
         self.runs = tmp / "runs.txt"
         self.runs.touch()
         self.home = tmp / "crqhome"
         self.home.mkdir()
-        self.srv = CrqServer(self.swd, "mon", *settings)
-        self.srv.start()
+        self.new_tasker = new_tasker  # the crq_tasker fixture
         self.taskers: list[Tasker] = []
 
     def tasker(self, name: str, *args: str, state: Path | None = None) -> Tasker:
-        t = Tasker(state or self.tmp / f"{name}.state", "--swd", str(self.swd), *args, name=name)
-        t.start()
+        t = self.new_tasker(name, "--swd", str(self.swd), *args, state=state)
         self.taskers.append(t)
         return t
 
@@ -110,15 +109,17 @@ class Rig:
             t.kill9()
         self.srv.kill9()
         for d in self.tmp.glob("*.state"):
-            _kill_recorded_jobs(d)
+            kill_jobs(d)
 
 
 @pytest.fixture
-def rig_factory(tmp_path: Path) -> Iterator[Any]:
+def rig_factory(
+    tmp_path: Path, crq_server: Callable[..., CrqServer], crq_tasker: Callable[..., Tasker]
+) -> Iterator[Any]:
     made: list[Rig] = []
 
     def make(*settings: str) -> Rig:
-        r = Rig(tmp_path, *settings)
+        r = Rig(tmp_path, crq_server(*settings, queue="mon"), crq_tasker)
         made.append(r)
         return r
 
@@ -151,7 +152,7 @@ def test_dead_tasker_jobs_requeued_after_timeout(rig_factory: Any) -> None:
     wait_until(lambda: rig.tasker_state("alive1") == "ready")
     killed_at = time.time()
     dead.kill9()
-    _kill_recorded_jobs(dead.state)
+    kill_jobs(dead.state)
     time.sleep(TIMEOUT / 4)
     assert all(rig.job(i)["state"] == "running" for i in ids), "recovered before the timeout"
     assert rig.tasker_state("dead1") != "lost"
@@ -399,7 +400,7 @@ def test_cleanup_standalone_then_restart(rig_factory: Any) -> None:
     for i in (a, b):
         wait_until(lambda i=i: rig.running_on(i, "gone"))
     gone.kill9()
-    _kill_recorded_jobs(gone.state)  # the host is gone
+    kill_jobs(gone.state)  # the host is gone
     rig.srv.kill9()
     p = rig.ncmgr("--standalone", "--list")
     assert p.returncode == 0, p.stderr

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from crq.procfs import boot_id
-from tests._tasker_util import Tasker, dispatch, env_with_root, kill_jobs, wait_until
+from tests.rigs import Tasker, dispatch, env_with_root, kill_jobs, wait_until
 
 
 class Stage:

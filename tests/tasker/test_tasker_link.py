@@ -8,7 +8,7 @@ import sys
 import pytest
 from crq.tasker import link
 
-from tests._tasker_util import env_with_root
+from tests.rigs import env_with_root
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from crq.tasker.procs import classify, current_umask, find_orphan_wrappers
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import StateDir, StateDirBusy, read_status
 
-from tests._tasker_util import PATIENCE, alive, dispatch, kill_jobs, run_and_vanish, wait_until
+from tests.rigs import PATIENCE, alive, dispatch, kill_jobs, run_and_vanish, wait_until
 
 
 @pytest.fixture

@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from tests._tasker_util import (
+from tests.rigs import (
     PATIENCE,
     ROOT,
+    Tasker,
     alive,
     free_port,
     kill_jobs,
@@ -52,7 +53,7 @@ class Queue:
     port: int
     root: Path
     env: dict[str, str]
-    tasker: subprocess.Popen[bytes] | None = None
+    tasker: Tasker | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     swds: list[Path] = field(default_factory=list)  # of other queues the tests start
 
@@ -115,22 +116,19 @@ class Queue:
         return int(out.stdout.split()[0])
 
     def start_tasker(self) -> None:
-        cmd = [sys.executable, "-m", "crq.tasker", "--swd", str(self.swd), "--slots", "2",
-               "--name", "it-tk", "--state-dir", str(self.root / "tasker-state")]  # fmt: skip
-        with open(self.root / "tasker.err", "ab") as err:
-            self.tasker = subprocess.Popen(
-                cmd, env=self.env, cwd=self.root, stdout=subprocess.DEVNULL, stderr=err
-            )
+        self.tasker = Tasker(
+            self.root / "tasker-state", "--swd", str(self.swd), "--slots", "2", name="it-tk"
+        )
+        self.tasker.start(env=self.env)
 
     def stop_tasker(self) -> None:
-        if self.tasker and self.tasker.poll() is None:
-            self.tasker.send_signal(signal.SIGCONT)
-            self.tasker.terminate()
+        proc = self.tasker.proc if self.tasker else None
+        if self.tasker and proc and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
             try:
-                self.tasker.wait(PATIENCE)
+                self.tasker.term()
             except subprocess.TimeoutExpired:
-                self.tasker.kill()
-                self.tasker.wait()
+                self.tasker.kill9()
         kill_jobs(self.root / "tasker-state")
 
     def close(self) -> None:
@@ -400,7 +398,7 @@ def test_crash_recovery_seen_by_clients(q: Queue) -> None:
     assert q.tasker is not None
     sleeper = q.submit("--", "sleep", "60")
     wait_until(lambda: q.job(sleeper)["state"] == "running")
-    q.tasker.send_signal(signal.SIGSTOP)  # the tasker cannot come back until we say so
+    q.tasker.proc.send_signal(signal.SIGSTOP)  # the tasker cannot come back until we say so
     try:
         os.kill(q.server_pid(), signal.SIGKILL)
         wait_until(lambda: q.crq("list").returncode == 1)
@@ -418,7 +416,7 @@ def test_crash_recovery_seen_by_clients(q: Queue) -> None:
         assert b"is in crash recovery" in first_line and b"waiting to submit" in first_line
         assert patient.poll() is None
     finally:
-        q.tasker.send_signal(signal.SIGCONT)
+        q.tasker.proc.send_signal(signal.SIGCONT)
     stdout, stderr = starter.communicate(timeout=CMD_TIMEOUT)
     assert starter.returncode == 0, stderr
     assert b"recovering: 0/1 taskers back" in stdout

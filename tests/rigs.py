@@ -1,4 +1,4 @@
-"""Helpers shared by the end-to-end tests (real processes, nothing mocked)."""
+"""The one test rig: real server and tasker processes (nothing mocked), waits that follow them."""
 
 from __future__ import annotations
 
@@ -138,6 +138,17 @@ def server_available() -> bool:
     return (ROOT / "server" / "app.py").exists() and (ROOT / "server" / "__main__.py").exists()
 
 
+def server_argv(queue: str, swd: Path, port: int, *extra: str, fsync: str = "never") -> list[str]:
+    """The command line of a foreground server on loopback (the rig's and the benchmarks')."""
+    return [sys.executable, "-m", "crq.server", "--queue", queue, "--swd", str(swd),
+            "--host", "127.0.0.1", "--port", str(port), "--fsync", fsync, *extra]  # fmt: skip
+
+
+def tasker_argv(name: str, state: Path, *args: str) -> list[str]:
+    """The command line of a ``vovtasker`` with its own state dir."""
+    return [sys.executable, "-m", "crq.tasker", "--name", name, "--state-dir", str(state), *args]
+
+
 class CrqServer:
     """A real ``python -m crq.server`` in the foreground, killable with -9 and restartable."""
 
@@ -152,8 +163,7 @@ class CrqServer:
     def start(self, port: int | None = None, timeout: float = PATIENCE) -> None:
         self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crq.server", "--queue", self.queue, "--swd", str(self.swd),
-             "--host", "127.0.0.1", "--port", str(self.port), "--fsync", "never", *self.extra],
+            server_argv(self.queue, self.swd, self.port, *self.extra),
             cwd=ROOT, env=env_with_root(), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=self.preexec,
         )  # fmt: skip
@@ -235,7 +245,7 @@ class Tasker:
 
     def __init__(self, state: Path, *args: str, name: str = "tk1") -> None:
         self.state = state
-        self.args = ["--name", name, "--state-dir", str(state), *args]
+        self.argv = tasker_argv(name, state, *args)
         self.logfile = state.parent / f"{name}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -243,7 +253,7 @@ class Tasker:
         out = open(self.logfile, "ab")  # noqa: SIM115 - kept by the child
         with out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "crq.tasker", *self.args],
+                self.argv,
                 cwd=ROOT, env=env or env_with_root(), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out,
             )  # fmt: skip

@@ -13,7 +13,7 @@ from crq.server import sanity
 from crq.server.events import Event
 from crq.server.state import State
 
-from tests.core_helpers import Core, fingerprint
+from tests.core import Core, fingerprint
 
 LIVE = {"t1", "t2"}
 

@@ -32,17 +32,17 @@ from crq.server.settings import load
 from crq.server.state import State
 
 from crq.wire import SESSION_HEADER
-from tests._tasker_util import (
+from tests.core import Core, fingerprint
+from tests.rigs import (
     PATIENCE,
     CrqServer,
     Tasker,
     alive,
     env_with_root,
+    kill_jobs,
     server_available,
     wait_until,
 )
-from tests.core_helpers import Core, fingerprint
-from tests.test_crash import _kill_recorded_jobs
 
 A, B = "session-a", "session-b"  # the hashes the commands see
 
@@ -256,7 +256,7 @@ def procs(tmp_path: Path) -> Iterator[dict[str, Any]]:
         if t.proc is not None and t.proc.poll() is None:
             t.proc.send_signal(signal.SIGCONT)
         t.kill9()
-        _kill_recorded_jobs(t.state)
+        kill_jobs(t.state)
     if made["server"] is not None:
         made["server"].kill9()
 

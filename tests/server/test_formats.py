@@ -15,7 +15,7 @@ from crq.server import commands, events, replay, snapshot
 from crq.server.journal import frame
 from crq.server.state import Job, State
 
-from tests.core_helpers import Core, fingerprint, write_journal
+from tests.core import Core, fingerprint, write_journal
 
 AWKWARD = {
     "command": "printf 'a\\nb\\r\\n' && echo \"q\" \u2028 \u00e9",

@@ -15,7 +15,7 @@ import pytest
 from crq.client import cli, clitools, ncmgr, place, registry, starter, vovproject
 
 from crq import procfs, wire
-from tests._tasker_util import ROOT, free_port, wait_until
+from tests.rigs import ROOT, free_port, wait_until
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests._tasker_util import PATIENCE, CrqServer, server_available, wait_until
+from tests.rigs import PATIENCE, CrqServer, server_available, wait_until
 
 SIZE = "8m"
 

@@ -1,16 +1,29 @@
-"""Drive the core (commands + State.apply) without HTTP, as the engine does, for unit tests."""
+"""Drive the core (commands + State.apply) without HTTP, as the engine does: the `core` fixture."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 from crq.server import commands, snapshot
+from crq.server.app import create_app
+from crq.server.engine import Engine
 from crq.server.events import Event, decode, encode
-from crq.server.journal import frame
+from crq.server.journal import Journal, frame
 from crq.server.models import Batch, JobSpec, Register, ResultReport, RunningReport
 from crq.server.scheduler import dispatch_pass
+from crq.server.service import Service
+from crq.server.settings import load
 from crq.server.state import State
+
+T = TypeVar("T")
+TOKEN, TASKER_TOKEN = "admin-token", "tasker-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+TASKER = {"Authorization": f"Bearer {TASKER_TOKEN}"}
 
 
 class Core:
@@ -104,3 +117,61 @@ def write_journal(trace: Path, events: list[Event], first_seq: int = 1, segment:
         for i, ev in enumerate(events):
             f.write(frame(first_seq + i, encode(ev)))
     return path
+
+
+# -- the app in process (the `api` fixture) -------------------------------------------------
+
+
+@contextmanager
+def service(swd: Path, *args: str) -> Iterator[Service]:
+    """A serving process's Service over a real journal in ``swd``, without the process: a
+    clean stop asked by a handler is recorded in ``srv.stops`` instead of ending anything."""
+    settings = load(["--swd", str(swd), "--fsync", "never", *args])
+    settings.paths.trace.mkdir(parents=True)
+    journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
+    engine = Engine(State(), journal)
+    srv = Service(settings, engine, TOKEN.encode(), TASKER_TOKEN.encode(), "test", "http://test")
+    srv.stops = []  # type: ignore[attr-defined]
+    srv.request_stop = srv.stops.append  # type: ignore[method-assign,attr-defined]
+    try:
+        yield srv
+    finally:
+        engine.wake_all()
+        journal.close()
+
+
+@asynccontextmanager
+async def serving(swd: Path, *args: str) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
+    """The real ``create_app`` over ``service(swd, *args)`` through httpx's ASGI transport;
+    the client sends the admin token unless a request says otherwise."""
+    with service(swd, *args) as srv:
+        transport = httpx.ASGITransport(app=create_app(srv))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", headers=ADMIN
+        ) as client:
+            yield client, srv
+
+
+Body = Callable[[httpx.AsyncClient, Service], Awaitable[T]]
+
+
+def run_app(swd: Path, body: Body[T], *args: str) -> T:
+    """One scenario against a fresh app: ``body(client, srv)`` in its own event loop."""
+
+    async def go() -> T:
+        async with serving(swd, *args) as (client, srv):
+            return await body(client, srv)
+
+    return asyncio.run(go())
+
+
+class InProcess:
+    """The `api` fixture: each ``run`` a fresh app on a fresh swd under the test's tmp."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.runs = 0
+
+    def run(self, body: Body[T], *args: str) -> T:
+        self.runs += 1
+        return run_app(self.tmp / f"api{self.runs}.swd", body, *args)

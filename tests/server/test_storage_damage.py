@@ -25,7 +25,8 @@ from crq.server import checkpoint, snapshot
 from crq.server.journal import frame
 
 from crq.procfs import boot_id
-from tests._tasker_util import (
+from tests.core import Core, write_journal
+from tests.rigs import (
     PATIENCE,
     ROOT,
     CrqServer,
@@ -33,7 +34,6 @@ from tests._tasker_util import (
     server_available,
     wait_until,
 )
-from tests.core_helpers import Core, write_journal
 
 pytestmark = pytest.mark.skipif(not server_available(), reason="needs the server package")
 

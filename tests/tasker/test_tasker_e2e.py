@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._tasker_util import (
+from tests.rigs import (
     PATIENCE,
     CrqServer,
     Tasker,

@@ -11,29 +11,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from crq.server.app import create_app
-from crq.server.engine import Engine
 from crq.server.http import jobs as app_module
-from crq.server.journal import Journal
-from crq.server.service import Service
-from crq.server.settings import load
-from crq.server.state import State
 
-TOKEN = "admin-token"
+from tests.core import serving
 
 
 async def scenario(tmp: Path) -> dict[str, Any]:
-    settings = load(["--swd", str(tmp / "q.swd"), "--fsync", "never"])
-    settings.paths.trace.mkdir(parents=True)
-    journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
-    engine = Engine(State(), journal)
-    srv = Service(settings, engine, TOKEN.encode(), b"tasker-token", "test", "http://test")
-    transport = httpx.ASGITransport(app=create_app(srv))
-    headers = {"Authorization": f"Bearer {TOKEN}"}
     out: dict[str, Any] = {}
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as c:
+    async with serving(tmp / "q.swd") as (c, _srv):
         jobs = [{"command": ["true"], "cwd": "/tmp"} for _ in range(300)]
         r = await c.post("/api/v1/jobs", json={"jobs": jobs})
         assert r.status_code == 201, r.text
@@ -53,8 +39,6 @@ async def scenario(tmp: Path) -> dict[str, Any]:
 
         out["stopped"] = await pages(state="stopped", limit=1000)
         out["queued"] = await pages(state="queued", limit=120)
-    engine.wake_all()
-    journal.close()
     return out
 
 

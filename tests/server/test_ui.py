@@ -16,7 +16,7 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
-from tests._tasker_util import PATIENCE, CrqServer  # noqa: E402
+from tests.rigs import PATIENCE, CrqServer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

@@ -27,7 +27,7 @@ from crq.tasker.procs import find_orphan_wrappers
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir, read_status
 
-from tests._tasker_util import (
+from tests.rigs import (
     PATIENCE,
     CrqServer,
     Tasker,
