@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._tasker_util import PATIENCE, CrqServer, Tasker, kill_jobs, server_available, wait_until
+from tests.rigs import PATIENCE, CrqServer, Tasker, kill_jobs, server_available, wait_until
 
 pytestmark = pytest.mark.skipif(not server_available(), reason="server not built")
 
