@@ -100,9 +100,12 @@ def _tasker(tmp_path: Path, url: str) -> Tasker:
     return t
 
 
-def _finished_reports(stage: Stage, key: tuple[int, int]) -> list[float]:
+def _finished_reports(stage: Stage, key: tuple[int, int]) -> list[dict[str, Any]]:
+    """Every report of key's end: in a sync, or in a register (a tasker back from an outage
+    sends there what ended meanwhile, as it does when its job ends before it reconnects)."""
     with stage.lock:
-        return [t for t, b in stage.syncs for r in b["finished"] if (r["job"], r["attempt"]) == key]
+        bodies = [*stage.registers, *(b for _, b in stage.syncs)]
+        return [r for b in bodies for r in b["finished"] if (r["job"], r["attempt"]) == key]
 
 
 def test_results_survive_errors_and_are_reported_once(
@@ -125,7 +128,7 @@ def test_results_survive_errors_and_are_reported_once(
         wait_until(lambda: not list(results.iterdir()))
         time.sleep(1.2)  # a few more polls: the acked result never comes back
         assert len(_finished_reports(st, (5, 1))) == 1
-        (rep,) = [r for _, b in st.syncs for r in b["finished"]]
+        (rep,) = _finished_reports(st, (5, 1))
         assert (rep["exit_code"], rep["signal"]) == (2, None)
         assert len(st.registers) >= 2, "a 500 makes the tasker register again"
     finally:
