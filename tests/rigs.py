@@ -274,7 +274,9 @@ class Tasker:
 
 def e2e_server(tmp_path: Path) -> Iterator[CrqServer]:
     """The tasker end-to-end tests' server (a fixture in those files): short beats."""
-    s = CrqServer(tmp_path / "q.swd", "t1", "--recovery-grace", "10", "--heartbeat", "2")
+    # the recovery grace is generous: it ends as soon as the taskers are back, and a tasker
+    # in backoff on a busy machine must not miss it (its jobs would run a second time)
+    s = CrqServer(tmp_path / "q.swd", "t1", "--recovery-grace", "60", "--heartbeat", "2")
     s.start()
     yield s
     s.kill9()
