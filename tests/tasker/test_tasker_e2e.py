@@ -30,13 +30,6 @@ srv = pytest.fixture(e2e_server)
 
 
 @pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "work"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
 def tasker(tmp_path: Path, srv: CrqServer) -> Iterator[Tasker]:
     t = Tasker(tmp_path / "tk1.state", "--swd", str(srv.swd), "--slots", "4")
     t.start()

@@ -32,20 +32,6 @@ from tests.rigs import (
 )
 
 
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDir]:
-    s = StateDir(tmp_path / "state")
-    yield s
-    kill_jobs(s.root)  # a failed test leaves its jobs running
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "work"
-    d.mkdir()
-    return d
-
-
 def finished(runner: Runner, key: tuple[int, int], timeout: float = PATIENCE) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         _, done = runner.outbox.reports(everything=True)

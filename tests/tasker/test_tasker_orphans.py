@@ -64,20 +64,6 @@ def spawn_unrecorded(state: StateDir, cwd: Path, jobs: list[dict[str, Any]]) -> 
     assert state.load_records() == {}, "the crash window: spawned, not recorded"
 
 
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDir]:
-    s = StateDir(tmp_path / "state")
-    yield s
-    _kill_wrappers(s.status)
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "work"
-    d.mkdir()
-    return d
-
-
 def _kill_wrappers(status_dir: Path) -> None:
     """Leave no job behind, recorded or not."""
     for pid in find_orphan_wrappers(status_dir).values():

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,21 +13,7 @@ from crq.tasker.procs import classify, current_umask, find_orphan_wrappers
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import StateDir, StateDirBusy, read_status
 
-from tests.rigs import PATIENCE, alive, dispatch, kill_jobs, run_and_vanish, wait_until
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDir]:
-    s = StateDir(tmp_path / "state")
-    yield s
-    kill_jobs(s.root)  # a failed test leaves its jobs running
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "work"
-    d.mkdir()
-    return d
+from tests.rigs import PATIENCE, alive, dispatch, run_and_vanish, wait_until
 
 
 def finished(runner: Runner, key: tuple[int, int], timeout: float = PATIENCE) -> dict:
