@@ -9,7 +9,6 @@ for different queues do not lose each other's entry).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 
 from crq.client.errors import CrqError
 
-from crq import wire
+from crq import durable, wire
 
 REGISTRY_FILE = "registry.json"
 
@@ -109,10 +108,8 @@ def _home() -> Path:
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    lock = _home() / (REGISTRY_FILE + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = durable.lock_pidfile(_home() / (REGISTRY_FILE + ".lock"), wait=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -121,20 +118,10 @@ def _locked() -> Iterator[None]:
 def _write(data: dict[str, Entry]) -> None:
     home = _home()
     final = home / REGISTRY_FILE
-    tmp = home / f".{REGISTRY_FILE}.{os.getpid()}.tmp"
     body = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, final)
+        durable.write_atomic(final, body, 0o600)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         message = f"cannot write the registry {final}: {e.strerror}"
         raise CrqError(message, code="registry") from None
 

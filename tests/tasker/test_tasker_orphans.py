@@ -11,7 +11,6 @@ real vovtasker (end to end), never by timing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ from tests.rigs import (
     dispatch,
     e2e_server,
     env_with_root,
+    kill_jobs,
     server_available,
     wait_until,
 )
@@ -62,13 +62,6 @@ def spawn_unrecorded(state: StateDir, cwd: Path, jobs: list[dict[str, Any]]) -> 
         timeout=PATIENCE,
     )
     assert state.load_records() == {}, "the crash window: spawned, not recorded"
-
-
-def _kill_wrappers(status_dir: Path) -> None:
-    """Leave no job behind, recorded or not."""
-    for pid in find_orphan_wrappers(status_dir).values():
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
 
 
 def finished(runner: Runner, key: Key, timeout: float = PATIENCE) -> dict[str, Any]:
@@ -225,7 +218,7 @@ def tasker(tmp_path: Path, srv: CrqServer) -> Iterator[Tasker]:
     t.start()
     yield t
     t.kill9()
-    _kill_wrappers(t.state / "status")
+    kill_jobs(t.state)
 
 
 def spec(cwd: Path, command: object, **kw: object) -> dict[str, object]:
