@@ -4,6 +4,10 @@ Two keep-alive connections: one carries the long poll (``wait`` = heartbeat) tha
 dispatches and kills, the other sends reports at once (``wait`` = 0) even while the long
 poll is out, because a finished job should free its slot now, not at the next heartbeat.
 All answers are handled on the main thread, so job state changes in one place.
+
+Every answer passes the epoch fence first (:meth:`Agent._admit`): one from a lower leader
+epoch than the highest seen is a deposed leader's, and nothing in it is acted on, acks
+included (what a deposed leader wrote does not survive the new leader's replay).
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from crq.tasker.link import (
+    BadAnswer,
+    Deposed,
     Failure,
     NameInUse,
     Refused,
     RetryLater,
     ServerSource,
     SourceError,
+    Standby,
     TokenRefused,
     UnknownTasker,
     Unreachable,
@@ -48,6 +55,7 @@ NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --d
 REPORT_TIMEOUT = 30.0
 POLL_SLACK = 15.0
 RESEND_DELAY = 1.0
+MAX_HOPS = 5  # standby pointers followed at once in a row; then at the standby's pace
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ class Agent:
         self._client: httpx.Client | None = None
         self._instance: Any = None
         self._failures = 0
+        self._hops = 0  # standby pointers followed since the last registration
+        self._epoch = state.stored_epoch()  # the highest leader epoch seen (see _admit)
         self._next_try = 0.0
         self._down_since: float | None = None
         self._shutdown = False
@@ -185,6 +195,8 @@ class Agent:
             body = {"started": started, "finished": finished, "running": [], "wait": 0}
             try:
                 answer = post(self._client, f"{self._base}/sync", body, 2.0)
+                if self._admit(answer) is not None:
+                    return
                 acked = {wire.attempt_key(a) for a in answer.get("ack") or []}
             except (Failure, TypeError, ValueError, KeyError, AttributeError):
                 return
@@ -235,6 +247,11 @@ class Agent:
                 self._name_taken(f)
             self._failed(f)
             return None
+        fenced = self._admit(answer)
+        if fenced is not None:
+            self._failed(fenced)
+            return None
+        self._hops = 0
         if self._refused:
             log.info("tasker name %s is ours now", self.info.name)
             self._refused = False
@@ -294,8 +311,11 @@ class Agent:
     def _failed(self, f: Failure) -> None:
         """Drop the registration and schedule the next attempt with jittered backoff."""
         self._registered = False
-        if isinstance(f, Unreachable):
+        if isinstance(f, Unreachable | Deposed):
             self.source.failed()
+        if isinstance(f, Standby):
+            self._standby(f)
+            return
         if isinstance(f, UnknownTasker) and self._failures == 0:
             delay = 0.0  # the server forgot us (restart): say hello again at once
         elif isinstance(f, NameInUse) and f.after is not None:
@@ -310,6 +330,8 @@ class Agent:
         self._next_try = time.monotonic() + delay
         if isinstance(f, UnknownTasker):
             log.info("server forgot this tasker (%s): registering again", f)
+        elif isinstance(f, Deposed):
+            pass  # said by _admit
         elif isinstance(f, NameInUse):
             pass  # said once by _name_taken
         elif isinstance(f, TokenRefused):
@@ -329,6 +351,55 @@ class Agent:
         else:
             log.debug("still no server (%s); next try in %.1f s", f, delay)
 
+    def _standby(self, f: Standby) -> None:
+        """A standby answered (nothing was applied): register with its leader now, or, when
+        it knows none (a takeover under way), try the next candidate at its pace."""
+        here = self._url
+        if f.leader is not None and f.leader != here:
+            self.source.follow(f.leader)
+            self._hops += 1
+            # at once, unless standbys keep pointing at each other (stale pointers)
+            delay = 0.0 if self._hops <= MAX_HOPS else f.after + random.uniform(0.0, 0.5)
+            log.info("server %s is a standby: following the leader at %s", here, f.leader)
+        else:
+            self.source.failed()
+            delay = min(f.after, BACKOFF_CAP) + random.uniform(0.0, 0.5)
+            log.info("server %s is a standby that knows no leader yet; trying the next", here)
+        self._next_try = time.monotonic() + delay
+
+    def _admit(self, answer: dict[str, Any]) -> Failure | None:
+        """The epoch fence: None when the answer's orders may be acted on, else the failure.
+
+        A higher epoch is made durable first, so that even a restarted tasker refuses the
+        leader it replaced. An answer without an epoch (an older server) is taken as is.
+        """
+        epoch = answer.get("epoch")
+        if epoch is None:
+            return None
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            log.error("server %s sent a bad epoch %.50r: ignoring its answer", self._url, epoch)
+            return BadAnswer(f"bad epoch {epoch!r}")
+        if epoch < self._epoch:
+            log.warning(
+                "ignoring the orders of %s: epoch %d is a deposed leader's (epoch %d seen, "
+                "recorded in %s); trying the next server",
+                self._url,
+                epoch,
+                self._epoch,
+                self.state.root / "epoch",
+            )
+            return Deposed(f"epoch {epoch} < {self._epoch}", epoch, self._epoch)
+        if epoch > self._epoch:
+            try:
+                self.state.store_epoch(epoch)
+            except OSError as e:
+                log.error("cannot record leader epoch %d: %s; ignoring its orders", epoch, e)
+                return Failure(f"cannot record epoch {epoch}: {e}")
+            if self._epoch:
+                log.info("leader epoch %d (was %d) at %s", epoch, self._epoch, self._url)
+            self._epoch = epoch
+        return None
+
     def _ok(self) -> None:
         self._failures = 0
 
@@ -347,6 +418,10 @@ class Agent:
             answer = post(self._client, f"{self._base}/sync", body, REPORT_TIMEOUT)
         except Failure as f:
             self._failed(f)
+            return
+        fenced = self._admit(answer)
+        if fenced is not None:
+            self._failed(fenced)
             return
         self._ok()
         self.outbox.sent(started, finished, RESEND_DELAY)
@@ -401,6 +476,11 @@ class Agent:
             return
         self._polling = False
         if result.answer is not None:
+            fenced = self._admit(result.answer)
+            if fenced is not None:
+                if result.gen == self._gen and self._registered:
+                    self._failed(fenced)
+                return
             if result.gen == self._gen:
                 self._ok()
             self._handle(result.answer, [], [])

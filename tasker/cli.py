@@ -37,12 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         action="append",
         metavar="URL",
-        help="server URL; repeat for failover (tried in turn when one does not answer)",
+        help="server URL, or URL1,URL2…; repeat for more: the candidates of a failover queue "
+        "(the next is tried when one does not answer; a standby's leader is followed)",
     )
     where.add_argument(
         "--swd",
         metavar="DIR",
-        help="server working dir: URL from crq.server.json, token from security/tasker.token",
+        help="server working dir: the leader from server.json, else servers/*.json; token "
+        "from security/tasker.token",
+    )
+    where.add_argument(
+        "--etcd",
+        metavar="etcd://H:P,…",
+        help="find the leader where it publishes itself in etcd (key /crq/QUEUE/leader)",
+    )
+    p.add_argument(
+        "--queue",
+        metavar="Q",
+        help="queue whose leader --etcd looks up (default $CRQ_QUEUE or vnc)",
     )
     p.add_argument("--name", help="tasker name (default: short host name)")
     p.add_argument("--slots", type=positive_int, help="jobs run at once (default: CPU count)")
@@ -80,13 +92,28 @@ def _main(argv: list[str] | None) -> int:
     if not _good_name(name):
         return _usage(f"bad tasker name {name!r} (letters, digits and ._-@, at most 128)")
     env_token = os.environ.get("CRQ_TASKER_TOKEN", "").strip() or None
-    if args.server and not (args.token_file or env_token):
+    if (args.server or args.etcd) and not (args.token_file or env_token):
         return _usage("no tasker token: give --token-file or set CRQ_TASKER_TOKEN")
     if args.token_file and not os.path.isfile(args.token_file):
         return _usage(f"no such token file: {args.token_file}")
-    for url in args.server or []:
+    if args.queue is not None and not args.etcd:
+        return _usage("--queue goes with --etcd")
+    servers = [u.strip() for arg in args.server or [] for u in arg.split(",") if u.strip()]
+    if args.server and not servers:
+        return _usage("--server names no URL")
+    for url in servers:
         if not url.startswith(("http://", "https://")):
             return _usage(f"bad server URL (want http://host:port): {url}")
+    etcd = None
+    if args.etcd:
+        from crq.tasker.etcdleader import EtcdLeader, parse_endpoints
+
+        try:
+            endpoints = parse_endpoints(args.etcd)
+        except ValueError as e:
+            return _usage(f"bad --etcd: {e}")
+        queue = args.queue or os.environ.get("CRQ_QUEUE") or wire.DEFAULT_QUEUE
+        etcd = EtcdLeader(endpoints, queue)
     from crq.server.resources import ResourceError, parse_capacity  # stdlib only, like wire
 
     try:  # the server's own rule: a bad offer would be refused at every registration
@@ -140,7 +167,7 @@ def _main(argv: list[str] | None) -> int:
         rebooted=rebooted,
     )
     source = ServerSource(
-        servers=args.server, swd=args.swd, token_file=args.token_file, token=env_token
+        servers=servers, swd=args.swd, token_file=args.token_file, token=env_token, etcd=etcd
     )
     agent = Agent(info, source, runner, state)
 

@@ -6,8 +6,10 @@ what to do about a failure is the agent's; the tree says what happened::
 
     Failure                        a register or sync without a usable answer
      ├── Unreachable               no answer: connection or timeout, or no URL/token yet
-     │                             (the next ``--server`` is tried)
+     │                             (the next candidate server is tried)
      ├── BadAnswer                 a 200 that is not a JSON object
+     ├── Deposed(epoch, seen)      an answer of an epoch lower than one seen: a deposed
+     │                             leader's; its orders are ignored, the next server tried
      ├── UnknownTasker             409 unknown_tasker: the server forgot us; register again
      │    └── WrongSession         409 wrong_session: our name is held by a newer session
      └── Refused(status)           any other error answer
@@ -15,6 +17,8 @@ what to do about a failure is the agent's; the tree says what happened::
           ├── NameInUse(after)     409 tasker_name_in_use: another live session has our name;
           │                        ``after``: when its silence would free it (or None)
           └── RetryLater(after)    an error with ``Retry-After`` (the server's recovery 503)
+               └── Standby(leader) 503 standby: a candidate that does not lead; ``leader``
+                                   is the leader's URL (asked at once), or None (not known)
 
 Only the standard library at import: httpx is imported by the first connection, so
 ``vovtasker --help`` starts fast.
@@ -24,10 +28,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crq import wire
+from crq import procfs, wire
 
 if TYPE_CHECKING:
     import httpx
@@ -83,16 +88,35 @@ class RetryLater(Refused):
         self.after = after
 
 
+class Standby(RetryLater):
+    """A standby answered: nothing was applied; ``leader`` is where the leader is, if known."""
+
+    def __init__(self, message: str, status: int, after: float, leader: str | None) -> None:
+        super().__init__(message, status, after)
+        self.leader = leader
+
+
+class Deposed(Failure):
+    """An answer from an epoch lower than the highest seen: a leader that was deposed."""
+
+    def __init__(self, message: str, epoch: int, seen: int) -> None:
+        super().__init__(message)
+        self.epoch, self.seen = epoch, seen
+
+
 class SourceError(Exception):
     """The server's address or the token cannot be found (yet)."""
 
 
 class ServerSource:
-    """Where the server is and which token to show; re-read at every (re)connection.
+    """Where the leader is and which token to show; re-read at every (re)connection.
 
-    With ``--swd`` the URL comes from ``server.json``, which changes when a restarted
-    server picks another port; with ``--server`` URLs a connection failure moves on to
-    the next one (failover).
+    The candidates, in the order they are tried: the ``--server`` URLs; with ``--swd``,
+    ``server.json`` (the leader's file; changes when a restarted server picks another port)
+    and then every ``servers/*.json`` (leaders first, standbys after); with ``--etcd``, the
+    URL the leader published under ``/crq/<queue>/leader``. A connection failure moves on to
+    the next candidate; a standby's ``leader`` pointer is followed at once (:meth:`follow`)
+    without changing the list, and dropped when that leader fails in turn.
     """
 
     def __init__(
@@ -101,16 +125,23 @@ class ServerSource:
         swd: str | os.PathLike[str] | None = None,
         token_file: str | os.PathLike[str] | None = None,
         token: str | None = None,
+        etcd: Callable[[], str] | None = None,
     ) -> None:
         self.servers = [s.rstrip("/") for s in servers or []]
         self.swd = wire.Swd(swd) if swd is not None else None
         self.token_file = Path(token_file) if token_file is not None else None
         self.token = token
+        self.etcd = etcd
+        self.host = os.uname().nodename  # as the server writes it
         self._index = 0
+        self._leader: str | None = None
         self._seen: tuple[int, int] | None = None
 
     def resolve(self) -> tuple[str, str]:
-        self._seen = self._stamp()
+        stamp = self._stamp()
+        if stamp != self._seen:  # a new leader wrote server.json: start from it again
+            self._leader, self._index = None, 0
+        self._seen = stamp
         return self._url(), self._token()
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -126,18 +157,83 @@ class ServerSource:
         """server.json was rewritten since the last resolve: a new server is worth a try now."""
         return self.swd is not None and self._stamp() != self._seen
 
-    def _url(self) -> str:
+    def follow(self, leader: str) -> None:
+        """A standby named the leader: the next connection goes there."""
+        self._leader = leader.rstrip("/")
+
+    @property
+    def following(self) -> str | None:
+        return self._leader
+
+    def failed(self) -> None:
+        """The current server did not answer (or was deposed): try the next one next time."""
+        self._leader = None
+        self._index += 1
+
+    def candidates(self) -> list[str]:
+        """Every URL worth a try now, in order (see the class docstring)."""
         if self.servers:
-            return self.servers[self._index % len(self.servers)]
+            return list(self.servers)
+        if self.etcd is not None:
+            return [self.etcd()]
         assert self.swd is not None
+        urls: list[str] = []
+        problem = f"no {self.swd.server_json} (server not started?)"
         try:
-            info = json.loads(self.swd.server_json.read_text())
-            url = str(info["url"]).rstrip("/")
+            leader = json.loads(self.swd.server_json.read_text())
+            if not isinstance(leader, dict):
+                raise ValueError("not a JSON object")
+            if not self._dead(leader):
+                urls.append(str(leader["url"]).rstrip("/"))
         except FileNotFoundError:
-            raise SourceError(f"no {self.swd.server_json} (server not started?)") from None
+            pass
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SourceError(f"cannot read {self.swd.server_json}: {e}") from None
-        return url
+            problem = f"cannot read {self.swd.server_json}: {e}"
+        for info in self._server_files():
+            url = str(info["url"]).rstrip("/")
+            if url not in urls:
+                urls.append(url)
+        if not urls:
+            raise SourceError(problem)
+        return urls
+
+    def _server_files(self) -> list[dict[str, Any]]:
+        """The live candidates' ``servers/*.json``: leaders (highest epoch) first."""
+        assert self.swd is not None
+        found: list[dict[str, Any]] = []
+        try:
+            paths = sorted((self.swd.root / "servers").glob("*.json"))
+        except OSError:
+            return []
+        for path in paths:
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written, or gone with its server
+            if isinstance(info, dict) and isinstance(info.get("url"), str) and not self._dead(info):
+                found.append(info)
+
+        def rank(info: dict[str, Any]) -> tuple[int, int]:
+            epoch = info.get("epoch")
+            leads = info.get("mode") in (wire.MODE_NORMAL, wire.MODE_RECOVERING)
+            return (0 if leads else 1, -(epoch if isinstance(epoch, int) else 0))
+
+        return sorted(found, key=rank)
+
+    def _dead(self, info: dict[str, Any]) -> bool:
+        """A server file that names a stopped server, or a process gone from this host."""
+        if info.get("mode") == wire.MODE_STOPPED:
+            return True
+        pid = info.get("pid")
+        if info.get("host") == self.host and isinstance(pid, int) and pid > 0:
+            return not procfs.process_exists(pid)
+        return False
+
+    def _url(self) -> str:
+        if self._leader is not None:
+            return self._leader
+        urls = self.candidates()
+        return urls[self._index % len(urls)]
 
     def _token(self) -> str:
         if self.token_file is not None:
@@ -155,10 +251,6 @@ class ServerSource:
         if not token:
             raise SourceError(f"token file {path} is empty")
         return token
-
-    def failed(self) -> None:
-        """The current server did not answer: try the next one next time."""
-        self._index += 1
 
 
 def post(
@@ -207,6 +299,11 @@ def _refusal(status: int, data: object, retry_after: str | None) -> Failure:
             after = None
     if status == 409 and code == "tasker_name_in_use":
         return NameInUse(text, status, after)
+    if status == 503 and code == "standby":
+        leader = data.get("leader") if isinstance(data, dict) else None
+        if not (isinstance(leader, str) and leader.startswith(("http://", "https://"))):
+            leader = None
+        return Standby(text, status, after or 1.0, leader.rstrip("/") if leader else None)
     if after is not None:
         return RetryLater(text, status, after)
     return Refused(text, status)

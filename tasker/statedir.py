@@ -6,6 +6,8 @@ that finished while nobody watched::
 
     <state>/lock                     flock: one vovtasker per state dir
     <state>/boot_id                  host boot id at the last successful registration
+    <state>/epoch                    the highest leader epoch seen: orders of a lower one
+                                     come from a deposed leader and are refused
     <state>/id                       made once: tells the server this is the same memory
     <state>/session                  made once (mode 0600): the secret that holds the tasker
                                      name on the server; shown at every register and sync
@@ -192,6 +194,21 @@ class StateDir:
 
     def store_boot_id(self, boot_id: str) -> None:
         self.write_atomic(self.root / "boot_id", f"{boot_id}\n".encode())
+
+    # -- leader epoch ----------------------------------------------------------------------
+
+    def stored_epoch(self) -> int:
+        """The highest leader epoch this tasker acted on (0: none yet, or unreadable)."""
+        try:
+            text = (self.root / "epoch").read_text().strip()
+        except OSError:
+            return 0
+        return int(text) if text.isdigit() else 0
+
+    def store_epoch(self, epoch: int) -> None:
+        """Durable before any order of that epoch is acted on, so a restarted tasker still
+        refuses the deposed leader."""
+        self.write_atomic(self.root / "epoch", f"{epoch}\n".encode())
 
     def identity(self) -> str:
         """This state dir's id. The same id tells the server we remember every attempt we
