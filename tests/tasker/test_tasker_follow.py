@@ -35,6 +35,7 @@ from tests.rigs import (
     free_port,
     kill_jobs,
     server_available,
+    wait_for_start,
     wait_until,
 )
 
@@ -349,3 +350,64 @@ def test_usage_errors_of_the_new_flags(tmp_path: Path) -> None:
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (args, r.stderr)
+
+
+# -- etcd ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[str]:
+    """A real etcd on loopback (skipped where there is none): its client endpoint."""
+    import shutil
+
+    if shutil.which("etcd") is None:
+        pytest.skip("no etcd binary")
+    import httpx
+
+    client, peer = free_port(), free_port()
+    url = f"http://127.0.0.1:{client}"
+    proc = subprocess.Popen(
+        ["etcd", "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls", url,
+         "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for_start(proc, up, "etcd")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_leader_is_read_from_etcd(etcd: str) -> None:
+    import base64
+
+    import httpx
+    from crq.tasker.etcdleader import EtcdLeader, parse_endpoints
+
+    dead = f"127.0.0.1:{free_port()}"
+    endpoints = parse_endpoints(f"etcd://{dead},{etcd.removeprefix('http://')}")
+    assert endpoints == [f"http://{dead}", etcd]
+    find = EtcdLeader(endpoints, "q1")
+    with pytest.raises(link.SourceError, match="no leader in etcd yet"):
+        find()
+    value = json.dumps({"url": "http://h:6201/", "instance": "i", "host": "h", "pid": 1})
+    put = {
+        "key": base64.b64encode(b"/crq/q1/leader").decode(),
+        "value": base64.b64encode(value.encode()).decode(),
+    }
+    httpx.post(f"{etcd}/v3/kv/put", json=put, timeout=10).raise_for_status()
+    assert find() == "http://h:6201"
+    src = ServerSource(etcd=find, token="t")
+    assert src.resolve() == ("http://h:6201", "t")
+    with pytest.raises(link.SourceError, match="no etcd endpoint answers"):
+        EtcdLeader([f"http://{dead}"], "q1")()
