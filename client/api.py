@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from crq.client import registry
-from crq.client.errors import CrashRecovery, CrqError
+from crq.client.errors import CrashRecovery, CrqError, NotSent, Standby
+from crq.client.leader import Leader
 
 from crq import __version__, wire
 
@@ -33,7 +34,11 @@ LONG_POLL_MAX = 60
 RECONNECT_FOR = 300.0
 
 #: Failures a read-only wait retries once the server has been seen (it may be restarting).
-TRANSIENT = frozenset({"unreachable", "timeout", "disconnected"})
+TRANSIENT = frozenset({"unreachable", "timeout", "disconnected", "standby"})
+#: Moves to another candidate within one request (standby pointers, candidates tried).
+MAX_HOPS = 4
+#: How long asking a candidate whether it leads may take.
+PROBE_TIMEOUT = 3.0
 
 #: A job's JSON (SPEC section 4): ``id``, ``state``, ``command``… (``env``/``attempts`` from
 #: ``get``); kept a plain dict so new server fields pass through.
@@ -71,11 +76,15 @@ def login() -> str:
 
 
 class Client:
-    """One keep-alive connection to a crq server.
+    """One keep-alive connection to a crq server, following the leader of its queue.
 
     ``url``/``queue``/``token`` override the resolution of SPEC section 2
     (``--server`` > ``CRQ_SERVER`` > ``CRQ_QUEUE`` > ``vnc``; ``CRQ_TOKEN`` > registry > swd).
     ``transport`` is for tests (``httpx.MockTransport``).
+
+    Every request follows a standby's ``leader`` pointer at once (a standby applies
+    nothing), and when the connection is refused it asks the queue's other candidates
+    (:meth:`find_leader`); ``url`` is where the leader was last found.
     """
 
     def __init__(
@@ -91,7 +100,7 @@ class Client:
         import httpx
 
         target = registry.resolve_server(url, queue)
-        self.url: str = target.url.rstrip("/")
+        self.leader = Leader(target.url, target.queue, target.entry)
         self.queue_name: str | None = target.queue
         self.token: str | None = token if token is not None else registry.resolve_token(target)
         self.user: str = user or login()
@@ -126,6 +135,11 @@ class Client:
         self.close()
 
     @property
+    def url(self) -> str:
+        """The URL in use: where the leader was last found."""
+        return self.leader.url
+
+    @property
     def name(self) -> str:
         """How messages name the server: ``queue vnc`` or ``the crq server``."""
         return f"queue {self.queue_name}" if self.queue_name else "the crq server"
@@ -146,7 +160,80 @@ class Client:
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Send one request under ``/api/v1`` (or an absolute path); return the decoded JSON."""
+        """Send one request under ``/api/v1`` (or an absolute path); return the decoded JSON.
+
+        Follows the leader: a standby's pointer at once; on a refused connection (nothing
+        was sent) or, for a read, a connection lost mid-request, the other candidates."""
+        hops = 0
+        while True:
+            try:
+                answer = self._send(method, path, json=json, params=params, timeout=timeout)
+            except Standby as e:
+                if hops >= MAX_HOPS:
+                    raise
+                hops += 1
+                if e.leader and not self._same(e.leader, self.url):
+                    self._move(e.leader)
+                    continue
+                if self.find_leader() is not None:
+                    continue
+                raise
+            except CrqError as e:
+                lost_read = e.code == "disconnected" and method in ("GET", "HEAD")
+                if hops >= MAX_HOPS or not (isinstance(e, NotSent) or lost_read):
+                    raise
+                hops += 1
+                if self.find_leader() is None:
+                    raise
+                continue
+            self.leader.answered()
+            return answer
+
+    def find_leader(self) -> str | None:
+        """Ask the queue's other candidates which one leads (a standby's pointer counts);
+        move there and return its URL, or None when none of them answers as the leader.
+
+        For the retry loops (the waits, the idempotent submits): it sends nothing but
+        ``GET /api/v1/server``, so it is safe whatever the request was."""
+        import httpx
+
+        for url in self.leader.others():
+            try:
+                r = self._http.get(f"{url}{wire.API}/server", timeout=httpx.Timeout(PROBE_TIMEOUT))
+                info = r.json() if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                continue
+            if not isinstance(info, dict):
+                continue
+            if info.get("mode") == "standby":
+                pointer = info.get("leader")
+                if isinstance(pointer, str) and pointer.startswith(("http://", "https://")):
+                    self._move(pointer)
+                    return self.url
+                continue
+            if info.get("mode") in (wire.MODE_NORMAL, wire.MODE_RECOVERING):
+                self._move(url)
+                return self.url
+        return None
+
+    def _move(self, url: str) -> None:
+        self.leader.moved(url)
+        self._http.base_url = self.url
+
+    @staticmethod
+    def _same(a: str, b: str) -> bool:
+        return a.rstrip("/").lower() == b.rstrip("/").lower()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """One request to the URL in use."""
         import httpx
 
         url = path if path.startswith("/") else f"{wire.API}/{path}"
@@ -159,7 +246,9 @@ class Client:
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.ConnectError as e:
-            raise CrqError(self._unreachable(e), code="unreachable") from None
+            raise NotSent(self._unreachable(e)) from None
+        except httpx.ConnectTimeout:  # nothing was sent either
+            raise NotSent(f"cannot reach {self.name} at {self.url}: connection timed out") from None
         except httpx.TimeoutException:
             used = timeout if timeout is not None else self.timeout
             raise CrqError(
@@ -181,7 +270,8 @@ class Client:
         except httpx.HTTPError as e:
             reason = " ".join(str(e).split()) or "connection failed"
             raise CrqError(
-                f"{self.name} at {self.url}: {type(e).__name__}: {reason}", code="unreachable"
+                f"{self.name} at {self.url}: {type(e).__name__}: {reason}",
+                code="unreachable",
             ) from None
         self._reached = True
         if response.status_code >= 400:
@@ -234,6 +324,17 @@ class Client:
                 retry_after=retry_after,
                 recovery=recovery if isinstance(recovery, dict) else None,
                 queue=self.queue_name,
+            )
+        if status == 503 and code == "standby":
+            leader = body.get("leader")
+            try:
+                retry_after = float(response.headers.get("Retry-After", "1"))
+            except ValueError:
+                retry_after = 1.0
+            return Standby(
+                f"{self.name} at {self.url} is a standby: {message}",
+                leader=leader.rstrip("/") if isinstance(leader, str) and leader else None,
+                retry_after=retry_after,
             )
         if status == 401:
             message = f"{message} (check CRQ_TOKEN or the token registered for {self.name})"

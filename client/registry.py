@@ -1,9 +1,12 @@
 """The per-user queue registry and how a command finds its server and token (SPEC section 2).
 
-``$CRQ_HOME/registry.json`` maps a queue name to ``{"url", "swd", "host", "port", "token"}``.
-``ncmgr start`` writes it; every client reads it. It holds admin tokens, so the directory is
-0700 and the file 0600, and it is replaced atomically (under a lock, so two ``ncmgr start``
-for different queues do not lose each other's entry).
+``$CRQ_HOME/registry.json`` maps a queue name to ``{"url", "swd", "host", "port", "token",
+"candidates"}``: ``url`` is the last known leader, ``candidates`` every URL a server of the
+queue was started at (leader and standbys), where a client looks when the leader goes.
+``ncmgr start`` writes it; every client reads it, and notes where it found the leader. It
+holds admin tokens, so the directory is 0700 and the file 0600, and it is replaced
+atomically (under a lock, so two ``ncmgr start`` for different queues do not lose each
+other's entry).
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ def register(
     host: str | None = None,
     port: int | None = None,
 ) -> Entry:
-    """Record (or refresh) where ``queue`` lives; returns the stored entry."""
+    """Record (or refresh) where ``queue``'s leader lives; returns the stored entry.
+
+    The candidates of an entry for the same swd are kept, with ``url`` among them."""
     parts = urlsplit(url)
     entry: Entry = {
         "url": url.rstrip("/"),
@@ -82,9 +87,81 @@ def register(
     }
     with _locked():
         data = entries()
+        old = data.get(queue)
+        kept = candidates(old) if old and old.get("swd") == entry["swd"] else []
+        entry["candidates"] = merge(*kept, entry["url"])
         data[queue] = entry
         _write(data)
     return entry
+
+
+def add_candidate(
+    queue: str,
+    url: str,
+    swd: str | os.PathLike[str],
+    token: str | None,
+    *,
+    leader: str | None = None,
+) -> Entry:
+    """Record a standby of ``queue`` at ``url``: a candidate, not the leader.
+
+    An entry for another swd (or none) is made afresh, its ``url`` the ``leader`` when known
+    (else the standby's own: it points at the leader once there is one)."""
+    root = str(Path(swd).absolute())
+    with _locked():
+        data = entries()
+        entry = data.get(queue)
+        if not entry or entry.get("swd") != root:
+            first = (leader or url).rstrip("/")
+            parts = urlsplit(first)
+            entry = {"url": first, "swd": root, "host": parts.hostname, "port": parts.port}
+        if token or "token" not in entry:
+            entry["token"] = token
+        entry["candidates"] = merge(*candidates(entry), url)
+        data[queue] = entry
+        _write(data)
+    return entry
+
+
+def set_leader(queue: str, url: str) -> bool:
+    """A client found ``queue``'s leader at ``url``: make it the entry's ``url`` (and a
+    candidate). True if the entry changed; an unregistered queue is left alone."""
+    url = url.rstrip("/")
+    with _locked():
+        data = entries()
+        entry = data.get(queue)
+        if entry is None:
+            return False
+        listed = merge(*_listed(entry), url)
+        if _same_url(str(entry.get("url") or ""), url) and listed == entry.get("candidates"):
+            return False
+        parts = urlsplit(url)
+        entry.update(url=url, host=parts.hostname, port=parts.port, candidates=listed)
+        _write(data)
+    return True
+
+
+def candidates(entry: Entry | None) -> list[str]:
+    """Every URL a server of the entry's queue was started at, the leader's first."""
+    if not entry:
+        return []
+    return merge(*([str(entry["url"])] if entry.get("url") else []), *_listed(entry))
+
+
+def _listed(entry: Entry) -> list[str]:
+    """The entry's ``candidates`` as stored (an entry of an older ncmgr has none)."""
+    listed = entry.get("candidates")
+    return [u for u in listed if isinstance(u, str)] if isinstance(listed, list) else []
+
+
+def merge(*urls: str) -> list[str]:
+    """``urls`` without a trailing slash, each once (compared without case), in order."""
+    out: list[str] = []
+    for url in urls:
+        url = url.strip().rstrip("/")
+        if url and not any(_same_url(url, u) for u in out):
+            out.append(url)
+    return out
 
 
 def unregister(queue: str) -> bool:
@@ -146,6 +223,9 @@ def resolve_server(flag_url: str | None = None, queue: str | None = None) -> Tar
             return Target(url, name, registered[name])
         for qname, entry in registered.items():
             if _same_url(str(entry.get("url", "")), url):
+                return Target(url, qname, entry)
+        for qname, entry in registered.items():  # a standby's URL names its queue too
+            if any(_same_url(u, url) for u in candidates(entry)):
                 return Target(url, qname, entry)
         return Target(url, name, None)
     name = name or wire.DEFAULT_QUEUE

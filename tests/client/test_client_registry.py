@@ -39,6 +39,7 @@ def test_register_writes_private_file_atomically(clean_env: Path) -> None:
         "host": "127.0.0.1",
         "port": 6321,
         "token": "tok",
+        "candidates": ["http://127.0.0.1:6321"],
     }
     path = clean_env / "registry.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
