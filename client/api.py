@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from crq.client import registry
 from crq.client.errors import CrashRecovery, CrqError, NotSent, Standby
-from crq.client.leader import Leader
+from crq.client.leader import MODE_STANDBY, Leader
 
 from crq import __version__, wire
 
@@ -84,7 +84,8 @@ class Client:
 
     Every request follows a standby's ``leader`` pointer at once (a standby applies
     nothing), and when the connection is refused it asks the queue's other candidates
-    (:meth:`find_leader`); ``url`` is where the leader was last found.
+    (:meth:`find_leader`); ``url`` is where the leader was last found. ``follow=False``
+    talks to ``url`` alone (``ncmgr`` addressing one server of several).
     """
 
     def __init__(
@@ -95,12 +96,14 @@ class Client:
         user: str | None = None,
         timeout: float = 30.0,
         *,
+        follow: bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         import httpx
 
         target = registry.resolve_server(url, queue)
         self.leader = Leader(target.url, target.queue, target.entry)
+        self.follow = follow
         self.queue_name: str | None = target.queue
         self.token: str | None = token if token is not None else registry.resolve_token(target)
         self.user: str = user or login()
@@ -164,6 +167,8 @@ class Client:
 
         Follows the leader: a standby's pointer at once; on a refused connection (nothing
         was sent) or, for a read, a connection lost mid-request, the other candidates."""
+        if not self.follow:
+            return self._send(method, path, json=json, params=params, timeout=timeout)
         hops = 0
         while True:
             try:
@@ -195,17 +200,11 @@ class Client:
 
         For the retry loops (the waits, the idempotent submits): it sends nothing but
         ``GET /api/v1/server``, so it is safe whatever the request was."""
-        import httpx
-
         for url in self.leader.others():
-            try:
-                r = self._http.get(f"{url}{wire.API}/server", timeout=httpx.Timeout(PROBE_TIMEOUT))
-                info = r.json() if r.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
+            info = self.probe(url)
+            if info is None:
                 continue
-            if not isinstance(info, dict):
-                continue
-            if info.get("mode") == "standby":
+            if info.get("mode") == MODE_STANDBY:
                 pointer = info.get("leader")
                 if isinstance(pointer, str) and pointer.startswith(("http://", "https://")):
                     self._move(pointer)
@@ -215,6 +214,18 @@ class Client:
                 self._move(url)
                 return self.url
         return None
+
+    def probe(self, url: str, timeout: float = PROBE_TIMEOUT) -> ServerStatus | None:
+        """``GET /api/v1/server`` of the server at ``url`` (none other, no following): its
+        status, or None when it does not answer it."""
+        import httpx
+
+        try:
+            r = self._http.get(f"{url.rstrip('/')}{wire.API}/server", timeout=timeout)
+            info = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
 
     def _move(self, url: str) -> None:
         self.leader.moved(url)
@@ -526,6 +537,23 @@ class Client:
         """Run the global sanity check: ``{"ok", "findings", "fixed"}``."""
         answer = self._object("POST", "server/sanity", params={"fix": 1 if fix else 0})
         return cast(SanityReport, answer)
+
+    def failover(self, to: str | None = None) -> dict[str, Any]:
+        """Ask the leader to hand over to a standby (on host ``to``, if given): 202
+        ``{"handing_over": true, "to": …}``; 409 ``no_standby`` when there is none."""
+        return self._object("POST", "server/failover", json={"to": to})
+
+    def health(self, timeout: float = 0.5) -> dict[str, Any] | None:
+        """``/healthz``'s JSON (a standby's says ``"mode": "standby"``), or None when the
+        process does not answer within ``timeout`` seconds."""
+        import httpx
+
+        try:
+            r = self._http.get("/healthz", timeout=httpx.Timeout(timeout))
+            body = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
 
     def healthz(self, timeout: float = 0.5) -> bool:
         """True when the server process answers ``/healthz`` within ``timeout`` seconds."""

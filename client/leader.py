@@ -13,6 +13,9 @@ from __future__ import annotations
 from crq.client import registry
 from crq.client.errors import CrqError
 
+#: The mode of a server that waits for leadership (SPEC section 8).
+MODE_STANDBY = "standby"
+
 
 class Leader:
     """The URL in use and the candidates to try when it goes."""

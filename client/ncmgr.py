@@ -6,6 +6,10 @@ recovery progress meanwhile). Defaults: queue ``$CRQ_QUEUE`` or ``vnc``; swd, ho
 from the registry when the queue is registered there, else ``./<queue>.swd``, ``127.0.0.1``
 (only this host can connect; pass ``--host 0.0.0.0`` to serve taskers on other hosts) and the
 queue's hashed default port.
+
+A failover queue (SPEC section 8) has standbys too: ``start --standby`` adds one (on the
+next free port after the queue's, which is the leader's), ``status`` lists every server,
+``failover`` hands leadership over on purpose and ``stop --all`` stops the standbys as well.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,13 +25,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
-from crq.client.errors import CrqError
+from crq.client.errors import CrqError, Standby
+from crq.client.leader import MODE_STANDBY
 from crq.client.place import (
     DEFAULT_HOST,
     Place,
     local_url,
+    on_this_host,
     pid_alive,
     port_busy,
+    read_server_json,
 )
 from crq.client.starter import DEFAULT_GRACE, START_TIMEOUT, Starter, child_env
 from crq.client.table import key_values, when
@@ -38,7 +46,10 @@ if TYPE_CHECKING:
     from crq.client.api import Client
 
 STOP_TIMEOUT = 60.0
+FAILOVER_TIMEOUT = 120.0
 POLL = 0.1
+#: How many ports after the queue's a standby's start looks at for a free one.
+STANDBY_PORTS = 64
 
 #: ``ncmgr start`` settings passed through to ``python -m crq.server``: (flag, kind, help).
 SETTINGS: tuple[tuple[str, str, str], ...] = (
@@ -63,6 +74,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _election(text: str) -> str:
+    if text == "file" or (text.startswith("etcd://") and len(text) > len("etcd://")):
+        return text
+    raise argparse.ArgumentTypeError(f"want file or etcd://host:port[,host:port…], not {text!r}")
+
+
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", "-q", metavar="Q", help="queue name (default $CRQ_QUEUE or vnc)")
     p.add_argument("--swd", metavar="DIR", help="server working directory")
@@ -77,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", metavar="H", help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=_port, metavar="P", help="port (default: hashed from queue)")
     p.add_argument("--foreground", action="store_true", help="run the server in this process")
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="start a standby that takes over when the leader goes (default port: the next "
+        "free one after the queue's)",
+    )
+    p.add_argument(
+        "--election",
+        type=_election,
+        metavar="file|etcd://H:P,…",
+        help="how the leader is chosen (default file: the lock on the swd's server.lock)",
+    )
+    p.add_argument(
+        "--election-ttl",
+        type=as_typed(seconds),
+        metavar="S",
+        help="etcd lease: a leader silent this long is replaced (default 5)",
+    )
     p.add_argument(
         "--timeout", type=float, default=START_TIMEOUT, metavar="S", help=argparse.SUPPRESS
     )
@@ -97,14 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--freeze", action="store_true", help="taskers keep their jobs for the next server"
     )
+    p.add_argument("--all", action="store_true", help="stop the standbys too (else one takes over)")
     p.add_argument(
         "--timeout", type=float, default=STOP_TIMEOUT, metavar="S", help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("status", help="mode, pid, URL, counts; exit 1 unless running")
+    p = sub.add_parser("status", help="mode, pid, URL, counts, standbys; exit 1 unless running")
     _add_target(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("failover", help="hand leadership over to a standby now")
+    _add_target(p)
+    p.add_argument("--to", metavar="HOST", help="only a standby on HOST may take over")
+    p.add_argument(
+        "--timeout", type=float, default=FAILOVER_TIMEOUT, metavar="S", help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_failover)
 
     p = sub.add_parser("cleanup", help="manual recovery (SPEC section 5)")
     _add_target(p)
@@ -128,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def server_command(args: argparse.Namespace, place: Place, host: str, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "crq.server", "--queue", place.queue, "--swd", str(place.swd.root)]
     cmd += ["--host", host, "--port", str(port)]
+    if args.standby:
+        cmd.append("--standby")
+    if args.election is not None:
+        cmd += ["--election", args.election]
+    if args.election_ttl is not None:
+        cmd += ["--election-ttl", str(args.election_ttl)]
     for flag, kind, _ in SETTINGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if kind == "flag":
@@ -161,9 +211,19 @@ def cmd_start(args: argparse.Namespace) -> int:
     if host == "localhost":
         host = DEFAULT_HOST
     port = args.port or (entry or {}).get("port") or wire.default_port(place.queue)
-    refused = _refuse_if_running(place)
-    if refused is not None:
-        return refused
+    if args.standby:
+        if not args.port:
+            found = _standby_port(host, int(port))
+            if found is None:
+                return fail(
+                    f"no free port in {int(port) + 1}-{int(port) + STANDBY_PORTS} on {host} "
+                    "for the standby; choose one with --port"
+                )
+            port = found
+    else:
+        refused = _refuse_if_running(place)
+        if refused is not None:
+            return refused
     busy = port_busy(host, int(port))
     if busy:
         return fail(f"port {port} is busy ({busy} on {host}); choose another with --port")
@@ -175,13 +235,28 @@ def cmd_start(args: argparse.Namespace) -> int:
     except OSError as e:
         return fail(f"cannot create {place.swd.root}: {e.strerror}")
     if args.foreground:
-        place.register(url, host, port)
+        if args.standby:
+            place.register_standby(url)
+        else:
+            place.register(url, host, port)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, cmd, child_env())
     grace = float(args.recovery_grace) if args.recovery_grace is not None else DEFAULT_GRACE
-    starter = Starter(place, cmd, host, int(port), url, stall=float(args.timeout), grace=grace)
+    starter = Starter(
+        place, cmd, host, int(port), url, stall=float(args.timeout), grace=grace,
+        standby=args.standby,
+    )  # fmt: skip
     return starter.run()
+
+
+def _standby_port(host: str, base: int) -> int | None:
+    """The first free port after ``base`` (the queue's port, the leader's): a standby on
+    the leader's host must not take it, and elsewhere the same rule keeps ports alike."""
+    for port in range(base + 1, min(base + STANDBY_PORTS, 65535) + 1):
+        if not port_busy(host, port):
+            return port
+    return None
 
 
 # -- stop ---------------------------------------------------------------------------------
@@ -201,11 +276,15 @@ def _wait_gone(pid: int | None, client: Client, timeout: float) -> bool:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     place = Place(args)
+    rc = _stop_standbys(place, args.timeout) if args.all else 0
     pid = place.pid
     alive = pid_alive(pid)
     with place.client() as client:
         try:
             client.stop_server(freeze=args.freeze)
+        except Standby:  # the candidates answer, as standbys, and none knows a leader
+            say(f"queue {place.queue} has no leader now" + _standbys_left(place, args.all))
+            return rc
         except CrqError as e:
             if e.code not in ("unreachable", "timeout", "disconnected"):
                 raise
@@ -215,18 +294,72 @@ def cmd_stop(args: argparse.Namespace) -> int:
                     f"(pid {pid}) is alive; to force it: kill {pid} (the next start recovers)"
                 )
             say(f"queue {place.queue} is not running")
-            return 0
+            return rc
+        if client.url != place.url:  # the leader was found elsewhere: its pid is not ours
+            pid, alive = None, False
         if not _wait_gone(pid if alive else None, client, args.timeout):
             return fail(
                 f"queue {place.queue} was asked to stop but pid {pid} is still alive after "
                 f"{args.timeout:.0f} s"
             )
     clean = place.swd.clean_marker.exists()
+    left = _standbys_left(place, args.all)
     what = "frozen and stopped" if args.freeze else "stopped"
-    tail = "snapshot written, clean stop" if clean else "no clean marker: next start recovers"
+    if clean:
+        tail = "snapshot written, clean stop"
+    elif left:
+        tail = "clean marker taken by the next leader"
+    else:
+        tail = "no clean marker: next start recovers"
     extra = "; taskers keep their running jobs for the next server" if args.freeze else ""
-    say(f"queue {place.queue} {what} ({tail}{f', pid {pid} gone' if pid else ''}){extra}")
-    return 0 if clean else 1
+    gone = f", pid {pid} gone" if pid else ""
+    say(f"queue {place.queue} {what} ({tail}{gone}){extra}{left}")
+    return rc if clean or left else 1
+
+
+def _standbys_left(place: Place, stopped_all: bool) -> str:
+    """``; the standby at URL takes over …`` while standbys live, else ``""``."""
+    if stopped_all:
+        return ""
+    live = [i for i in place.servers() if i.get("mode") == MODE_STANDBY and _maybe_alive(i)]
+    if not live:
+        return ""
+    urls = ", ".join(str(i["url"]) for i in live)
+    return f"; standby {urls} takes over (ncmgr stop --all stops every server)"
+
+
+def _maybe_alive(info: dict[str, Any]) -> bool:
+    """A server file's process lives (as far as this host can tell)."""
+    pid = info.get("pid")
+    return not on_this_host(info) or pid_alive(pid if isinstance(pid, int) else None)
+
+
+def _stop_standbys(place: Place, timeout: float) -> int:
+    """Stop every standby, before the leader so that none takes over: by its admin-token
+    ``POST /server/stop``, else (a standby that refuses it) by SIGTERM when on this host."""
+    rc = 0
+    for info in place.servers():
+        if info.get("mode") != MODE_STANDBY:
+            continue
+        url = str(info["url"])
+        raw = info.get("pid")
+        pid = raw if isinstance(raw, int) and on_this_host(info) and pid_alive(raw) else None
+        with place.client(url=url, timeout=5.0, follow=False) as client:
+            try:
+                client.stop_server()
+            except CrqError as e:
+                if pid is not None:
+                    os.kill(pid, signal.SIGTERM)
+                elif e.code in ("unreachable", "timeout") and on_this_host(info):
+                    continue  # gone already (its file outlived it)
+                else:
+                    rc = fail(f"queue {place.queue}: cannot stop the standby at {url}: {e}")
+                    continue
+            if not _wait_gone(pid, client, timeout):
+                rc = fail(f"queue {place.queue}: the standby at {url} is still alive")
+                continue
+        say(f"queue {place.queue} standby at {url} stopped" + (f" (pid {pid} gone)" if pid else ""))
+    return rc
 
 
 # -- status -------------------------------------------------------------------------------
@@ -244,6 +377,8 @@ def status_lines(place: Place, status: dict[str, Any]) -> str:
         ("taskers", status.get("taskers")),
         ("jobs", "?" if status.get("counts") is None else counts_text(status["counts"])),
     ]
+    if status.get("epoch") is not None:
+        pairs.insert(4, ("epoch", status["epoch"]))
     if status.get("recovery"):
         pairs.append(("recovery", recovery_text(status["recovery"])))
     full = (status.get("journal") or {}).get("disk_full_since")
@@ -252,17 +387,32 @@ def status_lines(place: Place, status: dict[str, Any]) -> str:
     return key_values(pairs)
 
 
+def leader_status(client: Client) -> dict[str, Any] | None:
+    """The leader's ``GET /server`` (following the candidates and a standby's pointer), or
+    None when no server answers as the leader."""
+    status: dict[str, Any] | None
+    try:
+        status = client.server()
+    except CrqError as e:
+        if e.code not in ("unreachable", "timeout", "disconnected", "standby"):
+            raise
+        return None
+    if status.get("mode") == MODE_STANDBY:
+        pointer = status.get("leader")
+        status = client.probe(str(pointer)) if pointer else None
+        if status is None or status.get("mode") == MODE_STANDBY:
+            return None
+    return status
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     place = Place(args)
     with place.client(timeout=5.0) as client:
-        try:
-            status = client.server()
-        except CrqError as e:
-            if e.code not in ("unreachable", "timeout", "disconnected"):
-                raise
-            status = None
+        status = leader_status(client)
+        servers = server_rows(client, place.servers(), status)
+    table = ("\n\nservers:\n" + servers) if servers else ""
     if status is not None:
-        print(status_lines(place, status))
+        print(status_lines(place, status) + table)
         return 0
     pid = place.pid
     if pid_alive(pid):
@@ -282,8 +432,92 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("swd", place.swd.root),
         ("last stop", last if mode == wire.MODE_STOPPED else None),
     ]
-    print(key_values([(k, v) for k, v in pairs if v is not None]))
+    print(key_values([(k, v) for k, v in pairs if v is not None]) + table)
     return 1
+
+
+def server_rows(
+    client: Client, servers: list[dict[str, Any]], leader: dict[str, Any] | None
+) -> str:
+    """The table of every candidate (its ``servers/*.json``, and what it answers now)."""
+    from crq.client.views import server_table
+
+    found = []
+    for info in servers:
+        url = str(info["url"]).rstrip("/")
+        same = leader is not None and str(leader.get("url") or "").rstrip("/") == url
+        live = leader if same else client.probe(url, timeout=2.0)
+        found.append((info, live))
+    return server_table(found) if found else ""
+
+
+# -- failover -----------------------------------------------------------------------------
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    """Hand over to a standby, then follow until another server leads in normal mode."""
+    place = Place(args)
+    queue = place.queue
+    with place.client() as client:
+        before = leader_status(client)
+        if before is None:
+            return fail(f"queue {queue} has no leader to hand over (see ncmgr status)")
+        where = str(before.get("url") or client.url)
+        try:
+            client.failover(args.to)
+        except CrqError as e:
+            if e.code == "no_standby":
+                on = f" on {args.to}" if args.to else ""
+                return fail(
+                    f"queue {queue} has no standby{on} to take over; start one with "
+                    f"ncmgr start --standby --queue {queue}{f' (on {args.to})' if args.to else ''}"
+                )
+            raise
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            now = _new_leader(place, client, before)
+            if now is not None:
+                url = str(now.get("url") or "?").rstrip("/")
+                if now.get("pid") == before.get("pid") and now.get("host") == before.get("host"):
+                    return fail(
+                        f"queue {queue}: no standby took over; the old leader leads again at "
+                        f"{url} (epoch {now.get('epoch', '?')})"
+                    )
+                from crq.client import registry
+
+                registry.set_leader(queue, url)
+                print(f"queue {queue}: leader now {url} (epoch {now.get('epoch', '?')})")
+                return 0
+            time.sleep(0.2)
+    return fail(
+        f"queue {queue}: {where} handed over, but no other server leads after "
+        f"{args.timeout:.0f} s (see ncmgr status)"
+    )
+
+
+def _new_leader(place: Place, client: Client, before: dict[str, Any]) -> dict[str, Any] | None:
+    """The status of a server that leads in normal mode and is not ``before``'s instance
+    (at a higher epoch, when epochs are known), or None."""
+    from crq.client import registry
+
+    place.info = read_server_json(place.swd)
+    urls = registry.merge(
+        *([str(place.info["url"])] if place.info.get("url") else []),
+        *(str(i["url"]) for i in place.servers()),
+        *client.leader.candidates(),
+    )
+    old_epoch = before.get("epoch")
+    for url in urls:
+        status = client.probe(url, timeout=2.0)
+        if status is None or status.get("mode") != wire.MODE_NORMAL:
+            continue
+        if status.get("instance") == before.get("instance"):
+            continue
+        epoch = status.get("epoch")
+        if isinstance(old_epoch, int) and isinstance(epoch, int) and epoch <= old_epoch:
+            continue
+        return status
+    return None
 
 
 # -- cleanup ------------------------------------------------------------------------------

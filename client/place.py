@@ -68,18 +68,37 @@ class Place:
         return str(token) if token else None
 
     def client(
-        self, url: str | None = None, timeout: float = 10.0, token: str | None = None
+        self,
+        url: str | None = None,
+        timeout: float = 10.0,
+        token: str | None = None,
+        follow: bool = True,
     ) -> Client:
-        """A client of this queue's server, with ``token`` else :meth:`token`."""
+        """A client of this queue's server, with ``token`` else :meth:`token`; ``follow``:
+        of its leader (else of the server at ``url`` alone)."""
         from crq.client.api import Client
 
         token = token if token is not None else self.token()
-        return Client(url=url or self.url, token=token or "", queue=self.queue, timeout=timeout)
+        return Client(
+            url=url or self.url, token=token or "", queue=self.queue, timeout=timeout, follow=follow
+        )
 
     def register(self, url: str, host: str | None = None, port: int | None = None) -> None:
         """Record the queue with the swd's own admin token (never $CRQ_TOKEN)."""
         token = registry.read_token(self.swd.admin_token)
         registry.register(self.queue, url, self.swd.root, token, host=host, port=port)
+
+    def register_standby(self, url: str) -> None:
+        """Record a standby's URL among the queue's candidates (the leader's stays ``url``)."""
+        token = registry.read_token(self.swd.admin_token)
+        leader = self.info.get("url") if pid_alive(self.pid) else None
+        registry.add_candidate(
+            self.queue, url, self.swd.root, token, leader=str(leader) if leader else None
+        )
+
+    def servers(self) -> list[dict[str, Any]]:
+        """Every candidate's ``servers/<instance>.json`` (leader and standbys)."""
+        return read_servers(self.swd)
 
 
 def read_server_json(swd: wire.Swd) -> dict[str, Any]:
@@ -88,6 +107,32 @@ def read_server_json(swd: wire.Swd) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_servers(swd: wire.Swd) -> list[dict[str, Any]]:
+    """``<swd>/servers/*.json`` of the live candidates, oldest first; a file being written
+    (or gone with its server) is skipped."""
+    found = []
+    try:
+        paths = list((swd.root / "servers").glob("*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and isinstance(info.get("url"), str):
+            info.setdefault("instance", path.stem)
+            found.append(info)
+    started = [i.get("started_at") for i in found]
+    if all(isinstance(t, int | float) for t in started):
+        found.sort(key=lambda i: float(i["started_at"]))
+    return found
+
+
+def on_this_host(info: dict[str, Any]) -> bool:
+    return info.get("host") in (os.uname().nodename, socket.gethostname())
 
 
 def pid_alive(pid: int | None) -> bool:

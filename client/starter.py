@@ -1,10 +1,12 @@
 """``ncmgr start`` after its checks: spawn the server, watch it until it is open for clients.
 
 A :class:`Starter` runs four named steps: :meth:`~Starter.spawn`, :meth:`~Starter.wait_healthz`,
-:meth:`~Starter.register`, :meth:`~Starter.follow_recovery`. It waits while the process lives
-and makes progress: until it answers, while it uses CPU (loading a long journal on a busy
-machine); then while crash recovery has time left. A server that hangs is not waited for, and
-a start that gives up kills the server it spawned, so a failed start leaves nothing running.
+:meth:`~Starter.register`, :meth:`~Starter.follow_recovery`. A standby's start ends once it
+answers as a standby (:meth:`~Starter.wait_standby`): it must not wait for leadership.
+It waits while the process lives and makes progress: until it answers, while it uses CPU
+(loading a long journal on a busy machine); then while crash recovery has time left. A server
+that hangs is not waited for, and a start that gives up kills the server it spawned, so a
+failed start leaves nothing running.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 from crq.client import registry
 from crq.client.clitools import fail, say
 from crq.client.errors import CrqError, recovery_progress
+from crq.client.leader import MODE_STANDBY
 from crq.client.place import Place, read_server_json
 
 from crq import procfs, wire
@@ -58,8 +61,10 @@ class Starter:
         *,
         stall: float = START_TIMEOUT,
         grace: float = DEFAULT_GRACE,
+        standby: bool = False,
     ) -> None:
         self.place = place
+        self.standby = standby
         self.cmd = cmd
         self.host = host
         self.port = port
@@ -87,6 +92,8 @@ class Starter:
         self.spawn()
         try:
             self.wait_healthz()
+            if self.standby and self.wait_standby():
+                return self._standing_by()
             self.register()
             self.follow_recovery()
         except StartFailed as e:
@@ -144,6 +151,42 @@ class Starter:
             if self._client().healthz(timeout=1.0):
                 return
             time.sleep(POLL)
+
+    def wait_standby(self) -> bool:
+        """Until a ``--standby`` server says what it is: True for a standby, False when it
+        leads already (no other server did), and its start goes on as a leader's."""
+        while True:
+            self._check(busy_counts=False)
+            client = self._client()
+            health = client.health(timeout=1.0)
+            if health is not None and health.get("mode") == MODE_STANDBY:
+                return True
+            if health is not None:
+                try:
+                    mode = client.server().get("mode")
+                except CrqError:
+                    mode = None
+                if mode == MODE_STANDBY:
+                    return True
+                if mode in (wire.MODE_NORMAL, wire.MODE_RECOVERING):
+                    return False
+            time.sleep(POLL)
+
+    def _standing_by(self) -> int:
+        """The standby answers: record it as a candidate and say who leads."""
+        self._read_public()
+        self.place.register_standby(self.public)
+        leader = None
+        try:
+            leader = self._client().server().get("leader")
+        except CrqError:
+            pass
+        place = self.place
+        say(
+            f"queue {place.queue} standby started at {self.public} (pid {self.pid}, swd "
+            f"{place.swd.root}); leader: {leader or 'none yet'}"
+        )
+        return 0
 
     def register(self) -> None:
         """Record the queue in the registry, under the URL other hosts can use."""
@@ -206,15 +249,18 @@ class Starter:
         if self.client is None or (token and self.client.token != token):
             if self.client is not None:
                 self.client.close()
-            self.client = place.client(url=self.url, timeout=5.0, token=token or "")
+            self.client = place.client(url=self.url, timeout=5.0, token=token or "", follow=False)
         self.token = token
         return self.client
 
     def _read_public(self) -> None:
         place = self.place
         place.info = read_server_json(place.swd)
-        if self.host in ("0.0.0.0", "::") and place.info.get("pid") == self.pid:
-            self.public = str(place.info.get("url") or self.url).rstrip("/")
+        if self.host not in ("0.0.0.0", "::"):
+            return
+        mine = [i for i in [place.info, *place.servers()] if i.get("pid") == self.pid]
+        if mine and mine[0].get("url"):
+            self.public = str(mine[0]["url"]).rstrip("/")
 
     def _show_recovery(self, recovery: dict[str, object]) -> None:
         self.recovered = True

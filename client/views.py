@@ -187,3 +187,29 @@ def recovery_text(recovery: dict[str, Any]) -> str:
     if recovery.get("events_replayed") is not None:
         text += f", {recovery['events_replayed']} events replayed"
     return text
+
+
+SERVER_HEADERS = ("ROLE", "MODE", "URL", "PID", "HOST", "EPOCH", "INSTANCE")
+
+
+def server_table(servers: Iterable[tuple[dict[str, Any], dict[str, Any] | None]]) -> str:
+    """``ncmgr status``'s list of a queue's servers: each one's ``servers/<instance>.json``
+    with what it answered just now (None: it did not)."""
+    rows = []
+    for info, live in servers:
+        now = live or {}
+        mode = now.get("mode") or f"{cell(info.get('mode'))}, not answering"
+        leads = now.get("mode") in (wire.MODE_NORMAL, wire.MODE_RECOVERING)
+        epoch = now.get("epoch") if now.get("epoch") is not None else info.get("epoch")
+        rows.append(
+            [
+                "leader" if leads else ("standby" if now else "-"),
+                mode,
+                cell(now.get("url") or info.get("url")),
+                cell(now.get("pid") or info.get("pid")),
+                cell(now.get("host") or info.get("host")),
+                cell(epoch),
+                cell(now.get("instance") or info.get("instance")),
+            ]
+        )
+    return format_table(SERVER_HEADERS, rows, right=(3, 5))
