@@ -8,6 +8,7 @@ then a Client against real servers: a dead leader URL with a live candidate.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,64 @@ def test_a_dead_leader_url_moves_to_the_live_candidate(
         assert c.url == srv.url
     e = registry.lookup("t1")
     assert e is not None and e["url"] == srv.url
+
+
+# -- ncmgr's side, without servers ----------------------------------------------------------
+
+
+def test_start_standby_passes_the_election_to_the_server(tmp_path: Path) -> None:
+    from crq.client import ncmgr
+    from crq.client.place import Place
+
+    args = ncmgr.build_parser().parse_args(
+        ["start", "--queue", "q", "--swd", str(tmp_path / "q.swd"), "--standby",
+         "--election", "etcd://h1:2379,h2:2379", "--election-ttl", "2.5"]
+    )  # fmt: skip
+    cmd = ncmgr.server_command(args, Place(args), "127.0.0.1", 7001)
+    tail = cmd[cmd.index("--port") :][:7]
+    assert tail == ["--port", "7001", "--standby", "--election", "etcd://h1:2379,h2:2379",
+                    "--election-ttl", "2.5"]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", ["zookeeper", "etcd://", "http://h:1"])
+def test_a_bad_election_is_a_usage_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from crq.client import ncmgr
+
+    with pytest.raises(SystemExit) as exc:
+        ncmgr.build_parser().parse_args(["start", "--election", bad])
+    assert exc.value.code == 2
+    assert "want file or etcd://host:port" in capsys.readouterr().err
+
+
+def test_a_standby_takes_the_next_free_port() -> None:
+    import socket
+
+    from crq.client import ncmgr
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        base = held.getsockname()[1]
+        port = ncmgr._standby_port("127.0.0.1", base - 1)  # base itself is busy
+        assert port is not None and port > base
+
+
+def test_status_lists_servers_that_do_not_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crq.client import ncmgr
+
+    swd = tmp_path / "q.swd"
+    (swd / "servers").mkdir(parents=True)
+    host = os.uname().nodename
+    for name, port, mode in (("a1", free_port(), "normal"), ("b2", free_port(), "standby")):
+        url = f"http://127.0.0.1:{port}"
+        info = {"pid": 999999, "host": host, "port": port, "url": url, "queue": "q",
+                "instance": name, "mode": mode, "epoch": 3, "started_at": 1.0}  # fmt: skip
+        (swd / "servers" / f"{name}.json").write_text(json.dumps(info))
+    assert ncmgr.main(["status", "--queue", "q", "--swd", str(swd)]) == 1
+    out = capsys.readouterr().out
+    assert "mode       stopped" in out and "servers:" in out
+    table = out.split("servers:\n")[1].splitlines()
+    assert table[0].split() == ["ROLE", "MODE", "URL", "PID", "HOST", "EPOCH", "INSTANCE"]
+    assert [r.split()[:3] for r in table[1:]] == [["-", "normal,", "not"], ["-", "standby,", "not"]]

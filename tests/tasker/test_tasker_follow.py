@@ -27,6 +27,7 @@ from crq.tasker.runner import Runner
 from crq.tasker.statedir import StateDir
 
 from tests.rigs import (
+    ROOT,
     CrqServer,
     Tasker,
     dispatch,
@@ -411,3 +412,69 @@ def test_the_leader_is_read_from_etcd(etcd: str) -> None:
     assert src.resolve() == ("http://h:6201", "t")
     with pytest.raises(link.SourceError, match="no etcd endpoint answers"):
         EtcdLeader([f"http://{dead}"], "q1")()
+
+
+# -- real failover (waits for the server's standby mode) ---------------------------------------
+
+needs_standby = pytest.mark.skipif(
+    not (ROOT / "server" / "election.py").exists(), reason="waits for the server's standby mode"
+)
+SETTINGS = ("--recovery-grace", "60", "--heartbeat", "2")
+
+
+@pytest.fixture
+def pair(crq_server: Any, tmp_path: Path) -> tuple[CrqServer, CrqServer]:
+    """A leader and a standby of queue t1 on one swd (the crq_server fixture kills both)."""
+    swd = tmp_path / "q.swd"
+    leader = crq_server(*SETTINGS, swd=swd)
+    standby = crq_server(*SETTINGS, "--standby", swd=swd)
+    wait_until(lambda: standby.request("GET", "/server")["mode"] == "standby")
+    return leader, standby
+
+
+def _mode(srv: CrqServer) -> str | None:
+    import httpx
+
+    try:
+        return str(srv.request("GET", "/server")["mode"])
+    except (httpx.HTTPError, AssertionError):
+        return None
+
+
+@needs_standby
+def test_a_takeover_after_kill9_keeps_the_running_job(
+    pair: tuple[CrqServer, CrqServer], crq_tasker: Any, tmp_path: Path, work: Path
+) -> None:
+    leader, standby = pair
+    t = crq_tasker("tk1", "--swd", str(leader.swd))
+    gate = work / "gate"
+    (job,) = leader.submit(_spec(work, f"while [ ! -e {gate} ]; do sleep 0.02; done"))
+    wait_until(lambda: leader.request("GET", f"/jobs/{job}")["state"] == "running")
+    first = leader.request("GET", "/server")["epoch"]
+    leader.kill9()
+    wait_until(lambda: _mode(standby) == "normal")  # recovery ends when tk1 is back
+    gate.touch()
+    done = standby.wait(job)
+    assert done["state"] == "done" and done["attempt"] == 1, done  # it ran once, throughout
+    epoch = standby.request("GET", "/server")["epoch"]
+    assert epoch > first
+    assert (t.state / "epoch").read_text() == f"{epoch}\n"
+
+
+@needs_standby
+def test_a_tasker_sent_to_a_real_standby_follows_the_handover(
+    pair: tuple[CrqServer, CrqServer], crq_tasker: Any, work: Path
+) -> None:
+    leader, standby = pair
+    env = env_with_root()
+    env["CRQ_TASKER_TOKEN"] = leader.tasker_token
+    t = crq_tasker("tk1", "--server", f"{standby.url},{leader.url}", start=False)
+    t.start(env=env)
+    (job,) = leader.submit(_spec(work, ["true"]))
+    assert leader.wait(job)["state"] == "done"
+    assert f"server {standby.url} is a standby: following the leader at {leader.url}" in t.log()
+    r = leader.api("POST", "/server/failover", json={"to": None})
+    assert r.status_code == 202, r.text
+    wait_until(lambda: _mode(standby) == "normal")
+    (job,) = standby.submit(_spec(work, ["true"]))
+    assert standby.wait(job)["state"] == "done"

@@ -1,0 +1,135 @@
+"""The real CLIs of a failover queue: ``ncmgr start --standby``, ``status``, ``failover``,
+``stop --all``, and ``crq`` following the leader across a handover and a kill -9.
+
+Waits for the server's standby mode (server/election.py): skipped until it is there. Each
+test has its own queue (private CRQ_HOME, free ports); every server on its swd is killed at
+the end whatever state a failed test left it in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.client.test_client_integration import Queue, kill_servers_of
+from tests.rigs import ROOT, alive, free_port, wait_until
+
+pytestmark = pytest.mark.skipif(
+    not (ROOT / "server" / "election.py").exists(), reason="waits for the server's standby mode"
+)
+
+
+@pytest.fixture
+def fq(tmp_path: Path) -> Iterator[Queue]:
+    """A queue whose leader ``ncmgr start`` started (and a tasker on its swd)."""
+    env = dict(os.environ)
+    for var in ("CRQ_SERVER", "CRQ_TOKEN", "CRQ_TASKER_TOKEN"):
+        env.pop(var, None)
+    name = f"fo{os.getpid()}"
+    env.update(
+        CRQ_HOME=str(tmp_path / "home"),
+        CRQ_QUEUE=name,
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    queue = Queue(name=name, port=free_port(), root=tmp_path, env=env)
+    try:
+        out = queue.ncmgr(*queue.start_args())
+        assert out.returncode == 0, out.stderr + out.stdout
+        queue.start_tasker()
+        yield queue
+    finally:
+        queue.stop_tasker()
+        try:
+            queue.ncmgr("stop", "--all", "--queue", name)
+        finally:
+            kill_servers_of(queue.swd)
+
+
+def start_standby(q: Queue) -> str:
+    out = q.ncmgr("start", "--standby", "--queue", q.name, "--swd", str(q.swd),
+                  "--fsync", "never", "--recovery-grace", "30")  # fmt: skip
+    assert out.returncode == 0, out.stderr + out.stdout
+    m = re.search(r"standby started at (http://\S+) \(pid (\d+)", out.stdout)
+    assert m, out.stdout
+    assert f"leader: {q.url}" in out.stdout
+    return m.group(1)
+
+
+def entry(q: Queue) -> dict[str, object]:
+    data = json.loads((Path(q.env["CRQ_HOME"]) / "registry.json").read_text())
+    return dict(data[q.name])
+
+
+def test_standby_status_failover_and_stop_all(fq: Queue) -> None:
+    q = fq
+    url = start_standby(q)
+    port = int(url.rsplit(":", 1)[1])
+    assert port > q.port  # the next free port after the queue's (the leader's)
+    e = entry(q)
+    assert e["url"] == q.url and e["candidates"] == [q.url, url]
+
+    out = q.ncmgr("status", "--queue", q.name)
+    assert out.returncode == 0, out.stderr
+    assert "servers:" in out.stdout
+    rows = [line.split() for line in out.stdout.split("servers:")[1].splitlines()[2:]]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == [
+        ("leader", "normal", q.url),
+        ("standby", "standby", url),
+    ], out.stdout
+
+    # a client sent to the standby is sent on to the leader
+    out = q.crq("--server", url, "submit", "--", "true")
+    assert out.returncode == 0, out.stderr
+    first = int(out.stdout.split()[0])
+
+    out = q.ncmgr("failover", "--queue", q.name)
+    assert out.returncode == 0, out.stderr + out.stdout
+    m = re.fullmatch(rf"queue {q.name}: leader now {re.escape(url)} \(epoch (\d+)\)\n", out.stdout)
+    assert m, out.stdout
+    assert entry(q)["url"] == url
+
+    # the registry's leader moved: plain commands go there; the job is still known
+    out = q.crq("wait", str(first))
+    assert out.returncode == 0, out.stderr
+    second = q.submit("--", "true")
+    assert q.crq("wait", str(second)).returncode == 0
+
+    out = q.ncmgr("status", "--queue", q.name)
+    assert out.returncode == 0 and f"epoch    {m.group(1)}" in out.stdout, out.stdout
+
+    pids = [int(json.loads(p.read_text())["pid"]) for p in (q.swd / "servers").glob("*.json")]
+    out = q.ncmgr("stop", "--all", "--queue", q.name)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "standby at" in out.stdout and "stopped" in out.stdout
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_failover_without_a_standby_is_one_clear_line(fq: Queue) -> None:
+    out = fq.ncmgr("failover", "--queue", fq.name)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"crq: queue {fq.name} has no standby to take over; start one with "
+        f"ncmgr start --standby --queue {fq.name}"
+    ]
+    assert fq.ncmgr("status", "--queue", fq.name).returncode == 0  # the leader still serves
+
+
+def test_clients_and_taskers_follow_a_kill9_takeover(fq: Queue) -> None:
+    q = fq
+    url = start_standby(q)
+    gate = q.root / "gate"
+    job = q.submit("--", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done")
+    wait_until(lambda: q.job(job)["state"] == "running")
+    waiter = q.spawn("cli", "wait", str(job))
+    os.kill(q.server_pid(), signal.SIGKILL)
+    wait_until(lambda: json.loads((q.swd / "server.json").read_text())["url"] == url)
+    gate.touch()
+    assert waiter.wait(timeout=240) == 0, waiter.stderr.read() if waiter.stderr else ""
+    done = q.job(job)
+    assert done["state"] == "done" and done["attempt"] == 1, done
