@@ -142,6 +142,11 @@ class Client:
         """The URL in use: where the leader was last found."""
         return self.leader.url
 
+    @url.setter
+    def url(self, value: str) -> None:
+        """Talk to ``value`` from now on (as a standby's pointer or a found leader does)."""
+        self._move(value)
+
     @property
     def name(self) -> str:
         """How messages name the server: ``queue vnc`` or ``the crq server``."""
