@@ -53,6 +53,8 @@ FINAL_STATES = frozenset((DONE, FAILED, STOPPED, LOST))
 MODE_NORMAL = "normal"
 MODE_RECOVERING = "recovering"
 MODE_STOPPED = "stopped"
+MODE_STANDBY = "standby"  # a candidate waiting to lead (SPEC section 8)
+ELECTION_KEY = "/crq/{queue}/leader"  # the etcd key a leader holds
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 15, 4
 MAX_ATTEMPTS_DEFAULT = 3
@@ -96,6 +98,16 @@ class Swd:
     @property
     def trace(self) -> Path:
         return self.root / "trace.db"
+
+    @property
+    def servers(self) -> Path:
+        """One ``<instance>.json`` per candidate, leader and standbys (SPEC section 8)."""
+        return self.root / "servers"
+
+    @property
+    def handover(self) -> Path:
+        """Written by a leader handing over (``ncmgr failover``): who may take over."""
+        return self.trace / "handover.json"
 
     @property
     def clean_marker(self) -> Path:

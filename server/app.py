@@ -6,11 +6,13 @@ leaves the process before the events it reflects are durable (invariant 1).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from crq.server.http import admin, jobs, taskers, ui
 from crq.server.http.views import error, job_json
 from crq.server.httplimits import BodyLimit
+from crq.server.journal import Deposed
 from crq.server.models import MAX_BODY, BadRequest, describe
 from crq.server.openapi import allowed_methods, install_openapi
 from crq.server.service import Recovering, Service
@@ -67,6 +69,14 @@ def create_app(srv: Service) -> FastAPI:
             recovery=e.progress,
         )
         resp.headers["Retry-After"] = str(max(1, min(30, int(left))))
+        return resp
+
+    @app.exception_handler(Deposed)
+    async def _deposed(request: Request, e: Deposed) -> Response:
+        resp = error(503, "standby", f"this server is no longer the leader ({e})", leader=None)
+        resp.headers["Retry-After"] = "1"
+        if srv.step_down is not None:
+            asyncio.get_running_loop().call_soon(srv.step_down, str(e))
         return resp
 
     @app.exception_handler(Exception)

@@ -19,8 +19,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from crq.server import snapshot
+from crq.server import fence, snapshot
 from crq.server.engine import Engine
+from crq.server.fence import HEADER as EPOCH_HEADER
+from crq.server.fence import segment_epoch
 from crq.server.journal import first_seq, list_segments
 from crq.server.settings import Settings
 
@@ -29,15 +31,30 @@ from crq.durable import fsync_dir, write_atomic
 log = logging.getLogger("crq.checkpoint")
 
 
-def prune(trace: Path) -> None:
+def prune(trace: Path, epoch: int = 0) -> None:
     """Keep the newest two snapshots and the journal segments after the older one.
 
     An old segment goes once the next readable segment starts within what the snapshot
     covers; an empty one (a server killed before its first event) holds nothing and goes
     too, and one whose start is unreadable is judged by the segments after it. Neither may
     stop pruning for good. The newest segment, the one being written, always stays.
+
+    A leader of ``epoch`` prunes nothing once a newer leader has fenced it off (it is
+    deposed and does not know yet), and never a segment of a newer epoch.
     """
-    snaps = snapshot.list_snapshots(trace)
+    try:
+        fences = fence.read(trace)
+    except fence.FenceError:
+        return  # replay will name it; pruning can wait
+    if fences.deposes(epoch):
+        log.warning("a newer leader (epoch %d) took over: not pruning", fences.highest)
+        return
+    snaps = []
+    for snap in snapshot.list_snapshots(trace):
+        if fences.counts(snapshot.epoch_of(snap), snapshot.snapshot_seq(snap)):
+            snaps.append(snap)
+        else:  # a deposed leader's, past its fence: never read, never kept
+            snap.unlink(missing_ok=True)
     keep = snaps[-snapshot.KEEP :]
     for old in snaps[: -snapshot.KEEP]:
         old.unlink(missing_ok=True)
@@ -45,9 +62,19 @@ def prune(trace: Path) -> None:
         return
     covered = snapshot.snapshot_seq(keep[0])
     segments = list_segments(trace)
-    firsts = [first_seq(seg) for seg in segments]
+    epochs = [segment_epoch(seg) for seg in segments]
+    # the first record that counts: a segment a deposed leader wrote past its fence
+    # holds none, like an empty one, and must not pass for where the next one starts
+    firsts: list[int | None] = []
+    for seg, e in zip(segments, epochs, strict=True):
+        first, cap = first_seq(seg), fences.cap(e)
+        firsts.append(None if first is None or (cap is not None and first > cap) else first)
     for i, seg in enumerate(segments[:-1]):
-        if seg.stat().st_size == 0:
+        if epochs[i] > epoch:
+            break
+        if firsts[i] is None and (
+            seg.stat().st_size <= EPOCH_HEADER.size or fences.cap(epochs[i]) is not None
+        ):
             seg.unlink(missing_ok=True)
             continue
         later = next((f for f in firsts[i + 1 :] if f is not None), None)
@@ -83,7 +110,7 @@ async def write_forked(engine: Engine, settings: Settings, counts: Counter[str])
         return None
     counts["written"] += 1
     await engine.durable()
-    prune(trace)
+    prune(trace, engine.journal.epoch)
     if engine.marker is not None:
         await engine.marker.write()
     path = snapshot.list_snapshots(trace)[-1]
@@ -110,7 +137,7 @@ async def final(engine: Engine, settings: Settings) -> None:
     await engine.durable()
     engine.journal.close()
     snapshot.write(engine.state, paths.trace, fsync=settings.fsync == "always")
-    prune(paths.trace)
+    prune(paths.trace, engine.journal.epoch)
     if engine.marker is not None:
         engine.marker.put_now()
     write_atomic(paths.clean_marker, f"{time.time()}\n".encode())

@@ -124,7 +124,9 @@ class Standalone:
 
     def emit(self, events: list[Event]) -> None:
         if self.journal is None:
-            self.journal = Journal(self.swd.trace, next_seq=self.state.seq + 1)
+            # written as the last leader's (under its lock): a lower epoch would be fenced off
+            epoch = self.loaded.highest_epoch
+            self.journal = Journal(self.swd.trace, next_seq=self.state.seq + 1, epoch=epoch)
         apply_and_append(self.state, self.journal, events)
         self.journal.flush_now()
 

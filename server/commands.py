@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crq.server import events as event
-from crq.server.events import Event, spec_bytes
+from crq.server.events import EpochEvent, Event, spec_bytes
 from crq.server.models import (
     MAX_BATCH,
     AttemptRef,
@@ -512,3 +512,10 @@ def sync_orders(
         if job.started is None and (job_id, job.attempt) not in have:
             send.append(job)
     return send, kill
+
+
+def take_over(
+    epoch: int, after: int, leader: dict[str, Any], prev: dict[str, Any], now: float
+) -> EpochEvent:
+    """The first event of a leader: its epoch, whom it follows, where it took over."""
+    return {"e": "epoch", "t": now, "epoch": epoch, "after": after, "leader": leader, "prev": prev}

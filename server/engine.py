@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from crq.server import commands
 from crq.server.events import Event, encode
-from crq.server.journal import Journal
+from crq.server.journal import Deposed, Journal
 from crq.server.marks import Marker
 from crq.server.models import AttemptRef
 from crq.server.scheduler import dispatch_pass
@@ -62,6 +62,8 @@ class Engine:
         self.dispatched = 0
         self.fresh_within = 30.0  # seconds of silence after which no new work is sent
         self.marker: Marker | None = None  # keeps trace.db/durable.json (server/marks.py)
+        # still the leader? (an etcd lease: server/election.py; None: nothing can depose us)
+        self.guard: Callable[[], bool] | None = None
         state.on_final = self._job_final
 
     # -- writing --------------------------------------------------------------------------
@@ -95,11 +97,20 @@ class Engine:
         While a new block of ids is not in durable.json yet, that too (once a block): a
         lost journal tail must never give back an acknowledged id.
         """
-        barrier = self.journal.barrier()
+        barrier: Awaitable[None] = self.journal.barrier()
         marker = self.marker
-        if marker is None or self.state.id_ceiling <= marker.written.ceiling:
+        if marker is not None and self.state.id_ceiling > marker.written.ceiling:
+            barrier = marker.ensure(barrier, self.state.id_ceiling)
+        if self.guard is None:
             return barrier
-        return marker.ensure(barrier, self.state.id_ceiling)
+        return self._still_leading(barrier)
+
+    async def _still_leading(self, barrier: Awaitable[None]) -> None:
+        """The lease is checked after the write, just before the answer: a leader deposed
+        meanwhile (paused past its TTL) acknowledges nothing."""
+        await barrier
+        if self.guard is not None and not self.guard():
+            raise Deposed("the election lease expired before the answer")
 
     async def durable_or_disk_full(self) -> bool:
         """Wait until durable (True), or until the journal waits for disk space (False).
@@ -146,6 +157,8 @@ class Engine:
         self._pass_scheduled = False
         if self.mode != MODE_NORMAL or self.shutting_down:
             return
+        if self.guard is not None and not self.guard():
+            return  # deposed: the lease watcher stands us down
         dispatch_pass(self.state, lambda ev: self.emit([ev]), time.time(), self._eligible)
 
     def _eligible(self, tasker: Tasker) -> bool:

@@ -156,6 +156,17 @@ class Resources(TypedDict):
     totals: dict[str, int]
 
 
+class EpochEvent(TypedDict):
+    """A leader takes over (server/fence.py): the first record of its epoch."""
+
+    e: Literal["epoch"]
+    t: float
+    epoch: int
+    after: int  # the journal it read ended at this seq
+    leader: dict[str, Any]  # url, host, instance, election of the new leader
+    prev: dict[str, Any]  # the same of the one before (epoch, url, …; {} for the first)
+
+
 Event = (
     Env
     | Ids
@@ -170,6 +181,7 @@ Event = (
     | TaskerJoin
     | TaskerLost
     | Resources
+    | EpochEvent
 )
 
 

@@ -33,14 +33,15 @@ def read_lock(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {"pid": 0, "host": "?", "time": 0}
 
 
-def take_lock(path: Path, take_over: bool = False) -> dict[str, Any] | None:
+def take_lock(path: Path, take_over: bool = False, epoch: int = 0) -> dict[str, Any] | None:
     """One recovery at a time per swd; a stale lock is named, not silently taken over.
 
     With ``take_over`` (a server starting, under server.lock, so no rival can be starting
     too), a lock left by a process of this very boot of this host that is gone now is
     replaced, and returned so the caller can say so. Any other holder is refused: a live
     pid, another host (its process may live), or another or unknown boot (the pid may be
-    some other process now).
+    some other process now) — unless the holder led an older epoch: elected after it, we
+    know it deposed (server/election.py), wherever it ran.
     """
     held = read_lock(path)
     me: dict[str, Any] = {
@@ -48,7 +49,12 @@ def take_lock(path: Path, take_over: bool = False) -> dict[str, Any] | None:
         "host": socket.gethostname(),
         "boot": boot_id(),
         "time": 0.0,
+        "epoch": epoch,
     }
+    if held is not None and take_over and epoch and 0 < int(held.get("epoch") or 0) < epoch:
+        me["time"] = time.time()
+        write_atomic(path, orjson.dumps(me))
+        return held
     if held is not None:
         when = datetime.fromtimestamp(held.get("time") or 0).strftime("%Y-%m-%d %H:%M:%S")
         who = f"pid {held.get('pid')} on {held.get('host')} since {when}"

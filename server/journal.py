@@ -1,6 +1,8 @@
 """The CR journal: append-only segments ``trace.db/CR.<n>`` of framed records.
 
-A record is ``length:u32 crc32:u32 seq:u64 payload``; the CRC covers seq and payload.
+A record is ``length:u32 crc32:u32 seq:u64 payload``; the CRC covers seq and payload. A
+segment starts with the 16-byte header of its writer's epoch (server/fence.py), unless an
+older version wrote it.
 Appends go to a buffer; one writer thread writes and fsyncs whatever gathered while the
 previous fsync ran (group commit), and ``barrier()`` resolves once everything appended so
 far is durable. Nothing may leave the server before its barrier resolves (invariant 1).
@@ -20,6 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from crq.server.fence import HEADER as EPOCH_HEADER
+from crq.server.fence import header as epoch_header
+from crq.server.fence import read_header
 
 from crq.durable import fsync_dir
 
@@ -61,6 +67,10 @@ def _valid_at(data: bytes | memoryview, off: int) -> tuple[int, int] | None:
     return seq, end
 
 
+class Deposed(Exception):
+    """The journal's leader is no longer the leader: nothing more is written."""
+
+
 class RecordReader:
     """Iterates the valid records of one file; ``damage`` tells why it stopped early."""
 
@@ -68,10 +78,11 @@ class RecordReader:
         self.path = path
         self.data = path.read_bytes() if data is None else data
         self.damage: Damage | None = None
-        self.end = 0  # offset just past the last valid record
+        self.epoch, self.start = read_header(self.data)
+        self.end = self.start  # offset just past the last valid record
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        data, off, size = self.data, 0, len(self.data)
+        data, off, size = self.data, self.start, len(self.data)
         view = memoryview(data)
         while off < size:
             found = _valid_at(view, off)
@@ -127,6 +138,7 @@ def list_segments(trace: Path) -> list[Path]:
 def first_seq(path: Path) -> int | None:
     """The seq of a segment's first record, or None if it is empty or unreadable there."""
     with open(path, "rb") as f:
+        f.seek(read_header(f.read(EPOCH_HEADER.size))[1])
         head = f.read(HEADER.size)
         if len(head) < HEADER.size or HEADER.unpack(head)[0] > MAX_RECORD:
             return None
@@ -138,9 +150,20 @@ def first_seq(path: Path) -> int | None:
 class Journal:
     """The writing end. ``append`` is called from the event loop only."""
 
-    def __init__(self, trace: Path, *, next_seq: int, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        trace: Path,
+        *,
+        next_seq: int,
+        fsync: bool = True,
+        epoch: int = 0,
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
         self.trace = trace
         self.fsync = fsync
+        self.epoch = epoch
+        self.guard = guard  # checked before each write: still the leader? (server/election.py)
+        self.on_deposed: Callable[[], None] | None = None  # called on the loop when it is not
         self.next_seq = next_seq
         self.durable_seq = next_seq - 1
         self.bytes_written = 0
@@ -152,16 +175,37 @@ class Journal:
         self._rotate: tuple[int, int] | None = None  # (buffer offset, last seq) to rotate after
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="crq-journal")
         self._loop: asyncio.AbstractEventLoop | None = None
-        segs = list_segments(trace)
-        self.segment = (segment_number(segs[-1]) + 1) if segs else 1
-        self._fd = self._open_segment(self.segment)
+        self.segment = 0
         self._size = 0  # of the current segment, as the writer thread left it
-        self.durable_pos = (self.segment, 0)  # (segment, size) when durable_seq was reached
+        self._fd = self._open_segment()
+        self.durable_pos = (self.segment, self._size)  # (segment, size) at durable_seq
 
-    def _open_segment(self, number: int) -> int:
-        path = self.trace / f"{PREFIX}{number:06d}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    def _open_segment(self) -> int:
+        """A new segment past every one there, ours alone (O_EXCL: a deposed leader that
+        rotates at the same moment gets another number), headed by our epoch."""
+        segs = list_segments(self.trace)
+        number = max(self.segment, segment_number(segs[-1]) if segs else 0) + 1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        while True:
+            path = self.trace / f"{PREFIX}{number:06d}"
+            try:
+                fd = os.open(path, flags, 0o600)
+                break
+            except FileExistsError:
+                number += 1
+        size = 0
+        if self.epoch:
+            try:
+                os.write(fd, epoch_header(self.epoch))
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
+            size = EPOCH_HEADER.size
         fsync_dir(self.trace)
+        self.segment, self._size = number, size
         return fd
 
     # -- loop side ------------------------------------------------------------------------
@@ -228,6 +272,11 @@ class Journal:
     def _written(self, work: asyncio.Future[None], fut: asyncio.Future[None], last: int) -> None:
         self._inflight = None
         exc = work.exception()
+        if isinstance(exc, Deposed):
+            log.critical("not the leader any more: the journal writes nothing more")
+            if self.on_deposed is not None:
+                self.on_deposed()
+            return  # the waiters never resolve: nothing written is acknowledged
         if exc is not None:
             log.critical("journal write failed, stopping the server: %s", exc)
             os._exit(70)  # after a failed fsync the page cache cannot be trusted (fsyncgate)
@@ -240,16 +289,17 @@ class Journal:
     # -- writer thread --------------------------------------------------------------------
 
     def _write(self, data: bytes, rotate: bool) -> None:
+        if self.guard is not None and not self.guard():
+            raise Deposed()
         if data:
             self._until_space(lambda: self._write_once(data))
         if rotate:
             old = self._fd
             if self.fsync:
                 os.fsync(old)
-            self._fd = self._until_space(lambda: self._open_segment(self.segment + 1))
-            self.segment += 1
+            self._fd = self._until_space(self._open_segment)
             os.close(old)
-            self.bytes_written = self._size = 0
+            self.bytes_written = 0
 
     def _write_once(self, data: bytes) -> None:
         """Append and fsync all of ``data``, or none of it (a failed write is cut off)."""

@@ -57,6 +57,7 @@ class Mark:
     next_id: int  # ids below it had been given to jobs by then
     ceiling: int  # ids below it may have been handed out: never again
     t: float = 0.0
+    epoch: int = 0  # of the leader that wrote it (server/fence.py)
 
     def covering(self, other: Mark) -> Mark:
         """The later of both positions with the higher ids: a mark never goes back."""
@@ -100,7 +101,8 @@ def read_mark(trace: Path) -> Mark | None:
     if data is None:
         return None
     try:
-        return Mark(**{k: data[k] for k in ("seq", "segment", "size", "next_id", "ceiling")})
+        fields = ("seq", "segment", "size", "next_id", "ceiling")
+        return Mark(**{k: data[k] for k in fields}, epoch=int(data.get("epoch", 0)))
     except (KeyError, TypeError) as e:
         raise MarkError(f"{trace / MARK} is damaged (bad field {e})") from None
 
@@ -150,6 +152,7 @@ class Marker:
             self.state.next_id if next_id is None else next_id,
             max(self.state.id_ceiling if ceiling is None else ceiling, self.written.ceiling),
             time.time(),
+            j.epoch,
         )
 
     def put_now(self) -> None:
@@ -160,6 +163,9 @@ class Marker:
             self.written = mark
 
     def _put(self, mark: Mark) -> None:
+        guard = self.journal.guard
+        if guard is not None and not guard():  # a deposed leader's mark would be ignored
+            return
         with self._file:
             mark = mark.covering(self.written)
             full_since: float | None = None

@@ -179,6 +179,14 @@ class StopServer(BaseModel):
     freeze: bool = False
 
 
+class Failover(BaseModel):
+    """``to``: only a standby on this host may take over (None: any)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    to: str | None = Field(default=None, min_length=1, max_length=255)
+
+
 def _number_fields(*models: type[BaseModel]) -> dict[str, str]:
     """``priority`` -> ``an integer from 1 to 15``: what each number field takes, read from
     the JSON schema the OpenAPI document shows, so the message says what the document does."""

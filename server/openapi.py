@@ -132,8 +132,18 @@ ANSWERS: dict[str, Schema] = {
         taskers=INT,
         recovery={"type": ["object", "null"]},
         journal={"type": "object"},
+        epoch=INT,
+        previous={"type": ["object", "null"]},
+        election=STR,
+        standbys={"type": "array", "items": STR},
     ),
     "Stopping": _obj(["stopping", "freeze"], stopping=BOOL, freeze=BOOL),
+    "HandingOver": _obj(
+        ["handing_over", "to", "standbys"],
+        handing_over=BOOL,
+        to=_nullable("string"),
+        standbys={"type": "array", "items": STR},
+    ),
     "Sanity": _obj(
         ["ok", "findings", "fixed"],
         ok=BOOL,
@@ -235,6 +245,13 @@ OPS: dict[tuple[str, str], Op] = {
         True,
     ),
     ("post", "/api/v1/server/stop"): ("Clean stop (admin)", 200, "Stopping", (401,) + BODY, True),
+    ("post", "/api/v1/server/failover"): (
+        "Hand leadership over to a standby (admin; SPEC section 8)",
+        202,
+        "HandingOver",
+        (401, 409) + BODY,
+        True,
+    ),
     ("post", "/api/v1/server/sanity"): (
         "Global sanity check (admin)",
         200,
@@ -283,6 +300,7 @@ BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
     ("post", "/api/v1/taskers/{name}/register"): (("Register",), True),
     ("post", "/api/v1/taskers/{name}/sync"): (("Sync",), True),
     ("post", "/api/v1/server/stop"): (("StopServer",), False),
+    ("post", "/api/v1/server/failover"): (("Failover",), False),
 }
 MEDIA = {
     "/metrics": "text/plain",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -161,6 +162,16 @@ class Recovery:
             },
             "sanity": result.as_dict(),
             "lock_taken_over": self.lock_taken_over,
+            "leaders": {
+                "old": self.srv.previous or None,
+                "new": {
+                    "epoch": self.srv.epoch,
+                    "url": self.srv.url,
+                    "instance": self.srv.instance,
+                    "host": os.uname().nodename,
+                    "election": self.srv.settings.election.split("://")[0],
+                },
+            },
         }
 
     def write_report(self, result: sanity.Result) -> Path:
@@ -227,6 +238,16 @@ def render_text(r: dict[str, Any]) -> str:
             f"lock      took over the recovery lock of pid {held.get('pid')} on "
             f"{held.get('host')} (gone: it crashed during a recovery)"
         )
+    leaders = r.get("leaders") or {}
+    old, new = leaders.get("old") or {}, leaders.get("new") or {}
+    if new:
+        before = (
+            f"epoch {old.get('epoch')} at {old.get('url')} on {old.get('host')}" if old else "none"
+        )
+        lines.append(
+            f"leaders   old: {before}; new: epoch {new.get('epoch')} at {new.get('url')} "
+            f"on {new.get('host')} ({new.get('election')} election)"
+        )
     lines.append(
         f"sanity    {'ok' if s['ok'] else 'PROBLEMS REMAIN'}, {len(s['findings'])} findings, "
         f"{len(s['fixed'])} fixed"
@@ -238,7 +259,7 @@ def render_text(r: dict[str, Any]) -> str:
 async def begin(srv: Service, loaded: Replayed) -> None:
     """Enter the mode; serving starts at once, the recovery ends in the background."""
     try:
-        taken = take_lock(srv.settings.paths.recovery_lock, take_over=True)
+        taken = take_lock(srv.settings.paths.recovery_lock, take_over=True, epoch=srv.epoch)
     except LockError as e:
         raise StartError(str(e)) from None
     except OSError as e:

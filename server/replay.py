@@ -9,11 +9,16 @@ whose queue.json says it held a queue but has no journal or snapshot left: a tai
 within what was durable is no torn write. Nothing is skipped silently: with the flag, the
 dropped bytes are put aside (``damaged.*``) and the lost events and jobs are listed.
 Empty segments (a server killed before its first event) are simply nothing.
+
+Fences (server/fence.py): a record, snapshot or high-water mark of an older leader past
+the point where a newer one took over does not count, and damage past that point is a
+deposed leader's last write, not a loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -23,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from crq.server import marks, snapshot
+from crq.server import fence, marks, snapshot
 from crq.server.events import decode
 from crq.server.journal import PREFIX, RecordReader, list_segments, salvage
 from crq.server.state import State
@@ -54,6 +59,9 @@ class Replayed:
     kept: list[str] = field(default_factory=list)  # where dropped bytes were put aside
     mark: marks.Mark | None = None  # trace.db/durable.json as found
     identity: dict[str, Any] | None = None  # trace.db/queue.json as found
+    fences: fence.Fences = field(default_factory=fence.Fences)  # trace.db/epochs.json
+    fenced: int = 0  # records a deposed leader wrote past its fence: ignored
+    highest_epoch: int = 0  # of any segment, snapshot or fence seen
 
 
 def load(
@@ -71,12 +79,20 @@ def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: boo
     out = Replayed(State(global_resources))
     out.identity = _read_mark_file(out, marks.read_identity, trace, accept_loss)
     out.mark = _read_mark_file(out, marks.read_mark, trace, accept_loss)
+    out.fences = _read_mark_file(out, fence.read, trace, accept_loss) or fence.Fences()
+    fences = out.fences
+    out.highest_epoch = fences.highest
     segments = list_segments(trace)
     if out.identity is not None and not segments and not snapshot.list_snapshots(trace):
         _emptied(out, trace, accept_loss)
     for path in reversed(snapshot.list_snapshots(trace)):
         try:
-            out.state = snapshot.read(path, global_resources)
+            read = snapshot.read(path, global_resources)
+            out.highest_epoch = max(out.highest_epoch, read.epoch)
+            if not fences.counts(read.epoch, read.seq):
+                log.warning("%s was written by a deposed leader past its fence: skipped", path)
+                continue
+            out.state = read
             out.snapshot, out.snapshot_jobs = path, len(out.state.jobs)
             break
         except (snapshot.SnapshotError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -97,7 +113,12 @@ def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: boo
         newest = i == len(segments) - 1
         reader = RecordReader(path)
         out.segments += 1
+        out.highest_epoch = max(out.highest_epoch, reader.epoch)
+        cap = fences.cap(reader.epoch)
         for seq, payload in reader:
+            if cap is not None and seq > cap:
+                out.fenced += 1
+                continue
             if seq <= state.seq:
                 continue
             if seq != state.seq + 1:
@@ -123,6 +144,9 @@ def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: boo
         damage = reader.damage
         if damage is None:
             continue
+        if cap is not None and state.seq >= cap:
+            log.warning("ignored past the fence of epoch %d: %s", reader.epoch, damage)
+            continue
         if newest and damage.tail:
             torn = (path, reader.data, damage.offset)
             continue
@@ -130,6 +154,8 @@ def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: boo
         if not accept_loss:
             raise ReplayError(f"{msg}; start with --accept-loss to drop the damaged part")
         _drop(out, path, reader.data, damage.offset, msg)
+    if out.mark is not None and (cap := fences.cap(out.mark.epoch)) is not None:
+        out.mark = dataclasses.replace(out.mark, seq=min(out.mark.seq, cap))  # a deposed one's
     short = out.mark is not None and state.seq < out.mark.seq
     if short:
         _ends_early(out, trace, end, accept_loss)

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("crq.server")
+
+HANDOVER_HOLD = 15.0  # a leader that handed over stands back this long for another to win
 
 
 class StartError(Exception):
@@ -76,6 +79,11 @@ class Service:
     checkpoints: Counter[str] = field(default_factory=_no_checkpoints)  # forked, since start
     metrics: CollectorRegistry | None = None  # made at the first scrape (server/metrics.py)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    epoch: int = 0  # this leader's (server/fence.py)
+    previous: dict[str, Any] = field(default_factory=dict)  # the leader before: epoch, url…
+    standbys: Callable[[], list[str]] = list  # the URLs of the other candidates
+    step_down: Callable[[str], None] | None = None  # lost the lease: stop acting, now
+    handover: dict[str, Any] | None = None  # ncmgr failover: set when the stop hands over
 
     @property
     def state(self) -> State:
@@ -98,12 +106,31 @@ class Service:
         engine.stop(freeze, [] if freeze else commands.release_running(self.state, time.time()))
         self.stop_requested.set()
 
+    def hand_over(self, to: str | None) -> None:
+        """Stop as ``stop --freeze`` does, then stand by (main) while another takes over."""
+        info = {
+            "from_pid": os.getpid(),
+            "from_host": os.uname().nodename,
+            "from_instance": self.instance,
+            "to": to,
+            "until": time.time() + HANDOVER_HOLD,
+        }
+        write_atomic(self.settings.paths.handover, orjson.dumps(info))
+        self.handover = info
+        log.info("handing over to %s", to or "any standby")
+        self.request_stop(True)
+
     async def checkpoint(self) -> Path | None:
         """A forked checkpoint, counted."""
         return await checkpoint.write_forked(self.engine, self.settings, self.checkpoints)
 
     def write_server_json(self, mode: str) -> None:
-        """``<swd>/server.json``: where and what this server is, for ncmgr and taskers."""
+        """``<swd>/server.json``: where and what this server is, for ncmgr and taskers.
+
+        Only while leading: a deposed leader must not point anyone back at itself."""
+        guard = self.engine.journal.guard
+        if guard is not None and not guard():
+            return
         s = self.settings
         info = {
             "pid": os.getpid(),
@@ -115,5 +142,6 @@ class Service:
             "instance": self.instance,
             "mode": mode,
             "started_at": self.started_at,
+            "epoch": self.epoch,
         }
         write_atomic(s.paths.server_json, orjson.dumps(info, option=orjson.OPT_INDENT_2))

@@ -26,6 +26,9 @@ class Settings:
     max_connections: int = 4096  # fewer if the open-file limit is lower
     idle_timeout: float = 30.0  # an idle or half-sent request is closed after this
     accept_loss: bool = False
+    standby: bool = False  # wait for leadership instead of refusing to start (SPEC 8)
+    election: str = "file"  # or etcd://host:port[,host:port…]
+    election_ttl: float = 5.0  # etcd lease: a lost leader is replaced after this
     resources: dict[str, int] = field(default_factory=dict)  # global totals, config.toml only
 
     @property
@@ -43,6 +46,8 @@ TUNABLES = {
     "autoforget_other": float,
     "max_connections": int,
     "idle_timeout": float,
+    "election": str,
+    "election_ttl": float,
 }
 
 
@@ -60,8 +65,15 @@ def parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         if name == "fsync":
             p.add_argument(flag, choices=["always", "never"])
+        elif name == "election":
+            p.add_argument(flag, metavar="file|etcd://H:P,…", help="how the leader is chosen")
         else:
             p.add_argument(flag, type=kind)
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="wait as a standby while another server leads the queue, then take over",
+    )
     p.add_argument(
         "--accept-loss",
         action="store_true",
@@ -80,7 +92,7 @@ def load(argv: list[str] | None = None) -> Settings:
             cfg = tomllib.loads(cfg_path.read_text())
         except (tomllib.TOMLDecodeError, OSError) as e:
             raise SettingsError(f"{cfg_path}: {e}") from None
-        known = {f.name for f in fields(Settings)} - {"queue", "swd", "resources"}
+        known = {f.name for f in fields(Settings)} - {"queue", "swd", "resources", "standby"}
         for key, value in cfg.items():
             if key == "resources":
                 if not isinstance(value, dict) or not all(
@@ -97,6 +109,11 @@ def load(argv: list[str] | None = None) -> Settings:
         if value is not None:
             setattr(s, name, value)
     s.accept_loss = s.accept_loss or args.accept_loss
+    s.standby = args.standby
+    if s.election != "file" and not s.election.startswith("etcd://"):
+        raise SettingsError(f"election must be file or etcd://host:port[,…], not {s.election!r}")
+    if s.election_ttl < 1:
+        raise SettingsError("election_ttl must be at least 1 second (etcd's lease unit)")
     if not s.port:
         s.port = default_port(s.queue)
     if s.fsync not in ("always", "never"):

@@ -8,6 +8,7 @@ renamed, and the directory fsynced: a snapshot file either exists whole or not a
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, BinaryIO
 
 import orjson
 from crq.server.events import NL, TaskerJoin
-from crq.server.journal import RecordReader, frame
+from crq.server.journal import HEADER, MAX_RECORD, RecordReader, frame
 from crq.server.state import Attempt, Job, State, Tasker, env_digest
 
 from crq.durable import fsync_dir
@@ -43,6 +44,21 @@ class SnapshotError(Exception):
 
 def snapshot_seq(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
+
+
+def epoch_of(path: Path) -> int:
+    """The epoch of the leader that wrote a snapshot, from its first record alone (0 when
+    it has none or cannot be read: the whole read then judges it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+            length = HEADER.unpack(head)[0]
+            if length > MAX_RECORD:
+                return 0
+            rec = orjson.loads(f.read(length))
+        return int(rec.get("epoch", 0)) if isinstance(rec, dict) else 0
+    except (OSError, ValueError, TypeError, struct.error):
+        return 0
 
 
 def list_snapshots(trace: Path) -> list[Path]:
@@ -169,6 +185,8 @@ def write(state: State, trace: Path, *, fsync: bool = True, chunk: int = CHUNK) 
         "created": time.time(),
         "global_total": state.global_total,
         "jobs": len(state.jobs),
+        "epoch": state.epoch,
+        "leader": state.leader,
     }
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # job envs: private
@@ -266,6 +284,10 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
     state.next_id = max(state.next_id, header["next_id"])
     state.id_ceiling = header.get("id_ceiling", 1)  # absent before id blocks
     state.next_env = header["next_env"]
+    state.epoch, state.leader = (
+        header.get("epoch", 0),
+        header.get("leader", {}),
+    )  # absent before epochs
     if global_resources is None:
         state.global_total = header["global_total"]
     _rebuild_derived(state)

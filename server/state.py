@@ -17,6 +17,7 @@ import orjson
 from crq.server.events import (
     Dispatch,
     Env,
+    EpochEvent,
     Event,
     Finish,
     Forget,
@@ -245,6 +246,8 @@ class State:
         self.seq = 0  # sequence number of the last event applied
         self.next_id = 1
         self.id_ceiling = 1  # ids below it are reserved (see the "ids" event)
+        self.epoch = 0  # of the leader whose records these are (server/fence.py)
+        self.leader: dict[str, Any] = {}  # who that is: url, host, instance, election
         self.jobs: dict[int, Job] = {}
         self.taskers: dict[str, Tasker] = {}
         self.envs: dict[int, dict[str, str]] = {}
@@ -274,6 +277,7 @@ class State:
             "tasker": self._tasker,
             "tasker_lost": self._tasker_lost,
             "resources": self._resources,
+            "epoch": self._epoch,
         }
 
     # -- the one writer -------------------------------------------------------------------
@@ -537,3 +541,6 @@ class State:
 
     def _resources(self, ev: Resources) -> None:
         self.global_total = dict(ev["totals"])
+
+    def _epoch(self, ev: EpochEvent) -> None:
+        self.epoch, self.leader = ev["epoch"], dict(ev["leader"])

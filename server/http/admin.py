@@ -10,7 +10,7 @@ from crq.server import cleanup, commands
 from crq.server.events import Event
 from crq.server.http import auth
 from crq.server.http.views import API, JSON
-from crq.server.models import StopServer, parse_json, validate
+from crq.server.models import BadRequest, Failover, StopServer, parse_json, validate
 from crq.server.service import Service
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -44,6 +44,10 @@ def routes(srv: Service) -> list[BaseRoute]:
                 "counts": None if stalled else st.counts,
                 "taskers": len(st.taskers),
                 "recovery": srv.progress(),
+                "epoch": srv.epoch,
+                "previous": srv.previous or None,
+                "election": srv.settings.election.split("://")[0],
+                "standbys": srv.standbys(),
                 "journal": {
                     "seq": st.seq,
                     "durable_seq": journal.durable_seq,
@@ -60,6 +64,20 @@ def routes(srv: Service) -> list[BaseRoute]:
         freeze = validate(StopServer, parse_json(body) if body else {}).freeze
         srv.request_stop(freeze)
         return JSON({"stopping": True, "freeze": freeze})
+
+    @router.post(API + "/server/failover")
+    async def server_failover(request: Request) -> Response:
+        """Hand leadership over on purpose (``ncmgr failover``, as ``scontrol takeover``)."""
+        auth.admin(srv, request)
+        body = await request.body()
+        to = validate(Failover, parse_json(body) if body else {}).to
+        live = srv.standbys()
+        if not live:
+            raise BadRequest(
+                409, "no_standby", f"queue {srv.settings.queue} has no standby to take over"
+            )
+        srv.hand_over(to)
+        return JSON({"handing_over": True, "to": to, "standbys": live}, status_code=202)
 
     @router.post(API + "/server/sanity")
     async def sanity(request: Request, fix: int = 0) -> Response:

@@ -67,6 +67,7 @@ def routes(srv: Service) -> list[BaseRoute]:
             "ack": [{"job": j, "attempt": a} for j, a in out.ack],
             "heartbeat": srv.settings.heartbeat,
             "instance": srv.instance,
+            "epoch": srv.epoch,
         }
         if issued is not None:
             answer["session"] = issued
@@ -99,6 +100,7 @@ def routes(srv: Service) -> list[BaseRoute]:
                 "kill": [{"job": j, "attempt": a} for j, a in sorted(kill)],
                 "ack": [{"job": j, "attempt": a} for j, a in out.ack],
                 "shutdown": engine.shutting_down and not engine.freeze,
+                "epoch": srv.epoch,
             }
         )
 

@@ -347,9 +347,9 @@ def test_damaged_journal_refuses_to_start(tmp_path: Path) -> None:
         srv.kill9()
         seg = sorted((tmp_path / "q.swd" / "trace.db").glob("CR.*"))[-1]
         data = bytearray(seg.read_bytes())
-        data[30] ^= 0xFF  # inside the first record, valid ones follow
+        data[30] ^= 0xFF  # inside the first record (after the 16-byte epoch header)
         seg.write_bytes(bytes(data))
-        with pytest.raises(AssertionError, match=r"CR\.\d+ at byte 0.*--accept-loss"):
+        with pytest.raises(AssertionError, match=r"CR\.\d+ at byte 16.*--accept-loss"):
             srv.start(port=srv.port)
         srv.extra.append("--accept-loss")
         srv.start(port=srv.port)

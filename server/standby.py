@@ -1,0 +1,235 @@
+"""A candidate server: its file in ``<swd>/servers/``, its election, and what it answers
+while it does not lead (SPEC section 8).
+
+A standby answers ``/healthz`` and ``GET /api/v1/server`` (who leads, at which epoch) and
+refuses everything else with 503, ``Retry-After`` and the leader's URL, so clients and
+taskers can follow. It applies nothing, so a request it refused is safe to send again
+anywhere. Once it wins, ``main`` swaps the full app in behind the same socket (``Switch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+from crq.server.election import Busy, Election, read_json
+from crq.server.settings import Settings
+from starlette.requests import Request
+from starlette.responses import Response
+
+from crq.durable import write_atomic
+from crq.wire import API, MODE_STANDBY
+
+log = logging.getLogger("crq.standby")
+
+STALE = 10.0  # a candidate's file not rewritten for this long is a dead candidate's
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class Switch:
+    """The ASGI app uvicorn serves: the standby's until the takeover, then the full one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class Candidate:
+    """One server process of a queue, leading or not."""
+
+    def __init__(
+        self, settings: Settings, election: Election, url: str, instance: str, argv: list[str]
+    ) -> None:
+        self.settings = settings
+        self.election = election
+        self.url = url
+        self.instance = instance
+        self.argv = argv  # to start again as a standby (a deposed or handing-over leader)
+        self.mode = MODE_STANDBY
+        self.epoch = 0
+        self.started_at = time.time()
+        self.stop_requested = asyncio.Event()
+        self.loading = False  # won, reading the state: "come back in a moment"
+
+    @property
+    def file(self) -> os.PathLike[str]:
+        return self.settings.paths.servers / f"{self.instance}.json"
+
+    def me(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "instance": self.instance,
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        }
+
+    def write(self, mode: str | None = None) -> None:
+        """``servers/<instance>.json``: where this candidate is and what it does now."""
+        if mode is not None:
+            self.mode = mode
+        s = self.settings
+        info = {
+            **self.me(),
+            "port": s.port,
+            "queue": s.queue,
+            "mode": self.mode,
+            "epoch": self.epoch or None,
+            "election": self.election.name,
+            "started_at": self.started_at,
+        }
+        s.paths.servers.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(self.file, orjson.dumps(info, option=orjson.OPT_INDENT_2))
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.file)
+        except OSError:
+            pass
+
+    async def campaign(self) -> int | None:
+        """Lead: at once (not a standby; raises Busy), or once the leader is gone. None when
+        asked to stop first."""
+        me = self.me()
+        if not self.settings.standby:
+            self.epoch = await self.election.campaign(me, wait=False)
+            return self.epoch
+        while not self.stop_requested.is_set():
+            if await self._holding_back():
+                await _sleep_or(self.stop_requested, 0.2)
+                continue
+            run = asyncio.ensure_future(self.election.campaign(me, wait=True))
+            stop = asyncio.ensure_future(self.stop_requested.wait())
+            done, _ = await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if run in done:
+                stop.cancel()
+                self.epoch = run.result()
+                if await self._holding_back():  # a handover to someone else began meanwhile
+                    await self.election.resign()
+                    continue
+                return self.epoch
+            run.cancel()
+        return None
+
+    async def _holding_back(self) -> bool:
+        """During a handover (``ncmgr failover``) the old leader, and candidates on other
+        hosts than the one named, let the others win."""
+        ho = read_json(self.settings.paths.handover)
+        if not ho or float(ho.get("until") or 0) < time.time():
+            return False
+        leader = await self.election.leader()
+        if leader and leader.get("instance") not in (None, ho.get("from_instance")):
+            return False  # someone else leads: the handover is over
+        if ho.get("from_pid") == os.getpid() and ho.get("from_host") == os.uname().nodename:
+            return True
+        to = str(ho.get("to") or "")
+        return bool(to) and to not in (os.uname().nodename, socket.getfqdn(), _short(to))
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+
+def _short(host: str) -> str:
+    return os.uname().nodename if host.split(".")[0] == os.uname().nodename.split(".")[0] else ""
+
+
+async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def _json(data: dict[str, Any], status: int = 200, **headers: str) -> Response:
+    return Response(orjson.dumps(data), status, headers or None, "application/json")
+
+
+def app(cand: Candidate, admin_token: Callable[[], bytes | None]) -> ASGIApp:
+    """What a standby serves. ``admin_token`` reads the swd's token (made by the leader)."""
+
+    async def leader() -> dict[str, Any] | None:
+        try:
+            return await cand.election.leader()
+        except Exception as e:  # noqa: BLE001 (etcd away: say so, keep answering)
+            log.warning("cannot ask who leads: %s", e)
+            return None
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        path, method = request.url.path, request.method
+        queue = cand.settings.queue
+        if cand.loading:
+            resp = _json(
+                {
+                    "error": "crash_recovery",
+                    "message": f"queue {queue}: taking over, loading the state; retry shortly",
+                    "recovery": {"phase": "loading"},
+                },
+                503,
+                **{"Retry-After": "1"},
+            )
+            await resp(scope, receive, send)
+            return
+        ld = await leader()
+        url = ld.get("url") if ld else None
+        if path == "/healthz":
+            resp = _json({"ok": True, "mode": MODE_STANDBY})
+        elif path == API + "/server" and method == "GET":
+            resp = _json(
+                {
+                    "queue": queue,
+                    "mode": MODE_STANDBY,
+                    "leader": url,
+                    "epoch": ld.get("epoch") if ld else None,
+                    "url": cand.url,
+                    "instance": cand.instance,
+                    "pid": os.getpid(),
+                    "host": os.uname().nodename,
+                    "election": cand.election.name,
+                    "started_at": cand.started_at,
+                }
+            )
+        elif path == API + "/server/stop" and method == "POST" and _is_admin(request, admin_token):
+            cand.request_stop()
+            resp = _json({"stopping": True, "freeze": False})
+        else:
+            where = f"the leader is at {url}" if url else "no leader is serving yet"
+            resp = _json(
+                {
+                    "error": "standby",
+                    "message": f"this server is a standby of queue {queue}; {where}",
+                    "leader": url,
+                },
+                503,
+                **{"Retry-After": "1"},
+            )
+        await resp(scope, receive, send)
+
+    return asgi
+
+
+def _is_admin(request: Request, admin_token: Callable[[], bytes | None]) -> bool:
+    scheme, _, tok = request.headers.get("authorization", "").strip().partition(" ")
+    want = admin_token()
+    return (
+        scheme.lower() == "bearer"
+        and want is not None
+        and hmac.compare_digest(tok.strip().encode(), want)
+    )
+
+
+__all__ = ["Busy", "Candidate", "Switch", "app"]
