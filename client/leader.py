@@ -13,8 +13,9 @@ from __future__ import annotations
 from crq.client import registry
 from crq.client.errors import CrqError
 
-#: The mode of a server that waits for leadership (SPEC section 8).
-MODE_STANDBY = "standby"
+from crq.wire import MODE_STANDBY
+
+__all__ = ["MODE_STANDBY", "Leader"]
 
 
 class Leader:

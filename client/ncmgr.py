@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 STOP_TIMEOUT = 60.0
 FAILOVER_TIMEOUT = 120.0
+TAKEOVER_WAIT = 10.0  # after a stop, for a standby seen taking over to say it leads
 POLL = 0.1
 #: How many ports after the queue's a standby's start looks at for a free one.
 STANDBY_PORTS = 64
@@ -283,7 +284,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         try:
             client.stop_server(freeze=args.freeze)
         except Standby:  # the candidates answer, as standbys, and none knows a leader
-            say(f"queue {place.queue} has no leader now" + _standbys_left(place, args.all))
+            say(f"queue {place.queue} has no leader now" + _standbys_wait(place))
             return rc
         except CrqError as e:
             if e.code not in ("unreachable", "timeout", "disconnected"):
@@ -295,7 +296,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
                 )
             say(f"queue {place.queue} is not running")
             return rc
-        if client.url != place.url:  # the leader was found elsewhere: its pid is not ours
+        stopped = client.url
+        if stopped != place.url:  # the leader was found elsewhere: its pid is not ours
             pid, alive = None, False
         if not _wait_gone(pid if alive else None, client, args.timeout):
             return fail(
@@ -303,24 +305,40 @@ def cmd_stop(args: argparse.Namespace) -> int:
                 f"{args.timeout:.0f} s"
             )
     clean = place.swd.clean_marker.exists()
-    left = _standbys_left(place, args.all)
     what = "frozen and stopped" if args.freeze else "stopped"
-    if clean:
-        tail = "snapshot written, clean stop"
-    elif left:
-        tail = "clean marker taken by the next leader"
-    else:
-        tail = "no clean marker: next start recovers"
     extra = "; taskers keep their running jobs for the next server" if args.freeze else ""
     gone = f", pid {pid} gone" if pid else ""
-    say(f"queue {place.queue} {what} ({tail}{gone}){extra}{left}")
-    return rc if clean or left else 1
+    taken = _next_leader(place, stopped)
+    if taken is not None:  # the marker, if any, is the next leader's to take
+        how = "clean stop" if clean else "gone"
+        say(f"queue {place.queue} leader at {stopped} {what} ({how}{gone}){extra}; "
+            f"{taken} leads now (ncmgr stop --all stops every server)")  # fmt: skip
+        return rc
+    tail = "snapshot written, clean stop" if clean else "no clean marker: next start recovers"
+    say(f"queue {place.queue} {what} ({tail}{gone}){extra}{_standbys_wait(place)}")
+    return rc if clean else 1
 
 
-def _standbys_left(place: Place, stopped_all: bool) -> str:
-    """``; the standby at URL takes over …`` while standbys live, else ``""``."""
-    if stopped_all:
-        return ""
+def _next_leader(place: Place, stopped: str) -> str | None:
+    """While other candidates live, wait (a little) for one of them to lead after a stop:
+    ``URL (epoch E)`` of the one that does, else None."""
+    deadline = time.monotonic() + TAKEOVER_WAIT
+    while True:
+        others = [
+            i
+            for i in place.servers()
+            if str(i["url"]).rstrip("/") != stopped.rstrip("/") and _maybe_alive(i)
+        ]
+        for info in others:
+            if info.get("mode") in (wire.MODE_NORMAL, wire.MODE_RECOVERING):
+                return f"{str(info['url']).rstrip('/')} (epoch {info.get('epoch', '?')})"
+        if not others or time.monotonic() > deadline:
+            return None
+        time.sleep(POLL)
+
+
+def _standbys_wait(place: Place) -> str:
+    """``; standby URL takes over …`` while standbys live, else ``""``."""
     live = [i for i in place.servers() if i.get("mode") == MODE_STANDBY and _maybe_alive(i)]
     if not live:
         return ""
@@ -413,6 +431,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     table = ("\n\nservers:\n" + servers) if servers else ""
     if status is not None:
         print(status_lines(place, status) + table)
+        if place.same_as_registered and status.get("url"):
+            _note_leader(place.queue, str(status["url"]))
         return 0
     pid = place.pid
     if pid_alive(pid):
@@ -434,6 +454,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     print(key_values([(k, v) for k, v in pairs if v is not None]) + table)
     return 1
+
+
+def _note_leader(queue: str, url: str) -> None:
+    """Keep the registry's ``url`` on the leader found (a read-only home is fine)."""
+    from crq.client import registry
+
+    try:
+        registry.set_leader(queue, url)
+    except (CrqError, OSError):
+        pass
 
 
 def server_rows(
@@ -483,9 +513,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
                         f"queue {queue}: no standby took over; the old leader leads again at "
                         f"{url} (epoch {now.get('epoch', '?')})"
                     )
-                from crq.client import registry
-
-                registry.set_leader(queue, url)
+                _note_leader(queue, url)
                 print(f"queue {queue}: leader now {url} (epoch {now.get('epoch', '?')})")
                 return 0
             time.sleep(0.2)

@@ -125,7 +125,9 @@ def add_candidate(
 
 def set_leader(queue: str, url: str) -> bool:
     """A client found ``queue``'s leader at ``url``: make it the entry's ``url`` (and a
-    candidate). True if the entry changed; an unregistered queue is left alone."""
+    candidate). ``host``/``port`` stay: they are where ``ncmgr start`` binds a leader of the
+    queue (a standby takes the next free port). True if the entry changed; an unregistered
+    queue is left alone."""
     url = url.rstrip("/")
     with _locked():
         data = entries()
@@ -135,8 +137,7 @@ def set_leader(queue: str, url: str) -> bool:
         listed = merge(*_listed(entry), url)
         if _same_url(str(entry.get("url") or ""), url) and listed == entry.get("candidates"):
             return False
-        parts = urlsplit(url)
-        entry.update(url=url, host=parts.hostname, port=parts.port, candidates=listed)
+        entry.update(url=url, candidates=listed)  # host/port stay where ncmgr start binds
         _write(data)
     return True
 

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from crq.tasker.link import SourceError
 
+from crq import wire
+
 SCHEME = "etcd://"
 TIMEOUT = 3.0
 
@@ -44,7 +46,7 @@ def parse_endpoints(text: str) -> list[str]:
 
 
 def leader_key(queue: str) -> str:
-    return f"/crq/{queue}/leader"
+    return wire.ELECTION_KEY.format(queue=queue)
 
 
 class EtcdLeader:

@@ -101,7 +101,9 @@ def test_standby_status_failover_and_stop_all(fq: Queue) -> None:
     assert q.crq("wait", str(second)).returncode == 0
 
     out = q.ncmgr("status", "--queue", q.name)
-    assert out.returncode == 0 and f"epoch    {m.group(1)}" in out.stdout, out.stdout
+    assert out.returncode == 0 and re.search(rf"^epoch +{m.group(1)}$", out.stdout, re.M)
+    rows = [line.split() for line in out.stdout.split("servers:")[1].splitlines()[2:]]
+    assert sorted((r[0], r[2]) for r in rows) == [("leader", url), ("standby", q.url)]
 
     pids = [int(json.loads(p.read_text())["pid"]) for p in (q.swd / "servers").glob("*.json")]
     out = q.ncmgr("stop", "--all", "--queue", q.name)
@@ -133,3 +135,28 @@ def test_clients_and_taskers_follow_a_kill9_takeover(fq: Queue) -> None:
     assert waiter.wait(timeout=240) == 0, waiter.stderr.read() if waiter.stderr else ""
     done = q.job(job)
     assert done["state"] == "done" and done["attempt"] == 1, done
+
+
+def test_stop_hands_over_to_a_standby_and_a_lone_standby_leads(fq: Queue) -> None:
+    q = fq
+    url = start_standby(q)
+    # --freeze: the tasker waits for the next server (a plain stop sends taskers away)
+    out = q.ncmgr("stop", "--freeze", "--queue", q.name)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert f"leader at {q.url} frozen and stopped" in out.stdout, out.stdout
+    assert f"{url} (epoch" in out.stdout
+    assert "leads now" in out.stdout, out.stdout
+    job = q.submit("--", "true")  # the registry's leader is gone: the candidate answers
+    assert q.crq("wait", str(job)).returncode == 0
+    assert entry(q)["url"] == url
+
+    out = q.ncmgr("stop", "--all", "--queue", q.name)
+    assert out.returncode == 0 and "clean stop" in out.stdout, out.stderr + out.stdout
+    assert q.ncmgr("status", "--queue", q.name).returncode == 1
+
+    # a standby with no leader to wait for takes over at once (its start may say either)
+    out = q.ncmgr("start", "--standby", "--queue", q.name, "--swd", str(q.swd), "--fsync", "never")
+    assert out.returncode == 0, out.stderr + out.stdout
+    lone = rf"queue {q.name} (started at http://\S+|standby started at \S+ .*; leader: none yet)"
+    assert re.search(lone, out.stdout), out.stdout
+    wait_until(lambda: q.ncmgr("status", "--queue", q.name).returncode == 0)

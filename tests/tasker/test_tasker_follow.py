@@ -319,17 +319,18 @@ def test_a_tasker_sent_to_a_standby_registers_with_its_leader(
 def test_a_deposed_leader_is_left_for_the_next_server(
     srv: CrqServer, tmp_path: Path, work: Path
 ) -> None:
-    StateDir(tmp_path / "tk1.state").store_epoch(5)
-    deposed = StandIn(epoch=4)
+    epoch = srv.request("GET", "/server").get("epoch") or 1  # None: a server before epochs
+    StateDir(tmp_path / "tk1.state").store_epoch(epoch)
+    deposed = StandIn(epoch=epoch - 1)
     dead = f"http://127.0.0.1:{free_port()}"
-    t = _tasker(tmp_path, srv, deposed.url, dead, srv.url)  # srv sends no epoch (older)
+    t = _tasker(tmp_path, srv, deposed.url, dead, srv.url)
     try:
         (job,) = srv.submit(_spec(work, ["true"]))
         assert srv.wait(job)["state"] == "done"
         log = t.log()
         assert log.count("is a deposed leader's") == 1, log
         assert deposed.hits == ["/api/v1/taskers/tk1/register"]
-        assert (tmp_path / "tk1.state" / "epoch").read_text() == "5\n"
+        assert (tmp_path / "tk1.state" / "epoch").read_text() == f"{epoch}\n"
     finally:
         t.kill9()
         kill_jobs(t.state)
