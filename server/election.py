@@ -1,7 +1,8 @@
 """Who leads a queue: the interface every election backend implements (SPEC section 8).
 
-A minimal stand-in holding only the Protocol and Busy of the failover contract, so the etcd
-backend can be written against them; the file backend comes with the lead's version.
+A minimal stand-in holding only the Protocol, Busy and ElectionError of the failover
+contract, so the etcd backend can be written against them; the file backend comes with the
+lead's version.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from typing import Any, Protocol
 
 
 class Busy(Exception):
-    """campaign(wait=False) found another candidate leading; ``holder`` is its published value."""
+    """``campaign(wait=False)`` while another candidate leads."""
 
     def __init__(self, holder: dict[str, Any] | None) -> None:
-        super().__init__(f"led by {holder.get('url') if holder else 'another candidate'}")
+        super().__init__("another server leads this queue")
         self.holder = holder
+
+
+class ElectionError(Exception):
+    """The election backend cannot be used (bad URL, unreachable, epoch gone backwards)."""
 
 
 class Election(Protocol):

@@ -27,22 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from crq.server.election import Busy
+import requests
+from crq.server.election import Busy, ElectionError
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import Etcd3Exception
+from etcd3gw.lease import Lease
 
-try:
-    import requests
-    from etcd3gw.client import Etcd3Client
-    from etcd3gw.exceptions import Etcd3Exception
-    from etcd3gw.lease import Lease
-
-    HAVE_ETCD3GW = True
-    # what a member that is down, cut off, or mid-election does to a call; ValueError:
-    # a body that is not JSON, LookupError/TypeError: JSON that is not the expected shape
-    _FAILURES = (Etcd3Exception, requests.RequestException, ValueError, LookupError, TypeError)
-except ImportError:  # the optional extra "etcd"
-    HAVE_ETCD3GW = False
-
-NEEDS = "the etcd election needs etcd3gw: pip install 'crq[etcd]'"
 KEY = "/crq/{}/leader"
 TRUST = 0.8  # the share of the TTL a renew is trusted for, from its send time
 POLL = 0.1  # s between looks at a held key while waiting for it to go
@@ -52,25 +42,33 @@ DEFAULT_PORT = 2379
 
 T = TypeVar("T")
 
+# what a member that is down, cut off, or mid-election does to a call; ValueError: a body
+# that is not JSON; LookupError, TypeError: JSON that is not the expected shape
+_FAILURES = (Etcd3Exception, requests.RequestException, ValueError, LookupError, TypeError)
+
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
 
 
-class Unreachable(Exception):
+class Unreachable(ElectionError):
     """No member of the cluster answered the call."""
+
+
+class BadEtcdUrl(ElectionError, ValueError):
+    """An ``--election etcd://…`` that does not parse."""
 
 
 def parse_etcd_url(text: str) -> list[str]:
     """``etcd://h1:p1,h2:p2`` -> ``["h1:p1", "h2:p2"]``; the port defaults to 2379."""
     usage = "expected etcd://HOST[:PORT][,HOST[:PORT]...]"
     if not text.startswith("etcd://"):
-        raise ValueError(f"bad etcd URL {text!r}: {usage}")
+        raise BadEtcdUrl(f"bad etcd URL {text!r}: {usage}")
     out: list[str] = []
     for item in text[len("etcd://") :].split(","):
         ep = _endpoint(item)
         if ep is None:
-            raise ValueError(f"bad etcd URL {text!r}: bad member {item!r} ({usage})")
+            raise BadEtcdUrl(f"bad etcd URL {text!r}: bad member {item!r} ({usage})")
         if ep in out:
-            raise ValueError(f"bad etcd URL {text!r}: member {ep} listed twice")
+            raise BadEtcdUrl(f"bad etcd URL {text!r}: member {ep} listed twice")
         out.append(ep)
     return out
 
@@ -181,12 +179,10 @@ class EtcdElection:
     name = "etcd"
 
     def __init__(self, endpoints: list[str], queue: str, ttl: float = 5.0) -> None:
-        if not HAVE_ETCD3GW:
-            raise RuntimeError(NEEDS)
         if not endpoints:
-            raise ValueError("the etcd election needs at least one endpoint")
+            raise ElectionError("the etcd election needs at least one endpoint")
         if not (ttl > 0 and math.isfinite(ttl)):
-            raise ValueError(f"bad election TTL {ttl!r}: a positive number of seconds")
+            raise ElectionError(f"bad election TTL {ttl!r}: a positive number of seconds")
         self.endpoints = list(endpoints)
         self.queue = queue
         self.key = KEY.format(queue)
