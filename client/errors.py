@@ -49,6 +49,16 @@ class CrashRecovery(CrqError):
         return f"{who} is in crash recovery" + (f" ({progress})" if progress else "")
 
 
+class Standby(CrqError):
+    """A standby answered (HTTP 503): nothing was done; ``leader`` is where to ask instead
+    (None while no leader is known, e.g. during an election)."""
+
+    def __init__(self, message: str, *, leader: str | None, retry_after: float) -> None:
+        super().__init__(message, status=503, code="standby")
+        self.leader = leader
+        self.retry_after = retry_after
+
+
 def recovery_progress(recovery: dict[str, Any] | None, *, approx: bool = True) -> str:
     """Summarise a recovery progress object as ``2/3 taskers back, ~87 s left``."""
     if not recovery:

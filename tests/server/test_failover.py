@@ -22,7 +22,6 @@ from tests.rigs import PATIENCE, CrqServer, Tasker, server_argv, wait_until
 from tests.server.test_crash import SETTINGS, Cluster
 
 
-
 class Failover(Cluster):
     """A Cluster whose server is whichever candidate leads now."""
 
@@ -102,7 +101,9 @@ class Failover(Cluster):
 
 
 @pytest.fixture
-def failover(tmp_path: Path, crq_tasker: Callable[..., Tasker]) -> Iterator[Callable[..., Failover]]:
+def failover(
+    tmp_path: Path, crq_tasker: Callable[..., Tasker]
+) -> Iterator[Callable[..., Failover]]:
     made: list[Failover] = []
 
     def make(n: int = 2, *extra: str) -> Failover:
