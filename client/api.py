@@ -11,10 +11,14 @@ fast. Every failure is a :class:`CrqError` whose message is one printable line.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
+from urllib.parse import urlsplit
 
 from crq.client import registry
 from crq.client.errors import CrashRecovery, CrqError, NotSent, Standby
@@ -33,10 +37,15 @@ LONG_POLL_MAX = 60
 #: After the server has answered once, how long wait()/wait_all() ride out its absence.
 RECONNECT_FOR = 300.0
 
+#: How long a submit retries through an outage (no answer, a lost connection) by default.
+SUBMIT_RETRY_FOR = 120.0
+#: Standbys followed in a row before their pointers are distrusted (waited on instead).
+MAX_HOPS = 3
+
 #: Failures a read-only wait retries once the server has been seen (it may be restarting).
 TRANSIENT = frozenset({"unreachable", "timeout", "disconnected", "standby"})
 #: Moves to another candidate within one request (standby pointers, candidates tried).
-MAX_HOPS = 4
+REQUEST_HOPS = 4
 #: How long asking a candidate whether it leads may take.
 PROBE_TIMEOUT = 3.0
 
@@ -109,7 +118,8 @@ class Client:
         self.user: str = user or login()
         self.timeout = timeout
         self._reached = False
-        #: Called with one line when a wait rides out a recovery or an outage (the CLI prints it).
+        #: Called with one line when a call rides out a recovery, an outage or a standby's
+        #: answer (the CLI prints it).
         self.notify: Callable[[str], None] | None = None
         headers = {
             wire.USER_HEADER: self.user,
@@ -167,30 +177,35 @@ class Client:
         json: Any = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """Send one request under ``/api/v1`` (or an absolute path); return the decoded JSON.
 
         Follows the leader: a standby's pointer at once; on a refused connection (nothing
         was sent) or, for a read, a connection lost mid-request, the other candidates."""
+        send = partial(
+            self._send, method, path, json=json, params=params, timeout=timeout,
+            content=content, headers=headers,
+        )  # fmt: skip
         if not self.follow:
-            return self._send(method, path, json=json, params=params, timeout=timeout)
+            return send()
         hops = 0
         while True:
             try:
-                answer = self._send(method, path, json=json, params=params, timeout=timeout)
+                answer = send()
             except Standby as e:
-                if hops >= MAX_HOPS:
+                if hops >= REQUEST_HOPS:
                     raise
                 hops += 1
-                if e.leader and not self._same(e.leader, self.url):
-                    self._move(e.leader)
-                    continue
+                if e.leader and self._follow(e.leader):
+                    continue  # nothing was done: ask the leader now
                 if self.find_leader() is not None:
                     continue
                 raise
             except CrqError as e:
                 lost_read = e.code == "disconnected" and method in ("GET", "HEAD")
-                if hops >= MAX_HOPS or not (isinstance(e, NotSent) or lost_read):
+                if hops >= REQUEST_HOPS or not (isinstance(e, NotSent) or lost_read):
                     raise
                 hops += 1
                 if self.find_leader() is None:
@@ -236,10 +251,6 @@ class Client:
         self.leader.moved(url)
         self._http.base_url = self.url
 
-    @staticmethod
-    def _same(a: str, b: str) -> bool:
-        return a.rstrip("/").lower() == b.rstrip("/").lower()
-
     def _send(
         self,
         method: str,
@@ -248,6 +259,8 @@ class Client:
         json: Any = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """One request to the URL in use."""
         import httpx
@@ -257,6 +270,10 @@ class Client:
         kwargs: dict[str, Any] = {"params": clean}
         if json is not None:
             kwargs["json"] = json
+        if content is not None:
+            kwargs["content"] = content
+        if headers:
+            kwargs["headers"] = headers
         if timeout is not None:
             kwargs["timeout"] = httpx.Timeout(timeout, connect=min(timeout, 5.0))
         try:
@@ -329,28 +346,24 @@ class Client:
         code = str(body.get("error") or f"http_{status}")
         message = str(body.get("message") or response.reason_phrase or f"HTTP {status}")
         message = " ".join(message.split())  # always one line
+        try:
+            retry_after = float(response.headers.get("Retry-After", "5"))
+        except ValueError:
+            retry_after = 5.0
+        if status == 503 and code == "standby":
+            leader = body.get("leader")
+            return Standby(
+                message,
+                leader=leader.rstrip("/") if isinstance(leader, str) and leader else None,
+                retry_after=retry_after,
+            )
         if status == 503 and code == "crash_recovery":
-            try:
-                retry_after = float(response.headers.get("Retry-After", "5"))
-            except ValueError:
-                retry_after = 5.0
             recovery = body.get("recovery")
             return CrashRecovery(
                 message,
                 retry_after=retry_after,
                 recovery=recovery if isinstance(recovery, dict) else None,
                 queue=self.queue_name,
-            )
-        if status == 503 and code == "standby":
-            leader = body.get("leader")
-            try:
-                retry_after = float(response.headers.get("Retry-After", "1"))
-            except ValueError:
-                retry_after = 1.0
-            return Standby(
-                f"{self.name} at {self.url} is a standby: {message}",
-                leader=leader.rstrip("/") if isinstance(leader, str) and leader else None,
-                retry_after=retry_after,
             )
         if status == 401:
             message = f"{message} (check CRQ_TOKEN or the token registered for {self.name})"
@@ -368,32 +381,57 @@ class Client:
             )
         return answer
 
-    def _riding_out(self, deadline: float | None, call: Callable[..., T], *args: Any) -> T:
-        """Run ``call``, retrying through crash recovery and, once the server has been seen,
-        through a restart of up to RECONNECT_FOR seconds. Used by the waits only: they are
-        read-only, so retrying is always safe."""
+    def _riding_out(
+        self,
+        deadline: float | None,
+        call: Callable[..., T],
+        *args: Any,
+        outage_for: float = RECONNECT_FOR,
+        unseen: bool = False,
+        waiting: str = "still waiting",
+    ) -> T:
+        """Run ``call``, retrying through crash recovery, through a standby's answer (at once,
+        at the leader it names) and, once the server has been seen (with ``unseen``: also
+        before), through an outage of up to ``outage_for`` seconds. Only for calls that are
+        safe to repeat: the read-only waits, and submits under an Idempotency-Key."""
         lost_since: float | None = None
         told = ""
+        hops = 0
         while True:
             try:
                 return call(*args)
             except CrashRecovery as e:
-                lost_since = None
+                lost_since, hops = None, 0
                 pause = min(max(e.retry_after, 0.5), 5.0)
                 if self.notify and told != "recovery":
-                    self.notify(f"{e.summary()}; still waiting")
+                    self.notify(f"{e.summary()}; {waiting}")
                     told = "recovery"
-            except CrqError as e:
-                transient = e.code in TRANSIENT or (e.status or 0) in (500, 502, 503, 504)
-                if not transient or not self._reached:
-                    raise
+            except Standby as e:
+                hops += 1
+                if e.leader and hops <= MAX_HOPS and self._follow(e.leader):
+                    told = ""
+                    continue  # nothing was done: ask the leader now
+                # no leader known yet (an election), or standbys naming each other: an outage
                 now = time.monotonic()
                 lost_since = lost_since or now
-                if now - lost_since > RECONNECT_FOR:
+                if now - lost_since >= outage_for:
+                    raise
+                pause = min(max(e.retry_after, 0.5), 5.0)
+                if self.notify and told != "standby":
+                    self.notify(f"{e.message}; {waiting}")
+                    told = "standby"
+            except CrqError as e:
+                transient = e.code in TRANSIENT or (e.status or 0) in (500, 502, 503, 504)
+                if not transient or not (self._reached or unseen):
+                    raise
+                hops = 0
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since >= outage_for:
                     raise
                 pause = 1.0
                 if self.notify and told != "lost":
-                    self.notify(f"{e.message}; retrying for up to {RECONNECT_FOR:.0f} s")
+                    self.notify(f"{e.message}; retrying for up to {outage_for:.0f} s")
                     told = "lost"
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -401,6 +439,18 @@ class Client:
                     raise CrqError(f"timed out waiting for {self.name}", code="timeout")
                 pause = min(pause, left)
             time.sleep(pause)
+
+    def _follow(self, leader: str) -> bool:
+        """Talk to ``leader`` from now on (a standby named it); False if it is no usable URL
+        or the one in use."""
+        url = leader.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or url == self.url:
+            return False
+        if self.notify:
+            self.notify(f"{self.name} at {self.url} is a standby; following the leader at {url}")
+        self._move(url)
+        return True
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -412,26 +462,58 @@ class Client:
         body.setdefault("cwd", os.getcwd())
         return body
 
-    def submit(self, spec: dict[str, Any] | None = None, /, **fields: Any) -> int:
+    def submit(
+        self,
+        spec: dict[str, Any] | None = None,
+        /,
+        *,
+        idempotency_key: str | None = None,
+        retry_for: float = SUBMIT_RETRY_FOR,
+        **fields: Any,
+    ) -> int:
         """Submit one job (spec dict and/or keyword fields); return its id once durable.
 
-        ``cwd`` defaults to this process's cwd; ``env`` is sent only if given.
+        ``cwd`` defaults to this process's cwd; ``env`` is sent only if given. Retried as
+        :meth:`submit_many` is.
         """
-        answer = self.request("POST", "jobs", json=self._spec(spec, fields))
-        return int(answer["ids"][0])
+        body = self._spec(spec, fields)
+        return self._submit(body, idempotency_key, retry_for)[0]
 
     def submit_many(
-        self, specs: Iterable[dict[str, Any]], env: dict[str, str] | None = None
+        self,
+        specs: Iterable[dict[str, Any]],
+        env: dict[str, str] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        retry_for: float = SUBMIT_RETRY_FOR,
     ) -> list[int]:
         """Submit a batch in one request: all accepted or none. ``env`` is the batch's default
-        environment, sent once instead of with every job."""
+        environment, sent once instead of with every job.
+
+        The request carries an Idempotency-Key (``idempotency_key``, else a new random one),
+        so it is retried as it is, and queued once, through crash recovery, a standby's
+        answer (at the leader it names) and an outage of up to ``retry_for`` seconds (no
+        answer, a lost connection). A refusal (4xx) is raised at once.
+        """
         jobs = [self._spec(s, {}) for s in specs]
         if not jobs:
             return []
         body: dict[str, Any] = {"jobs": jobs}
         if env is not None:
             body["env"] = env
-        answer = self.request("POST", "jobs", json=body)
+        return self._submit(body, idempotency_key, retry_for)
+
+    def _submit(self, body: dict[str, Any], key: str | None, retry_for: float) -> list[int]:
+        key = uuid.uuid4().hex if key is None else key
+        if not wire.valid_idempotency_key(key):
+            raise CrqError(f"idempotency_key: {wire.IDEMPOTENCY_KEY_RULE}", code="usage")
+        # encoded once: every retry sends the very bytes the key was first sent with
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {wire.IDEMPOTENCY_HEADER: key, "Content-Type": "application/json"}
+        post = partial(self._object, "POST", "jobs", content=content, headers=headers)
+        answer = self._riding_out(
+            None, post, outage_for=retry_for, unseen=True, waiting="waiting to submit"
+        )
         return [int(i) for i in answer["ids"]]
 
     def get(self, job_id: int) -> Job:

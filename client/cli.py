@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -25,7 +24,7 @@ from crq.client.clitools import (
     run,
     seconds,
 )
-from crq.client.errors import CrashRecovery, CrqError
+from crq.client.errors import CrqError
 from crq.client.table import format_table
 from crq.client.views import (
     JOB_HEADERS,
@@ -149,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait",
         action="store_true",
-        help="wait for the job(s) and exit like `crq wait`; retry while the server recovers",
+        help="wait for the job(s) and exit like `crq wait`",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(func=cmd_submit)
@@ -304,21 +303,12 @@ def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
 def cmd_submit(args: argparse.Namespace) -> int:
     specs, env = submit_specs(args)
     with _client(args) as client:
-        announced = False
-        while True:
-            try:
-                if args.file:
-                    ids = client.submit_many(specs, env=env)
-                else:
-                    ids = [client.submit({**specs[0], "env": env})]
-                break
-            except CrashRecovery as e:
-                if not args.wait:
-                    return fail(f"{e.summary()}; retry later or use --wait")
-                if not announced:
-                    print(f"crq: {e.summary()}; waiting to submit…", file=sys.stderr)
-                    announced = True
-                time.sleep(min(max(e.retry_after, 0.5), 10.0))
+        # the client retries under one Idempotency-Key through recovery, failover and outages
+        # (saying so through notify), so the jobs are queued once
+        if args.file:
+            ids = client.submit_many(specs, env=env)
+        else:
+            ids = [client.submit({**specs[0], "env": env})]
         for line in format_ids(ids):
             print(line, flush=True)
         if args.wait:

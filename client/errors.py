@@ -58,8 +58,8 @@ class NotSent(CrqError):
 
 
 class Standby(CrqError):
-    """A standby answered (HTTP 503): nothing was done; ``leader`` is the leader's URL when
-    the standby knows it."""
+    """A standby answered (HTTP 503): nothing was done; ``leader`` is where to ask instead
+    (None while no leader is known, e.g. during an election)."""
 
     def __init__(self, message: str, *, leader: str | None, retry_after: float) -> None:
         super().__init__(message, status=503, code="standby")

@@ -61,6 +61,7 @@ SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("--checkpoint-bytes", "bytes", "journal size that triggers a checkpoint"),
     ("--autoforget-done", "seconds", "forget done jobs after S (default 3600)"),
     ("--autoforget-other", "seconds", "forget other finished jobs after S (default 2 days)"),
+    ("--idempotency-window", "seconds", "keep submits' Idempotency-Keys S (default 1 day)"),
     ("--accept-loss", "flag", "start despite journal damage, dropping what is damaged"),
 )
 

@@ -61,6 +61,12 @@ MAX_ATTEMPTS_DEFAULT = 3
 
 USER_HEADER = "X-Crq-User"
 SESSION_HEADER = "X-Crq-Session"
+#: A submit's key (SPEC section 8): a repeat with the same key and user gets the first answer.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: 1 to 128 printable ASCII characters, no blank: the one rule of server, client and document.
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,128}$"
+IDEMPOTENCY_KEY_RULE = "1 to 128 printable ASCII characters without blanks"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 #: A tasker name: 1 to 128 of A-Z a-z 0-9 . _ @ -, and not "." or ".." (a URL path segment
 #: those would be taken out of). The one rule of server, tasker and the OpenAPI document.
@@ -70,6 +76,10 @@ _TASKER_NAME = re.compile(TASKER_NAME_PATTERN)
 
 def valid_tasker_name(name: str) -> bool:
     return _TASKER_NAME.fullmatch(name) is not None
+
+
+def valid_idempotency_key(key: str) -> bool:
+    return _IDEMPOTENCY_KEY.fullmatch(key) is not None
 
 
 def default_port(queue: str) -> int:

@@ -98,10 +98,12 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def submit(state: State, batch: Batch, user: str, now: float) -> tuple[list[Event], list[int]]:
+def submit(
+    state: State, batch: Batch, user: str, now: float, key: tuple[str, str] | None = None
+) -> tuple[list[Event], list[int]]:
     sub = Submission(batch.env, user, len(batch.jobs))
     sub.add(state, batch.jobs)
-    return sub.events(state, now)
+    return sub.events(state, now, key)
 
 
 async def submit_sliced(state: State, data: Any, user: str) -> Submission:
@@ -207,8 +209,11 @@ class Submission:
             if events:
                 yield events
 
-    def events(self, state: State, now: float) -> tuple[list[Event], list[int]]:
-        """The env and submit events, numbered from the state now (call once, then emit)."""
+    def events(
+        self, state: State, now: float, key: tuple[str, str] | None = None
+    ) -> tuple[list[Event], list[int]]:
+        """The env and submit events, numbered from the state now (call once, then emit).
+        ``key``: the request's Idempotency-Key and body digest, journaled with the submit."""
         events = reserve_ids(state, state.next_id + len(self.rows) - 1, now)
         env_ids: dict[str, int] = {}
         next_env = state.next_env
@@ -224,10 +229,50 @@ class Submission:
             if row[4] is not None:
                 row[4] = env_ids[row[4]]
         user = sys.intern(self.user)
-        events.append(
-            {"e": "submit", "t": now, "user": user, "jobs": self.rows, "specs": self.specs}
-        )
+        sub: event.Submit = {
+            "e": "submit",
+            "t": now,
+            "user": user,
+            "jobs": self.rows,
+            "specs": self.specs,
+        }
+        if key is not None:
+            sub["key"], sub["kd"] = key
+        events.append(sub)
         return events, [row[0] for row in self.rows]
+
+
+def body_digest(body: bytes) -> str:
+    """What a key remembers of its request: enough to tell another body from a retry."""
+    return hashlib.blake2b(body, digest_size=8).hexdigest()
+
+
+def repeated(
+    state: State, user: str, key: str, digest: str, now: float, window: float
+) -> list[int] | None:
+    """The ids of an earlier submit under this key and user within ``window`` seconds, or
+    None. The same key with another body is refused: the client reused a key by mistake.
+    Ids of jobs forgotten since are still the answer: they were the first answer."""
+    entry = state.keys.get((user, key))
+    if entry is None or now - entry[2] > window:
+        return None
+    first, count, _, kd = entry
+    if kd != digest:
+        raise BadRequest(
+            422,
+            "idempotency_mismatch",
+            f"Idempotency-Key {key} was used for another request (jobs {first}.."
+            f"{first + count - 1}): a new request needs a new key",
+        )
+    return list(range(first, first + count))
+
+
+def expire_keys(state: State, now: float, window: float) -> list[Event]:
+    """Forget the keys older than ``window``, once the oldest one is (a periodic task)."""
+    oldest = next(iter(state.keys.values()), None)
+    if oldest is None or now - oldest[2] <= window:
+        return []
+    return [{"e": "keys_expire", "t": now, "before": now - window}]
 
 
 def _default_name(command: list[str] | str) -> str:

@@ -15,7 +15,8 @@ the record instead of parsing every spec. orjson never writes a raw newline (it 
 control characters in strings), so a line break can only be a separator.
 
 A submit event: ``{"e": "submit", "t", "user", "jobs": [[id, priority, resources, name,
-env, rerunnable, max_attempts], …]}`` plus ``"specs"``: the spec bytes, in job order.
+env, rerunnable, max_attempts], …]}`` plus ``"specs"``: the spec bytes, in job order,
+and, for a request with an Idempotency-Key, ``"key"`` and ``"kd"`` (its body's digest).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ class Submit(TypedDict):
     user: str
     jobs: list[list[Any]]
     specs: list[bytes]  # written raw after the record's JSON, one a line (see encode)
+    key: NotRequired[str]  # the request's Idempotency-Key (absent: none, or an older journal)
+    kd: NotRequired[str]  # with ``key``: a digest of the request body (server/commands.py)
+
+
+class KeysExpire(TypedDict):
+    """Idempotency keys of submits before ``before`` are forgotten (the window passed)."""
+
+    e: Literal["keys_expire"]
+    t: float
+    before: float
 
 
 class Dispatch(TypedDict):
@@ -182,6 +193,7 @@ Event = (
     | TaskerLost
     | Resources
     | EpochEvent
+    | KeysExpire
 )
 
 

@@ -31,7 +31,13 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.routing import Match
 from starlette.types import Scope
 
-from crq.wire import JOB_STATES, SESSION_HEADER, TASKER_NAME_PATTERN
+from crq.wire import (
+    IDEMPOTENCY_HEADER,
+    IDEMPOTENCY_KEY_PATTERN,
+    JOB_STATES,
+    SESSION_HEADER,
+    TASKER_NAME_PATTERN,
+)
 
 Schema = dict[str, Any]
 
@@ -187,14 +193,15 @@ ANSWERS: dict[str, Schema] = {
 }
 
 _WHY = {
-    400: "malformed JSON, or a query value outside its set",
+    400: "malformed JSON, a query value outside its set, or a malformed Idempotency-Key",
     401: "no token, or a wrong one (WWW-Authenticate: Bearer)",
     403: "the tasker token on a client route",
     404: "no such job, tasker or file",
     409: "the job's state does not allow it; the tasker name is held by another session "
     "(Retry-After), or the tasker must register first",
     413: "the body is too large",
-    422: "a field is invalid: the message names it (`jobs[3].env: …`)",
+    422: "a field is invalid: the message names it (`jobs[3].env: …`); "
+    "`idempotency_mismatch`: the Idempotency-Key was used for another body",
     503: "crash recovery (Retry-After), or the server is stopping",
 }
 CLIENT = (401, 403, 503)  # any client route: tokens, then crash recovery
@@ -323,6 +330,15 @@ TASKER_PARAMS: list[Schema] = [
     },
 ]
 
+#: Said in words, not as a parameter: a fuzzer sending one would reuse short keys with other
+#: bodies, and a 422 for a schema-valid request reads to it as a wrong refusal.
+SUBMIT_NOTE = (
+    f"With a header `{IDEMPOTENCY_HEADER}` (pattern `{IDEMPOTENCY_KEY_PATTERN}`), a repeat with "
+    "the same key and user within the server's `idempotency_window` answers the first "
+    "submit's ids (201) and queues nothing; the same key with another body is refused (422 "
+    "`idempotency_mismatch`), a malformed key too (400)."
+)
+
 
 _NUL = {"pattern": "\\x00"}
 #: The validators' patterns (anchored, since pydantic searches) in the equivalent form the
@@ -448,6 +464,8 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
             }
         if "{name}" in path and path.startswith("/api/v1/taskers/"):
             item["parameters"] = TASKER_PARAMS
+        if (method, path) == ("post", "/api/v1/jobs"):
+            item["description"] = SUBMIT_NOTE
         for param in item.get("parameters", []):
             if path == "/api/v1/jobs" and param["name"] == "state":
                 param["schema"] = {"type": "string", "enum": list(JOB_STATES)}

@@ -3,8 +3,9 @@
 Checks, after Accelerator's list: every running job is on a live tasker that confirmed it;
 each tasker runs exactly the jobs that name it; slot and resource use equals what running
 jobs hold (invariant 5); global resource use likewise; state counters and queue buckets
-match the jobs; ids are unique and below ``next_id``. With ``fix``, derived data is
-recomputed in place and orphaned attempts are recovered through journaled events.
+match the jobs; ids are unique and below ``next_id``, as are the ids idempotency keys
+answer. With ``fix``, derived data is recomputed in place and orphaned attempts are
+recovered through journaled events.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def check(
     _counters(state, counts, found)
     _buckets(state, counts, found)
     _next_id(state, found)
+    _keys(state, found)
     return r
 
 
@@ -181,6 +183,16 @@ def _next_id(state: State, found: _Finder) -> None:
         found(
             f"next id {state.next_id} not above the highest id {max(state.jobs)}",
             lambda: setattr(state, "next_id", max(state.jobs) + 1),
+        )
+
+
+def _keys(state: State, found: _Finder) -> None:
+    """A key answers ids that were given: below ``next_id`` (ids are never given twice)."""
+    top = max((first + count - 1 for first, count, _, _ in state.keys.values()), default=0)
+    if top >= state.next_id:
+        found(
+            f"next id {state.next_id} not above the id {top} an idempotency key answers",
+            lambda: setattr(state, "next_id", top + 1),
         )
 
 

@@ -25,6 +25,7 @@ class Settings:
     autoforget_other: float = 2 * 86400.0
     max_connections: int = 4096  # fewer if the open-file limit is lower
     idle_timeout: float = 30.0  # an idle or half-sent request is closed after this
+    idempotency_window: float = 86400.0  # a submit's Idempotency-Key is kept this long
     accept_loss: bool = False
     standby: bool = False  # wait for leadership instead of refusing to start (SPEC 8)
     election: str = "file"  # or etcd://host:port[,host:port…]
@@ -48,6 +49,7 @@ TUNABLES = {
     "idle_timeout": float,
     "election": str,
     "election_ttl": float,
+    "idempotency_window": float,
 }
 
 
@@ -120,6 +122,8 @@ def load(argv: list[str] | None = None) -> Settings:
         raise SettingsError(f"fsync must be always or never, not {s.fsync!r}")
     if s.max_connections < 1 or s.idle_timeout <= 0:
         raise SettingsError("max_connections must be at least 1 and idle_timeout above 0")
+    if not s.idempotency_window > 0:
+        raise SettingsError(f"idempotency_window must be above 0, not {s.idempotency_window}")
     return s
 
 

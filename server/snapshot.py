@@ -32,7 +32,10 @@ from crq.wire import QUEUED, RUNNING
 # A snapshot is rewritten at every checkpoint, so its layout may change: bump VERSION, keep
 # reading the previous versions (a snapshot left by the older server), and say here what
 # each version is.
-VERSION = 2  # 2: jobs in chunks of CHUNK, specs raw; 1 (still read): a record a job
+# 3: as 2, plus records {"keys": [[user, key, first id, count, time, digest], …]} (the
+#    idempotency keys, oldest first, CHUNK a record); 2 (still read, no keys): jobs in chunks
+#    of CHUNK, specs raw; 1 (still read): a record a job.
+VERSION = 3
 CHUNK = 1000
 PREFIX = "snapshot."
 KEEP = 2  # the newest and its predecessor, to fall back to
@@ -234,6 +237,9 @@ def _put_all(state: State, f: BinaryIO, header: dict[str, Any], chunk: int) -> N
             rows, specs = [], []
     if rows:
         put_raw(NL.join([dumps(rows), *specs]))
+    keys = [[user, key, *entry] for (user, key), entry in state.keys.items()]
+    for at in range(0, len(keys), chunk):
+        put({"keys": keys[at : at + chunk]})
     put({"end": n + 1})
 
 
@@ -254,7 +260,7 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
             rec = orjson.loads(payload)
             if not isinstance(rec, dict) or rec.get("kind") != "crq-snapshot":
                 raise SnapshotError(f"{path}: not a crq snapshot")
-            if rec["version"] not in (1, VERSION):
+            if rec["version"] not in (1, 2, VERSION):
                 raise SnapshotError(f"{path}: snapshot version {rec['version']} unsupported")
             header = rec
             continue
@@ -272,6 +278,9 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
             state.envs[rec["env"]] = rec["vars"]
         elif "tasker" in rec:
             _load_tasker(state, rec["tasker"])
+        elif "keys" in rec:
+            for user, key, first, count, t, kd in rec["keys"]:
+                state.remember_key(user, key, (first, count, t, kd))
         elif "end" in rec:
             if rec["end"] != seq:
                 raise SnapshotError(f"{path}: end record says {rec['end']} records, found {seq}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from crq.server.events import (
     Finish,
     Forget,
     Ids,
+    KeysExpire,
     Recover,
     Rerun,
     Resources,
@@ -37,6 +39,11 @@ from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
 
 TASKER_READY = "ready"
 TASKER_LOST = "lost"
+
+
+#: An idempotency key's entry: (first id, job count, time of the submit, body digest); its
+#: ids are first .. first + count - 1 (a submit's ids are contiguous).
+KeyEntry = tuple[int, int, float, str]
 
 
 def env_digest(env: dict[str, str]) -> str:
@@ -261,6 +268,8 @@ class State:
         self.global_total: dict[str, int] = dict(global_resources or {})
         self.global_used: dict[str, int] = {}
         self.needs = NeedCache()
+        # (user, Idempotency-Key) of the submits within the window, oldest first
+        self.keys: dict[tuple[str, str], KeyEntry] = {}
         self.on_final: Callable[[Job], None] | None = None
         # a kind's handler; typed Any here, each handler takes its kind's TypedDict
         self._apply: dict[str, Callable[[Any], None]] = {
@@ -278,6 +287,7 @@ class State:
             "tasker_lost": self._tasker_lost,
             "resources": self._resources,
             "epoch": self._epoch,
+            "keys_expire": self._keys_expire,
         }
 
     # -- the one writer -------------------------------------------------------------------
@@ -394,6 +404,14 @@ class State:
             self.enqueue_all(new)
             self.counts[QUEUED] += len(new)
             self.next_id = max(self.next_id, new[-1].id + 1)  # ids ascend within a submit
+        if "key" in ev and new:
+            self.remember_key(user, ev["key"], (new[0].id, len(new), t, ev["kd"]))
+
+    def remember_key(self, user: str, key: str, entry: KeyEntry) -> None:
+        """A key's entry, placed last (so keys stay oldest first: a reused one moves)."""
+        k = (sys.intern(user), key)
+        self.keys.pop(k, None)
+        self.keys[k] = entry
 
     def add_job(self, job: Job) -> None:
         self.jobs[job.id] = job
@@ -544,3 +562,14 @@ class State:
 
     def _epoch(self, ev: EpochEvent) -> None:
         self.epoch, self.leader = ev["epoch"], dict(ev["leader"])
+
+    def _keys_expire(self, ev: KeysExpire) -> None:
+        """Drop the oldest keys, up to the first one submitted at or after ``before``."""
+        keys, before = self.keys, ev["before"]
+        gone = []
+        for k, entry in keys.items():  # collected first: deleting while iterating is an error
+            if entry[2] >= before:
+                break
+            gone.append(k)
+        for k in gone:
+            del keys[k]

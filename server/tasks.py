@@ -1,4 +1,5 @@
-"""The loops of a serving process: checkpoints, the high-water mark, autoforget, the monitor.
+"""The loops of a serving process: checkpoints, the high-water mark, autoforget, the expiry
+of idempotency keys, the monitor.
 
 Each takes the ``Service`` and runs until cancelled at the stop (server/main.py).
 """
@@ -12,7 +13,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from crq.server.commands import lose_tasker
+from crq.server.commands import expire_keys, lose_tasker
 from crq.server.monitor import silent
 from crq.server.service import Service
 
@@ -23,7 +24,7 @@ monitor_log = logging.getLogger("crq.monitor")
 
 
 def background(srv: Service) -> list[Coroutine[Any, Any, None]]:
-    return [_checkpoints(srv), _marks(srv), _autoforget(srv), watch(srv)]
+    return [_checkpoints(srv), _marks(srv), _autoforget(srv), _expire_keys(srv), watch(srv)]
 
 
 async def _checkpoints(srv: Service) -> None:
@@ -75,6 +76,18 @@ async def _autoforget(srv: Service) -> None:
             if gone:
                 engine.emit([{"e": "forget", "t": now, "jobs": gone}])
             await asyncio.sleep(0)
+
+
+async def _expire_keys(srv: Service) -> None:
+    """Forget idempotency keys past the window, as journaled events (so replay agrees)."""
+    engine = srv.engine
+    window = srv.settings.idempotency_window
+    period = max(0.5, min(60.0, window / 4))
+    while True:
+        await asyncio.sleep(period)
+        if engine.mode != MODE_NORMAL or engine.shutting_down:
+            continue
+        engine.emit(expire_keys(engine.state, time.time(), window))
 
 
 async def watch(srv: Service) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.core import Core, InProcess
+from tests.etcd import etcd_cluster  # noqa: F401 (a fixture, for every test module)
 from tests.rigs import CrqServer, Tasker, kill_jobs
 
 MARK = "CRQ_TEST_RUN"

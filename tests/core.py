@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from crq.server import commands, snapshot
 from crq.server.app import create_app
 from crq.server.engine import Engine
@@ -21,6 +22,7 @@ from crq.server.settings import load
 from crq.server.state import State
 
 T = TypeVar("T")
+SORTED = orjson.OPT_SORT_KEYS
 TOKEN, TASKER_TOKEN = "admin-token", "tasker-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 TASKER = {"Authorization": f"Bearer {TASKER_TOKEN}"}
@@ -33,6 +35,7 @@ class Core:
         self.state = State()
         self.events: list[Event] = []
         self.now = 1_000_000.0
+        self.window = 20.0  # idempotency_window of keyed submits
         if global_resources:
             self.emit([{"e": "resources", "t": self.now, "totals": global_resources}])
 
@@ -47,11 +50,20 @@ class Core:
         self.now += 1.0
         return self.now
 
-    def submit(self, n: int = 1, **spec: Any) -> list[int]:
+    def submit(self, n: int = 1, key: str | None = None, **spec: Any) -> list[int]:
+        """Submit as alice; with ``key``, as a request with that Idempotency-Key would (the
+        body's digest made of ``n`` and the spec): a repeat queues nothing."""
         spec.setdefault("command", ["true"])
         spec.setdefault("cwd", "/tmp")
         batch = Batch(jobs=[JobSpec(**spec) for _ in range(n)])
-        events, ids = commands.submit(self.state, batch, "alice", self.tick())
+        now = self.tick()
+        keyed = None
+        if key is not None:
+            keyed = (key, commands.body_digest(orjson.dumps([n, spec], option=SORTED)))
+            ids = commands.repeated(self.state, "alice", *keyed, now, self.window)
+            if ids is not None:
+                return ids
+        events, ids = commands.submit(self.state, batch, "alice", now, keyed)
         self.emit(events)
         return ids
 
@@ -107,6 +119,7 @@ def fingerprint(state: State) -> dict[str, Any]:
         "queue": list(state.queue_order()),
         "next_id": state.next_id,
         "seq": state.seq,
+        "keys": list(state.keys.items()),  # in order: expiry drops the oldest first
     }
 
 

@@ -18,7 +18,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from crq.wire import JOB_STATES, QUEUED, RUNNING
+from crq.wire import (
+    IDEMPOTENCY_HEADER,
+    IDEMPOTENCY_KEY_RULE,
+    JOB_STATES,
+    QUEUED,
+    RUNNING,
+    valid_idempotency_key,
+)
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
 BIG_BODY = 1 << 20  # a submit body over this is parsed and applied with the collector paused
@@ -32,16 +39,27 @@ def routes(srv: Service) -> list[BaseRoute]:
         user = auth.client(srv, request)
         if engine.shutting_down:
             raise BadRequest(503, "stopping", "the server is stopping")
+        key = _idempotency_key(request)
         body = await request.body()
-        if len(body) <= BIG_BODY:
-            ids = await _submit(parse_json(body), user)
-        else:
-            with commands.collector_paused():
-                ids = await _submit(parse_json(body), user)
+        keyed = (key, commands.body_digest(body)) if key is not None else None
+        ids = _repeated(user, keyed)
+        if ids is None:
+            if len(body) <= BIG_BODY:
+                ids = await _submit(parse_json(body), user, keyed)
+            else:
+                with commands.collector_paused():
+                    ids = await _submit(parse_json(body), user, keyed)
+        # also for a repeat: the first answer may not be durable yet when the repeat comes
         await engine.durable()
         return JSON({"ids": ids}, status_code=201)
 
-    async def _submit(data: Any, user: str) -> list[int]:
+    def _repeated(user: str, keyed: tuple[str, str] | None) -> list[int] | None:
+        if keyed is None:
+            return None
+        window = srv.settings.idempotency_window
+        return commands.repeated(srv.state, user, *keyed, time.time(), window)
+
+    async def _submit(data: Any, user: str, keyed: tuple[str, str] | None) -> list[int]:
         """A batch of more than SLICE jobs is checked, and its envs defined, in slices that
         let other requests through, then applied as one submit event: still all accepted
         or all refused, its ids contiguous."""
@@ -52,7 +70,11 @@ def routes(srv: Service) -> list[BaseRoute]:
             for envs in sub.env_slices(srv.state):
                 engine.emit(envs)
                 await asyncio.sleep(0)
-        events, ids = sub.events(srv.state, time.time())
+        # a retry of this very request may have come and gone while it was checked
+        ids = _repeated(user, keyed)
+        if ids is not None:
+            return ids
+        events, ids = sub.events(srv.state, time.time(), keyed)
         engine.emit(events)
         return ids
 
@@ -150,3 +172,11 @@ def routes(srv: Service) -> list[BaseRoute]:
         return JSON({"id": job_id, "forgotten": True})
 
     return [Route(API + "/jobs", submit, methods=["POST"]), *router.routes]
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, None without one; a malformed one is refused."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not valid_idempotency_key(key):
+        raise BadRequest(400, "invalid", f"{IDEMPOTENCY_HEADER}: {IDEMPOTENCY_KEY_RULE}")
+    return key

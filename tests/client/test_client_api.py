@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from crq.client.api import Client
-from crq.client.errors import CrashRecovery, CrqError
+from crq.client.errors import CrashRecovery, CrqError, Standby
 
 from crq import wire
 
@@ -144,7 +144,7 @@ def test_crash_recovery_is_typed() -> None:
         return httpx.Response(503, json=body, headers={"Retry-After": "7"})
 
     with make(handler) as c, pytest.raises(CrashRecovery) as exc:
-        c.submit(command="true")
+        c.queue()  # not retried: only the waits and submits ride recovery out
     e = exc.value
     assert e.status == 503 and e.code == "crash_recovery" and e.retry_after == 7.0
     assert e.summary() == "queue q is in crash recovery (2/3 taskers back, ~87 s left)"
@@ -268,3 +268,145 @@ def test_control_endpoints() -> None:
         ("POST", "/api/v1/server/sanity?fix=1"),
     ]
     assert json.loads(seen[4][2]) == {"freeze": True}
+
+
+# -- submits: an Idempotency-Key, and retries of the very same request ----------------------
+
+
+def test_a_submit_carries_a_new_key_and_its_own_on_request() -> None:
+    keys: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers[wire.IDEMPOTENCY_HEADER])
+        assert request.headers["content-type"] == "application/json"
+        return httpx.Response(201, json={"ids": [7]})
+
+    with make(handler) as c:
+        c.submit(command="true")
+        c.submit(command="true")
+        c.submit_many([{"command": "true"}], idempotency_key="mine-1")
+        with pytest.raises(CrqError) as exc:
+            c.submit(command="true", idempotency_key="has blank")
+        assert exc.value.code == "usage" and len(keys) == 3
+    assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys[:2]) and keys[0] != keys[1]
+    assert keys[2] == "mine-1"
+
+
+def test_a_lost_connection_is_retried_with_the_same_key_and_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    seen: list[tuple[str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers[wire.IDEMPOTENCY_HEADER], request.content))
+        if len(seen) == 1:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        if len(seen) == 2:  # the server got it, then went away before answering
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        if len(seen) == 3:
+            return httpx.Response(503, json={"error": "stopping", "message": "stopping"})
+        return httpx.Response(201, json={"ids": [4, 5]})
+
+    notes: list[str] = []
+    with make(handler) as c:
+        c.notify = notes.append
+        assert c.submit_many([{"command": "a"}, {"command": "b"}], env={"A": "1"}) == [4, 5]
+    assert len(seen) == 4 and len(set(seen)) == 1
+    assert len(notes) == 1 and "connection refused" in notes[0] and "120 s" in notes[0]
+
+
+def test_crash_recovery_is_ridden_out_and_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr("time.sleep", pauses.append)
+    answers = [
+        httpx.Response(503, json={"error": "crash_recovery", "message": "m",
+                                  "recovery": {"seconds_left": 9}},
+                       headers={"Retry-After": "2"}),
+        httpx.Response(503, json={"error": "crash_recovery", "message": "m"},
+                       headers={"Retry-After": "3"}),
+        httpx.Response(201, json={"ids": [9]}),
+    ]  # fmt: skip
+    keys: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers[wire.IDEMPOTENCY_HEADER])
+        return answers.pop(0)
+
+    notes: list[str] = []
+    with make(handler) as c:
+        c.notify = notes.append
+        assert c.submit(command="true") == 9
+    assert pauses == [2.0, 3.0] and len(set(keys)) == 1
+    assert notes == ["queue q is in crash recovery (~9 s left); waiting to submit"]
+
+
+def test_a_standby_answer_sends_the_submit_to_the_leader_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("time.sleep", lambda s: pytest.fail("a standby's leader is asked at once"))
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get(wire.IDEMPOTENCY_HEADER, "")))
+        if request.url.host == "fake":
+            body = {"error": "standby", "message": "a standby", "leader": "http://lead:2/"}
+            return httpx.Response(503, json=body, headers={"Retry-After": "1"})
+        return httpx.Response(201, json={"ids": [3]})
+
+    notes: list[str] = []  # (GET /queue answers {"ids": [3]} too)
+    with make(handler) as c:
+        c.notify = notes.append
+        assert c.submit(command="true") == 3
+        assert c.url == "http://lead:2"
+        c.queue()  # later calls go to the leader too
+    assert [u for u, _ in seen[:2]] == ["http://fake:1/api/v1/jobs", "http://lead:2/api/v1/jobs"]
+    assert seen[0][1] == seen[1][1] and seen[2][0].startswith("http://lead:2/")
+    assert notes == ["queue q at http://fake:1 is a standby; following the leader at http://lead:2"]
+
+
+def test_a_standby_that_knows_no_leader_is_waited_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr("time.sleep", pauses.append)
+    answers = [
+        httpx.Response(503, json={"error": "standby", "message": "no leader", "leader": None},
+                       headers={"Retry-After": "1"}),
+        httpx.Response(201, json={"ids": [1]}),
+    ]  # fmt: skip
+
+    with make(lambda request: answers.pop(0)) as c:
+        assert c.submit(command="true") == 1
+    assert pauses == [1.0]
+
+
+def test_standby_is_typed() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {"error": "standby", "message": "standby of q", "leader": "http://l:1"}
+        return httpx.Response(503, json=body, headers={"Retry-After": "4"})
+
+    with make(handler) as c, pytest.raises(Standby) as exc:
+        c.queue()
+    assert exc.value.leader == "http://l:1" and exc.value.retry_after == 4.0
+
+
+def test_a_refusal_is_raised_at_once_and_an_outage_after_retry_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        calls.append("refused")
+        return httpx.Response(422, json={"error": "idempotency_mismatch", "message": "m"})
+
+    with make(refuse) as c, pytest.raises(CrqError) as exc:
+        c.submit(command="true")
+    assert exc.value.code == "idempotency_mismatch" and calls == ["refused"]
+
+    def down(request: httpx.Request) -> httpx.Response:
+        calls.append("down")
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    with make(down) as c, pytest.raises(CrqError) as exc:
+        c.submit(command="true", retry_for=0)
+    assert exc.value.code == "unreachable" and calls.count("down") == 1

@@ -204,7 +204,7 @@ def test_a_standby_without_leader_is_a_typed_503() -> None:
     with client(hosts, "http://b:2") as c, pytest.raises(Standby) as exc:
         c.get(7)
     assert exc.value.status == 503 and exc.value.leader is None
-    assert exc.value.message == "the crq server at http://b:2 is a standby: a standby of queue q"
+    assert exc.value.message == "a standby of queue q"
 
 
 def test_standbys_pointing_at_each_other_end() -> None:

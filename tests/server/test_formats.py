@@ -180,3 +180,19 @@ def test_recover_of_a_planned_stop_is_uncharged_and_round_trips() -> None:
     assert planned["charge"] is False
     for ev in (charged, planned, events.tasker_lost("t1", "silent", 5.0)):
         assert events.decode(events.encode(ev)) == ev
+
+
+def test_snapshot_version_2_loads_without_keys_and_a_keyed_one_with_them(tmp_path: Path) -> None:
+    """Version 2 is version 3 without key records: an older server's snapshot loads."""
+    core = busy_core()
+    path = snapshot.write(core.state, tmp_path, fsync=False)
+    records = [p for _, p in snapshot.RecordReader(path, path.read_bytes())]
+    header = orjson.loads(records[0])
+    assert header["version"] == snapshot.VERSION == 3
+    records[0] = orjson.dumps({**header, "version": 2})
+    path.write_bytes(b"".join(frame(i + 1, p) for i, p in enumerate(records)))
+    loaded = snapshot.read(path)
+    assert fingerprint(loaded) == fingerprint(core.state) and loaded.keys == {}
+    core.submit(2, key="k")
+    path = snapshot.write(core.state, tmp_path, fsync=False)
+    assert snapshot.read(path).keys == core.state.keys != {}

@@ -33,6 +33,7 @@ op = st.one_of(
         st.sampled_from(RESOURCES),
         st.sampled_from([None, {"A": "1"}, {"B": "2"}]),
         st.booleans(),
+        st.sampled_from([None, "k1", "k2"]),  # Idempotency-Key: repeats, mismatches
     ),
     st.tuples(
         st.just("register"),
@@ -50,6 +51,7 @@ op = st.one_of(
     st.tuples(st.just("rerun"), st.integers(0, 50)),
     st.tuples(st.just("forget"), st.integers(0, 50)),
     st.tuples(st.just("lose"), st.sampled_from(TASKERS)),
+    st.tuples(st.just("expire"), st.integers(0, 40)),  # seconds pass, old keys expire
 )
 
 
@@ -60,7 +62,12 @@ def run(ops: list[tuple]) -> Core:
         running = [j for j in core.state.jobs.values() if j.state == "running"]
         try:
             if kind == "submit":
-                core.submit(o[1], priority=o[2], resources=o[3], env=o[4], rerunnable=o[5])
+                spec = {"priority": o[2], "resources": o[3], "env": o[4], "rerunnable": o[5]}
+                ids = core.submit(o[1], key=o[6], **spec)
+                if o[6] is not None:  # at once again: the same ids, nothing queued
+                    seq = core.state.seq
+                    assert core.submit(o[1], key=o[6], **spec) == ids
+                    assert core.state.seq == seq
             elif kind == "register":
                 core.register(o[1], slots=o[2], resources=o[3], rebooted=o[4], session=o[5])
             elif kind == "dispatch":
@@ -85,6 +92,9 @@ def run(ops: list[tuple]) -> Core:
                 core.emit(cmd(core.state, ids[o[1] % len(ids)], core.tick()))
             elif kind == "lose" and o[1] in core.state.taskers:
                 core.emit(lose_tasker(core.state, o[1], "lost", core.tick()))
+            elif kind == "expire":
+                core.now += o[1]
+                core.emit(commands.expire_keys(core.state, core.tick(), core.window))
         except BadRequest:
             pass  # refused: changes nothing, checked below by replay equality
     return core
