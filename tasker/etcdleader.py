@@ -10,38 +10,38 @@ from __future__ import annotations
 
 import base64
 import json
-from urllib.parse import urlsplit
+import re
 
 from crq.tasker.link import SourceError
 
 from crq import wire
 
 SCHEME = "etcd://"
+DEFAULT_PORT = 2379
 TIMEOUT = 3.0
+_ENDPOINT = re.compile(
+    r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<v6port>\d{1,5}))?"
+    r"|(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::(?P<port>\d{1,5}))?"
+)
 
 
 def parse_endpoints(text: str) -> list[str]:
-    """``etcd://h1:p1,h2:p2`` (the scheme may be left out) → ``["http://h1:p1", …]``."""
-    body = text.strip()
-    if body.startswith(SCHEME):
-        body = body[len(SCHEME) :]
-    elif "://" in body:
-        raise ValueError(f"want etcd://host:port[,host:port…], not {text!r}")
-    out = []
-    for part in body.split(","):
-        part = part.strip().rstrip("/")
-        if not part:
-            continue
-        split = urlsplit(f"//{part}")
-        try:
-            port = split.port
-        except ValueError:
-            port = None
-        if not split.hostname or port is None or split.path:
-            raise ValueError(f"bad etcd endpoint {part!r} (want host:port)")
-        out.append(f"http://{part}")
-    if not out:
-        raise ValueError(f"no etcd endpoint in {text!r}")
+    """``etcd://h1:p1,h2`` → ``["http://h1:p1", "http://h2:2379"]``: the syntax of the
+    servers' ``--election etcd://…`` (crq.server.election_etcd.parse_etcd_url, which
+    imports the etcd client; this one is stdlib only)."""
+    usage = "want etcd://HOST[:PORT][,HOST[:PORT]…]"
+    if not text.startswith(SCHEME):
+        raise ValueError(f"{usage}, not {text!r}")
+    out: list[str] = []
+    for item in text[len(SCHEME) :].split(","):
+        m = _ENDPOINT.fullmatch(item.strip())
+        port = int(m["port"] or m["v6port"] or DEFAULT_PORT) if m else 0
+        if m is None or not 1 <= port <= 65535:
+            raise ValueError(f"bad etcd member {item!r} ({usage})")
+        host = f"[{m['v6']}]" if m["v6"] else m["host"]
+        url = f"http://{host}:{port}"
+        if url not in out:
+            out.append(url)
     return out
 
 

@@ -344,8 +344,9 @@ def test_usage_errors_of_the_new_flags(tmp_path: Path) -> None:
     for args, words in [
         (["--server", " , "], "--server names no URL"),
         (["--server", "http://a:1,b:2"], "bad server URL (want http://host:port): b:2"),
-        (["--etcd", "http://h:1"], "bad --etcd: want etcd://host:port"),
-        (["--etcd", "etcd://h"], "bad --etcd: bad etcd endpoint 'h'"),
+        (["--etcd", "http://h:1"], "bad --etcd: want etcd://HOST[:PORT]"),
+        (["--etcd", "etcd://h:1,"], "bad --etcd: bad etcd member ''"),
+        (["--etcd", "etcd://h:99999"], "bad --etcd: bad etcd member 'h:99999'"),
         (["--swd", str(tmp_path), "--queue", "q"], "--queue goes with --etcd"),
     ]:
         r = subprocess.run(base + args, env=env, capture_output=True, text=True, timeout=60)
@@ -399,6 +400,7 @@ def test_the_leader_is_read_from_etcd(etcd: str) -> None:
     dead = f"127.0.0.1:{free_port()}"
     endpoints = parse_endpoints(f"etcd://{dead},{etcd.removeprefix('http://')}")
     assert endpoints == [f"http://{dead}", etcd]
+    assert parse_endpoints("etcd://h,[::1]:7,h:2379") == ["http://h:2379", "http://[::1]:7"]
     find = EtcdLeader(endpoints, "q1")
     with pytest.raises(link.SourceError, match="no leader in etcd yet"):
         find()
