@@ -481,3 +481,27 @@ def test_a_tasker_sent_to_a_real_standby_follows_the_handover(
     wait_until(lambda: _mode(standby) == "normal")
     (job,) = standby.submit(_spec(work, ["true"]))
     assert standby.wait(job)["state"] == "done"
+
+
+@needs_standby
+def test_a_tasker_finds_the_leader_in_etcd_across_a_kill9(
+    etcd_cluster: Any, crq_server: Any, crq_tasker: Any, tmp_path: Path, work: Path
+) -> None:
+    swd = tmp_path / "q.swd"
+    election = ("--election", etcd_cluster.url, "--election-ttl", "2")
+    leader = crq_server(*SETTINGS, *election, swd=swd)
+    standby = crq_server(*SETTINGS, *election, "--standby", swd=swd)
+    wait_until(lambda: _mode(standby) == "standby")
+    env = env_with_root()
+    env["CRQ_TASKER_TOKEN"] = leader.tasker_token
+    t = crq_tasker("tk1", "--etcd", etcd_cluster.url, "--queue", "t1", start=False)
+    t.start(env=env)
+    gate = work / "gate"
+    (job,) = leader.submit(_spec(work, f"while [ ! -e {gate} ]; do sleep 0.02; done"))
+    wait_until(lambda: leader.request("GET", f"/jobs/{job}")["state"] == "running")
+    leader.kill9()  # its lease runs out; the standby wins and publishes itself
+    wait_until(lambda: _mode(standby) == "normal")
+    gate.touch()
+    done = standby.wait(job)
+    assert done["state"] == "done" and done["attempt"] == 1, done
+    assert f"registered with {standby.url}" in t.log()
