@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from crq.client import registry
 from crq.client.errors import CrashRecovery, CrqError, NotSent, Standby
-from crq.client.leader import MODE_STANDBY, Leader
+from crq.client.leader import Leader
 
 from crq import __version__, wire
 
@@ -224,7 +224,7 @@ class Client:
             info = self.probe(url)
             if info is None:
                 continue
-            if info.get("mode") == MODE_STANDBY:
+            if info.get("mode") == wire.MODE_STANDBY:
                 pointer = info.get("leader")
                 if isinstance(pointer, str) and pointer.startswith(("http://", "https://")):
                     self._move(pointer)
@@ -303,8 +303,7 @@ class Client:
         except httpx.HTTPError as e:
             reason = " ".join(str(e).split()) or "connection failed"
             raise CrqError(
-                f"{self.name} at {self.url}: {type(e).__name__}: {reason}",
-                code="unreachable",
+                f"{self.name} at {self.url}: {type(e).__name__}: {reason}", code="unreachable"
             ) from None
         self._reached = True
         if response.status_code >= 400:

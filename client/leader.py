@@ -13,10 +13,6 @@ from __future__ import annotations
 from crq.client import registry
 from crq.client.errors import CrqError
 
-from crq.wire import MODE_STANDBY
-
-__all__ = ["MODE_STANDBY", "Leader"]
-
 
 class Leader:
     """The URL in use and the candidates to try when it goes."""

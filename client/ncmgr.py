@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
 from crq.client.errors import CrqError, Standby
-from crq.client.leader import MODE_STANDBY
 from crq.client.place import (
     DEFAULT_HOST,
     Place,
@@ -340,7 +339,7 @@ def _next_leader(place: Place, stopped: str) -> str | None:
 
 def _standbys_wait(place: Place) -> str:
     """``; standby URL takes over …`` while standbys live, else ``""``."""
-    live = [i for i in place.servers() if i.get("mode") == MODE_STANDBY and _maybe_alive(i)]
+    live = [i for i in place.servers() if i.get("mode") == wire.MODE_STANDBY and _maybe_alive(i)]
     if not live:
         return ""
     urls = ", ".join(str(i["url"]) for i in live)
@@ -358,7 +357,7 @@ def _stop_standbys(place: Place, timeout: float) -> int:
     ``POST /server/stop``, else (a standby that refuses it) by SIGTERM when on this host."""
     rc = 0
     for info in place.servers():
-        if info.get("mode") != MODE_STANDBY:
+        if info.get("mode") != wire.MODE_STANDBY:
             continue
         url = str(info["url"])
         raw = info.get("pid")
@@ -416,10 +415,10 @@ def leader_status(client: Client) -> dict[str, Any] | None:
         if e.code not in ("unreachable", "timeout", "disconnected", "standby"):
             raise
         return None
-    if status.get("mode") == MODE_STANDBY:
+    if status.get("mode") == wire.MODE_STANDBY:
         pointer = status.get("leader")
         status = client.probe(str(pointer)) if pointer else None
-        if status is None or status.get("mode") == MODE_STANDBY:
+        if status is None or status.get("mode") == wire.MODE_STANDBY:
             return None
     return status
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 from crq.client import registry
 from crq.client.clitools import fail, say
 from crq.client.errors import CrqError, recovery_progress
-from crq.client.leader import MODE_STANDBY
 from crq.client.place import Place, read_server_json
 
 from crq import procfs, wire
@@ -159,14 +158,14 @@ class Starter:
             self._check(busy_counts=False)
             client = self._client()
             health = client.health(timeout=1.0)
-            if health is not None and health.get("mode") == MODE_STANDBY:
+            if health is not None and health.get("mode") == wire.MODE_STANDBY:
                 return True
             if health is not None:
                 try:
                     mode = client.server().get("mode")
                 except CrqError:
                     mode = None
-                if mode == MODE_STANDBY:
+                if mode == wire.MODE_STANDBY:
                     return True
                 if mode in (wire.MODE_NORMAL, wire.MODE_RECOVERING):
                     return False
