@@ -493,6 +493,14 @@ def cmd_failover(args: argparse.Namespace) -> int:
         if before is None:
             return fail(f"queue {queue} has no leader to hand over (see ncmgr status)")
         where = str(before.get("url") or client.url)
+        if args.to:
+            standbys = [i for i in place.servers() if i.get("mode") == wire.MODE_STANDBY]
+            hosts = {str(i.get("host")) for i in standbys}
+            if hosts and not any(_same_host(args.to, h) for h in hosts):
+                return fail(
+                    f"queue {queue} has no standby on {args.to} (standbys on: "
+                    f"{', '.join(sorted(hosts))}); nothing was handed over"
+                )
         try:
             client.failover(args.to)
         except CrqError as e:
@@ -521,6 +529,11 @@ def cmd_failover(args: argparse.Namespace) -> int:
         f"queue {queue}: {where} handed over, but no other server leads after "
         f"{args.timeout:.0f} s (see ncmgr status)"
     )
+
+
+def _same_host(a: str, b: str) -> bool:
+    """``node`` and ``node.example.com`` name the same host."""
+    return a == b or a.split(".")[0] == b.split(".")[0]
 
 
 def _new_leader(place: Place, client: Client, before: dict[str, Any]) -> dict[str, Any] | None:

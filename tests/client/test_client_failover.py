@@ -88,7 +88,12 @@ def test_standby_status_failover_and_stop_all(fq: Queue) -> None:
     assert out.returncode == 0, out.stderr
     first = int(out.stdout.split()[0])
 
-    out = q.ncmgr("failover", "--queue", q.name)
+    out = q.ncmgr("failover", "--queue", q.name, "--to", "elsewhere.example")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "has no standby on elsewhere.example" in out.stderr
+    assert "nothing was handed over" in out.stderr
+
+    out = q.ncmgr("failover", "--queue", q.name, "--to", os.uname().nodename)
     assert out.returncode == 0, out.stderr + out.stdout
     m = re.fullmatch(rf"queue {q.name}: leader now {re.escape(url)} \(epoch (\d+)\)\n", out.stdout)
     assert m, out.stdout
