@@ -79,6 +79,7 @@ class Failover(Cluster):
                         continue
                     if r.status_code == 201:
                         self.acked.extend(r.json()["ids"])
+                        time.sleep(0.2)  # a load the taskers keep up with
                     elif r.status_code == 503 and r.json().get("error") == "standby":
                         leader = r.json().get("leader")
                         for cand in self.cands:
@@ -92,6 +93,19 @@ class Failover(Cluster):
             th = threading.Thread(target=loop, daemon=True)
             th.start()
             self._threads.append(th)
+
+    def wait_all_done(self, timeout: float = PATIENCE) -> dict[int, dict[str, Any]]:
+        try:
+            return super().wait_all_done(timeout)
+        except AssertionError:  # say which jobs hang, and where
+            jobs = self.srv.request("GET", "/jobs?limit=10000")["jobs"]
+            left = [
+                (j["id"], j["state"], j["tasker"], j["attempt"], j["reason"])
+                for j in jobs
+                if j["state"] in ("queued", "running")
+            ]
+            taskers = self.srv.request("GET", "/taskers")["taskers"]
+            raise AssertionError(f"jobs not settled: {left[:20]}; taskers {taskers}") from None
 
     def close(self) -> None:
         super().close()
