@@ -163,6 +163,8 @@ def test_a_leader_cut_off_from_etcd_stops_acknowledging_and_is_replaced(
     for p in proxies:
         p.cut()
     cut = time.monotonic()
+    # it answers HTTP all along: it must stand down by itself, within its TTL
+    wait_until(lambda: (i := f.info(a)) is not None and i["mode"] == "standby")
     assert f.leader() is b
     won = time.monotonic()
     wait_until(lambda: len(f.acks_of(b.url, won)) > 10)
