@@ -29,6 +29,7 @@ MODERATE: dict[str, list[str]] = {
     "recovery": ["--sizes", "10000,100000", "--snapshot-size", "100000", "--tasker-size", "10000"],
     "checkpoint": ["--jobs", "200000"],
     "bigbatch": ["--jobs", "100000", "--repeat", "2"],
+    "takeover": ["--sizes", "10000,100000", "--submit-seconds", "3"],
 }
 FULL: dict[str, list[str]] = {
     "submit": ["--seconds", "10"],
@@ -45,6 +46,7 @@ FULL: dict[str, list[str]] = {
     ],
     "checkpoint": ["--jobs", "1000000"],
     "bigbatch": ["--jobs", "100000", "--repeat", "3"],
+    "takeover": ["--sizes", "10000,100000,1000000", "--submit-seconds", "5"],
 }
 
 
