@@ -11,8 +11,9 @@ lease runs out after up to its TTL), loading (snapshot + replay) and opening.
 The etcd cluster is the tests' (tests/etcd.py): three real members on loopback.
 
 Submit runs: durable single submits (as ``submit.py``: wrk, or its Python generator) to a
-leader with the file election and one with the etcd election, alternately, twice each. The
-lease check before each write is local (no I/O), so etcd should cost next to nothing.
+leader with the file election and one with the etcd election, alternately, ``--submit-rounds``
+(2) times each; the best run of each counts. The lease check before each write is local (no
+I/O), so etcd should cost next to nothing.
 """
 
 from __future__ import annotations
@@ -368,7 +369,7 @@ def submit_once(srv: Server, seconds: float, conns: int, tmp: Path, tool: str) -
 
 
 def submit_compare(
-    tmp: Path, etcd_url: str, ttl: float, seconds: float, conns: int
+    tmp: Path, etcd_url: str, ttl: float, seconds: float, conns: int, rounds: int
 ) -> list[Figure]:
     tool = "wrk" if shutil.which("wrk") else "python"
     if tool == "python":
@@ -388,7 +389,7 @@ def submit_compare(
         for srv in servers.values():
             srv.wait_normal()
             load(srv, json.dumps(ONE_JOB).encode(), conns, 1.0, tmp, tool, 1)  # warm-up
-        for name in ["file", "etcd", "file", "etcd"]:
+        for name in ["file", "etcd"] * rounds:
             r = submit_once(servers[name], seconds, conns, tmp, tool)
             runs[name].append(r)
             log(
@@ -397,12 +398,14 @@ def submit_compare(
             )
         for srv in servers.values():
             srv.stop()
-    rate = {k: statistics.mean(r.rate for r in v) for k, v in runs.items()}
+    # best of the runs: a co-tenant can only slow a run down, so the best is the least
+    # disturbed one (the runs alternate, so a slow spell hits either election alike)
+    rate = {k: max(r.rate for r in v) for k, v in runs.items()}
     cpu = {k: statistics.mean(r.cpu_us for r in v) for k, v in runs.items()}
     each = {k: " / ".join(f"{r.rate:,.0f}" for r in v) for k, v in runs.items()}
-    note = f"{conns} conns, {tool}, mean of 2 runs"
+    note = f"{conns} conns, {tool}, best of {rounds}"
     ratio = rate["etcd"] / rate["file"]
-    log(f"etcd / file: {ratio:.3f}")
+    log(f"etcd / file (best runs): {ratio:.3f}")
     return [
         info(
             BENCH,
@@ -419,8 +422,8 @@ def submit_compare(
             f"{note}: {each['etcd']}",
         ),
         at_least(BENCH, "single submits/s etcd / file", ratio, "x", 0.9, f"etcd ttl {ttl:g}"),
-        info(BENCH, "server CPU per submit, file", cpu["file"], "us", note),
-        info(BENCH, "server CPU per submit, etcd", cpu["etcd"], "us", note),
+        info(BENCH, "server CPU per submit, file", cpu["file"], "us", f"mean of {rounds}"),
+        info(BENCH, "server CPU per submit, etcd", cpu["etcd"], "us", f"mean of {rounds}"),
     ]
 
 
@@ -441,6 +444,9 @@ def main() -> None:
         help="length of each single-submit run, file vs etcd (0: skip)",
     )
     p.add_argument("--conns", type=int, default=16, help="concurrent clients, single submits")
+    p.add_argument(
+        "--submit-rounds", type=int, default=2, help="single-submit runs per election, alternated"
+    )
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -477,7 +483,9 @@ def main() -> None:
         if args.submit_seconds > 0:
             assert cluster is not None
             ttl = ttls[0] if ttls else 5.0
-            figures += submit_compare(tmp, cluster.url, ttl, args.submit_seconds, args.conns)
+            figures += submit_compare(
+                tmp, cluster.url, ttl, args.submit_seconds, args.conns, max(1, args.submit_rounds)
+            )
     finally:
         if cluster is not None:
             cluster.stop()
