@@ -1,7 +1,8 @@
 """Run every benchmark one after the other and print one table against the targets.
 
 Moderate sizes by default (a few minutes on a 2-core machine); ``--full`` uses the sizes
-the targets are stated for (1,000,000 jobs), still within about ten minutes. Each
+the targets are stated for (1,000,000 jobs), still within about ten minutes (and six more
+for the takeover runs, which fill 1,000,000 jobs once per election). Each
 benchmark runs as its own process (``python bench/<name>.py … --json FILE``) and its
 output is shown as it goes.
 """
