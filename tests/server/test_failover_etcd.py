@@ -172,3 +172,30 @@ def test_a_leader_cut_off_from_etcd_stops_acknowledging_and_is_replaced(
     f.stop_submitting()
     assert not late, f"acknowledged {len(late)} submits more than a TTL after the cut"
     f.check()
+
+
+def test_a_killed_etcd_leader_is_replaced_without_waiting_for_its_lease(
+    etcd_failover: Callable[..., Watched],
+) -> None:
+    """server.lock is the leader's sign of life: freed by its death, the standby sees it
+    and revokes the dead leader's lease instead of waiting the TTL out."""
+    f = etcd_failover()
+    a, b = f.cands
+    assert f.leader() is a
+    held = a.submit(*[f.held() for _ in range(3)])
+    wait_until(lambda: all(a.request("GET", f"/jobs/{i}")["state"] == "running" for i in held))
+    f.submit_loop()
+    wait_until(lambda: len(f.acks_of(a.url, 0)) > 5)
+    a.kill9()
+    assert f.leader() is b
+    log = (a.swd / "logs" / "server.log").read_text()
+    assert f"leader {a.url} (epoch" in log and "is gone: revoking its lease" in log
+    wait_until(lambda: len(f.acks_of(b.url, 0)) > 5)
+    f.stop_submitting()
+    assert _reports_jobs(f) >= len(held)
+    (f.tmp / "gate").touch()
+    f.check()
+
+
+def _reports_jobs(f: Watched) -> int:
+    return int(f.reports()[-1]["jobs"]["reattached"])
