@@ -79,8 +79,9 @@ class Restart:
         return ", ".join(parts)
 
 
-LOADED = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*crq.server: loaded \d+ jobs .* in ([\d.]+) s"
+LOADED = re.compile(  # "loaded …", or since the failover server "epoch N: loaded …"
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*crq.server: "
+    r"(?:epoch \d+: )?loaded \d+ jobs .* in ([\d.]+) s"
 )
 
 

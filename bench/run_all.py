@@ -1,7 +1,8 @@
 """Run every benchmark one after the other and print one table against the targets.
 
 Moderate sizes by default (a few minutes on a 2-core machine); ``--full`` uses the sizes
-the targets are stated for (1,000,000 jobs), still within about ten minutes. Each
+the targets are stated for (1,000,000 jobs), still within about ten minutes (and six more
+for the takeover runs, which fill 1,000,000 jobs once per election). Each
 benchmark runs as its own process (``python bench/<name>.py … --json FILE``) and its
 output is shown as it goes.
 """
@@ -29,6 +30,7 @@ MODERATE: dict[str, list[str]] = {
     "recovery": ["--sizes", "10000,100000", "--snapshot-size", "100000", "--tasker-size", "10000"],
     "checkpoint": ["--jobs", "200000"],
     "bigbatch": ["--jobs", "100000", "--repeat", "2"],
+    "takeover": ["--sizes", "10000,100000", "--submit-seconds", "3"],
 }
 FULL: dict[str, list[str]] = {
     "submit": ["--seconds", "10"],
@@ -45,6 +47,7 @@ FULL: dict[str, list[str]] = {
     ],
     "checkpoint": ["--jobs", "1000000"],
     "bigbatch": ["--jobs", "100000", "--repeat", "3"],
+    "takeover": ["--sizes", "10000,100000,1000000", "--submit-seconds", "5"],
 }
 
 

@@ -145,6 +145,57 @@ class FileElection:
             self._fd = None
 
 
+class SignOfLife:
+    """server.lock as an etcd leader's sign of life, for standbys sharing its swd.
+
+    An etcd leader killed with -9 keeps its lease until the TTL runs out. If it held the
+    flock on server.lock (best effort: it leads without it), the kernel frees that at its
+    death, and a standby that then finds the lock free with the leader's instance written
+    in it knows the leader is gone and revokes its lease at once: a takeover in well under
+    a second instead of a TTL. A live leader keeps the lock; a hung one too (the TTL
+    replaces it, as before), and fencing covers the rest.
+    """
+
+    def __init__(self, paths: Swd) -> None:
+        self.paths = paths
+        self._fd: int | None = None
+
+    def take(self, instance: str) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self.paths.server_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {instance}\n".encode(), 0)
+        self._fd = fd
+        return True
+
+    def gone(self, holder: dict[str, Any]) -> bool:
+        """``holder`` (the etcd leader) took the lock, and no process holds it now."""
+        try:
+            fd = os.open(self.paths.server_lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # held: the leader lives (or another candidate is looking)
+            words = os.pread(fd, 128, 0).decode(errors="replace").split()
+        finally:
+            os.close(fd)  # and with it our shared lock
+        return len(words) >= 2 and bool(holder.get("instance")) and words[1] == holder["instance"]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def make(spec: str, paths: Swd, queue: str, ttl: float) -> Election:
     """The backend ``spec`` names: ``file``, or ``etcd://host:port[,host:port…]``."""
     if spec == "file":
@@ -158,6 +209,8 @@ def make(spec: str, paths: Swd, queue: str, ttl: float) -> Election:
             raise ElectionError(
                 f"the etcd election needs the etcd extra (pip install 'crq[etcd]'): {e}"
             ) from None
-        made: Election = election_etcd.EtcdElection(election_etcd.parse_etcd_url(spec), queue, ttl)
-        return made
+        made = election_etcd.EtcdElection(election_etcd.parse_etcd_url(spec), queue, ttl)
+        made.holder_dead = SignOfLife(paths).gone
+        chosen: Election = made
+        return chosen
     raise ElectionError(f"election must be file or etcd://host:port[,…], not {spec!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import re
 import threading
@@ -47,6 +48,8 @@ T = TypeVar("T")
 _FAILURES = (Etcd3Exception, requests.RequestException, ValueError, LookupError, TypeError)
 
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+
+log = logging.getLogger("crq.election")
 
 
 class Unreachable(ElectionError):
@@ -158,6 +161,7 @@ def _holder(kv: dict[str, Any]) -> dict[str, Any]:
         value = None
     out = dict(value) if isinstance(value, dict) else {}
     out["epoch"] = int(kv["create_revision"])
+    out["lease"] = int(kv.get("lease", 0))
     return out
 
 
@@ -204,6 +208,8 @@ class EtcdElection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cache: tuple[float, dict[str, Any] | None] = (-math.inf, None)
         self._cache_lock = asyncio.Lock()
+        # the leader is known dead without waiting for its TTL (election.SignOfLife)
+        self.holder_dead: Callable[[dict[str, Any]], bool] | None = None
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -352,6 +358,14 @@ class EtcdElection:
             self._cache = (time.monotonic(), holder)
             if holder is None:
                 return
+            dead = self.holder_dead
+            if dead is not None and holder.get("lease") and await asyncio.to_thread(dead, holder):
+                log.warning(
+                    "leader %s (epoch %s) is gone: revoking its lease",
+                    holder.get("url"),
+                    holder.get("epoch"),
+                )
+                await asyncio.to_thread(self._revoke_quietly, int(holder["lease"]))
 
     def _revoke_quietly(self, lease: int, members: _Members | None = None) -> None:
         try:

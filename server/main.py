@@ -405,7 +405,10 @@ async def serve(
     running = [asyncio.create_task(t) for t in tasks.background(srv)]
     running.append(asyncio.create_task(_exit_when_stopped(srv, server)))
     running.append(asyncio.create_task(_watch_lease(cand)))
-    running.append(asyncio.create_task(_keep_pointing(srv, cand)))
+    life = election.SignOfLife(settings.paths) if cand.election.name != "file" else None
+    if life is not None and not life.take(cand.instance):
+        log.info("server.lock is busy: standbys will wait for the lease's TTL if we die")
+    running.append(asyncio.create_task(_keep_pointing(srv, cand, life)))
     log.info(
         "serving queue %s at %s (pid %d, epoch %d, %s election)",
         settings.queue, srv.url, os.getpid(), srv.epoch, cand.election.name,
@@ -445,10 +448,13 @@ async def _watch_lease(cand: Candidate) -> None:
     stand_by_now(cand, "the election lease is lost")
 
 
-async def _keep_pointing(srv: Service, cand: Candidate) -> None:
-    """server.json points at the leader: put it back if anything else wrote it."""
+async def _keep_pointing(srv: Service, cand: Candidate, life: election.SignOfLife | None) -> None:
+    """server.json points at the leader: put it back if anything else wrote it. An etcd
+    leader also keeps trying for server.lock, its sign of life (election.SignOfLife)."""
     while True:
         await asyncio.sleep(2.0)
+        if life is not None:
+            life.take(cand.instance)
         info = election.read_json(srv.settings.paths.server_json)
         if not srv.engine.shutting_down and (info or {}).get("instance") != srv.instance:
             log.warning("server.json named another server: written again")

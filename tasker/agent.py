@@ -52,8 +52,11 @@ log = logging.getLogger("crq.tasker")
 BACKOFF_START = 0.2
 BACKOFF_CAP = 30.0
 NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --dead-host)
-REPORT_TIMEOUT = 30.0
-POLL_SLACK = 15.0
+# A report answers in milliseconds (the server holds it only for an fsync); a server that
+# has not answered in this long is hung or gone (SIGSTOP, a cut link): try where the
+# leader is now. Reports are fenced by attempt, so sending one again is harmless.
+REPORT_TIMEOUT = 5.0
+POLL_SLACK = 5.0  # past the heartbeat a long poll may last
 RESEND_DELAY = 1.0
 MAX_HOPS = 5  # standby pointers followed at once in a row; then at the standby's pace
 

@@ -120,6 +120,7 @@ def fingerprint(state: State) -> dict[str, Any]:
         "next_id": state.next_id,
         "seq": state.seq,
         "keys": list(state.keys.items()),  # in order: expiry drops the oldest first
+        "epoch": (state.epoch, state.leader),
     }
 
 

@@ -21,8 +21,6 @@ import pytest
 from tests.rigs import PATIENCE, CrqServer, Tasker, server_argv, wait_until
 from tests.server.test_crash import SETTINGS, Cluster
 
-BACKLOG = 200  # acknowledged jobs not run yet, at most, while the submitters go on
-
 
 class Failover(Cluster):
     """A Cluster whose server is whichever candidate leads now."""
@@ -81,7 +79,7 @@ class Failover(Cluster):
                         continue
                     if r.status_code == 201:
                         self.acked.extend(r.json()["ids"])
-                        self._keep_up()
+                        time.sleep(0.2)  # a load the taskers keep up with
                     elif r.status_code == 503 and r.json().get("error") == "standby":
                         leader = r.json().get("leader")
                         for cand in self.cands:
@@ -96,17 +94,18 @@ class Failover(Cluster):
             th.start()
             self._threads.append(th)
 
-    def _keep_up(self) -> None:
-        """Submit no faster than the taskers run: with taskers that follow every takeover
-        at once, two unthrottled submitters queue more than drains within PATIENCE."""
-        while not self._stop.is_set():
-            try:
-                ran = self.runs.read_bytes().count(b"\n")
-            except OSError:
-                ran = 0
-            if len(self.acked) - ran <= BACKLOG:
-                return
-            time.sleep(0.05)
+    def wait_all_done(self, timeout: float = PATIENCE) -> dict[int, dict[str, Any]]:
+        try:
+            return super().wait_all_done(timeout)
+        except AssertionError:  # say which jobs hang, and where
+            jobs = self.srv.request("GET", "/jobs?limit=10000")["jobs"]
+            left = [
+                (j["id"], j["state"], j["tasker"], j["attempt"], j["reason"])
+                for j in jobs
+                if j["state"] in ("queued", "running")
+            ]
+            taskers = self.srv.request("GET", "/taskers")["taskers"]
+            raise AssertionError(f"jobs not settled: {left[:20]}; taskers {taskers}") from None
 
     def close(self) -> None:
         super().close()

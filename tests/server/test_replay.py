@@ -52,6 +52,7 @@ op = st.one_of(
     st.tuples(st.just("forget"), st.integers(0, 50)),
     st.tuples(st.just("lose"), st.sampled_from(TASKERS)),
     st.tuples(st.just("expire"), st.integers(0, 40)),  # seconds pass, old keys expire
+    st.tuples(st.just("takeover"), st.sampled_from(["http://a", "http://b"])),  # a new leader
 )
 
 
@@ -92,6 +93,11 @@ def run(ops: list[tuple]) -> Core:
                 core.emit(cmd(core.state, ids[o[1] % len(ids)], core.tick()))
             elif kind == "lose" and o[1] in core.state.taskers:
                 core.emit(lose_tasker(core.state, o[1], "lost", core.tick()))
+            elif kind == "takeover":
+                st_ = core.state
+                prev = {"epoch": st_.epoch, **st_.leader} if st_.epoch else {}
+                ev = commands.take_over(st_.epoch + 1, st_.seq, {"url": o[1]}, prev, core.tick())
+                core.emit([ev])
             elif kind == "expire":
                 core.now += o[1]
                 core.emit(commands.expire_keys(core.state, core.tick(), core.window))
