@@ -313,6 +313,8 @@ def lead(cand: Candidate) -> tuple[Service, replay.Replayed, bool]:
     engine.fresh_within = 3 * settings.heartbeat + 1  # a long poll lasts at most 3 heartbeats
     srv = Service(settings, engine, admin.encode(), tasker.encode(), cand.instance, cand.url)
     srv.epoch, srv.previous = epoch, prev
+    with contextlib.suppress(marks.MarkError):
+        srv.queue_id = str((marks.read_identity(paths.trace) or {}).get("uuid") or "")
     srv.standbys = lambda: _standbys(paths, cand.instance)
     return srv, loaded, unclean
 

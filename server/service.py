@@ -80,6 +80,7 @@ class Service:
     metrics: CollectorRegistry | None = None  # made at the first scrape (server/metrics.py)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     epoch: int = 0  # this leader's (server/fence.py)
+    queue_id: str = ""  # the uuid in trace.db/queue.json: epochs count per queue
     previous: dict[str, Any] = field(default_factory=dict)  # the leader before: epoch, url…
     standbys: Callable[[], list[str]] = list  # the URLs of the other candidates
     step_down: Callable[[str], None] | None = None  # lost the lease: stop acting, now

@@ -118,7 +118,8 @@ class Agent:
         self._instance: Any = None
         self._failures = 0
         self._hops = 0  # standby pointers followed since the last registration
-        self._epoch = state.stored_epoch()  # the highest leader epoch seen (see _admit)
+        # the highest leader epoch seen, and of which queue (see _admit)
+        self._epoch, self._queue_id = state.stored_epoch(), state.stored_queue()
         self._next_try = 0.0
         self._down_since: float | None = None
         self._shutdown = False
@@ -382,6 +383,20 @@ class Agent:
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             log.error("server %s sent a bad epoch %.50r: ignoring its answer", self._url, epoch)
             return BadAnswer(f"bad epoch {epoch!r}")
+        queue_id = answer.get("queue_id")
+        if isinstance(queue_id, str) and queue_id and queue_id != self._queue_id:
+            # another queue (or one made anew in the same place): its epochs count afresh
+            if self._queue_id:
+                log.info(
+                    "queue %s: epochs count from this queue's, not %s's", queue_id, self._queue_id
+                )
+            try:
+                self.state.store_epoch(epoch, queue_id)
+            except OSError as e:
+                log.error("cannot record leader epoch %d: %s; ignoring its orders", epoch, e)
+                return Failure(f"cannot record epoch {epoch}: {e}")
+            self._epoch, self._queue_id = epoch, queue_id
+            return None
         if epoch < self._epoch:
             log.warning(
                 "ignoring the orders of %s: epoch %d is a deposed leader's (epoch %d seen, "
@@ -394,7 +409,7 @@ class Agent:
             return Deposed(f"epoch {epoch} < {self._epoch}", epoch, self._epoch)
         if epoch > self._epoch:
             try:
-                self.state.store_epoch(epoch)
+                self.state.store_epoch(epoch, self._queue_id)
             except OSError as e:
                 log.error("cannot record leader epoch %d: %s; ignoring its orders", epoch, e)
                 return Failure(f"cannot record epoch {epoch}: {e}")

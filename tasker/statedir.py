@@ -199,16 +199,24 @@ class StateDir:
 
     def stored_epoch(self) -> int:
         """The highest leader epoch this tasker acted on (0: none yet, or unreadable)."""
-        try:
-            text = (self.root / "epoch").read_text().strip()
-        except OSError:
-            return 0
-        return int(text) if text.isdigit() else 0
+        words = self._epoch_words()
+        return int(words[0]) if words and words[0].isdigit() else 0
 
-    def store_epoch(self, epoch: int) -> None:
+    def stored_queue(self) -> str:
+        """The queue that epoch is of ("" when unknown: written by an older version)."""
+        words = self._epoch_words()
+        return words[1] if len(words) > 1 and words[0].isdigit() else ""
+
+    def _epoch_words(self) -> list[str]:
+        try:
+            return (self.root / "epoch").read_text().split()
+        except OSError:
+            return []
+
+    def store_epoch(self, epoch: int, queue_id: str = "") -> None:
         """Durable before any order of that epoch is acted on, so a restarted tasker still
-        refuses the deposed leader."""
-        self.write_atomic(self.root / "epoch", f"{epoch}\n".encode())
+        refuses the deposed leader. Epochs count per queue: ``queue_id`` says whose."""
+        self.write_atomic(self.root / "epoch", f"{epoch} {queue_id}".strip().encode() + b"\n")
 
     def identity(self) -> str:
         """This state dir's id. The same id tells the server we remember every attempt we

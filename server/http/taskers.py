@@ -68,6 +68,7 @@ def routes(srv: Service) -> list[BaseRoute]:
             "heartbeat": srv.settings.heartbeat,
             "instance": srv.instance,
             "epoch": srv.epoch,
+            "queue_id": srv.queue_id,
         }
         if issued is not None:
             answer["session"] = issued
@@ -101,6 +102,7 @@ def routes(srv: Service) -> list[BaseRoute]:
                 "ack": [{"job": j, "attempt": a} for j, a in out.ack],
                 "shutdown": engine.shutting_down and not engine.freeze,
                 "epoch": srv.epoch,
+                "queue_id": srv.queue_id,
             }
         )
 

@@ -330,11 +330,34 @@ def test_a_deposed_leader_is_left_for_the_next_server(
         log = t.log()
         assert log.count("is a deposed leader's") == 1, log
         assert deposed.hits == ["/api/v1/taskers/tk1/register"]
-        assert (tmp_path / "tk1.state" / "epoch").read_text() == f"{epoch}\n"
+        words = (tmp_path / "tk1.state" / "epoch").read_text().split()
+        assert words[0] == str(epoch) and words[1] == _queue_id(srv)
     finally:
         t.kill9()
         kill_jobs(t.state)
         deposed.close()
+
+
+def _queue_id(srv: CrqServer) -> str:
+    return str(json.loads((srv.swd / "trace.db" / "queue.json").read_text())["uuid"])
+
+
+@needs_server
+def test_epochs_count_per_queue_a_tasker_moved_to_a_new_queue_takes_its_orders(
+    srv: CrqServer, tmp_path: Path, work: Path
+) -> None:
+    """A state dir that saw epoch 90 of another queue (or of this swd before it was made
+    anew) must not refuse a new queue's epoch 1 or 2."""
+    StateDir(tmp_path / "tk1.state").store_epoch(90, "another-queue")
+    t = _tasker(tmp_path, srv, srv.url)
+    try:
+        (job,) = srv.submit(_spec(work, ["true"]))
+        assert srv.wait(job)["state"] == "done"
+        words = (tmp_path / "tk1.state" / "epoch").read_text().split()
+        assert words == [str(srv.request("GET", "/server")["epoch"]), _queue_id(srv)]
+    finally:
+        t.kill9()
+        kill_jobs(t.state)
 
 
 def test_usage_errors_of_the_new_flags(tmp_path: Path) -> None:
@@ -461,7 +484,7 @@ def test_a_takeover_after_kill9_keeps_the_running_job(
     assert done["state"] == "done" and done["attempt"] == 1, done  # it ran once, throughout
     epoch = standby.request("GET", "/server")["epoch"]
     assert epoch > first
-    assert (t.state / "epoch").read_text() == f"{epoch}\n"
+    assert (t.state / "epoch").read_text().split()[0] == str(epoch)
 
 
 @needs_standby
