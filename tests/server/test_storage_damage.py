@@ -60,8 +60,12 @@ def submit_many(srv: CrqServer, n: int, batch: int = 10) -> list[int]:
 
 
 def newest_segment(srv: CrqServer) -> Path:
-    """The newest segment that holds records (a start leaves an empty one behind it)."""
-    return max((p for p in trace(srv).glob("CR.*") if p.stat().st_size), key=lambda p: p.name)
+    """The newest segment that holds records (a start leaves one behind it with no more
+    than its epoch header)."""
+    return max(
+        (p for p in trace(srv).glob("CR.*") if p.stat().st_size > fence.HEADER.size),
+        key=lambda p: p.name,
+    )
 
 
 def mark_catches_up(srv: CrqServer) -> None:
