@@ -77,8 +77,11 @@ def write_many(
             fsync_dir(d)
 
 
-def lock_pidfile(path: str | os.PathLike[str], mode: int = PRIVATE, wait: bool = False) -> int:
-    """Hold an flock on ``path`` for this process's life and write our pid into it.
+def lock_pidfile(
+    path: str | os.PathLike[str], mode: int = PRIVATE, wait: bool = False, note: str = ""
+) -> int:
+    """Hold an flock on ``path`` for this process's life and write our pid into it (and
+    ``note`` after it, on the same line).
 
     Returns the fd (close it to let go; it is not inherited by children). Raises LockBusy
     naming the holder's pid when another process has it and ``wait`` is false.
@@ -93,5 +96,5 @@ def lock_pidfile(path: str | os.PathLike[str], mode: int = PRIVATE, wait: bool =
         raise LockBusy(p, holder) from None
     os.fchmod(fd, mode)  # a lock file an older version made readable to all
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} {note}".strip().encode() + b"\n", 0)
     return fd

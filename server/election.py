@@ -23,6 +23,7 @@ import orjson
 from crq.server import fence
 from crq.server.journal import list_segments
 
+from crq.durable import LockBusy, lock_pidfile
 from crq.wire import Swd
 
 POLL = 0.05  # a standby asks for the lock this often: the takeover's delay after a death
@@ -94,16 +95,10 @@ class FileElection:
         self._seen: tuple[float, dict[str, Any] | None] = (0.0, None)
 
     def _try(self) -> bool:
-        fd = os.open(self.paths.server_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._fd = lock_pidfile(self.paths.server_lock)
+        except LockBusy:
             return False
-        os.fchmod(fd, 0o600)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
         return True
 
     async def campaign(self, me: dict[str, Any], wait: bool) -> int:
@@ -163,15 +158,10 @@ class SignOfLife:
     def take(self, instance: str) -> bool:
         if self._fd is not None:
             return True
-        fd = os.open(self.paths.server_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._fd = lock_pidfile(self.paths.server_lock, note=instance)
+        except LockBusy:
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {instance}\n".encode(), 0)
-        self._fd = fd
         return True
 
     def gone(self, holder: dict[str, Any]) -> bool:
