@@ -181,6 +181,11 @@ class CrqServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def log(self) -> str:
+        """The server's own log (``<swd>/logs/server.log``), for failure messages."""
+        f = self.swd / "logs" / "server.log"
+        return f.read_text(errors="replace") if f.exists() else ""
+
     @property
     def admin_token(self) -> str:
         return (self.swd / "security" / "admin.token").read_text().strip()

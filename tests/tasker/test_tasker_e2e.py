@@ -253,7 +253,8 @@ def test_freeze_stop_keeps_jobs_for_the_next_server(
     srv.start(port=free_port())
     (work / "gate").touch()
     j = srv.wait(job)
-    assert (j["state"], j["attempt"], j["pid"]) == ("done", 1, pid)
+    why = f"{j.get('attempts')}\ntasker:\n{tasker.log()[-3000:]}\nserver:\n{srv.log()[-3000:]}"
+    assert (j["state"], j["attempt"], j["pid"]) == ("done", 1, pid), why
     assert (work / f"crq.{job}.log").read_text() == "kept\n"
 
 
