@@ -406,6 +406,7 @@ async def serve(
     cand.write(engine.mode)
     running = [asyncio.create_task(t) for t in tasks.background(srv)]
     running.append(asyncio.create_task(_exit_when_stopped(srv, server)))
+    running.append(asyncio.create_task(_stop_when_asked_before(srv, cand)))
     running.append(asyncio.create_task(_watch_lease(cand)))
     life = election.SignOfLife(settings.paths) if cand.election.name != "file" else None
     if life is not None and not life.take(cand.instance):
@@ -443,6 +444,14 @@ async def _exit_when_stopped(srv: Service, server: uvicorn.Server) -> None:
     await srv.stop_requested.wait()
     await asyncio.sleep(0.5)
     server.should_exit = True
+
+
+async def _stop_when_asked_before(srv: Service, cand: Candidate) -> None:
+    """A stop asked of the candidate (a signal, or ``POST /server/stop`` to the standby app)
+    just as it won or while it loaded is not lost. A standby's stop becomes a ``--freeze``
+    stop: it was meant for one candidate, not to end the queue's running jobs."""
+    await cand.stop_requested.wait()
+    srv.request_stop(srv.settings.standby)
 
 
 async def _watch_lease(cand: Candidate) -> None:

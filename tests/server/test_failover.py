@@ -231,6 +231,30 @@ def test_failover_without_a_standby_is_refused(tmp_path: Path) -> None:
         s.kill9()
 
 
+def test_a_stop_sent_to_a_standby_as_it_wins_is_not_lost(tmp_path: Path) -> None:
+    """``stop --all`` order: the leader stops (and resigns), then the standby is told to
+    stop at once, while it is winning or loading; that stop must still end it."""
+    swd = tmp_path / "q.swd"
+    for round_ in range(2):
+        leader = CrqServer(swd, "fo", *SETTINGS)
+        standby = CrqServer(swd, "fo", *SETTINGS, "--standby")
+
+        def stopped(standby: CrqServer = standby) -> bool:
+            return standby.api("POST", "/server/stop", json={}).status_code == 200
+
+        try:
+            leader.start()
+            standby.start()
+            leader.stop()
+            # the 503 of a loading candidate says "retry shortly": retry, as ncmgr does
+            wait_until(stopped, step=0.01)
+            assert standby.proc is not None
+            assert standby.proc.wait(timeout=PATIENCE) == 0, (round_, standby.log()[-2000:])
+        finally:
+            leader.kill9()
+            standby.kill9()
+
+
 def test_repeated_failovers_under_load_lose_nothing_and_run_nothing_twice(
     failover: Callable[..., Failover],
 ) -> None:
