@@ -139,40 +139,70 @@ def first_line_at(path: Path, timeout: float = 30.0, poll: float = 0.00025) -> f
         time.sleep(poll)
 
 
-def dispatch_floor(where: Path, n: int = 100) -> Floor:
-    """p50 of one fsync + one spawn of a process whose line is then seen in its log."""
-    where.mkdir(parents=True, exist_ok=True)
-    rnd = random.Random(13)
-    env = dict(os.environ)
-    journal = os.open(where / "floor.journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    took = []
-    try:
-        for i in range(n + 5):
-            out = where / f"floor-{i}.log"
+class DispatchFloor:
+    """The fsync+spawn floor, one sample at a time: a bench takes one next to each of its
+    own samples, so that a co-tenant's disk or CPU load weighs on both alike."""
+
+    def __init__(self, where: Path) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        self.where = where
+        self.rnd = random.Random(13)
+        self.env = dict(os.environ)
+        self.journal = where / "floor.journal"
+        self.fsyncs: list[float] = []
+        self.whole: list[float] = []
+
+    def sample(self) -> None:
+        out = self.where / f"floor-{len(self.whole)}.log"
+        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
             t0 = time.perf_counter()
-            _append_fsync(journal, rnd)
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            _append_fsync(fd, self.rnd)
+            t1 = time.perf_counter()
+            log_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 pid = os.posix_spawn(
-                    ECHO, [ECHO, "line"], env, file_actions=[(os.POSIX_SPAWN_DUP2, fd, 1)]
+                    ECHO, [ECHO, "line"], self.env, file_actions=[(os.POSIX_SPAWN_DUP2, log_fd, 1)]
                 )
             finally:
-                os.close(fd)
+                os.close(log_fd)
             seen = first_line_at(out)
-            os.waitpid(pid, 0)
-            took.append(seen - t0)
-            out.unlink()
-    finally:
-        os.close(journal)
-    p50 = ms(pct(took[5:], 50))
-    log(f"floor: fsync + spawn {ECHO} -> line seen p50 {p50:.3f} ms")
-    return Floor(
-        p50,
-        "ms",
-        "fsync+spawn",
-        f"append + fsync, then posix_spawn of {ECHO} into a log file until its line is "
-        f"seen (polled every 0.25 ms), p50 of {n} = {p50:.3f} ms",
-    )
+        finally:
+            os.close(fd)
+        os.waitpid(pid, 0)
+        self.fsyncs.append(t1 - t0)
+        self.whole.append(seen - t0)
+        out.unlink()
+
+    def floor(self, skip: int = 0) -> Floor:
+        took = self.whole[skip:]
+        p50 = ms(pct(took, 50))
+        log(f"floor: fsync + spawn {ECHO} -> line seen p50 {p50:.3f} ms")
+        return Floor(
+            p50,
+            "ms",
+            "fsync+spawn",
+            f"append + fsync, then posix_spawn of {ECHO} into a log file until its line is "
+            f"seen (polled every 0.25 ms), p50 of {len(took)} = {p50:.3f} ms",
+        )
+
+    def fsync_floor(self, skip: int = 0) -> Floor:
+        took = self.fsyncs[skip:]
+        p50 = ms(pct(took, 50))
+        return Floor(
+            p50,
+            "ms",
+            "fsync",
+            f"append 64-512 B + fsync in {self.where}, p50 of {len(took)} = {p50:.3f} ms",
+        )
+
+
+def dispatch_floor(where: Path, n: int = 100) -> Floor:
+    """p50 of one fsync + one spawn of a process whose line is then seen in its log."""
+    d = DispatchFloor(where)
+    for _ in range(n + 5):
+        d.sample()
+    return d.floor(skip=5)
 
 
 def python_floor(n: int = 10) -> Floor:
