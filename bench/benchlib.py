@@ -462,7 +462,8 @@ class Server:
                 return self.info(c)
         r = client.get(API + "/server")
         r.raise_for_status()
-        return r.json()
+        data: dict[str, Any] = r.json()
+        return data
 
     def wait_normal(self, timeout: float = 300.0, poll: float = 0.002) -> float:
         """Wait until GET /api/v1/server says mode normal; the time.time() it first did."""
