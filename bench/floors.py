@@ -3,7 +3,7 @@
 A benchmark measures its floor in the same run as its figure and prints the ratio, so
 that a busy or a slow machine moves both. Each function returns a ``benchlib.Floor``:
 
-* ``starlette_floor``: a trivial Starlette POST route (``floorapp.py``) under the server's
+* ``StarletteFloor``: a trivial Starlette POST route (``floorapp.py``) under the server's
   uvicorn settings, loaded by the submit bench's own load command: requests/s.
 * ``spawn_floor``: ``posix_spawn`` of /bin/true + ``waitpid``; the CPU of both sides
   (getrusage) per spawn, and so jobs/s on ``os.cpu_count()`` cores.
@@ -38,40 +38,67 @@ def _rusage_cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def starlette_floor(
-    tmp: Path, body: bytes, conns: int, seconds: float, tool: str, threads: int = 1
-) -> Floor:
-    """Requests/s of the trivial route, after a 1 s warm-up, by ``loadgen.load_url``."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = spawn([sys.executable, str(HERE / "floorapp.py"), str(port)], tmp / "floorapp.log")
-    try:
+class StarletteFloor:
+    """The trivial route as a running process, loaded by ``loadgen.load_url``: measure it
+    before and after the bench's own load, and the floor is the mean of the two."""
+
+    def __init__(self, tmp: Path, conns: int, tool: str, threads: int = 1) -> None:
+        self.tmp, self.conns, self.tool, self.threads = tmp, conns, tool, threads
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.rates: list[float] = []
+        self.seconds = 0.0
+        port = self.url.rsplit(":", 1)[1]
+        self.proc = spawn([sys.executable, str(HERE / "floorapp.py"), port], tmp / "floorapp.log")
+
+    def __enter__(self) -> StarletteFloor:
         deadline = time.time() + 60
-        with httpx.Client(base_url=url, timeout=2.0, trust_env=False) as c:
+        with httpx.Client(base_url=self.url, timeout=2.0, trust_env=False) as c:
             while True:
                 try:
                     if c.get("/healthz").status_code == 200:
-                        break
+                        return self
                 except httpx.HTTPError:
                     pass
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"floor app did not start (see {tmp / 'floorapp.log'})")
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"floor app did not start (see {self.tmp}/floorapp.log)")
                 time.sleep(0.01)
-        load_url(url, "", body, conns, 1.0, tmp, tool, threads)  # warm-up
-        r = load_url(url, "", body, conns, seconds, tmp, tool, threads)
-    finally:
-        end_group(proc)
-        proc.wait(timeout=10)
-    rate = r["ok"] / r["seconds"]
-    log(f"floor: trivial Starlette route {rate:,.0f} req/s ({tool}, {conns} conns)")
-    return Floor(
-        rate,
-        "req/s",
-        "starlette",
-        f"trivial Starlette POST route (reads the body, answers 201), uvicorn uvloop + "
-        f"httptools, no access log; {tool} {threads} thread, {conns} conns, {seconds:g} s, "
-        f"the same body = {rate:,.0f} req/s",
-    )
+
+    def __exit__(self, *_: object) -> None:
+        end_group(self.proc)
+        self.proc.wait(timeout=10)
+
+    def measure(self, body: bytes, seconds: float) -> float:
+        """Requests/s of one load run (after a 1 s warm-up the first time)."""
+        if not self.rates:
+            load_url(self.url, "", body, self.conns, 1.0, self.tmp, self.tool, self.threads)
+        r = load_url(self.url, "", body, self.conns, seconds, self.tmp, self.tool, self.threads)
+        rate = float(r["ok"] / r["seconds"])
+        self.rates.append(rate)
+        self.seconds = seconds
+        log(f"floor: trivial Starlette route {rate:,.0f} req/s ({self.tool}, {self.conns} conns)")
+        return rate
+
+    def floor(self) -> Floor:
+        rate = sum(self.rates) / len(self.rates)
+        each = " / ".join(f"{r:,.0f}" for r in self.rates)
+        return Floor(
+            rate,
+            "req/s",
+            "starlette",
+            f"trivial Starlette POST route (reads the body, answers 201), uvicorn uvloop + "
+            f"httptools, no access log; {self.tool} {self.threads} thread, {self.conns} conns, "
+            f"{self.seconds:g} s, the same body; mean of {each} (before / after) req/s",
+        )
+
+
+def starlette_floor(
+    tmp: Path, body: bytes, conns: int, seconds: float, tool: str, threads: int = 1
+) -> Floor:
+    """Requests/s of the trivial route, one run after a 1 s warm-up."""
+    with StarletteFloor(tmp, conns, tool, threads) as f:
+        f.measure(body, seconds)
+        return f.floor()
 
 
 def spawn_floor(n: int = 600) -> Floor:

@@ -66,7 +66,8 @@ def run_one(name: str, args: list[str], tmp: Path) -> tuple[list[Figure], str]:
     script = HERE / f"{name}.py"
     if not script.exists():
         print(f"\n=== {name}: {script.name} is missing (not merged yet?): skipped", flush=True)
-        return [not_done(name, "benchmark missing", f"no {script.name}")], "missing"
+        note = f"no {script.name} (not merged yet?)"
+        return [Figure(name, "benchmark missing", float("nan"), "", "", None, note)], "missing"
     out = tmp / f"{name}.json"
     cmd = [sys.executable, str(script), *args, "--json", str(out)]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
