@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,31 @@ def spawn_floor(n: int = 600) -> Floor:
         f"posix_spawn of {TRUE} + waitpid, {ms(cpu):.3f} ms CPU each (parent + child, "
         f"getrusage, {n} spawns) on {cores} cores = {rate:,.0f} jobs/s",
     )
+
+
+def spawn_wall_rate(seconds: float = 1.0) -> float:
+    """Spawns + reaps of /bin/true per second of wall time, one thread per core: unlike
+    ``spawn_floor`` (CPU time) this moves with a co-tenant's load, as the figure does."""
+    env = dict(os.environ)
+    counts: list[int] = []
+    end = time.perf_counter() + seconds
+
+    def spawner() -> None:
+        n = 0
+        while time.perf_counter() < end:
+            os.waitpid(os.posix_spawn(TRUE, [TRUE], env), 0)
+            n += 1
+        counts.append(n)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=spawner) for _ in range(os.cpu_count() or 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = sum(counts) / (time.perf_counter() - t0)
+    log(f"spawn wall rate, {len(threads)} threads: {rate:,.0f} jobs/s")
+    return rate
 
 
 def _append_fsync(fd: int, rnd: random.Random) -> None:

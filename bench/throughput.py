@@ -31,7 +31,7 @@ from benchlib import (
     wait_taskers,
     workdir,
 )
-from floors import spawn_floor
+from floors import spawn_floor, spawn_wall_rate
 
 BENCH = "throughput"
 FINAL = ("done", "failed", "stopped", "lost")
@@ -122,9 +122,12 @@ def main() -> None:
     )
     runs = []
     spawns: list[Floor] = []
+    walls: list[float] = []
     for i in range(args.repeat):  # a floor next to each run: the load moves both
         spawns.append(spawn_floor())
+        walls.append(spawn_wall_rate())
         runs.append(one_run(args, tmp / f"run{i}"))
+    walls.sort()
     spawns.sort(key=lambda f: f.value)
     floor = spawns[len(spawns) // 2]
     runs.sort(key=lambda r: r["rate"])
@@ -134,6 +137,13 @@ def main() -> None:
     figures = [
         vs_floor(BENCH, "end-to-end jobs/s", mid["rate"], "jobs/s", floor, Target(">=", 0.6), note),
         info(BENCH, "  slowest run", runs[0]["rate"], "jobs/s", spread),
+        info(
+            BENCH,
+            "spawn /bin/true, wall rate",
+            walls[len(walls) // 2],
+            "jobs/s",
+            "1 thread per core; moves with the load, unlike the CPU floor",
+        ),
         info(BENCH, "time first submit -> all ended", mid["took"], "s", note),
         info(BENCH, "jobs not done, worst run", max(r["not_done"] for r in runs), "jobs"),
         info(BENCH, "server CPU per job", 1e6 * mid["server_cpu"] / args.jobs, "us"),
