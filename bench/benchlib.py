@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -56,9 +56,53 @@ def ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
+@dataclass(frozen=True)
+class Floor:
+    """What the machine does at best for the same kind of work, measured in the same run."""
+
+    value: float
+    unit: str
+    key: str  # a short name for the table: "starlette", "spawn", "fsync+spawn", "python"
+    what: str  # one line: what was measured and how
+
+    def cell(self) -> str:
+        return f"{fmt_value(self.value)} {self.unit} {self.key}".strip()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound on the figure's ratio to its floor (``on="ratio"``) or on the value itself."""
+
+    op: Literal[">=", "<=", "<", "="]
+    bound: float
+    on: Literal["ratio", "value"] = "ratio"
+    unit: str = ""
+
+    def met(self, value: float, ratio: float | None) -> bool:
+        x = ratio if self.on == "ratio" else value
+        if x is None or x != x:  # no floor, or nan
+            return False
+        return {
+            ">=": x >= self.bound,
+            "<=": x <= self.bound,
+            "<": x < self.bound,
+            "=": x == self.bound,
+        }[self.op]
+
+    def text(self) -> str:
+        if self.on == "ratio":
+            return f"{self.op} {self.bound:g}x"
+        return f"{self.op} {self.bound:g} {self.unit}".rstrip()
+
+
 @dataclass
 class Figure:
-    """One measured number, its target and whether it meets it (None: no target)."""
+    """One measured number, its floor and ratio (value / floor), its target and verdict.
+
+    ``target`` is the target as text (``">= 0.7x"`` is on the ratio; ``"<= 0.15 s"`` on
+    the value); ``ok`` is None where the figure is informative only. The JSON form
+    (``as_json``/``from_json``) is what ``run_all.py`` gathers from every bench.
+    """
 
     bench: str
     name: str
@@ -67,9 +111,50 @@ class Figure:
     target: str = ""
     ok: bool | None = None
     note: str = ""
+    floor: Floor | None = None
+    ratio: float | None = None
 
     def verdict(self) -> str:
         return "-" if self.ok is None else "PASS" if self.ok else "MISS"
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Figure:
+        """Tolerant of figures written without floor and ratio (older or outside benches)."""
+        fl = d.get("floor")
+        floor = Floor(**fl) if isinstance(fl, dict) else None
+        ratio = d.get("ratio")
+        return cls(
+            bench=str(d.get("bench", "?")),
+            name=str(d.get("name", "?")),
+            value=float(d["value"]) if d.get("value") is not None else float("nan"),
+            unit=str(d.get("unit", "")),
+            target=str(d.get("target") or ""),
+            ok=d.get("ok"),
+            note=str(d.get("note", "")),
+            floor=floor,
+            ratio=float(ratio) if ratio is not None else None,
+        )
+
+
+def vs_floor(
+    bench: str,
+    name: str,
+    value: float,
+    unit: str,
+    floor: Floor,
+    target: Target | None = None,
+    note: str = "",
+) -> Figure:
+    """A figure with its floor, the ratio value / floor, and (if given) the target's verdict."""
+    ratio = value / floor.value if floor.value else float("nan")
+    if target is None:
+        return Figure(bench, name, value, unit, "", None, note, floor, ratio)
+    return Figure(
+        bench, name, value, unit, target.text(), target.met(value, ratio), note, floor, ratio
+    )
 
 
 def at_least(
@@ -103,21 +188,32 @@ def fmt_value(v: float) -> str:
 
 
 def table(figures: Sequence[Figure], with_bench: bool = False) -> str:
-    rows = [
-        ([f.bench] if with_bench else [])
-        + [f.name, fmt_value(f.value), f.unit, f.target or "-", f.verdict(), f.note]
-        for f in figures
-    ]
+    """figure | value | floor | ratio | target | ok | note, then what each floor is."""
     head = (["bench"] if with_bench else []) + [
         "figure",
         "value",
-        "unit",
+        "floor",
+        "ratio",
         "target",
-        "result",
+        "ok",
         "note",
     ]
+    rows = [
+        ([f.bench] if with_bench else [])
+        + [
+            f.name,
+            f"{fmt_value(f.value)} {f.unit}".rstrip(),
+            f.floor.cell() if f.floor else "-",
+            f"{f.ratio:.2f}x" if f.ratio is not None and f.ratio == f.ratio else "-",
+            f.target or "-",
+            f.verdict(),
+            f.note,
+        ]
+        for f in figures
+    ]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    numeric = {len(head) - 5}  # the value column aligns right
+    first = 2 if with_bench else 1
+    numeric = {first, first + 1, first + 2}  # value, floor, ratio align right
 
     def line(r: Sequence[str]) -> str:
         cells = [
@@ -126,14 +222,19 @@ def table(figures: Sequence[Figure], with_bench: bool = False) -> str:
         ]
         return "  ".join(cells).rstrip()
 
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    floors = {f.floor.key: f.floor for f in figures if f.floor}
+    if floors:
+        out += ["", "floors (measured in the same run; ratio = value / floor):"]
+        out += [f"  {k}: {fl.what}" for k, fl in floors.items()]
+    return "\n".join(out)
 
 
 def report(figures: Sequence[Figure], json_path: str | None) -> None:
     print()
     print(table(figures))
     if json_path:
-        Path(json_path).write_text(json.dumps([asdict(f) for f in figures], indent=1))
+        Path(json_path).write_text(json.dumps([f.as_json() for f in figures], indent=1))
 
 
 def log(msg: str) -> None:
@@ -169,7 +270,7 @@ def workdir(keep: bool = False) -> Path:
     return d
 
 
-def _spawn(cmd: list[str], logfile: Path) -> subprocess.Popen[bytes]:
+def spawn(cmd: list[str], logfile: Path) -> subprocess.Popen[bytes]:
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
             cmd,
@@ -183,7 +284,7 @@ def _spawn(cmd: list[str], logfile: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _end_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+def end_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
     """Signal the process group this benchmark created for ``proc`` (its pid is the pgid)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
@@ -219,11 +320,11 @@ def kill_job_processes(root: Path) -> int:
 def cleanup() -> None:
     for proc in _procs:
         if proc.poll() is None:
-            _end_group(proc, signal.SIGKILL)
+            end_group(proc, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         else:
-            _end_group(proc, signal.SIGKILL)  # a forked checkpoint child may still run
+            end_group(proc, signal.SIGKILL)  # a forked checkpoint child may still run
     _procs.clear()
     for d in _dirs:
         kill_job_processes(d)
@@ -309,7 +410,7 @@ class Server:
         """Spawn the server (does not wait: see ``wait_healthz``)."""
         cmd = server_argv(self.queue, self.swd, self.port, *self.extra, fsync="always")
         self.started_at = time.time()
-        self.proc = _spawn(cmd, self.out_path)
+        self.proc = spawn(cmd, self.out_path)
         return self
 
     def check_alive(self) -> None:
@@ -361,7 +462,8 @@ class Server:
                 return self.info(c)
         r = client.get(API + "/server")
         r.raise_for_status()
-        return r.json()
+        data: dict[str, Any] = r.json()
+        return data
 
     def wait_normal(self, timeout: float = 300.0, poll: float = 0.002) -> float:
         """Wait until GET /api/v1/server says mode normal; the time.time() it first did."""
@@ -385,7 +487,7 @@ class Server:
         self.proc.wait(timeout=timeout)
         if self.proc.returncode != 0:
             raise ServerDied(f"server stopped with exit code {self.proc.returncode}")
-        _end_group(self.proc)
+        end_group(self.proc)
         return time.time() - t0
 
     def kill9(self) -> None:
@@ -393,7 +495,7 @@ class Server:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
-        _end_group(self.proc)  # a checkpoint child, if one was writing, goes too
+        end_group(self.proc)  # a checkpoint child, if one was writing, goes too
 
     def log_text(self) -> str:
         try:
@@ -431,7 +533,7 @@ class Tasker:
         cmd = tasker_argv(
             self.name, self.state_dir, "--swd", str(self.swd), "--slots", str(self.slots)
         )
-        self.proc = _spawn(cmd, self.state_dir.parent / f"tasker-{self.name}.log")
+        self.proc = spawn(cmd, self.state_dir.parent / f"tasker-{self.name}.log")
         return self
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -441,7 +543,7 @@ class Tasker:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _end_group(self.proc)
+            end_group(self.proc)
             self.proc.wait(timeout=10)
 
 
@@ -530,6 +632,6 @@ def running(*servers: Server) -> Iterator[None]:
     finally:
         for s in servers:
             if s.proc is not None and s.proc.poll() is None:
-                _end_group(s.proc)
+                end_group(s.proc)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     s.proc.wait(timeout=10)

@@ -11,9 +11,11 @@ Three kinds of runs:
   Figure: from the tasker's return (it first shows in the server's recovery progress) to
   mode ``normal``.
 
-Times are measured from the restart's spawn: to the first answer of ``/healthz``, and to
+Times are measured from the restart's spawn: to the queue's first answer (``/healthz``
+answering 200, or 503 while it recovers), to ``/healthz`` answering 200, and to
 ``GET /api/v1/server`` saying ``mode: normal``. The server log splits the first part into
-start-up (imports) and loading (snapshot + replay).
+start-up (imports) and loading (snapshot + replay). The floor is the start of the same
+interpreter doing nothing (``python -c pass``, ``floors.py``), measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from benchlib import (
     API,
     Figure,
     Server,
+    Target,
     Tasker,
     below,
     fill,
@@ -39,17 +42,22 @@ from benchlib import (
     parser,
     report,
     running,
+    vs_floor,
     wait_taskers,
     workdir,
 )
+from floors import python_floor
 
 BENCH = "recovery"
+ANSWERS_S = 0.15  # kill -9 -> the queue answers (issue 12), any queue size
+NORMAL_WITH_TASKER_S = 0.5  # kill -9 -> normal, 100,000 queued, the tasker back at once
 
 
 @dataclass
 class Restart:
     """Seconds after the spawn of the restarted server."""
 
+    answers: float  # the first reply of /healthz: 200, or 503 while recovering
     healthz: float
     normal: float
     loaded_at: float | None  # when the log says loading ended
@@ -65,7 +73,11 @@ class Restart:
         return self.recovery_end - self.tasker_back
 
     def line(self) -> str:
-        parts = [f"healthz {self.healthz:.2f} s", f"normal {self.normal:.2f} s"]
+        parts = [
+            f"answers {self.answers:.3f} s",
+            f"healthz {self.healthz:.2f} s",
+            f"normal {self.normal:.2f} s",
+        ]
         if self.load_s is not None and self.loaded_at is not None:
             parts.append(
                 f"(start-up {self.loaded_at - self.load_s:.2f} s + load {self.load_s:.2f} s"
@@ -117,17 +129,24 @@ def restart_and_watch(srv: Server, tasker: str | None = None, timeout: float = 6
     srv.start()
     t0 = srv.started_at
     deadline = t0 + timeout
-    healthz = None
+    answers = healthz = None
     with httpx.Client(base_url=srv.url, timeout=60.0, trust_env=False) as c:
         while healthz is None:
             srv.check_alive()
             try:
-                if c.get("/healthz").status_code == 200:
-                    healthz = time.time() - t0
+                code = c.get("/healthz").status_code
+                now = time.time() - t0
+                if answers is None and code in (200, 503):
+                    answers = now
+                if code == 200:
+                    healthz = now
+                else:
+                    time.sleep(0.002)
             except httpx.HTTPError:
                 time.sleep(0.002)
             if time.time() > deadline:
                 raise TimeoutError("no /healthz")
+        assert answers is not None
         c.headers["Authorization"] = f"Bearer {srv.token}"
         while True:
             srv.check_alive()
@@ -150,7 +169,7 @@ def restart_and_watch(srv: Server, tasker: str | None = None, timeout: float = 6
     reports = sorted(srv.swd.glob("crash_recovery_report_*.json"), key=lambda p: p.stat().st_mtime)
     rep = json.loads(reports[-1].read_text()) if reports else None
     end = datetime.fromisoformat(rep["ended_at"]).timestamp() - t0 if rep else None
-    return Restart(healthz, normal, loaded_at, load_s, back, end, rep)
+    return Restart(answers, healthz, normal, loaded_at, load_s, back, end, rep)
 
 
 def journal_run(tmp: Path, size: int) -> Restart:
@@ -269,6 +288,8 @@ def main() -> None:
 
     tmp = workdir(args.keep)
     figures: list[Figure] = []
+    start = python_floor()
+    answering = Target("<=", ANSWERS_S, on="value", unit="s")
 
     def limit_for(n: int) -> float | None:
         return 1.0 if n <= 100_000 else 10.0 if n <= 1_000_000 else None
@@ -276,11 +297,14 @@ def main() -> None:
     def add(kind: str, n: int, r: Restart) -> None:
         lim = limit_for(n)
         note = f"{n:,} queued, {kind}"
+        figures.append(
+            vs_floor(BENCH, "kill -9 -> queue answering", r.answers, "s", start, answering, note)
+        )
+        figures.append(info(BENCH, "kill -9 -> /healthz 200", r.healthz, "s", note))
         if lim is not None:
             figures.append(below(BENCH, "kill -9 -> mode normal", r.normal, "s", lim, note))
         else:
             figures.append(info(BENCH, "kill -9 -> mode normal", r.normal, "s", note))
-        figures.append(info(BENCH, "kill -9 -> /healthz answers", r.healthz, "s", note))
         if r.load_s is not None:
             figures.append(info(BENCH, "  of which loading (log)", r.load_s, "s", note))
 
@@ -310,7 +334,17 @@ def main() -> None:
                 below(BENCH, "tasker back -> mode normal", r.back_to_normal, "s", 1.0, note)
             )
             figures.append(info(BENCH, "restart -> tasker back", r.tasker_back, "s", note))
-        figures.append(info(BENCH, "kill -9 -> mode normal (tasker)", r.normal, "s", note))
+        figures.append(
+            vs_floor(
+                BENCH,
+                "kill -9 -> mode normal, tasker back",
+                r.normal,
+                "s",
+                start,
+                Target("<=", NORMAL_WITH_TASKER_S, on="value", unit="s"),
+                note,
+            )
+        )
         reattached = r.report["jobs"]["reattached"] if r.report else -1
         figures.append(
             Figure(
