@@ -57,7 +57,7 @@ def compile_package() -> None:
 def wall(cmd: list[str], env: dict[str, str]) -> float:
     """Seconds from spawn to exit; a failed run is an error, not a sample."""
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = subprocess.run(cmd, env=env, capture_output=True)
     took = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{cmd} exited {done.returncode}: {done.stderr.decode()[-500:]}")
