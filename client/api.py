@@ -142,7 +142,12 @@ class Client:
         if self._opener is not None:
             return self._opener(url, self._headers)
         connect = min(self.timeout, CONNECT_TIMEOUT)
-        return http11.Connection(url, self._headers, timeout=self.timeout, connect_timeout=connect)
+        try:
+            return http11.Connection(
+                url, self._headers, timeout=self.timeout, connect_timeout=connect
+            )
+        except ValueError as e:  # a registry or a pointer with no usable URL
+            raise CrqError(f"no server URL: {e}", code="usage") from None
 
     def __enter__(self) -> Client:
         return self
@@ -242,7 +247,10 @@ class Client:
         """``GET /api/v1/server`` of the server at ``url`` (none other, no following): its
         status, or None when it does not answer it."""
         here = url.rstrip("/") == self._conn.url
-        conn = self._conn if here else self._open(url.rstrip("/"))
+        try:
+            conn = self._conn if here else self._open(url.rstrip("/"))
+        except CrqError:
+            return None
         try:
             r = conn.request(
                 "GET",

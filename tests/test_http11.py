@@ -6,6 +6,8 @@ Through the Client and the tasker's link too: each failure ends as one clear err
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from crq.client.errors import CrqError, NotSent
 from crq.tasker import link
 
 from crq import http11
-from tests.rigs import CrqServer, wait_until
+from tests.rigs import CrqServer, env_with_root, wait_until
 
 Script = Callable[[socket.socket, bytes], bool]
 
@@ -234,6 +236,9 @@ def test_queries_and_bad_urls() -> None:
     assert http11.query({"b": None}) == "" and http11.query(None) == ""
     with pytest.raises(ValueError):
         http11.Connection("localhost:80")
+    with pytest.raises(CrqError) as bad:  # a registry entry can hold anything
+        Client(url="http://h:99999", token="t")
+    assert bad.value.code == "usage" and "no server URL" in bad.value.message
     c = http11.Connection("http://[::1]:81/base/", {"X": "1"})
     assert (
         c.headers["Host"] == "[::1]:81" and c.prefix == "/base" and c.url == "http://[::1]:81/base"
@@ -241,3 +246,17 @@ def test_queries_and_bad_urls() -> None:
     with pytest.raises(http11.TransportError) as exc:
         c.request("GET", "/x", headers={"X": "a\r\nInjected: 1"})
     assert not exc.value.sent
+
+
+def test_the_clis_and_the_tasker_import_no_http_library() -> None:
+    """A CLI process pays for every import: none of httpx, http.client (email, ssl), urllib's
+    opener, orjson or uuid at start-up, in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "import crq.client.cli, crq.client.api, crq.client.ncmgr, crq.client.vovproject\n"
+        "import crq.tasker.cli, crq.tasker.agent, crq.tasker.etcdleader\n"
+        "heavy = {'httpx', 'httpcore', 'http.client', 'email', 'ssl', 'urllib.request',\n"
+        "         'orjson', 'uuid'}\n"
+        "assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=env_with_root())
