@@ -129,8 +129,7 @@ class Connection:
 
     ``headers`` go with every request. ``timeout`` bounds a whole exchange once connected
     (sending the request and reading all of the answer), ``connect_timeout`` the connection
-    itself; both can be set per request. Not for use by two threads at once, but
-    :meth:`abort` may be called from another thread to end a request that is waiting.
+    itself; both can be set per request. One request at a time (one thread).
     """
 
     def __init__(
@@ -170,14 +169,13 @@ class Connection:
         timeout: float | None = None,
         connect_timeout: float | None = None,
     ) -> Response:
-        """Send one request (``path`` from the origin, with ``params`` as its query) and
-        read the whole answer, whatever its status."""
-        fresh = self._sock is None or not self._reusable()
-        if fresh:
+        """Send one request (``path`` below the URL's own path, ``params`` as its query)
+        and read the whole answer, whatever its status."""
+        head = self._head(method, path + query(params), body, headers)
+        if self._sock is None or not self._reusable():
             self.close()
             self._open(self.connect_timeout if connect_timeout is None else connect_timeout)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        head = self._head(method, path + query(params), body, headers)
         try:
             self._send(head + body if body else head, deadline)
             response = self._read(method, deadline)
@@ -188,15 +186,6 @@ class Connection:
             self.close()
             raise TransportError(self._broke(e), sent=True) from None
         return response
-
-    def abort(self) -> None:
-        """End the request under way (from another thread): it fails with a TransportError."""
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
