@@ -230,8 +230,10 @@ class Connection:
         assert sock is not None
         if self._buf:
             return False  # bytes nobody asked for
-        try:
-            readable = select.select([sock], [], [], 0)[0]
+        try:  # poll, not select: a process with more than 1024 files open is fine too
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = poller.poll(0)
         except (OSError, ValueError):
             return False
         if not readable:
