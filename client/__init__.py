@@ -1,6 +1,6 @@
 """crq's Python client and command-line tools.
 
-``from crq.client import Client`` loads httpx only when the client is first used.
+``from crq.client import Client`` loads the client only when it is first used.
 """
 
 from __future__ import annotations

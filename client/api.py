@@ -4,30 +4,26 @@
 ...     job_id = c.submit(command=["make", "all"], resources="CORES/2")
 ...     job = c.wait(job_id)
 
-httpx is imported when a Client is built, not when this module is imported, so the CLIs start
-fast. Every failure is a :class:`CrqError` whose message is one printable line.
+It speaks HTTP through :mod:`crq.http11` (the standard library's socket, nothing more), so a
+CLI process that submits one job starts in milliseconds. Every failure is a
+:class:`CrqError` whose message is one printable line.
 """
 
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
+from typing import Any, TypedDict, TypeVar, cast
 from urllib.parse import urlsplit
 
 from crq.client import registry
 from crq.client.errors import CrashRecovery, CrqError, NotSent, Standby
 from crq.client.leader import Leader
 
-from crq import __version__, wire
-
-if TYPE_CHECKING:
-    import httpx
+from crq import __version__, http11, wire
 
 __all__ = ["Client", "CrqError", "CrashRecovery", "login"]
 
@@ -48,6 +44,8 @@ TRANSIENT = frozenset({"unreachable", "timeout", "disconnected", "standby"})
 REQUEST_HOPS = 4
 #: How long asking a candidate whether it leads may take.
 PROBE_TIMEOUT = 3.0
+#: The longest a connection may take to be made, whatever the request's timeout.
+CONNECT_TIMEOUT = 5.0
 
 #: A job's JSON (SPEC section 4): ``id``, ``state``, ``command``… (``env``/``attempts`` from
 #: ``get``); kept a plain dict so new server fields pass through.
@@ -57,6 +55,8 @@ Tasker = dict[str, Any]
 #: ``GET /server``: ``mode``, ``queue``, ``pid``, ``counts``, ``recovery``, ``journal``…
 ServerStatus = dict[str, Any]
 Progress = Callable[[int, int, int], None]
+#: Makes the connection to a URL with the given headers (tests put a fake server behind it).
+Opener = Callable[[str, dict[str, str]], http11.Connection]
 T = TypeVar("T")
 
 
@@ -89,7 +89,8 @@ class Client:
 
     ``url``/``queue``/``token`` override the resolution of SPEC section 2
     (``--server`` > ``CRQ_SERVER`` > ``CRQ_QUEUE`` > ``vnc``; ``CRQ_TOKEN`` > registry > swd).
-    ``transport`` is for tests (``httpx.MockTransport``).
+    ``opener`` makes the connection to a URL (default :class:`crq.http11.Connection`; tests
+    answer from a fake server through it).
 
     Every request follows a standby's ``leader`` pointer at once (a standby applies
     nothing), and when the connection is refused it asks the queue's other candidates
@@ -106,10 +107,8 @@ class Client:
         timeout: float = 30.0,
         *,
         follow: bool = True,
-        transport: httpx.BaseTransport | None = None,
+        opener: Opener | None = None,
     ) -> None:
-        import httpx
-
         target = registry.resolve_server(url, queue)
         self.leader = Leader(target.url, target.queue, target.entry)
         self.follow = follow
@@ -128,18 +127,27 @@ class Client:
         }
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        self._http = httpx.Client(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            transport=transport,
-            trust_env=False,  # a job queue on the LAN must not be routed through HTTP_PROXY
-        )
+        self._headers = headers
+        self._opener = opener
+        self._conn = self._open(self.url)
 
     # -- plumbing -------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._http.close()
+        self._conn.close()
+
+    def _open(self, url: str) -> http11.Connection:
+        """A (lazy) keep-alive connection to ``url``; no proxy, whatever HTTP_PROXY says: a
+        job queue on the LAN must not be routed through one."""
+        if self._opener is not None:
+            return self._opener(url, self._headers)
+        connect = min(self.timeout, CONNECT_TIMEOUT)
+        try:
+            return http11.Connection(
+                url, self._headers, timeout=self.timeout, connect_timeout=connect
+            )
+        except ValueError as e:  # a registry or a pointer with no usable URL
+            raise CrqError(f"no server URL: {e}", code="usage") from None
 
     def __enter__(self) -> Client:
         return self
@@ -238,18 +246,31 @@ class Client:
     def probe(self, url: str, timeout: float = PROBE_TIMEOUT) -> ServerStatus | None:
         """``GET /api/v1/server`` of the server at ``url`` (none other, no following): its
         status, or None when it does not answer it."""
-        import httpx
-
+        here = url.rstrip("/") == self._conn.url
         try:
-            r = self._http.get(f"{url.rstrip('/')}{wire.API}/server", timeout=timeout)
-            info = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            conn = self._conn if here else self._open(url.rstrip("/"))
+        except CrqError:
             return None
+        try:
+            r = conn.request(
+                "GET",
+                f"{wire.API}/server",
+                timeout=timeout,
+                connect_timeout=min(timeout, CONNECT_TIMEOUT),
+            )
+            info = r.json() if r.status == 200 else None
+        except (http11.TransportError, ValueError):
+            return None
+        finally:
+            if not here:
+                conn.close()
         return info if isinstance(info, dict) else None
 
     def _move(self, url: str) -> None:
         self.leader.moved(url)
-        self._http.base_url = self.url
+        if self._conn.url != self.url:
+            self._conn.close()
+            self._conn = self._open(self.url)
 
     def _send(
         self,
@@ -263,62 +284,64 @@ class Client:
         headers: dict[str, str] | None = None,
     ) -> Any:
         """One request to the URL in use."""
-        import httpx
-
-        url = path if path.startswith("/") else f"{wire.API}/{path}"
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
-        kwargs: dict[str, Any] = {"params": clean}
-        if json is not None:
-            kwargs["json"] = json
-        if content is not None:
-            kwargs["content"] = content
-        if headers:
-            kwargs["headers"] = headers
-        if timeout is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout, connect=min(timeout, 5.0))
+        target = path if path.startswith("/") else f"{wire.API}/{path}"
+        body = content
+        extra = dict(headers or {})
+        if json is not None and content is None:
+            body = http11.dumps(json)
+            extra.setdefault("Content-Type", "application/json")
         try:
-            response = self._http.request(method, url, **kwargs)
-        except httpx.ConnectError as e:
-            raise NotSent(self._unreachable(e)) from None
-        except httpx.ConnectTimeout:  # nothing was sent either
-            raise NotSent(f"cannot reach {self.name} at {self.url}: connection timed out") from None
-        except httpx.TimeoutException:
-            used = timeout if timeout is not None else self.timeout
-            raise CrqError(
-                f"{self.name} at {self.url} did not answer within {used:g} s", code="timeout"
-            ) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
-            # Connected, then the server went away (crash, restart) mid-request.
-            self._reached = True
-            maybe = (
-                "; the request may or may not have been applied, check before retrying"
-                if method not in ("GET", "HEAD")
-                else ""
+            response = self._conn.request(
+                method,
+                target,
+                body=body,
+                headers=extra or None,
+                params=params,
+                timeout=timeout,
+                connect_timeout=None if timeout is None else min(timeout, CONNECT_TIMEOUT),
             )
-            reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
-            raise CrqError(
-                f"lost the connection to {self.name} at {self.url}: {reason}{maybe}",
-                code="disconnected",
-            ) from None
-        except httpx.HTTPError as e:
-            reason = " ".join(str(e).split()) or "connection failed"
-            raise CrqError(
-                f"{self.name} at {self.url}: {type(e).__name__}: {reason}", code="unreachable"
-            ) from None
+        except http11.TransportError as e:
+            raise self._transport_error(e, method, timeout) from None
         self._reached = True
-        if response.status_code >= 400:
+        if response.status >= 400:
             raise self._error(response)
-        if not response.content:
+        if not response.body:
             return None
         try:
             return response.json()
         except ValueError:
             raise CrqError(
-                f"{self.name} at {self.url} sent a reply that is not JSON "
-                f"(HTTP {response.status_code})",
-                status=response.status_code,
+                f"{self.name} at {self.url} sent a reply that is not JSON (HTTP {response.status})",
+                status=response.status,
                 code="bad_reply",
             ) from None
+
+    def _transport_error(
+        self, e: http11.TransportError, method: str, timeout: float | None
+    ) -> CrqError:
+        """The CrqError of a request without an answer: not sent (another candidate may be
+        asked), timed out, or a connection lost mid-request."""
+        if not e.sent:
+            if e.timed_out:
+                return NotSent(f"cannot reach {self.name} at {self.url}: connection timed out")
+            return NotSent(self._unreachable(e))
+        if e.timed_out:
+            used = timeout if timeout is not None else self.timeout
+            return CrqError(
+                f"{self.name} at {self.url} did not answer within {used:g} s", code="timeout"
+            )
+        # Connected, then the server went away (crash, restart) mid-request.
+        self._reached = True
+        maybe = (
+            "; the request may or may not have been applied, check before retrying"
+            if method not in ("GET", "HEAD")
+            else ""
+        )
+        reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
+        return CrqError(
+            f"lost the connection to {self.name} at {self.url}: {reason}{maybe}",
+            code="disconnected",
+        )
 
     def _unreachable(self, e: Exception) -> str:
         text = str(e)
@@ -334,8 +357,8 @@ class Client:
         where = f"cannot reach {self.name} at {self.url}"
         return f"{where}: {reason} — is it started? try: {self._hint()}"
 
-    def _error(self, response: httpx.Response) -> CrqError:
-        status = response.status_code
+    def _error(self, response: http11.Response) -> CrqError:
+        status = response.status
         try:
             body = response.json()
         except ValueError:
@@ -343,10 +366,10 @@ class Client:
         if not isinstance(body, dict):
             body = {}
         code = str(body.get("error") or f"http_{status}")
-        message = str(body.get("message") or response.reason_phrase or f"HTTP {status}")
+        message = str(body.get("message") or response.reason or f"HTTP {status}")
         message = " ".join(message.split())  # always one line
         try:
-            retry_after = float(response.headers.get("Retry-After", "5"))
+            retry_after = float(response.header("Retry-After") or "5")
         except ValueError:
             retry_after = 5.0
         if status == 503 and code == "standby":
@@ -503,11 +526,11 @@ class Client:
         return self._submit(body, idempotency_key, retry_for)
 
     def _submit(self, body: dict[str, Any], key: str | None, retry_for: float) -> list[int]:
-        key = uuid.uuid4().hex if key is None else key
+        key = os.urandom(16).hex() if key is None else key  # (uuid costs 2.5 ms to import)
         if not wire.valid_idempotency_key(key):
             raise CrqError(f"idempotency_key: {wire.IDEMPOTENCY_KEY_RULE}", code="usage")
         # encoded once: every retry sends the very bytes the key was first sent with
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        content = http11.dumps(body)
         headers = {wire.IDEMPOTENCY_HEADER: key, "Content-Type": "application/json"}
         post = partial(self._object, "POST", "jobs", content=content, headers=headers)
         answer = self._riding_out(
@@ -632,24 +655,20 @@ class Client:
     def health(self, timeout: float = 0.5) -> dict[str, Any] | None:
         """``/healthz``'s JSON (a standby's says ``"mode": "standby"``), or None when the
         process does not answer within ``timeout`` seconds."""
-        import httpx
-
         try:
-            r = self._http.get("/healthz", timeout=httpx.Timeout(timeout))
-            body = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            r = self._conn.request("GET", "/healthz", timeout=timeout, connect_timeout=timeout)
+            body = r.json() if r.status == 200 else None
+        except (http11.TransportError, ValueError):
             return None
         return body if isinstance(body, dict) else None
 
     def healthz(self, timeout: float = 0.5) -> bool:
         """True when the server process answers ``/healthz`` within ``timeout`` seconds."""
-        import httpx
-
         try:
-            r = self._http.get("/healthz", timeout=httpx.Timeout(timeout))
-        except httpx.HTTPError:
+            r = self._conn.request("GET", "/healthz", timeout=timeout, connect_timeout=timeout)
+        except http11.TransportError:
             return False
-        return r.status_code == 200
+        return r.status == 200
 
     # Last, so that ``list`` in the annotations above still means the builtin.
     def list(

@@ -1,6 +1,8 @@
 """``crq``: submit, query and control jobs (SPEC section 2).
 
-Start-up stays fast: httpx is imported only when a command talks to the server.
+Start-up stays fast: a command imports what it uses, and talks HTTP through crq.http11
+(the standard library's socket) rather than a client library that costs more to import
+than the command takes.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
@@ -69,6 +68,8 @@ def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
         return fail(f"{e.strerror or e}{where}")
     except Exception as e:  # the promise is: never a traceback
         if os.environ.get("CRQ_DEBUG"):
+            import traceback  # only here: every command would pay for its import
+
             traceback.print_exc()
         return fail(f"internal error: {type(e).__name__}: {e} (CRQ_DEBUG=1 shows details)")
 

@@ -1,4 +1,5 @@
-"""Client-side errors, kept free of httpx so the registry and the CLIs can raise them cheaply."""
+"""Client-side errors, kept free of any HTTP code so the registry and the CLIs can raise them
+cheaply."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ server of the queue was started at, kept in its registry entry. A standby's 503 
 leader; when the URL in use stops answering, the other candidates are asked. What is found
 is noted in the registry, so the next command goes straight to the leader.
 
-Stdlib only (the probing itself is the Client's, over its httpx connection).
+Stdlib only (the probing itself is the Client's, over its connection).
 """
 
 from __future__ import annotations

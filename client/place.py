@@ -1,7 +1,7 @@
 """Finding a queue and probing its server process: swd, registry entry, ``server.json``.
 
 What ``ncmgr`` needs to know before it acts (the commands themselves are in ``ncmgr.py``).
-Stdlib only, so ``ncmgr --help`` stays fast; httpx comes with :meth:`Place.client`.
+Stdlib only, so ``ncmgr --help`` stays fast; the client comes with :meth:`Place.client`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from crq.client import registry
 from crq.client.clitools import fail, run
 from crq.client.table import format_table
 
+from crq import http11
+
 UP_TIMEOUT = 0.5
 
 
@@ -70,13 +72,11 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 def is_up(url: str, timeout: float = UP_TIMEOUT) -> bool:
     """True when ``url``/healthz answers 200 within ``timeout`` seconds."""
-    import httpx
-
     try:
-        response = httpx.get(url.rstrip("/") + "/healthz", timeout=timeout, trust_env=False)
-    except httpx.HTTPError:
+        with http11.Connection(url, timeout=timeout, connect_timeout=timeout) as conn:
+            return conn.request("GET", "/healthz").status == 200
+    except (http11.TransportError, ValueError):  # ValueError: not an http(s) URL
         return False
-    return response.status_code == 200
 
 
 def cmd_list(args: argparse.Namespace) -> int:

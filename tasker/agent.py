@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from crq.tasker.link import (
@@ -42,10 +42,7 @@ from crq.tasker.link import (
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir
 
-from crq import wire
-
-if TYPE_CHECKING:
-    import httpx
+from crq import http11, wire
 
 log = logging.getLogger("crq.tasker")
 
@@ -114,7 +111,7 @@ class Agent:
         self._token: str | None = None
         self._session = state.session()  # holds our name on the server (see statedir)
         self._refused = False  # the name is another live session's: said once, retrying
-        self._client: httpx.Client | None = None
+        self._client: http11.Connection | None = None
         self._instance: Any = None
         self._failures = 0
         self._hops = 0  # standby pointers followed since the last registration
@@ -212,7 +209,7 @@ class Agent:
 
     # -- registration ---------------------------------------------------------------------
 
-    def _connect(self) -> httpx.Client:
+    def _connect(self) -> http11.Connection:
         url, token = self.source.resolve()
         if self._client is None or (url, token) != (self._url, self._token):
             if self._client is not None:
@@ -460,7 +457,7 @@ class Agent:
 
     def _poll_worker(self) -> None:
         """Runs the long polls on their own connection, hands answers to the main loop."""
-        client: httpx.Client | None = None
+        client: http11.Connection | None = None
         ident: tuple[str, str] | None = None
         while True:
             req = self._poll_q.get()
@@ -478,7 +475,7 @@ class Agent:
         if client is not None:
             client.close()
 
-    def _long_poll(self, client: httpx.Client, req: PollRequest) -> PollResult:
+    def _long_poll(self, client: http11.Connection, req: PollRequest) -> PollResult:
         try:
             answer = post(client, f"{self._base}/sync", req.body, req.timeout)
         except Failure as f:

@@ -127,8 +127,6 @@ def _main(argv: list[str] | None) -> int:
         datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
     log = logging.getLogger("crq.tasker")
 
     from crq.tasker.agent import Agent, TaskerInfo

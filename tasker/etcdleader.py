@@ -2,8 +2,9 @@
 
 The leader publishes ``{"url", "instance", "host", "pid"}`` under that key (crq.server's
 etcd election). A tasker only reads it, once per (re)connection, so this is one request to
-etcd's JSON gateway (``POST /v3/kv/range``, etcd 3.4 and later) over httpx, which the tasker
-has anyway: no gRPC stack in the tasker, and the ``etcd`` extra is for the servers.
+etcd's JSON gateway (``POST /v3/kv/range``, etcd 3.4 and later) over :mod:`crq.http11`, as
+the tasker's other requests: no gRPC stack in the tasker, and the ``etcd`` extra is for the
+servers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import re
 
 from crq.tasker.link import SourceError
 
-from crq import wire
+from crq import http11, wire
 
 SCHEME = "etcd://"
 DEFAULT_PORT = 2379
 TIMEOUT = 3.0
+JSON_BODY = {"Content-Type": "application/json"}
 _ENDPOINT = re.compile(
     r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<v6port>\d{1,5}))?"
     r"|(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::(?P<port>\d{1,5}))?"
@@ -58,17 +60,21 @@ class EtcdLeader:
         self._next = 0
 
     def __call__(self) -> str:
-        import httpx
-
-        body = {"key": base64.b64encode(self.key.encode()).decode()}
+        body = http11.dumps({"key": base64.b64encode(self.key.encode()).decode()})
         problems = []
         for i in range(len(self.endpoints)):
             endpoint = self.endpoints[(self._next + i) % len(self.endpoints)]
             try:
-                r = httpx.post(f"{endpoint}/v3/kv/range", json=body, timeout=TIMEOUT)
-                r.raise_for_status()
+                with http11.Connection(endpoint, timeout=TIMEOUT, connect_timeout=TIMEOUT) as c:
+                    r = c.request("POST", "/v3/kv/range", body=body, headers=JSON_BODY)
+                if r.status != 200:
+                    problems.append(f"{endpoint}: HTTP {r.status}")
+                    continue
                 kvs = r.json().get("kvs") or []
-            except (httpx.HTTPError, ValueError, AttributeError) as e:
+            except http11.TransportError as e:
+                problems.append(f"{endpoint}: {e}")
+                continue
+            except (ValueError, AttributeError) as e:
                 problems.append(f"{endpoint}: {type(e).__name__}")
                 continue
             self._next = (self._next + i) % len(self.endpoints)  # stick with one that answers

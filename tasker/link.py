@@ -20,8 +20,8 @@ what to do about a failure is the agent's; the tree says what happened::
                └── Standby(leader) 503 standby: a candidate that does not lead; ``leader``
                                    is the leader's URL (asked at once), or None (not known)
 
-Only the standard library at import: httpx is imported by the first connection, so
-``vovtasker --help`` starts fast.
+Only the standard library: requests go through :mod:`crq.http11` (a socket, no client
+library), so ``vovtasker --help`` starts fast and the tasker carries little.
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from crq import procfs, wire
-
-if TYPE_CHECKING:
-    import httpx
+from crq import http11, procfs, wire
 
 CONNECT_TIMEOUT = 5.0
+JSON_BODY = {"Content-Type": "application/json"}
 
 
 class Failure(Exception):
@@ -254,29 +252,32 @@ class ServerSource:
 
 
 def post(
-    client: httpx.Client, path: str, body: dict[str, Any], read_timeout: float
+    client: http11.Connection, path: str, body: dict[str, Any], read_timeout: float
 ) -> dict[str, Any]:
-    """POST and decode; every way it can go wrong becomes one Failure."""
-    import httpx
+    """POST and decode; every way it can go wrong becomes one Failure.
 
+    ``read_timeout`` bounds the whole exchange once connected (a long poll's answer
+    included), so a server that stops answering (SIGSTOP, a cut link) is left in time."""
     try:
-        r = client.post(
+        r = client.request(
+            "POST",
             path,
-            json=body,
-            timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT),
+            body=http11.dumps(body),
+            headers=JSON_BODY,
+            timeout=read_timeout,
+            connect_timeout=CONNECT_TIMEOUT,
         )
-    except httpx.HTTPError as e:
-        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise Unreachable(text) from None
+    except http11.TransportError as e:
+        raise Unreachable(str(e)) from None
     try:
         data = r.json()
     except ValueError:
         data = None
-    if r.status_code == 200:
+    if r.status == 200:
         if not isinstance(data, dict):
             raise BadAnswer("server answered 200 without a JSON object")
         return data
-    raise _refusal(r.status_code, data, r.headers.get("retry-after"))
+    raise _refusal(r.status, data, r.header("retry-after"))
 
 
 def _refusal(status: int, data: object, retry_after: str | None) -> Failure:
@@ -309,17 +310,19 @@ def _refusal(status: int, data: object, retry_after: str | None) -> Failure:
     return Refused(text, status)
 
 
-def open_client(url: str, token: str, session: str) -> httpx.Client:
-    """A keep-alive connection to ``url`` showing our token and session."""
-    import httpx
-
-    return httpx.Client(
-        base_url=url,
-        headers={
-            "Authorization": f"Bearer {token}",
-            "User-Agent": "crq-vovtasker",
-            wire.SESSION_HEADER: session,
-        },
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-        trust_env=False,
-    )
+def open_client(url: str, token: str, session: str) -> http11.Connection:
+    """A keep-alive connection to ``url`` showing our token and session (made by the first
+    request; no proxy, whatever HTTP_PROXY says)."""
+    try:
+        return http11.Connection(
+            url,
+            {
+                "Authorization": f"Bearer {token}",
+                "User-Agent": "crq-vovtasker",
+                "Accept": "application/json",
+                wire.SESSION_HEADER: session,
+            },
+            connect_timeout=CONNECT_TIMEOUT,
+        )
+    except ValueError as e:  # not an http(s) URL (a bad server.json, a bad --server)
+        raise SourceError(str(e)) from None

@@ -1,5 +1,5 @@
-"""client.api.Client against an in-process fake (httpx.MockTransport): request shapes, paging,
-waiting and the error mapping."""
+"""client.api.Client against an in-process fake server (tests/client/fakehttp.py): request
+shapes, paging, waiting and the error mapping."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from crq.client.api import Client
 from crq.client.errors import CrashRecovery, CrqError, Standby
 
 from crq import wire
+from tests.client.fakehttp import opener
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,7 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 def make(handler: Handler, **kw: Any) -> Client:
     return Client(url="http://fake:1", token="tok", queue="q", user="ann",
-                  transport=httpx.MockTransport(handler), **kw)  # fmt: skip
+                  opener=opener(handler), **kw)  # fmt: skip
 
 
 def test_headers_and_submit_body() -> None:

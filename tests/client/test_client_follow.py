@@ -1,7 +1,7 @@
 """Clients follow the leader: the registry's candidates, a standby's pointer, the other
 candidates when the one in use does not answer.
 
-The registry and the Client's moves in process (httpx.MockTransport plays the candidates);
+The registry and the Client's moves in process (tests/client/fakehttp.py plays the candidates);
 then a Client against real servers: a dead leader URL with a live candidate.
 """
 
@@ -19,6 +19,7 @@ from crq.client import registry
 from crq.client.api import Client
 from crq.client.errors import CrqError, Standby
 
+from tests.client.fakehttp import opener
 from tests.rigs import CrqServer, free_port, server_available
 
 
@@ -126,7 +127,7 @@ def leader(seen: list[str]) -> Route:
 
 
 class Hosts:
-    """One MockTransport for many servers: each host:port has its own route."""
+    """One fake for many servers: each host:port has its own route."""
 
     def __init__(self, routes: dict[str, Route]) -> None:
         self.routes = routes
@@ -139,7 +140,7 @@ class Hosts:
 
 
 def client(hosts: Hosts, url: str, **kw: Any) -> Client:
-    return Client(url=url, token="tok", user="ann", transport=httpx.MockTransport(hosts), **kw)
+    return Client(url=url, token="tok", user="ann", opener=opener(hosts), **kw)
 
 
 def test_a_standbys_pointer_is_followed_at_once_for_any_request() -> None:
