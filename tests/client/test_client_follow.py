@@ -221,15 +221,21 @@ def test_a_lost_submit_is_not_sent_elsewhere() -> None:
     registry.register("q", "http://a:1", "/s/q.swd", "tok")
     registry.add_candidate("q", "http://b:2", "/s/q.swd", "tok")
 
+    keys: list[str | None] = []
+
     def cut(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers.get("Idempotency-Key"))
         raise httpx.RemoteProtocolError("Server disconnected", request=request)
 
     seen: list[str] = []
     hosts = Hosts({"a:1": cut, "b:2": leader(seen)})
     with client(hosts, None, queue="q") as c:
         with pytest.raises(CrqError) as exc:
-            c.submit(command=["true"])
+            # a short retry window: the default (120 s) only makes this test wait longer
+            c.submit(command=["true"], retry_for=1.0)
         assert exc.value.code == "disconnected" and seen == []
+        # retried where it was cut off, always with its one key
+        assert len(keys) >= 2 and len(set(keys)) == 1 and keys[0]
         assert c.get(7)["id"] == 7  # a read is safe to send again, to the other candidate
         assert c.url == "http://b:2"
 
