@@ -324,7 +324,8 @@ def _load_tasker(state: State, r: dict[str, Any]) -> None:
 
 
 def _rebuild_derived(state: State) -> None:
-    """Env index, resource use: derived, never stored (queue buckets: as jobs are read)."""
+    """Env index, resource use, the scheduler's indexes: derived, never stored (queue
+    buckets: as jobs are read)."""
     for env_id, env in state.envs.items():
         state.env_by_digest[env_digest(env)] = env_id
         state.env_refs.setdefault(env_id, 0)
@@ -334,3 +335,4 @@ def _rebuild_derived(state: State) -> None:
                 state.global_used[k] = state.global_used.get(k, 0) + v
     for t in state.taskers.values():
         state.recount_tasker(t)
+    state.reindex()

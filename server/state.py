@@ -33,11 +33,13 @@ from crq.server.events import (
     TaskerJoin,
     TaskerLost,
 )
+from crq.server.offers import TASKER_READY as TASKER_READY  # re-exported: state names it
+from crq.server.offers import Offers, build
+from crq.server.offers import Tasker as Tasker
 from crq.server.resources import Need, NeedCache, parse_capacity
 
 from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
 
-TASKER_READY = "ready"
 TASKER_LOST = "lost"
 
 
@@ -160,64 +162,6 @@ class Job:
         return self.attempts[-1] if self.attempts else None
 
 
-class Tasker:
-    __slots__ = (
-        "name",
-        "host",
-        "slots",
-        "resources",
-        "capacity",
-        "attributes",
-        "free",
-        "free_slots",
-        "running",
-        "state",
-        "boot_id",
-        "pid",
-        "registered",
-        "state_id",
-        "session",
-    )
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.host = ""
-        self.slots = 0
-        self.resources = ""
-        self.capacity: dict[str, int] = {}
-        self.attributes: frozenset[str] = frozenset()
-        self.free: dict[str, int] = {}
-        self.free_slots = 0
-        self.running: set[int] = set()
-        self.state = TASKER_READY
-        self.boot_id = ""
-        self.state_id = ""
-        self.session = ""  # hash of the secret of the session holding the name ("": none yet)
-        self.pid = 0
-        self.registered = 0.0
-
-    def fits(self, need: Need) -> bool:
-        if self.free_slots <= 0 or not need.attributes <= self.attributes:
-            return False
-        free = self.free
-        return all(free.get(k, 0) >= v for k, v in need.local)
-
-    def take(self, need: Need) -> None:
-        self.free_slots -= 1
-        for k, v in need.local:
-            self.free[k] = self.free.get(k, 0) - v
-
-    def give(self, need: Need) -> None:
-        self.free_slots += 1
-        free = self.free
-        for k, v in need.local:
-            left = free.get(k, 0) + v
-            if left == 0 and k not in self.capacity:
-                del free[k]  # held beyond a changed offer: gone, as a recount leaves it
-            else:
-                free[k] = left
-
-
 class Bucket:
     """Queued jobs of one priority and one need, a heap of ids (id order is queue order).
 
@@ -268,6 +212,7 @@ class State:
         self.global_total: dict[str, int] = dict(global_resources or {})
         self.global_used: dict[str, int] = {}
         self.needs = NeedCache()
+        self.offers = Offers()  # derived indexes of the scheduler (server/offers.py)
         # (user, Idempotency-Key) of the submits within the window, oldest first
         self.keys: dict[tuple[str, str], KeyEntry] = {}
         self.on_final: Callable[[Job], None] | None = None
@@ -339,7 +284,7 @@ class State:
         for job in jobs:
             if key != (job.priority, job.need.text):
                 if bucket is not None:
-                    bucket.count += n
+                    self._filled(bucket, n)
                 key, n = (job.priority, job.need.text), 0
                 bucket = buckets.get(key)
                 if bucket is None:
@@ -348,18 +293,45 @@ class State:
             heapq.heappush(heap, job.id)
             n += 1
         if bucket is not None:
-            bucket.count += n
+            self._filled(bucket, n)
+
+    def _filled(self, bucket: Bucket, n: int) -> None:
+        """``n`` jobs joined the bucket; one that was empty is news for the scheduler."""
+        if bucket.count <= 0 and n:
+            self.offers.group(bucket.need).add(bucket.priority)
+            self.offers.pending.needs.add(bucket.need.text)
+        bucket.count += n
 
     def _dequeue(self, job: Job) -> None:
-        self.buckets[(job.priority, job.need.text)].count -= 1
+        key = (job.priority, job.need.text)
+        bucket = self.buckets[key]
+        bucket.count -= 1
+        if bucket.count <= 0:
+            del self.buckets[key]  # its heap holds only stale ids now
+
+    def bucket_alive(self, priority: int, text: str) -> bool:
+        b = self.buckets.get((priority, text))
+        return b is not None and b.count > 0
+
+    def reindex(self) -> None:
+        """The scheduler's indexes from scratch (snapshot load, sanity repair)."""
+        passed = self.offers.pending.passed
+        self.offers = build(
+            self.taskers.values(),
+            ((b.priority, b.need) for b in self.buckets.values() if b.count > 0),
+        )
+        self.offers.pending.passed = passed
 
     def _release(self, job: Job) -> None:
         tasker = self.taskers.get(job.tasker or "")
         if tasker is not None and job.id in tasker.running:
             tasker.running.discard(job.id)
             tasker.give(job.need)
+            self.offers.place(tasker)
+            self.offers.pending.taskers.add(tasker.name)
         for k, v in job.need.globals:
             self.global_used[k] = self.global_used.get(k, 0) - v
+            self.offers.pending.globals.add(k)
 
     def _end_attempt(self, job: Job, outcome: str, ended: float, exit_code: int | None) -> None:
         cur = job.current()
@@ -433,6 +405,7 @@ class State:
         job.attempts.append(Attempt(job.attempt, tasker.name, tasker.host, ev["t"]))
         tasker.running.add(job.id)
         tasker.take(job.need)
+        self.offers.place(tasker)
         for k, v in job.need.globals:
             self.global_used[k] = self.global_used.get(k, 0) + v
         self._set_state(job, RUNNING)
@@ -536,6 +509,8 @@ class State:
         tasker.registered = ev["t"]
         tasker.state = TASKER_READY
         self.recount_tasker(tasker)
+        self.offers.place(tasker)
+        self.offers.pending.taskers.add(tasker.name)
 
     def load_tasker(self, ev: TaskerJoin) -> Tasker:
         """A tasker as a snapshot recorded it: its registration, applied (the caller then
@@ -556,9 +531,11 @@ class State:
         tasker = self.taskers.get(ev["name"])
         if tasker is not None:
             tasker.state = TASKER_LOST
+            self.offers.place(tasker)
 
     def _resources(self, ev: Resources) -> None:
         self.global_total = dict(ev["totals"])
+        self.offers.pending.full = True
 
     def _epoch(self, ev: EpochEvent) -> None:
         self.epoch, self.leader = ev["epoch"], dict(ev["leader"])
