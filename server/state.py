@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import orjson
 from crq.server.events import (
@@ -41,6 +41,7 @@ from crq.server.resources import Need, NeedCache, parse_capacity
 from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
 
 TASKER_LOST = "lost"
+T = TypeVar("T")
 
 
 #: An idempotency key's entry: (first id, job count, time of the submit, body digest); its
@@ -94,8 +95,74 @@ class Attempt:
         return a
 
 
+class Run:
+    """What a job holds once it was dispatched or stopped; None until then (a queued job's
+    22 fields as 11 saves 80 bytes of each of a million queued jobs)."""
+
+    __slots__ = (
+        "attempt",
+        "tries",
+        "tasker",
+        "pid",
+        "started",
+        "ended",
+        "exit_code",
+        "signal",
+        "reason",
+        "stop_requested",
+        "attempts",
+    )
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.tries = 0
+        self.tasker: str | None = None
+        self.pid: int | None = None
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.reason: str | None = None
+        self.stop_requested = False
+        self.attempts: list[Attempt] | None = None
+
+
+class RunField(Generic[T]):
+    """A job's field kept in its Run: the default while it has none; setting the default
+    on a job without one makes none."""
+
+    def __init__(self, default: T) -> None:
+        self.default = default
+        self.slot: Any = None
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = Run.__dict__[name]  # the Run slot's own descriptor: no lookup by name
+
+    @overload
+    def __get__(self, job: None, owner: type) -> RunField[T]: ...
+    @overload
+    def __get__(self, job: Job, owner: type) -> T: ...
+    def __get__(self, job: Job | None, owner: type) -> T | RunField[T]:
+        if job is None:
+            return self
+        run = job.run
+        if run is None:
+            return self.default
+        value: T = self.slot.__get__(run)
+        return value
+
+    def __set__(self, job: Job, value: T) -> None:
+        run = job.run
+        if run is None:
+            if value is self.default or value == self.default:
+                return
+            run = job.run = Run()
+        self.slot.__set__(run, value)
+
+
 class Job:
-    """One job. Cold fields (command, cwd, log) stay serialized in ``spec`` to save memory."""
+    """One job. Cold fields (command, cwd, log) stay serialized in ``spec``, and those of
+    its attempts in ``run`` (None until it is dispatched or stopped), to save memory."""
 
     __slots__ = (
         "id",
@@ -108,19 +175,21 @@ class Job:
         "env",
         "rerunnable",
         "max_attempts",
-        "attempt",
-        "tries",
-        "tasker",
-        "pid",
         "submitted",
-        "started",
-        "ended",
-        "exit_code",
-        "signal",
-        "reason",
-        "stop_requested",
-        "attempts",
+        "run",
     )
+
+    attempt = RunField[int](0)
+    tries = RunField[int](0)
+    tasker = RunField[str | None](None)
+    pid = RunField[int | None](None)
+    started = RunField[float | None](None)
+    ended = RunField[float | None](None)
+    exit_code = RunField[int | None](None)
+    signal = RunField[int | None](None)
+    reason = RunField[str | None](None)
+    stop_requested = RunField[bool](False)
+    attempts = RunField[list[Attempt] | None](None)
 
     def __init__(
         self,
@@ -145,18 +214,8 @@ class Job:
         self.env = env
         self.rerunnable = rerunnable
         self.max_attempts = max_attempts
-        self.attempt = 0
-        self.tries = 0
-        self.tasker: str | None = None
-        self.pid: int | None = None
         self.submitted = submitted
-        self.started: float | None = None
-        self.ended: float | None = None
-        self.exit_code: int | None = None
-        self.signal: int | None = None
-        self.reason: str | None = None
-        self.stop_requested = False
-        self.attempts: list[Attempt] | None = None
+        self.run: Run | None = None
 
     def current(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
@@ -362,12 +421,13 @@ class State:
         # the hot loop of a replay: add_job inlined, the jobs enqueued together
         t, user = ev["t"], ev["user"]
         jobs, env_refs, need_of = self.jobs, self.env_refs, self.needs.get
+        intern = sys.intern  # names repeat (the command's by default): one string each
         new = []
         for (job_id, priority, resources, name, env, rerunnable, max_attempts), spec in zip(
             ev["jobs"], ev["specs"], strict=True
         ):
-            job = Job(job_id, priority, user, name, need_of(resources), spec, env, rerunnable,
-                      max_attempts, t)  # fmt: skip
+            job = Job(job_id, priority, user, intern(name), need_of(resources), spec, env,
+                      rerunnable, max_attempts, t)  # fmt: skip
             jobs[job_id] = job
             new.append(job)
             if env is not None:
