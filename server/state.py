@@ -456,13 +456,16 @@ class State:
         job = self.jobs[ev["job"]]
         tasker = self.taskers[ev["tasker"]]
         self._dequeue(job)
-        job.attempt = ev["attempt"]
-        job.tries += 1
-        job.tasker = tasker.name
-        job.pid = job.started = job.ended = job.exit_code = job.signal = job.reason = None
-        if job.attempts is None:
-            job.attempts = []
-        job.attempts.append(Attempt(job.attempt, tasker.name, tasker.host, ev["t"]))
+        run = job.run
+        if run is None:
+            run = job.run = Run()
+        run.attempt = ev["attempt"]
+        run.tries += 1
+        run.tasker = tasker.name
+        run.pid = run.started = run.ended = run.exit_code = run.signal = run.reason = None
+        if run.attempts is None:
+            run.attempts = []
+        run.attempts.append(Attempt(run.attempt, tasker.name, tasker.host, ev["t"]))
         tasker.running.add(job.id)
         tasker.take(job.need)
         self.offers.place(tasker)
