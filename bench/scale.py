@@ -5,10 +5,10 @@ The state is built in process (events applied to a ``State``, as replay does; no
 journal), with taskers of several capacity classes (slots, cores, RAM, a gpu or not) and
 jobs of 100 needs x 10 priorities. A first pass fills every tasker; after it, two kinds of
 event are timed, interleaved at random: a running job finishes (its slot frees) and a new
-job is submitted. Each is applied, then the figure is the wall time of the dispatch pass the
-engine would run after it (``scheduler.dispatch_pass``, including applying the dispatch
-events it emits). A few taskers are silent (not eligible), as the engine's freshness check
-would find them.
+job is submitted (every fifth of those, by default, to a need never seen: a new bucket). Each is
+applied, then the figure is the wall time of the dispatch pass the engine would run after
+it (``scheduler.dispatch_pass``, including applying the dispatch events it emits). A few
+taskers are silent (not eligible), as the engine's freshness check would find them.
 
 The floor: one ``heapq`` push and pop on a heap of 1,000,000 ints, measured in the same
 run. A scheduler holding 1,000,000 queued jobs cannot hand one out for less than one
@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--needs", type=int, default=100)
     p.add_argument("--priorities", type=int, default=10)
     p.add_argument("--events", type=int, default=4000)
+    p.add_argument("--new-every", type=int, default=5, help="every Nth submit: a new need")
     p.add_argument("--silent", type=float, default=0.02, help="share of silent taskers")
     args = p.parse_args()
     rng = random.Random(3)
@@ -127,6 +128,7 @@ def main() -> None:
     busy = [t for t in state.taskers.values() if t.running]
     on_finish: list[float] = []
     on_submit: list[float] = []
+    on_new: list[float] = []
     for n in range(args.events):
         now += 0.001
         if n % 2 == 0:
@@ -144,6 +146,12 @@ def main() -> None:
                 "ended": now,
             }
             times = on_finish
+        elif (
+            args.new_every and n % (2 * args.new_every) == 1
+        ):  # a need never seen: a new bucket, looked at against all taskers
+            fresh = parse_need(f"CORES/1 RAM/{100 + n}").text
+            ev = submit_event(state, [(rng.randrange(args.priorities), fresh)], now)
+            times = on_new
         else:
             ev = submit_event(state, [rng.choice(keys)], now)
             times = on_submit
@@ -153,7 +161,7 @@ def main() -> None:
         times.append((time.perf_counter_ns() - t0) / 1e9)
         busy = [t for t in busy if t.running] or [t for t in state.taskers.values() if t.running]
     floor = heap_floor(args.jobs, 2000)
-    both = on_finish + on_submit
+    both = on_finish + on_submit + on_new
     p50, p99 = pct(both, 50), pct(both, 99)
     log(
         f"per event: p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms "
@@ -167,6 +175,7 @@ def main() -> None:
         info(BENCH, "dispatch per event p50", p50 * 1e3, "ms", note),
         info(BENCH, "dispatch per finish p99", pct(on_finish, 99) * 1e3, "ms", note),
         info(BENCH, "dispatch per submit p99", pct(on_submit, 99) * 1e3, "ms", note),
+        info(BENCH, "dispatch per submit, new bucket p99", pct(on_new, 99) * 1e3, "ms", note),
         info(BENCH, "floor: heap push+pop, 1M", floor * 1e6, "us", "same run"),
         info(BENCH, "ratio p50 / floor", p50 / floor, "x", ""),
         info(BENCH, "ratio p99 / floor", p99 / floor, "x", ""),

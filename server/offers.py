@@ -98,12 +98,13 @@ def could_run(key: ClassKey, need: Need) -> bool:
 class NeedGroup:
     """The priorities of one need's buckets that may hold jobs, highest first (a heap)."""
 
-    __slots__ = ("need", "prios", "present")
+    __slots__ = ("need", "prios", "present", "live")
 
     def __init__(self, need: Need) -> None:
         self.need = need
         self.prios: list[int] = []  # negated priorities
         self.present: set[int] = set()
+        self.live = 0  # buckets of the need that hold jobs
 
     def add(self, priority: int) -> None:
         if priority not in self.present:
@@ -149,7 +150,7 @@ class Offers:
         self.classes: dict[ClassKey, list[Entry]] = {}
         self.placed: dict[str, tuple[ClassKey, Entry]] = {}
         self.groups: dict[str, NeedGroup] = {}
-        self.class_needs: dict[ClassKey, list[Need]] = {}  # needs a class could run
+        self.class_needs: dict[ClassKey, dict[str, Need]] = {}  # queued needs it could run
         self.need_classes: dict[str, list[ClassKey]] = {}  # classes that could run a need
         self.global_needs: dict[str, set[str]] = {}  # global resource -> needs using it
         self.pending = Pending()
@@ -158,11 +159,12 @@ class Offers:
         entries = self.classes.get(key)
         if entries is None:
             entries = self.classes[key] = []
-            fit = self.class_needs[key] = []
+            fit = self.class_needs[key] = {}
             for text, g in self.groups.items():
                 if could_run(key, g.need):
-                    fit.append(g.need)
                     self.need_classes[text].append(key)
+                    if g.live > 0:
+                        fit[text] = g.need
         return entries
 
     def place(self, t: Tasker) -> None:
@@ -182,18 +184,27 @@ class Offers:
         where = self.placed.get(t.name)
         return where[0] if where is not None else None
 
-    def group(self, need: Need) -> NeedGroup:
+    def filled(self, need: Need, priority: int) -> None:
+        """A bucket of the need got jobs (it had none)."""
         g = self.groups.get(need.text)
         if g is None:
             g = self.groups[need.text] = NeedGroup(need)
-            fit = self.need_classes[need.text] = []
-            for key, needs in self.class_needs.items():
-                if could_run(key, need):
-                    needs.append(need)
-                    fit.append(key)
+            self.need_classes[need.text] = [k for k in self.class_needs if could_run(k, need)]
             for k, _ in need.globals:
                 self.global_needs.setdefault(k, set()).add(need.text)
-        return g
+        g.add(priority)
+        g.live += 1
+        if g.live == 1:  # queued again: the classes that could run it look at it again
+            for key in self.need_classes[need.text]:
+                self.class_needs[key][need.text] = need
+
+    def emptied(self, need: Need) -> None:
+        """A bucket of the need lost its last job."""
+        g = self.groups[need.text]
+        g.live -= 1
+        if g.live == 0:  # a need nothing waits for costs a grown tasker nothing
+            for key in self.need_classes[need.text]:
+                self.class_needs[key].pop(need.text, None)
 
     def describe(self, alive: Callable[[int, str], bool]) -> dict[str, object]:
         """A comparable view (tests and the sanity check: rebuilt equals maintained)."""
@@ -202,10 +213,11 @@ class Offers:
             "placed": dict(sorted(self.placed.items())),
             "order": dict(self.order),
             "groups": {
-                text: sorted(p for p in g.present if alive(p, text))
+                text: (sorted(p for p in g.present if alive(p, text)), g.live)
                 for text, g in sorted(self.groups.items())
-                if any(alive(p, text) for p in g.present)
+                if g.live or any(alive(p, text) for p in g.present)
             },
+            "queued": {k: sorted(v) for k, v in self.class_needs.items() if v and self.classes[k]},
         }
 
 
@@ -215,5 +227,5 @@ def build(taskers: Iterable[Tasker], queued: Iterable[tuple[int, Need]]) -> Offe
     for t in taskers:
         offers.place(t)
     for priority, need in queued:
-        offers.group(need).add(priority)
+        offers.filled(need, priority)
     return offers

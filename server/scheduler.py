@@ -113,13 +113,13 @@ def _scope(state: State, offers: Offers, grown: list[Tasker]) -> dict[str, bool]
     """Needs to look at: True against every tasker, False only against the grown ones."""
     pending = offers.pending
     if pending.full or len(grown) > FEW:
-        return dict.fromkeys(offers.groups, True)
+        return {text: True for text, g in offers.groups.items() if g.live > 0}
     scope = dict.fromkeys(pending.needs, True)
     for k in pending.globals:
         scope.update(dict.fromkeys(offers.global_needs.get(k, ()), True))
     for t in grown:
         key = offers.class_of(t)
-        for need in offers.class_needs[key] if key is not None else ():
+        for need in offers.class_needs[key].values() if key is not None else ():
             if need.text not in scope and t.fits(need):
                 scope[need.text] = False
     return scope

@@ -357,7 +357,7 @@ class State:
     def _filled(self, bucket: Bucket, n: int) -> None:
         """``n`` jobs joined the bucket; one that was empty is news for the scheduler."""
         if bucket.count <= 0 and n:
-            self.offers.group(bucket.need).add(bucket.priority)
+            self.offers.filled(bucket.need, bucket.priority)
             self.offers.pending.needs.add(bucket.need.text)
         bucket.count += n
 
@@ -367,6 +367,7 @@ class State:
         bucket.count -= 1
         if bucket.count <= 0:
             del self.buckets[key]  # its heap holds only stale ids now
+            self.offers.emptied(bucket.need)
 
     def bucket_alive(self, priority: int, text: str) -> bool:
         b = self.buckets.get((priority, text))
