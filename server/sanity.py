@@ -3,9 +3,9 @@
 Checks, after Accelerator's list: every running job is on a live tasker that confirmed it;
 each tasker runs exactly the jobs that name it; slot and resource use equals what running
 jobs hold (invariant 5); global resource use likewise; state counters and queue buckets
-match the jobs; ids are unique and below ``next_id``, as are the ids idempotency keys
-answer. With ``fix``, derived data is recomputed in place and orphaned attempts are
-recovered through journaled events.
+match the jobs, and the scheduler's indexes match both; ids are unique and below
+``next_id``, as are the ids idempotency keys answer. With ``fix``, derived data is
+recomputed in place and orphaned attempts are recovered through journaled events.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from functools import partial
 from operator import attrgetter
 
 from crq.server.events import Event, recover
+from crq.server.offers import build
 from crq.server.state import TASKER_READY, Bucket, Job, State
 
 from crq.wire import QUEUED, RUNNING
@@ -72,6 +73,7 @@ def check(
     _buckets(state, counts, found)
     _next_id(state, found)
     _keys(state, found)
+    _index(state, found)  # last: the repairs above change what it is built from
     return r
 
 
@@ -194,6 +196,18 @@ def _keys(state: State, found: _Finder) -> None:
             f"next id {state.next_id} not above the id {top} an idempotency key answers",
             lambda: setattr(state, "next_id", top + 1),
         )
+
+
+def _index(state: State, found: _Finder) -> None:
+    """The scheduler's indexes (server/offers.py) against ones built afresh."""
+    fresh = build(
+        state.taskers.values(),
+        ((b.priority, b.need) for b in state.buckets.values() if b.count > 0),
+    )
+    if fresh.describe(state.bucket_alive) != state.offers.describe(state.bucket_alive):
+        found("the dispatch index disagrees with the taskers and buckets", state.reindex)
+    elif found.fix and found.result.fixed:
+        state.reindex()  # a repair above changed what it is built from, if not its view
 
 
 def _live_entries(state: State, b: Bucket) -> int:

@@ -69,23 +69,22 @@ def list_snapshots(trace: Path) -> list[Path]:
     return sorted(found, key=snapshot_seq)
 
 
+def _head_row(j: Job) -> list[Any]:
+    """The fields set at submit."""
+    return [j.id, j.state, j.priority, j.user, j.name, j.need.text, j.env, j.rerunnable,
+            j.max_attempts, j.submitted]  # fmt: skip
+
+
 def _job_row(j: Job) -> list[Any]:
     """A job without its spec (the spec bytes follow the rows of a chunk raw, see events).
 
     The first ten fields are set at submit; the rest only once a job has run or was
     stopped, so a snapshot leaves them out while they still hold FRESH.
     """
+    if j.run is None:  # never dispatched nor stopped: all FRESH (most of a big queue)
+        return [*_head_row(j), *FRESH]
     return [
-        j.id,
-        j.state,
-        j.priority,
-        j.user,
-        j.name,
-        j.need.text,
-        j.env,
-        j.rerunnable,
-        j.max_attempts,
-        j.submitted,
+        *_head_row(j),
         j.attempt,
         j.tries,
         j.tasker,
@@ -115,7 +114,9 @@ def _add_chunk(state: State, rows: list[list[Any]], specs: list[bytes]) -> None:
         job_id = r[0]
         if job_id in jobs:
             raise SnapshotError(f"job {job_id} appears twice")
-        job = Job(job_id, r[2], intern(r[3]), r[4], need_of(r[5]), spec, r[6], r[7], r[8], r[9])
+        job = Job(
+            job_id, r[2], intern(r[3]), intern(r[4]), need_of(r[5]), spec, r[6], r[7], r[8], r[9]
+        )
         if len(r) > 10:
             job.attempt, job.tries, job.pid, job.started = r[10], r[11], r[13], r[14]
             job.tasker = intern(r[12]) if r[12] is not None else None
@@ -227,9 +228,12 @@ def _put_all(state: State, f: BinaryIO, header: dict[str, Any], chunk: int) -> N
     rows: list[list[Any]] = []
     specs: list[bytes] = []
     for job in state.jobs.values():
-        row = _job_row(job)
-        if row[10:] == FRESH:
-            del row[10:]
+        if job.run is None:
+            row = _head_row(job)
+        else:
+            row = _job_row(job)
+            if row[10:] == FRESH:
+                del row[10:]
         rows.append(row)
         specs.append(job.spec)
         if len(rows) == chunk:
@@ -324,7 +328,8 @@ def _load_tasker(state: State, r: dict[str, Any]) -> None:
 
 
 def _rebuild_derived(state: State) -> None:
-    """Env index, resource use: derived, never stored (queue buckets: as jobs are read)."""
+    """Env index, resource use, the scheduler's indexes: derived, never stored (queue
+    buckets: as jobs are read)."""
     for env_id, env in state.envs.items():
         state.env_by_digest[env_digest(env)] = env_id
         state.env_refs.setdefault(env_id, 0)
@@ -334,3 +339,4 @@ def _rebuild_derived(state: State) -> None:
                 state.global_used[k] = state.global_used.get(k, 0) + v
     for t in state.taskers.values():
         state.recount_tasker(t)
+    state.reindex()

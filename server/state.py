@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import orjson
 from crq.server.events import (
@@ -33,12 +33,15 @@ from crq.server.events import (
     TaskerJoin,
     TaskerLost,
 )
+from crq.server.offers import TASKER_READY as TASKER_READY  # re-exported: state names it
+from crq.server.offers import Offers, build
+from crq.server.offers import Tasker as Tasker
 from crq.server.resources import Need, NeedCache, parse_capacity
 
 from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
 
-TASKER_READY = "ready"
 TASKER_LOST = "lost"
+T = TypeVar("T")
 
 
 #: An idempotency key's entry: (first id, job count, time of the submit, body digest); its
@@ -92,8 +95,74 @@ class Attempt:
         return a
 
 
+class Run:
+    """What a job holds once it was dispatched or stopped; None until then (a queued job's
+    22 fields as 11 saves 80 bytes of each of a million queued jobs)."""
+
+    __slots__ = (
+        "attempt",
+        "tries",
+        "tasker",
+        "pid",
+        "started",
+        "ended",
+        "exit_code",
+        "signal",
+        "reason",
+        "stop_requested",
+        "attempts",
+    )
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.tries = 0
+        self.tasker: str | None = None
+        self.pid: int | None = None
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.reason: str | None = None
+        self.stop_requested = False
+        self.attempts: list[Attempt] | None = None
+
+
+class RunField(Generic[T]):
+    """A job's field kept in its Run: the default while it has none; setting the default
+    on a job without one makes none."""
+
+    def __init__(self, default: T) -> None:
+        self.default = default
+        self.slot: Any = None
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = Run.__dict__[name]  # the Run slot's own descriptor: no lookup by name
+
+    @overload
+    def __get__(self, job: None, owner: type) -> RunField[T]: ...
+    @overload
+    def __get__(self, job: Job, owner: type) -> T: ...
+    def __get__(self, job: Job | None, owner: type) -> T | RunField[T]:
+        if job is None:
+            return self
+        run = job.run
+        if run is None:
+            return self.default
+        value: T = self.slot.__get__(run)
+        return value
+
+    def __set__(self, job: Job, value: T) -> None:
+        run = job.run
+        if run is None:
+            if value is self.default or value == self.default:
+                return
+            run = job.run = Run()
+        self.slot.__set__(run, value)
+
+
 class Job:
-    """One job. Cold fields (command, cwd, log) stay serialized in ``spec`` to save memory."""
+    """One job. Cold fields (command, cwd, log) stay serialized in ``spec``, and those of
+    its attempts in ``run`` (None until it is dispatched or stopped), to save memory."""
 
     __slots__ = (
         "id",
@@ -106,19 +175,21 @@ class Job:
         "env",
         "rerunnable",
         "max_attempts",
-        "attempt",
-        "tries",
-        "tasker",
-        "pid",
         "submitted",
-        "started",
-        "ended",
-        "exit_code",
-        "signal",
-        "reason",
-        "stop_requested",
-        "attempts",
+        "run",
     )
+
+    attempt = RunField[int](0)
+    tries = RunField[int](0)
+    tasker = RunField[str | None](None)
+    pid = RunField[int | None](None)
+    started = RunField[float | None](None)
+    ended = RunField[float | None](None)
+    exit_code = RunField[int | None](None)
+    signal = RunField[int | None](None)
+    reason = RunField[str | None](None)
+    stop_requested = RunField[bool](False)
+    attempts = RunField[list[Attempt] | None](None)
 
     def __init__(
         self,
@@ -143,79 +214,11 @@ class Job:
         self.env = env
         self.rerunnable = rerunnable
         self.max_attempts = max_attempts
-        self.attempt = 0
-        self.tries = 0
-        self.tasker: str | None = None
-        self.pid: int | None = None
         self.submitted = submitted
-        self.started: float | None = None
-        self.ended: float | None = None
-        self.exit_code: int | None = None
-        self.signal: int | None = None
-        self.reason: str | None = None
-        self.stop_requested = False
-        self.attempts: list[Attempt] | None = None
+        self.run: Run | None = None
 
     def current(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
-
-
-class Tasker:
-    __slots__ = (
-        "name",
-        "host",
-        "slots",
-        "resources",
-        "capacity",
-        "attributes",
-        "free",
-        "free_slots",
-        "running",
-        "state",
-        "boot_id",
-        "pid",
-        "registered",
-        "state_id",
-        "session",
-    )
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.host = ""
-        self.slots = 0
-        self.resources = ""
-        self.capacity: dict[str, int] = {}
-        self.attributes: frozenset[str] = frozenset()
-        self.free: dict[str, int] = {}
-        self.free_slots = 0
-        self.running: set[int] = set()
-        self.state = TASKER_READY
-        self.boot_id = ""
-        self.state_id = ""
-        self.session = ""  # hash of the secret of the session holding the name ("": none yet)
-        self.pid = 0
-        self.registered = 0.0
-
-    def fits(self, need: Need) -> bool:
-        if self.free_slots <= 0 or not need.attributes <= self.attributes:
-            return False
-        free = self.free
-        return all(free.get(k, 0) >= v for k, v in need.local)
-
-    def take(self, need: Need) -> None:
-        self.free_slots -= 1
-        for k, v in need.local:
-            self.free[k] = self.free.get(k, 0) - v
-
-    def give(self, need: Need) -> None:
-        self.free_slots += 1
-        free = self.free
-        for k, v in need.local:
-            left = free.get(k, 0) + v
-            if left == 0 and k not in self.capacity:
-                del free[k]  # held beyond a changed offer: gone, as a recount leaves it
-            else:
-                free[k] = left
 
 
 class Bucket:
@@ -268,6 +271,7 @@ class State:
         self.global_total: dict[str, int] = dict(global_resources or {})
         self.global_used: dict[str, int] = {}
         self.needs = NeedCache()
+        self.offers = Offers()  # derived indexes of the scheduler (server/offers.py)
         # (user, Idempotency-Key) of the submits within the window, oldest first
         self.keys: dict[tuple[str, str], KeyEntry] = {}
         self.on_final: Callable[[Job], None] | None = None
@@ -339,7 +343,7 @@ class State:
         for job in jobs:
             if key != (job.priority, job.need.text):
                 if bucket is not None:
-                    bucket.count += n
+                    self._filled(bucket, n)
                 key, n = (job.priority, job.need.text), 0
                 bucket = buckets.get(key)
                 if bucket is None:
@@ -348,18 +352,46 @@ class State:
             heapq.heappush(heap, job.id)
             n += 1
         if bucket is not None:
-            bucket.count += n
+            self._filled(bucket, n)
+
+    def _filled(self, bucket: Bucket, n: int) -> None:
+        """``n`` jobs joined the bucket; one that was empty is news for the scheduler."""
+        if bucket.count <= 0 and n:
+            self.offers.filled(bucket.need, bucket.priority)
+            self.offers.pending.needs.add(bucket.need.text)
+        bucket.count += n
 
     def _dequeue(self, job: Job) -> None:
-        self.buckets[(job.priority, job.need.text)].count -= 1
+        key = (job.priority, job.need.text)
+        bucket = self.buckets[key]
+        bucket.count -= 1
+        if bucket.count <= 0:
+            del self.buckets[key]  # its heap holds only stale ids now
+            self.offers.emptied(bucket.need)
+
+    def bucket_alive(self, priority: int, text: str) -> bool:
+        b = self.buckets.get((priority, text))
+        return b is not None and b.count > 0
+
+    def reindex(self) -> None:
+        """The scheduler's indexes from scratch (snapshot load, sanity repair)."""
+        passed = self.offers.pending.passed
+        self.offers = build(
+            self.taskers.values(),
+            ((b.priority, b.need) for b in self.buckets.values() if b.count > 0),
+        )
+        self.offers.pending.passed = passed
 
     def _release(self, job: Job) -> None:
         tasker = self.taskers.get(job.tasker or "")
         if tasker is not None and job.id in tasker.running:
             tasker.running.discard(job.id)
             tasker.give(job.need)
+            self.offers.place(tasker)
+            self.offers.pending.taskers.add(tasker.name)
         for k, v in job.need.globals:
             self.global_used[k] = self.global_used.get(k, 0) - v
+            self.offers.pending.globals.add(k)
 
     def _end_attempt(self, job: Job, outcome: str, ended: float, exit_code: int | None) -> None:
         cur = job.current()
@@ -390,12 +422,13 @@ class State:
         # the hot loop of a replay: add_job inlined, the jobs enqueued together
         t, user = ev["t"], ev["user"]
         jobs, env_refs, need_of = self.jobs, self.env_refs, self.needs.get
+        intern = sys.intern  # names repeat (the command's by default): one string each
         new = []
         for (job_id, priority, resources, name, env, rerunnable, max_attempts), spec in zip(
             ev["jobs"], ev["specs"], strict=True
         ):
-            job = Job(job_id, priority, user, name, need_of(resources), spec, env, rerunnable,
-                      max_attempts, t)  # fmt: skip
+            job = Job(job_id, priority, user, intern(name), need_of(resources), spec, env,
+                      rerunnable, max_attempts, t)  # fmt: skip
             jobs[job_id] = job
             new.append(job)
             if env is not None:
@@ -424,15 +457,19 @@ class State:
         job = self.jobs[ev["job"]]
         tasker = self.taskers[ev["tasker"]]
         self._dequeue(job)
-        job.attempt = ev["attempt"]
-        job.tries += 1
-        job.tasker = tasker.name
-        job.pid = job.started = job.ended = job.exit_code = job.signal = job.reason = None
-        if job.attempts is None:
-            job.attempts = []
-        job.attempts.append(Attempt(job.attempt, tasker.name, tasker.host, ev["t"]))
+        run = job.run
+        if run is None:
+            run = job.run = Run()
+        run.attempt = ev["attempt"]
+        run.tries += 1
+        run.tasker = tasker.name
+        run.pid = run.started = run.ended = run.exit_code = run.signal = run.reason = None
+        if run.attempts is None:
+            run.attempts = []
+        run.attempts.append(Attempt(run.attempt, tasker.name, tasker.host, ev["t"]))
         tasker.running.add(job.id)
         tasker.take(job.need)
+        self.offers.place(tasker)
         for k, v in job.need.globals:
             self.global_used[k] = self.global_used.get(k, 0) + v
         self._set_state(job, RUNNING)
@@ -536,6 +573,8 @@ class State:
         tasker.registered = ev["t"]
         tasker.state = TASKER_READY
         self.recount_tasker(tasker)
+        self.offers.place(tasker)
+        self.offers.pending.taskers.add(tasker.name)
 
     def load_tasker(self, ev: TaskerJoin) -> Tasker:
         """A tasker as a snapshot recorded it: its registration, applied (the caller then
@@ -556,9 +595,11 @@ class State:
         tasker = self.taskers.get(ev["name"])
         if tasker is not None:
             tasker.state = TASKER_LOST
+            self.offers.place(tasker)
 
     def _resources(self, ev: Resources) -> None:
         self.global_total = dict(ev["totals"])
+        self.offers.pending.full = True
 
     def _epoch(self, ev: EpochEvent) -> None:
         self.epoch, self.leader = ev["epoch"], dict(ev["leader"])

@@ -57,6 +57,8 @@ BREAKS: dict[str, tuple[Callable[[State], None], str]] = {
         lambda s: s.keys.__setitem__(("alice", "k"), (s.next_id, 2, 0.0, "d")),
         "idempotency key",
     ),
+    "dispatch index of taskers": (lambda s: s.offers.order.update(t1=9), "dispatch index"),
+    "dispatch index of a need": (lambda s: s.offers.groups.clear(), "dispatch index"),
     "tasker holds a job it does not run": (
         lambda s: s.taskers["t2"].running.add(first(s, "queued")),
         "does not run there",
