@@ -30,7 +30,8 @@ def routes(srv: Service) -> list[BaseRoute]:
         journal = engine.journal
         # On a full disk every reply waits for the journal; this one answers, so that
         # `ncmgr status` can say why, but without the counts nothing durable backs yet.
-        stalled = not await engine.durable_or_disk_full()
+        # (re-read after the wait: a batch applied meanwhile may be what now waits for space)
+        stalled = not await engine.durable_or_disk_full() or journal.stalled_since is not None
         return JSON(
             {
                 "queue": srv.settings.queue,
