@@ -25,7 +25,6 @@ from crq.tasker.outbox import Outbox
 from crq.tasker.procs import (
     SH,
     classify,
-    current_umask,
     find_orphan_wrappers,
     wrapper_alive,
     wrapper_argv,
@@ -107,6 +106,14 @@ class Ending:
     reason: str | None = None
 
 
+def orphan_status(pid: int, key: Key, state: StateDir) -> Path:
+    """The status file a running wrapper writes to: its argv names it."""
+    argv = procfs.cmdline(pid)
+    if argv is not None and len(argv) > 4:
+        return Path(os.fsdecode(argv[4]))
+    return state.status_path(key)
+
+
 def _result(end: Ending) -> dict[str, Any]:
     """The finished report of an ending, with the reason a kill or a signal implies."""
     job, reason, sig = end.job, end.reason, end.signal
@@ -150,7 +157,6 @@ class Runner:
         self.outbox = Outbox(state)
         self._held: dict[Key, dict[str, Any]] = {}  # dispatched, waiting for a free slot
         self._unusable_seen: dict[str, None] = {}
-        self._umask = f"{current_umask():03o}"  # what our jobs inherited before
         self._starting = threading.Lock()  # one spawner at a time: room is counted once
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
@@ -243,7 +249,8 @@ class Runner:
         if not jobs:
             return 0
         try:
-            self.state.write_records([j.record() for j in jobs])  # one directory fsync
+            self.state.write_records([j.record() for j in jobs])  # one fsync
+            self.state.mark_recorded((j.key, j.status) for j in jobs)
         except OSError as e:  # the jobs run anyway; a restart finds them through /proc
             log.error("cannot record %d started attempts: %s", len(jobs), e)
         with self._lock:
@@ -251,7 +258,7 @@ class Runner:
                 self._jobs[job.key] = job
                 self.outbox.add_started(job.running_report())
         for job, name in zip(jobs, names, strict=True):
-            log.info("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
+            log.debug("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
             self._watch(job)
         self.on_event()
         return len(jobs)
@@ -309,14 +316,17 @@ class Runner:
         except OSError as e:
             self._fail(key, now, f"cannot open log {logpath}: {e.strerror or e}")
             return None
-        status = self.state.status_path(key)
-        with contextlib.suppress(FileNotFoundError):
-            status.unlink()
+        try:
+            status = self.state.status_file()
+        except OSError as e:
+            logf.close()
+            self._fail(key, now, f"cannot start: state dir: {e.strerror or e}")
+            return None
         spawned = time.time()
         try:
             with logf:
                 proc = subprocess.Popen(
-                    wrapper_argv(status, self._umask, argv),
+                    wrapper_argv(status, key, argv),
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -439,10 +449,7 @@ class Runner:
         """Reap one ended child: its exit code, signal and end time."""
         assert job.proc is not None
         rc = job.proc.wait()
-        st = read_status(job.status)
-        # without an exit status in it, the file's mtime is the spawn, not the end
-        ended = st[1] if st is not None and st[0] is not None else time.time()
-        return Ending(job, *classify(rc), ended)
+        return Ending(job, *classify(rc), time.time())
 
     def _wait_child(self, job: _Job) -> None:
         self._finish_many([self._ended(job)])
@@ -477,11 +484,15 @@ class Runner:
             held = bool(self._held)
         if held:
             self._start_held()
-        for r in results:
-            if r["exit_code"] is not None:
-                log.info("job %d.%d finished, exit %d", r["job"], r["attempt"], r["exit_code"])
-            else:
-                log.info("job %d.%d finished: %s", r["job"], r["attempt"], r["reason"])
+        if log.isEnabledFor(logging.DEBUG):
+            for r in results:
+                log.debug(
+                    "job %d.%d finished: exit %s, %s",
+                    r["job"],
+                    r["attempt"],
+                    r["exit_code"],
+                    r["reason"],
+                )
         self.on_event()
 
     # -- killing -------------------------------------------------------------------------
@@ -520,7 +531,7 @@ class Runner:
             self._signal(job, signal.SIGKILL)
 
     def _signal(self, job: _Job, sig: int) -> None:
-        if job.done or (job.proc is None and not wrapper_alive(job.pid, job.status)):
+        if job.done or (job.proc is None and not wrapper_alive(job.pid, job.status, job.key)):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(job.pgid, sig)
@@ -541,6 +552,7 @@ class Runner:
         results = self.state.load_results()
         self.outbox.load(results)
         records = self.state.load_records()
+        traces = self.state.traces()
         orphans = find_orphan_wrappers(self.state.status)
         now = time.time()
         for key, rec in records.items():
@@ -561,7 +573,14 @@ class Runner:
                 job = _Job(key[0], key[1], 0, 0, now, self.state.status_path(key))
             self._settle(job, rebooted)
         found = [
-            _Job(key[0], key[1], pid, pid, procfs.start_time(pid), self.state.status_path(key))
+            _Job(
+                key[0],
+                key[1],
+                pid,
+                pid,
+                procfs.start_time(pid),
+                orphan_status(pid, key, self.state),
+            )
             for key, pid in orphans.items()
             if key not in records and key not in results
         ]
@@ -575,26 +594,28 @@ class Runner:
         for job in found:
             log.info("job %d.%d: found running without a record, adopting", *job.key)
             self._settle(job, rebooted)
-        for key in self.state.status_keys():
+        for key, (status, _) in traces.items():
             with self._lock:
                 known = key in self._jobs or self.outbox.has_result(key)
             if key in results:  # its result was recorded just before a crash
                 self.state.remove_attempt(key)
             elif not known and key not in records:
                 # Spawned, never recorded, not running: ended or killed while we were away.
-                # The file's mtime is the best start time left: the start while it is empty,
-                # the end once it holds the exit status.
-                status = self.state.status_path(key)
-                st = read_status(status)
+                # The file's mtime is the best start time left: the start while it holds
+                # no exit status, the end (or later) once it does.
+                st = read_status(status, key)
                 started = min(st[1], now) if st is not None else now
                 log.info("job %d.%d: spawned without a record, no longer running", *key)
                 self._settle(_Job(key[0], key[1], 0, 0, started, status), rebooted)
+        # every trace is spoken for by the log now; the older layout moves into it
+        self.state.mark_recorded((key, status) for key, (status, _) in traces.items())
+        self.state.compact()
         adopted, pending = self.counts()
         return adopted, pending
 
     def _settle(self, job: _Job, rebooted: bool) -> None:
         """Decide what became of one recorded attempt: finished, still running, or gone."""
-        st = read_status(job.status)
+        st = read_status(job.status, job.key)
         if st is not None and st[0] is not None:
             self._finish(job, *classify(st[0]), st[1])
             return
@@ -605,7 +626,7 @@ class Runner:
             log.info("job %d.%d: gone with the host reboot; the server recovers it", *job.key)
             self.state.remove_attempt(job.key)
             return
-        if wrapper_alive(job.pid, job.status):
+        if wrapper_alive(job.pid, job.status, job.key):
             with self._lock:
                 self._jobs[job.key] = job
                 self.outbox.add_started(job.running_report())
@@ -614,7 +635,7 @@ class Runner:
                 self._schedule_sigkill(job, job.kill_at + self.kill_grace - time.time())
             self._ensure_poller()
             return
-        st = read_status(job.status)  # it may have ended between the two looks
+        st = read_status(job.status, job.key)  # it may have ended between the two looks
         if st is not None and st[0] is not None:
             self._finish(job, *classify(st[0]), st[1])
         else:
@@ -637,11 +658,11 @@ class Runner:
             if not adopted:
                 return
             for job in adopted:
-                st = read_status(job.status)
+                st = read_status(job.status, job.key)
                 if st is not None and st[0] is not None:
                     self._finish(job, *classify(st[0]), st[1])
-                elif not wrapper_alive(job.pid, job.status):
-                    st = read_status(job.status)
+                elif not wrapper_alive(job.pid, job.status, job.key):
+                    st = read_status(job.status, job.key)
                     if st is not None and st[0] is not None:
                         self._finish(job, *classify(st[0]), st[1])
                     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker.statedir import StateDir
 
 from tests.rigs import (
     PATIENCE,
@@ -206,7 +207,7 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
     os.kill(frozen.proc.pid, signal.SIGCONT)
     wait_until(lambda: rig.tasker_state("frozen") == "ready")
     # its late results are delivered (and acked) but refused: nothing changes
-    wait_until(lambda: not list((frozen.state / "results").iterdir()))
+    wait_until(lambda: not StateDir(frozen.state).load_results())
     for before in jobs:
         after = rig.job(before["id"])
         assert (after["state"], after["exit_code"], after["attempt"], after["tasker"]) == (

@@ -166,7 +166,7 @@ def test_e2e_jobs_the_tasker_cannot_start_fail_with_the_reason(
     assert jobs[2]["reason"].startswith("cwd does not exist: ")
     assert all(j["attempt"] == 1 for j in jobs)
     assert "malformed dispatch" not in tasker.log() and "refused" not in tasker.log()
-    wait_until(lambda: not list((tasker.state / "results").iterdir()))
+    wait_until(lambda: not StateDir(tasker.state).load_results())
 
 
 @e2e
