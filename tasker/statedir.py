@@ -131,9 +131,12 @@ def read_traces(path: Path) -> dict[Key, list[str]]:
 class StateDir:
     """The state dir of one tasker; see the module docstring for the layout."""
 
-    def __init__(self, root: str | os.PathLike[str], fsync: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], fsync: bool = True, gen_size: int = GEN_SIZE
+    ) -> None:
         self.root = Path(root).absolute()
         self.fsync = fsync
+        self.gen_size = gen_size
         self.status = self.root / "status"
         self.log_path = self.root / "log"
         self.attempts = self.root / "attempts"  # the older layout, read once
@@ -143,7 +146,7 @@ class StateDir:
         self._fd: int | None = None
         self._appended = 0
         self._gen = 0
-        self._gen_used = GEN_SIZE  # spawns in the current status file: a new one first
+        self._gen_used = gen_size  # spawns in the current status file: a new one first
         for d in (self.root, self.status, self.attempts, self.results):
             if d in (self.root, self.status):
                 d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -318,9 +321,9 @@ class StateDir:
         return self.status / _name(key)
 
     def status_file(self) -> Path:
-        """The shared status file for the next spawn (a new one every GEN_SIZE spawns)."""
+        """The shared status file for the next spawn (a new one every ``gen_size``)."""
         with self._mutex:
-            if self._gen_used >= GEN_SIZE:
+            if self._gen_used >= self.gen_size:
                 gens = [g for p in self.status.iterdir() if (g := _gen_of(p)) is not None]
                 self._gen = max([self._gen, *gens]) + 1
                 self._gen_used = 0
