@@ -26,25 +26,31 @@ WRAPPER_NAME = "crq-job"
 # mix. Traps make a group-wide SIGTERM/INT/HUP reach the command but let the wrapper write
 # the status before leaving; trapped signals are reset to default for the command itself.
 # The file exists (0600) before the spawn, so the job's umask is the tasker's own, as it
-# was. Only shell built-ins: the job's env may have no PATH at all.
+# was. It also goes to the job's cwd ($3: posix_spawn has no chdir), leaving OLDPWD as
+# the job's env has it (cd sets it); a cwd that vanished since the tasker checked it ends
+# the attempt before its command ran (exit 126, "can't cd" in the log). Only shell
+# built-ins: the job's env may have no PATH at all.
 WRAPPER = (
-    'trap : TERM INT HUP; s=$1; k=$2; shift 2; printf "%s S\\n" "$k" >> "$s"; '
+    'trap : TERM INT HUP; s=$1; k=$2; case ${OLDPWD+x} in '
+    'x) o=$OLDPWD; cd -- "$3" || exit 126; OLDPWD=$o;; '
+    '*) cd -- "$3" || exit 126; unset OLDPWD;; esac; shift 3; '
+    'printf "%s S\\n" "$k" >> "$s"; '
     '"$@"; rc=$?; printf "%s %s\\n" "$k" "$rc" >> "$s"; exit $rc'
 )
 # Wrappers of earlier versions, still running jobs after a tasker upgrade: the status at
-# $1 is their own file (status/<job>.<attempt>); the first one's $2 is the umask.
+# $1 is their own file (status/<job>.<attempt>); the second one's $2 is the umask.
 OLD_WRAPPERS = (
-    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
-    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
     'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
+    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
     '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
 )
 NSIG = 65
 
 
-def wrapper_argv(status: Path, key: Key, argv: list[str]) -> list[str]:
-    """The argv that runs ``argv`` under our wrapper, its status going to ``status``."""
-    return [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), f"{key[0]}.{key[1]}", *argv]
+def wrapper_argv(status: Path, key: Key, cwd: str, argv: list[str]) -> list[str]:
+    """The argv that runs ``argv`` in ``cwd`` under our wrapper, its status to ``status``."""
+    return [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), f"{key[0]}.{key[1]}", cwd, *argv]
 
 
 def classify(rc: int) -> tuple[int | None, int | None]:

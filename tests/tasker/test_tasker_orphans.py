@@ -95,7 +95,7 @@ UNSPAWNED = (
     "from crq.tasker.runner import Runner\n"
     "def crash(*a, **k):\n"
     "    os._exit(0)\n"
-    "subprocess.Popen = crash\n"
+    "os.posix_spawn = crash\n"
     "Runner(StateDir(sys.argv[1])).start_many(json.loads(sys.argv[2]))\n"
 )
 

@@ -138,7 +138,7 @@ def test_an_older_state_dir_is_migrated_with_a_job_running_across(
     gate = work / "gate"
     running = root / "status" / "1.1"
     proc = subprocess.Popen(
-        [SH, "-c", OLD_WRAPPERS[0], WRAPPER_NAME, str(running), "022",
+        [SH, "-c", OLD_WRAPPERS[1], WRAPPER_NAME, str(running), "022",
          "sh", "-c", f"until [ -e {gate} ]; do sleep 0.02; done; exit 5"],
         start_new_session=True,
     )  # fmt: skip
