@@ -31,7 +31,7 @@ WRAPPER_NAME = "crq-job"
 # the attempt before its command ran (exit 126, "can't cd" in the log). Only shell
 # built-ins: the job's env may have no PATH at all.
 WRAPPER = (
-    'trap : TERM INT HUP; s=$1; k=$2; case ${OLDPWD+x} in '
+    "trap : TERM INT HUP; s=$1; k=$2; case ${OLDPWD+x} in "
     'x) o=$OLDPWD; cd -- "$3" || exit 126; OLDPWD=$o;; '
     '*) cd -- "$3" || exit 126; unset OLDPWD;; esac; shift 3; '
     'printf "%s S\\n" "$k" >> "$s"; '
