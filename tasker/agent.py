@@ -58,6 +58,9 @@ NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --d
 REPORT_TIMEOUT = 5.0
 POLL_SLACK = 5.0  # past the heartbeat a long poll may last
 RESEND_DELAY = 1.0
+# Reports at most this often: a lone job's report goes out at once, a busy tasker's
+# reports of many jobs share one request (the server's cost is per request, not per job).
+REPORT_SPACING = 0.005
 MAX_HOPS = 5  # standby pointers followed at once in a row; then at the standby's pace
 
 
@@ -126,6 +129,7 @@ class Agent:
         self._polling = False
         self._poll_result: PollResult | None = None
         self._poll_q: queue.Queue[PollRequest | None] = queue.Queue()
+        self._last_report = 0.0
         runner.on_event = self.wake
 
     # -- control from other threads -------------------------------------------------------
@@ -172,8 +176,10 @@ class Agent:
                 self._sleep(min(delay, 0.25))  # short naps: notice a new server.json
                 return None
             return self._register()
-        started, finished = self.outbox.reports()
-        if started or finished:
+        if self.outbox.has_due():
+            self._sleep(self._last_report + REPORT_SPACING - time.monotonic())
+            started, finished = self.outbox.reports()  # what came meanwhile goes too
+            self._last_report = time.monotonic()
             self._report(started, finished)
             return None
         if not self._polling:

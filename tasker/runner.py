@@ -1,9 +1,10 @@
 """Start, watch, kill and re-adopt job processes.
 
-Each job runs under the wrapper of ``procs`` (its own session, its exit status written
-into the state dir), so it survives a ``kill -9`` of the tasker. What the runner learns
-goes into its ``outbox`` (the reports the server has not acked yet); the agent sends them
-and tells the outbox what was acked.
+Each job runs under the wrapper of ``procs`` (its own session, its exit status appended
+to a status file in the state dir), so it survives a ``kill -9`` of the tasker. What the
+runner learns goes into the state log, one fsync per batch (see ``statedir``), and into
+its ``outbox`` (the reports the server has not acked yet); the agent sends them and tells
+the outbox what was acked.
 """
 
 from __future__ import annotations
@@ -233,10 +234,10 @@ class Runner:
     def _spawn_batch(self, items: list[dict[str, Any]]) -> int:
         """Spawn them all, then record them all; returns how many run.
 
-        The attempt records are made durable together (one directory fsync) before any of
+        The attempt records are made durable together (one log fsync) before any of
         the jobs is reported started or watched for its end. A crash between the spawn and
         the record leaves a job that ``recover`` finds through /proc while it runs, or
-        through the status file its wrapper made at start once it has ended or been killed.
+        through the trace its wrapper left at start once it has ended or been killed.
         """
         jobs: list[_Job] = []
         names: list[str] = []
@@ -551,12 +552,12 @@ class Runner:
     def recover(self, rebooted: bool = False) -> tuple[int, int]:
         """Rebuild from the state dir after a tasker restart: (adopted, results pending).
 
-        A result file wins over everything; then a complete status file (the job ended
+        A logged result wins over everything; then an exit status (the job ended
         while we were away); then a live wrapper is adopted; anything else was killed
         (reported lost, for the rerun policy), or vanished with a reboot (left to the
         server: see ``_settle``).
         Attempts spawned but never recorded (the tasker died in between) are found too,
-        through /proc while they run and through their status file after: every attempt
+        through /proc while they run and through their wrapper's trace after: every attempt
         this state dir ever spawned is listed, or the server would send it again.
         """
         results = self.state.load_results()

@@ -147,6 +147,7 @@ class StateDir:
         self._appended = 0
         self._gen = 0
         self._gen_used = gen_size  # spawns in the current status file: a new one first
+        self._legacy_status = True  # per-attempt status files may exist (see compact)
         for d in (self.root, self.status, self.attempts, self.results):
             if d in (self.root, self.status):
                 d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -301,6 +302,8 @@ class StateDir:
                     with contextlib.suppress(OSError):
                         d.rmdir()
             self._drop_status_files({str(r.get("status")) for r in records.values()})
+            # no older wrapper makes a new one: once none is left, none is looked for
+            self._legacy_status = any(parse_name(p.name) for p in self.status.iterdir())
 
     def _drop_status_files(self, used: set[str]) -> None:
         """Remove shared status files no live attempt needs: not the current one, none
@@ -373,9 +376,10 @@ class StateDir:
         """Not fsynced: what a power cut brings back loses to the result, or is reported
         again ("killed while the tasker was down") and deduplicated by the server."""
         self._append([{"k": "drop", "keys": [list(k) for k in keys]}], sync=False)
-        for k in keys:  # a job of the older layout's wrapper
-            with contextlib.suppress(FileNotFoundError):
-                self.status_path(k).unlink()
+        if self._legacy_status:  # a job of the older layout's wrapper
+            for k in keys:
+                with contextlib.suppress(FileNotFoundError):
+                    self.status_path(k).unlink()
 
     def traces(self) -> dict[Key, tuple[Path, list[str]]]:
         """Attempts with a wrapper trace the log does not speak for (``D``), and older
@@ -386,8 +390,8 @@ class StateDir:
                 for key, words in read_traces(p).items():
                     if "D" not in words:
                         found[key] = (p, words)
-            elif (key := parse_name(p.name)) is not None:
-                found[key] = (p, [])
+            elif (old := parse_name(p.name)) is not None:
+                found[old] = (p, [])
         return found
 
     def exit_status(self, key: Key) -> tuple[int | None, float] | None:
