@@ -35,7 +35,7 @@ The wrappers (see ``procs``) append ``"<job>.<attempt> S"`` when they start and
 spawn (``O_APPEND``, one short ``write`` each, so the lines of many jobs never mix); the
 tasker appends ``"<job>.<attempt> D"`` once the log speaks for the attempt. A trace
 without ``D`` is an attempt spawned by a tasker that died before recording it. A status
-file is removed once it is no longer the current one and no live attempt points at it.
+file is removed once it is older than the last two and no live attempt needs it.
 
 The older layout (``attempts/<job>.<n>.json``, ``results/<job>.<n>.json`` and one
 ``status/<job>.<n>`` file per attempt) is read once and moved into the log; jobs still
@@ -306,11 +306,13 @@ class StateDir:
             self._legacy_status = any(parse_name(p.name) for p in self.status.iterdir())
 
     def _drop_status_files(self, used: set[str]) -> None:
-        """Remove shared status files no live attempt needs: not the current one, none
+        """Remove shared status files no live attempt needs: not the current ones, none
         named by a run record, none holding a trace the log does not speak for yet."""
         for p in self.status.iterdir():
             gen = _gen_of(p)
-            if gen is None or gen == self._gen or str(p) in used:
+            # the one before the current one too: a batch of spawns may straddle the switch
+            # and not be recorded yet, and its wrappers may not have left their trace yet
+            if gen is None or gen >= self._gen - 1 or str(p) in used:
                 continue
             traces = read_traces(p)
             if all("D" in words for words in traces.values()):
