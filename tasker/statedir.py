@@ -312,7 +312,8 @@ class StateDir:
             gen = _gen_of(p)
             # the one before the current one too: a batch of spawns may straddle the switch
             # and not be recorded yet, and its wrappers may not have left their trace yet
-            if gen is None or gen >= self._gen - 1 or str(p) in used:
+            # (a restarted tasker has no current one: it found such wrappers through /proc)
+            if gen is None or (self._gen and gen >= self._gen - 1) or str(p) in used:
                 continue
             traces = read_traces(p)
             if all("D" in words for words in traces.values()):
