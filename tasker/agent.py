@@ -39,6 +39,7 @@ from crq.tasker.link import (
     open_client,
     post,
 )
+from crq.tasker.outbox import Kind
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir
 
@@ -61,6 +62,7 @@ RESEND_DELAY = 1.0
 # Reports at most this often: a lone job's report goes out at once, a busy tasker's
 # reports of many jobs share one request (the server's cost is per request, not per job).
 REPORT_SPACING = 0.005
+STARTED_WAIT = 0.002  # a start report waits this long for its job's end: one request for both
 MAX_HOPS = 5  # standby pointers followed at once in a row; then at the standby's pace
 
 
@@ -177,7 +179,15 @@ class Agent:
                 return None
             return self._register()
         if self.outbox.has_due():
-            self._sleep(self._last_report + REPORT_SPACING - time.monotonic())
+            spaced = self._last_report + REPORT_SPACING
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: (
+                        self._stopping
+                        or (self.outbox.has_due(Kind.FINISHED) and time.monotonic() >= spaced)
+                    ),
+                    timeout=max(spaced - time.monotonic(), STARTED_WAIT),
+                )
             started, finished = self.outbox.reports()  # what came meanwhile goes too
             self._last_report = time.monotonic()
             self._report(started, finished)
