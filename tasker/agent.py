@@ -39,6 +39,7 @@ from crq.tasker.link import (
     open_client,
     post,
 )
+from crq.tasker.outbox import Kind
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir
 
@@ -55,6 +56,10 @@ NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --d
 REPORT_TIMEOUT = 5.0
 POLL_SLACK = 5.0  # past the heartbeat a long poll may last
 RESEND_DELAY = 1.0
+# Reports at most this often: a lone job's report goes out at once, a busy tasker's
+# reports of many jobs share one request (the server's cost is per request, not per job).
+REPORT_SPACING = 0.005
+STARTED_WAIT = 0.002  # a start report waits this long for its job's end: one request for both
 MAX_HOPS = 5  # standby pointers followed at once in a row; then at the standby's pace
 
 
@@ -123,6 +128,7 @@ class Agent:
         self._polling = False
         self._poll_result: PollResult | None = None
         self._poll_q: queue.Queue[PollRequest | None] = queue.Queue()
+        self._last_report = 0.0
         runner.on_event = self.wake
 
     # -- control from other threads -------------------------------------------------------
@@ -169,8 +175,18 @@ class Agent:
                 self._sleep(min(delay, 0.25))  # short naps: notice a new server.json
                 return None
             return self._register()
-        started, finished = self.outbox.reports()
-        if started or finished:
+        if self.outbox.has_due():
+            spaced = self._last_report + REPORT_SPACING
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: (
+                        self._stopping
+                        or (self.outbox.has_due(Kind.FINISHED) and time.monotonic() >= spaced)
+                    ),
+                    timeout=max(spaced - time.monotonic(), STARTED_WAIT),
+                )
+            started, finished = self.outbox.reports()  # what came meanwhile goes too
+            self._last_report = time.monotonic()
             self._report(started, finished)
             return None
         if not self._polling:

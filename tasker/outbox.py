@@ -96,9 +96,12 @@ class Outbox:
             finished = [r for k, r in self._finished.items() if due(Kind.FINISHED, k)][:limit]
         return started, finished
 
-    def has_due(self) -> bool:
+    def has_due(self, kind: Kind | None = None) -> bool:
+        """Some report (of that kind) is due now."""
         started, finished = self.reports()
-        return bool(started or finished)
+        if kind is None:
+            return bool(started or finished)
+        return bool(finished if kind is Kind.FINISHED else started)
 
     def next_due_in(self) -> float | None:
         """Seconds until a report waiting for a resend becomes due; None if none waits."""

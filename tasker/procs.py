@@ -1,10 +1,10 @@
 """Our job wrappers among this host's processes: how a job runs, and how to find it again.
 
 Each job runs under a tiny ``/bin/sh`` wrapper in its own session, so it survives a
-``kill -9`` of the tasker, and the wrapper itself writes the job's exit status into the
-state dir, so the result is not lost when nobody is there to ``wait()`` for it. What the
-kernel says about a pid in general (argv, start time, boot id) is ``crq.procfs``'s; this
-module knows what *our* wrapper looks like.
+``kill -9`` of the tasker, and the wrapper itself appends the job's exit status to a
+status file in the state dir, so the result is not lost when nobody is there to
+``wait()`` for it. What the kernel says about a pid in general (argv, start time, boot
+id) is ``crq.procfs``'s; this module knows what *our* wrapper looks like.
 """
 
 from __future__ import annotations
@@ -19,28 +19,38 @@ from crq import procfs
 SH = "/bin/sh"
 WRAPPER_NAME = "crq-job"
 # Runs the command as a child (not exec) so the shell outlives it and records its status.
-# It first makes the status file, empty: an attempt that got that far leaves a trace even
-# if it is killed with its wrapper while no tasker watches (an attempt without one never
-# ran its command, and the server may send it again). Traps make a group-wide
-# SIGTERM/INT/HUP reach the command but let the wrapper write the status before leaving;
-# trapped signals are reset to default for the command itself. The status file is made
-# private (umask 077), then the command gets the tasker's own umask back ($2). Only shell
+# It first appends "<key> S" to the shared status file: an attempt that got that far
+# leaves a trace even if it is killed with its wrapper while no tasker watches (an attempt
+# without one never ran its command, and the server may send it again); at the end it
+# appends "<key> <rc>". Each line is one append-mode write, so the lines of many jobs never
+# mix. Traps make a group-wide SIGTERM/INT/HUP reach the command but let the wrapper write
+# the status before leaving; trapped signals are reset to default for the command itself.
+# The file exists (0600) before the spawn, so the job's umask is the tasker's own, as it
+# was. It also goes to the job's cwd ($3: posix_spawn has no chdir), leaving OLDPWD as
+# the job's env has it (cd sets it); a cwd that vanished since the tasker checked it ends
+# the attempt before its command ran (exit 126, "can't cd" in the log). Only shell
 # built-ins: the job's env may have no PATH at all.
 WRAPPER = (
-    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
-    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc'
+    "trap : TERM INT HUP; s=$1; k=$2; case ${OLDPWD+x} in "
+    'x) o=$OLDPWD; cd -- "$3" || exit 126; OLDPWD=$o;; '
+    '*) cd -- "$3" || exit 126; unset OLDPWD;; esac; shift 3; '
+    'printf "%s S\\n" "$k" >> "$s"; '
+    '"$@"; rc=$?; printf "%s %s\\n" "$k" "$rc" >> "$s"; exit $rc'
 )
-# Wrappers of earlier versions, still running jobs after a tasker upgrade (status at $1).
+# Wrappers of earlier versions, still running jobs after a tasker upgrade: the status at
+# $1 is their own file (status/<job>.<attempt>); the second one's $2 is the umask.
 OLD_WRAPPERS = (
     'trap : TERM INT HUP; s=$1; shift; true > "$s"; '
+    '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
+    'trap : TERM INT HUP; s=$1; u=$2; shift 2; umask 077; true > "$s"; umask "$u"; '
     '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
 )
 NSIG = 65
 
 
-def wrapper_argv(status: Path, umask: str, argv: list[str]) -> list[str]:
-    """The argv that runs ``argv`` under our wrapper, its status going to ``status``."""
-    return [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), umask, *argv]
+def wrapper_argv(status: Path, key: Key, cwd: str, argv: list[str]) -> list[str]:
+    """The argv that runs ``argv`` in ``cwd`` under our wrapper, its status to ``status``."""
+    return [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), f"{key[0]}.{key[1]}", cwd, *argv]
 
 
 def classify(rc: int) -> tuple[int | None, int | None]:
@@ -65,8 +75,9 @@ def current_umask() -> int:
     return old
 
 
-def wrapper_alive(pid: int, status: Path) -> bool:
-    """True while *our* wrapper still runs as pid: its argv names the status file.
+def wrapper_alive(pid: int, status: Path, key: Key | None = None) -> bool:
+    """True while *our* wrapper still runs as pid: its argv names the status file (and
+    the attempt, for a shared status file).
 
     Checking argv (not just ``kill(pid, 0)``) guards against a recycled pid after a long
     outage, and a zombie has an empty cmdline so it counts as gone.
@@ -76,7 +87,13 @@ def wrapper_alive(pid: int, status: Path) -> bool:
     if not procfs.HAVE_PROC:
         return procfs.process_exists(pid)
     argv = procfs.cmdline(pid)
-    return argv is not None and os.fsencode(str(status)) in argv
+    if argv is None or os.fsencode(str(status)) not in argv:
+        return False
+    return key is None or len(argv) < 6 or argv[2] != WRAPPER.encode() or argv[5] == _name(key)
+
+
+def _name(key: Key) -> bytes:
+    return f"{key[0]}.{key[1]}".encode()
 
 
 def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
@@ -87,6 +104,7 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
     found: dict[Key, int] = {}
     prefix = os.fsencode(str(status_dir)) + b"/"
     wrappers = {w.encode() for w in (WRAPPER, *OLD_WRAPPERS)}
+    current = WRAPPER.encode()
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -95,7 +113,10 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
         argv = procfs.cmdline(pid)
         if not argv or len(argv) < 5 or argv[2] not in wrappers or not argv[4].startswith(prefix):
             continue
-        key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
+        if argv[2] == current:
+            key = parse_name(os.fsdecode(argv[5])) if len(argv) > 5 else None
+        else:
+            key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
         if key is not None:
             found[key] = pid
     return found

@@ -1,9 +1,10 @@
 """Start, watch, kill and re-adopt job processes.
 
-Each job runs under the wrapper of ``procs`` (its own session, its exit status written
-into the state dir), so it survives a ``kill -9`` of the tasker. What the runner learns
-goes into its ``outbox`` (the reports the server has not acked yet); the agent sends them
-and tells the outbox what was acked.
+Each job runs under the wrapper of ``procs`` (its own session, its exit status appended
+to a status file in the state dir), so it survives a ``kill -9`` of the tasker. What the
+runner learns goes into the state log, one fsync per batch (see ``statedir``), and into
+its ``outbox`` (the reports the server has not acked yet); the agent sends them and tells
+the outbox what was acked.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +25,6 @@ from crq.tasker.outbox import Outbox
 from crq.tasker.procs import (
     SH,
     classify,
-    current_umask,
     find_orphan_wrappers,
     wrapper_alive,
     wrapper_argv,
@@ -36,6 +35,11 @@ from crq import procfs
 
 log = logging.getLogger("crq.tasker")
 
+LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# Reset to default for the job: Python ignores SIGPIPE and SIGXFSZ, as Popen restores.
+SIGDEF = tuple(
+    s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP) and s < 65
+)
 MAX_REASON = 1000  # the server takes up to 4096; a report it refuses would wedge the slot
 
 
@@ -68,7 +72,7 @@ class _Job:
     pgid: int
     started: float
     status: Path
-    proc: subprocess.Popen[bytes] | None = None
+    child: bool = False  # spawned by us (reaped by us), not adopted
     kill_at: float | None = None
     sigkilled: bool = False
     done: bool = False
@@ -105,6 +109,14 @@ class Ending:
     signal: int | None
     ended: float
     reason: str | None = None
+
+
+def orphan_status(pid: int, key: Key, state: StateDir) -> Path:
+    """The status file a running wrapper writes to: its argv names it."""
+    argv = procfs.cmdline(pid)
+    if argv is not None and len(argv) > 4:
+        return Path(os.fsdecode(argv[4]))
+    return state.status_path(key)
 
 
 def _result(end: Ending) -> dict[str, Any]:
@@ -150,7 +162,6 @@ class Runner:
         self.outbox = Outbox(state)
         self._held: dict[Key, dict[str, Any]] = {}  # dispatched, waiting for a free slot
         self._unusable_seen: dict[str, None] = {}
-        self._umask = f"{current_umask():03o}"  # what our jobs inherited before
         self._starting = threading.Lock()  # one spawner at a time: room is counted once
         self._closed = threading.Event()
         self._poller: threading.Thread | None = None
@@ -223,10 +234,10 @@ class Runner:
     def _spawn_batch(self, items: list[dict[str, Any]]) -> int:
         """Spawn them all, then record them all; returns how many run.
 
-        The attempt records are made durable together (one directory fsync) before any of
+        The attempt records are made durable together (one log fsync) before any of
         the jobs is reported started or watched for its end. A crash between the spawn and
         the record leaves a job that ``recover`` finds through /proc while it runs, or
-        through the status file its wrapper made at start once it has ended or been killed.
+        through the trace its wrapper left at start once it has ended or been killed.
         """
         jobs: list[_Job] = []
         names: list[str] = []
@@ -243,7 +254,8 @@ class Runner:
         if not jobs:
             return 0
         try:
-            self.state.write_records([j.record() for j in jobs])  # one directory fsync
+            self.state.write_records([j.record() for j in jobs])  # one fsync
+            self.state.mark_recorded((j.key, j.status) for j in jobs)
         except OSError as e:  # the jobs run anyway; a restart finds them through /proc
             log.error("cannot record %d started attempts: %s", len(jobs), e)
         with self._lock:
@@ -251,7 +263,7 @@ class Runner:
                 self._jobs[job.key] = job
                 self.outbox.add_started(job.running_report())
         for job, name in zip(jobs, names, strict=True):
-            log.info("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
+            log.debug("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
             self._watch(job)
         self.on_event()
         return len(jobs)
@@ -305,26 +317,33 @@ class Runner:
             logdir = os.path.dirname(logpath) or "."
             if not os.path.isdir(logdir):  # mkdir of an existing dir costs more than a stat
                 os.makedirs(logdir, exist_ok=True)
-            logf = open(logpath, "ab")  # noqa: SIM115 - handed to the child, closed below
+            logfd = os.open(logpath, LOG_FLAGS, 0o666)  # handed to the child, closed below
         except OSError as e:
             self._fail(key, now, f"cannot open log {logpath}: {e.strerror or e}")
             return None
-        status = self.state.status_path(key)
-        with contextlib.suppress(FileNotFoundError):
-            status.unlink()
+        try:
+            status = self.state.status_file()
+        except OSError as e:
+            os.close(logfd)
+            self._fail(key, now, f"cannot start: state dir: {e.strerror or e}")
+            return None
         spawned = time.time()
         try:
-            with logf:
-                proc = subprocess.Popen(
-                    wrapper_argv(status, self._umask, argv),
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            # posix_spawn (vfork + exec) costs a third of Popen's fork_exec here. Only fds
+            # made inheritable reach the child: Python opens everything close-on-exec.
+            pid = os.posix_spawn(
+                SH,
+                wrapper_argv(status, key, os.path.abspath(cwd), argv),
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, logfd, 1),
+                    (os.POSIX_SPAWN_DUP2, logfd, 2),
+                ],
+                setsid=True,
+                setsigmask=(),
+                setsigdef=SIGDEF,
+            )
         except OSError as e:
             reason = (
                 f"cwd does not exist: {cwd}"
@@ -333,7 +352,9 @@ class Runner:
             )
             self._fail(key, now, reason)
             return None
-        job = _Job(key[0], key[1], proc.pid, proc.pid, spawned, status, proc=proc)
+        finally:
+            os.close(logfd)
+        job = _Job(key[0], key[1], pid, pid, spawned, status, child=True)
         return job, str(d.get("name") or argv[0])
 
     def _unusable(self, d: object, e: Exception) -> None:
@@ -369,7 +390,7 @@ class Runner:
 
     def _watch(self, job: _Job) -> None:
         """Have the end of our child noticed: by the one reaper thread, through a pidfd."""
-        assert job.proc is not None
+        assert job.child
         try:
             pidfd = os.pidfd_open(job.pid)
         except (AttributeError, OSError):  # no pidfd here: one waiting thread for this job
@@ -437,12 +458,9 @@ class Runner:
 
     def _ended(self, job: _Job) -> Ending:
         """Reap one ended child: its exit code, signal and end time."""
-        assert job.proc is not None
-        rc = job.proc.wait()
-        st = read_status(job.status)
-        # without an exit status in it, the file's mtime is the spawn, not the end
-        ended = st[1] if st is not None and st[0] is not None else time.time()
-        return Ending(job, *classify(rc), ended)
+        assert job.child
+        rc = os.waitstatus_to_exitcode(os.waitpid(job.pid, 0)[1])
+        return Ending(job, *classify(rc), time.time())
 
     def _wait_child(self, job: _Job) -> None:
         self._finish_many([self._ended(job)])
@@ -477,11 +495,15 @@ class Runner:
             held = bool(self._held)
         if held:
             self._start_held()
-        for r in results:
-            if r["exit_code"] is not None:
-                log.info("job %d.%d finished, exit %d", r["job"], r["attempt"], r["exit_code"])
-            else:
-                log.info("job %d.%d finished: %s", r["job"], r["attempt"], r["reason"])
+        if log.isEnabledFor(logging.DEBUG):
+            for r in results:
+                log.debug(
+                    "job %d.%d finished: exit %s, %s",
+                    r["job"],
+                    r["attempt"],
+                    r["exit_code"],
+                    r["reason"],
+                )
         self.on_event()
 
     # -- killing -------------------------------------------------------------------------
@@ -520,7 +542,7 @@ class Runner:
             self._signal(job, signal.SIGKILL)
 
     def _signal(self, job: _Job, sig: int) -> None:
-        if job.done or (job.proc is None and not wrapper_alive(job.pid, job.status)):
+        if job.done or (not job.child and not wrapper_alive(job.pid, job.status, job.key)):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(job.pgid, sig)
@@ -530,17 +552,18 @@ class Runner:
     def recover(self, rebooted: bool = False) -> tuple[int, int]:
         """Rebuild from the state dir after a tasker restart: (adopted, results pending).
 
-        A result file wins over everything; then a complete status file (the job ended
+        A logged result wins over everything; then an exit status (the job ended
         while we were away); then a live wrapper is adopted; anything else was killed
         (reported lost, for the rerun policy), or vanished with a reboot (left to the
         server: see ``_settle``).
         Attempts spawned but never recorded (the tasker died in between) are found too,
-        through /proc while they run and through their status file after: every attempt
+        through /proc while they run and through their wrapper's trace after: every attempt
         this state dir ever spawned is listed, or the server would send it again.
         """
         results = self.state.load_results()
         self.outbox.load(results)
         records = self.state.load_records()
+        traces = self.state.traces()
         orphans = find_orphan_wrappers(self.state.status)
         now = time.time()
         for key, rec in records.items():
@@ -561,7 +584,14 @@ class Runner:
                 job = _Job(key[0], key[1], 0, 0, now, self.state.status_path(key))
             self._settle(job, rebooted)
         found = [
-            _Job(key[0], key[1], pid, pid, procfs.start_time(pid), self.state.status_path(key))
+            _Job(
+                key[0],
+                key[1],
+                pid,
+                pid,
+                procfs.start_time(pid),
+                orphan_status(pid, key, self.state),
+            )
             for key, pid in orphans.items()
             if key not in records and key not in results
         ]
@@ -575,26 +605,28 @@ class Runner:
         for job in found:
             log.info("job %d.%d: found running without a record, adopting", *job.key)
             self._settle(job, rebooted)
-        for key in self.state.status_keys():
+        for key, (status, _) in traces.items():
             with self._lock:
                 known = key in self._jobs or self.outbox.has_result(key)
             if key in results:  # its result was recorded just before a crash
                 self.state.remove_attempt(key)
             elif not known and key not in records:
                 # Spawned, never recorded, not running: ended or killed while we were away.
-                # The file's mtime is the best start time left: the start while it is empty,
-                # the end once it holds the exit status.
-                status = self.state.status_path(key)
-                st = read_status(status)
+                # The file's mtime is the best start time left: the start while it holds
+                # no exit status, the end (or later) once it does.
+                st = read_status(status, key)
                 started = min(st[1], now) if st is not None else now
                 log.info("job %d.%d: spawned without a record, no longer running", *key)
                 self._settle(_Job(key[0], key[1], 0, 0, started, status), rebooted)
+        # every trace is spoken for by the log now; the older layout moves into it
+        self.state.mark_recorded((key, status) for key, (status, _) in traces.items())
+        self.state.compact()
         adopted, pending = self.counts()
         return adopted, pending
 
     def _settle(self, job: _Job, rebooted: bool) -> None:
         """Decide what became of one recorded attempt: finished, still running, or gone."""
-        st = read_status(job.status)
+        st = read_status(job.status, job.key)
         if st is not None and st[0] is not None:
             self._finish(job, *classify(st[0]), st[1])
             return
@@ -605,7 +637,7 @@ class Runner:
             log.info("job %d.%d: gone with the host reboot; the server recovers it", *job.key)
             self.state.remove_attempt(job.key)
             return
-        if wrapper_alive(job.pid, job.status):
+        if wrapper_alive(job.pid, job.status, job.key):
             with self._lock:
                 self._jobs[job.key] = job
                 self.outbox.add_started(job.running_report())
@@ -614,7 +646,7 @@ class Runner:
                 self._schedule_sigkill(job, job.kill_at + self.kill_grace - time.time())
             self._ensure_poller()
             return
-        st = read_status(job.status)  # it may have ended between the two looks
+        st = read_status(job.status, job.key)  # it may have ended between the two looks
         if st is not None and st[0] is not None:
             self._finish(job, *classify(st[0]), st[1])
         else:
@@ -633,15 +665,15 @@ class Runner:
         """Adopted jobs are not our children: watch their status file and pid instead."""
         while not self._closed.wait(self.poll_interval):
             with self._lock:
-                adopted = [j for j in self._jobs.values() if j.proc is None and not j.done]
+                adopted = [j for j in self._jobs.values() if not j.child and not j.done]
             if not adopted:
                 return
             for job in adopted:
-                st = read_status(job.status)
+                st = read_status(job.status, job.key)
                 if st is not None and st[0] is not None:
                     self._finish(job, *classify(st[0]), st[1])
-                elif not wrapper_alive(job.pid, job.status):
-                    st = read_status(job.status)
+                elif not wrapper_alive(job.pid, job.status, job.key):
+                    st = read_status(job.status, job.key)
                     if st is not None and st[0] is not None:
                         self._finish(job, *classify(st[0]), st[1])
                     else:

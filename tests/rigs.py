@@ -112,13 +112,15 @@ def kill_jobs(state: Path) -> None:
     in its attempt records, and wrappers spawned but not recorded yet (found in /proc by
     their status file). Jobs run in their own sessions, so killing the tasker spares them."""
     from crq.tasker.runner import find_orphan_wrappers
+    from crq.tasker.statedir import StateDir
 
     groups = set(find_orphan_wrappers(state / "status").values())
-    for rec in (state / "attempts").glob("*.json"):
-        try:
-            groups.add(int(json.loads(rec.read_text())["pgid"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    if state.is_dir():
+        for rec in StateDir(state).load_records().values():
+            try:
+                groups.add(int(rec["pgid"]))
+            except (ValueError, KeyError, TypeError):
+                pass
     for pgid in groups - {0, 1}:
         try:
             os.killpg(pgid, signal.SIGKILL)

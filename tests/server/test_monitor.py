@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker.statedir import StateDir
 
 from tests.rigs import (
     PATIENCE,
@@ -202,11 +203,11 @@ def test_frozen_tasker_results_are_fenced(rig_factory: Any) -> None:
     assert rig.tasker_state("frozen") == "lost"
     # attempt 1 went on in its own session while the tasker was frozen, and ended (exit 7)
     wait_until(lambda: not any(alive(p) for p in pids))
-    assert len(list((frozen.state / "status").iterdir())) == 2
+    assert all((StateDir(frozen.state).exit_status((i, 1)) or (None,))[0] == 7 for i in ids)
     os.kill(frozen.proc.pid, signal.SIGCONT)
     wait_until(lambda: rig.tasker_state("frozen") == "ready")
     # its late results are delivered (and acked) but refused: nothing changes
-    wait_until(lambda: not list((frozen.state / "results").iterdir()))
+    wait_until(lambda: not StateDir(frozen.state).load_results())
     for before in jobs:
         after = rig.job(before["id"])
         assert (after["state"], after["exit_code"], after["attempt"], after["tasker"]) == (

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crq.tasker.statedir import StateDir
 
 from tests.rigs import (
     PATIENCE,
@@ -66,7 +67,7 @@ def test_jobs_run_and_report(srv: CrqServer, tasker: Tasker, work: Path) -> None
     assert (work / "logs" / "b.log").read_text() == f"{b}.1\n"
     assert jc["state"] == "failed" and jc["reason"] == f"cwd does not exist: {work / 'missing'}"
     # every result acked: nothing left on the tasker's disk
-    wait_until(lambda: not list((tasker.state / "results").iterdir()))
+    wait_until(lambda: not StateDir(tasker.state).load_results())
 
 
 def test_dispatch_is_prompt(srv: CrqServer, tasker: Tasker, work: Path) -> None:
@@ -285,5 +286,5 @@ def test_kill9_storm_keeps_every_result(srv: CrqServer, tasker: Tasker, work: Pa
     for j in srv.request("GET", "/jobs")["jobs"]:
         assert j["attempt"] == 1, j
         assert j["exit_code"] == int(j["command"].rsplit(" ", 1)[1]), j
-    wait_until(lambda: not list((tasker.state / "results").iterdir()))
+    wait_until(lambda: not StateDir(tasker.state).load_results())
     assert "Traceback" not in tasker.log()

@@ -99,12 +99,10 @@ def test_a_cwd_or_log_the_tasker_cannot_use_is_reported(state: StateDir, work: P
 def test_an_error_nobody_foresaw_is_reported_too(
     state: StateDir, work: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import subprocess
-
     def broken(*_a: object, **_k: object) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(subprocess, "Popen", broken)
+    monkeypatch.setattr(os, "posix_spawn", broken)
     r = Runner(state, slots=1)
     r.start(dispatch(1, work, ["true"]))
     res = finished(r, (1, 1), timeout=0.5)
@@ -166,7 +164,7 @@ def test_e2e_jobs_the_tasker_cannot_start_fail_with_the_reason(
     assert jobs[2]["reason"].startswith("cwd does not exist: ")
     assert all(j["attempt"] == 1 for j in jobs)
     assert "malformed dispatch" not in tasker.log() and "refused" not in tasker.log()
-    wait_until(lambda: not list((tasker.state / "results").iterdir()))
+    wait_until(lambda: not StateDir(tasker.state).load_results())
 
 
 @e2e

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from crq.tasker.procs import find_orphan_wrappers
 from crq.tasker.runner import Runner
-from crq.tasker.statedir import Key, StateDir, read_status
+from crq.tasker.statedir import STALL_ENV, Key, StateDir
 
 from tests.rigs import (
     PATIENCE,
@@ -73,7 +73,7 @@ def finished(runner: Runner, key: Key, timeout: float = PATIENCE) -> dict[str, A
 
 
 def ended_with(state: StateDir, key: Key, rc: int) -> bool:
-    st = read_status(state.status_path(key))
+    st = state.exit_status(key)
     return st is not None and st[0] == rc
 
 
@@ -95,7 +95,7 @@ UNSPAWNED = (
     "from crq.tasker.runner import Runner\n"
     "def crash(*a, **k):\n"
     "    os._exit(0)\n"
-    "subprocess.Popen = crash\n"
+    "os.posix_spawn = crash\n"
     "Runner(StateDir(sys.argv[1])).start_many(json.loads(sys.argv[2]))\n"
 )
 
@@ -193,11 +193,12 @@ def test_adopted_orphan_killed_during_a_second_outage(state: StateDir, work: Pat
 
 
 def test_sigkilled_child_ends_when_reaped_not_when_spawned(state: StateDir, work: Path) -> None:
-    """The status file exists from the spawn on; without a status in it, its mtime is no end."""
+    """The status file has a trace from the spawn on; without a status, its mtime is no end."""
     r = Runner(state, kill_grace=0.0)
     r.start(dispatch(54, work, "trap '' TERM; echo ready; sleep 30"))
     wait_until(lambda: "ready" in (work / "job54.log").read_text())
-    spawned = os.stat(state.status_path((54, 1))).st_mtime
+    spawned = (state.exit_status((54, 1)) or (None, 0.0))[1]
+    assert spawned > 0
     assert r.kill((54, 1))
     res = finished(r, (54, 1))
     assert res["signal"] == 9
@@ -215,7 +216,7 @@ srv = pytest.fixture(e2e_server)
 @pytest.fixture
 def tasker(tmp_path: Path, srv: CrqServer) -> Iterator[Tasker]:
     t = Tasker(tmp_path / "tk1.state", "--swd", str(srv.swd), "--slots", "2")
-    t.start()
+    t.start(env={**env_with_root(), STALL_ENV: str(tmp_path / "stall")})
     yield t
     t.kill9()
     kill_jobs(t.state)
@@ -230,15 +231,15 @@ def stall_record_write(
 ) -> int:
     """Submit one job whose attempt record the tasker cannot write: it hangs right there.
 
-    ``write_many`` opens ``.<job>.<n>.json.tmp<pid>`` for writing; a FIFO of that name
-    blocks the open until a reader comes, which never happens, so the tasker sits between
-    the spawn and the record until we kill it. Made after the registration, because the
-    recovery before it deletes dot files.
+    ``write_records`` opens ``$CRQ_TEST_STALL_RECORDS.<pid>`` for writing if it exists;
+    a FIFO of that name blocks the open until a reader comes, which never happens, so the
+    tasker sits between the spawn and the record until we kill it (the restarted one has
+    another pid). Made after the registration, like the dot file of earlier versions.
     """
     assert tasker.proc is not None
     wait_until(lambda: "registered with" in tasker.log())
     job = 1  # a fresh queue: ids start at 1
-    os.mkfifo(tasker.state / "attempts" / f".{job}.1.json.tmp{tasker.proc.pid}")
+    os.mkfifo(tasker.state.parent / f"stall.{tasker.proc.pid}")
     (submitted,) = srv.submit(spec(work, command, **kw))
     assert submitted == job, "the FIFO must be named after the job"
     return job
@@ -281,7 +282,7 @@ def test_e2e_job_ended_before_record_is_reported_once(
     j = srv.wait(job)
     assert (j["state"], j["exit_code"], j["attempt"]) == ("failed", 7, 1), j
     no_second_run(srv, work, job)
-    wait_until(lambda: not list((tasker.state / "results").iterdir()))
+    wait_until(lambda: not StateDir(tasker.state).load_results())
     assert "Traceback" not in tasker.log()
 
 

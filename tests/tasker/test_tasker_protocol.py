@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker.statedir import StateDir
 
 from crq.procfs import boot_id
 from tests.rigs import Tasker, dispatch, env_with_root, kill_jobs, wait_until
@@ -125,7 +126,7 @@ def test_results_survive_errors_and_are_reported_once(
             st.to_dispatch.append(dispatch(5, work, ["sh", "-c", "exit 2"]))
         results = tmp_path / "state" / "results"
         wait_until(lambda: _finished_reports(st, (5, 1)))
-        wait_until(lambda: not list(results.iterdir()))
+        wait_until(lambda: not StateDir(results.parent).load_results())
         time.sleep(1.2)  # a few more polls: the acked result never comes back
         assert len(_finished_reports(st, (5, 1))) == 1
         (rep,) = _finished_reports(st, (5, 1))
@@ -152,10 +153,10 @@ def test_unacked_report_is_resent_without_spinning(
         time.sleep(2.0)
         sent = _finished_reports(st, (6, 1))
         assert 2 <= len(sent) <= 5, sent  # about once a second, never in a tight loop
-        assert list((tmp_path / "state" / "results").iterdir()), "kept until acked"
+        assert StateDir(tmp_path / "state").load_results(), "kept until acked"
         with st.lock:
             st.ack = True
-        wait_until(lambda: not list((tmp_path / "state" / "results").iterdir()))
+        wait_until(lambda: not StateDir(tmp_path / "state").load_results())
     finally:
         t.kill9()
         kill_jobs(tmp_path / "state")

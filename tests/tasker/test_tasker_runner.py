@@ -207,10 +207,9 @@ def test_unacked_reports_wait_before_resend(state: StateDir, work: Path) -> None
 
 def test_status_written_after_tasker_died(state: StateDir, work: Path) -> None:
     run_and_vanish(state.root, work, [dispatch(20, work, "sleep 0.3; exit 4")])
-    status = state.status_path((20, 1))
     assert (20, 1) in state.load_records()
-    wait_until(lambda: read_status(status) is not None)  # made empty by the wrapper at start
-    wait_until(lambda: (read_status(status) or (None,))[0] == 4)
+    wait_until(lambda: state.exit_status((20, 1)) is not None)  # traced by the wrapper at start
+    wait_until(lambda: (state.exit_status((20, 1)) or (None,))[0] == 4)
     r = Runner(state)
     assert r.recover() == (0, 1)
     res = finished(r, (20, 1), timeout=0.1)
@@ -261,7 +260,7 @@ def test_adopted_job_killed_behind_our_back(state: StateDir, work: Path) -> None
 def test_orphan_without_record_is_found_through_proc(state: StateDir, work: Path) -> None:
     run_and_vanish(state.root, work, [dispatch(24, work, ["sleep", "30"])])
     pid = state.load_records()[(24, 1)]["pid"]
-    state.record_path((24, 1)).unlink()  # as if the tasker died before writing it
+    state.remove_attempt((24, 1))  # as if the tasker died before writing it
     assert find_orphan_wrappers(state.status) == {(24, 1): pid}
     r = Runner(state, poll_interval=0.1)
     assert r.recover() == (1, 0)
@@ -359,24 +358,32 @@ def test_the_state_dir_is_private(tmp_path: Path, work: Path) -> None:
     r = Runner(state)
     r.start(dispatch(1, work, "umask; while [ ! -e go ]; do sleep 0.02; done"))
     try:
-        wait_until(lambda: read_status(state.status_path((1, 1))) is not None)
-        dirs = {".", "attempts", "status", "results"}
-        files = {"lock", "id", "boot_id", "attempts/1.1.json", "status/1.1"}
+        wait_until(lambda: state.exit_status((1, 1)) is not None)
+        dirs = {".", "attempts", "status", "results"}  # the older layout's, until recovery
+        files = {"lock", "id", "boot_id", "log", "status/g1"}
         assert _modes(root) == {**dict.fromkeys(dirs, 0o700), **dict.fromkeys(files, 0o600)}
     finally:
         (work / "go").touch()  # the job ends also when an assertion above fails
     assert finished(r, (1, 1))["exit_code"] == 0
-    assert _modes(root)["results/1.1.json"] == 0o600
+    assert _modes(root)["log"] == 0o600
+    r.recover()  # moves the older layout into the log
+    assert set(_modes(root)) == {".", "status", "lock", "id", "boot_id", "log", "status/g1"}
     assert (work / "job1.log").read_text() == f"{current_umask():04o}\n"
     state.unlock()
 
 
-def test_atomic_writes_leave_no_tmp_and_tmp_is_ignored(state: StateDir) -> None:
+def test_an_older_tmp_file_is_ignored_and_removed(state: StateDir) -> None:
+    state.results.mkdir()
     (state.results / ".1.1.json.tmp123").write_text("{garbage")
+    (state.results / "1.3.json").write_text(json.dumps({"job": 1, "attempt": 3}))
     state.write_result({"job": 1, "attempt": 2})
-    assert json.loads(state.result_path((1, 2)).read_text()) == {"job": 1, "attempt": 2}
-    assert set(state.load_results()) == {(1, 2)}
-    assert [p.name for p in state.results.iterdir()] == ["1.2.json"]
+    assert set(state.load_results()) == {(1, 2), (1, 3)}
+    state.compact()
+    assert not state.results.exists()
+    assert state.load_results() == {
+        (1, 2): {"job": 1, "attempt": 2},
+        (1, 3): {"job": 1, "attempt": 3},
+    }
 
 
 def test_read_status_and_classify(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from crq.server.models import Register, ResultReport, RunningReport
 from crq.server.service import Service
 from crq.server.settings import load
 from crq.server.state import State
+from crq.tasker.statedir import StateDir
 
 from crq.wire import SESSION_HEADER
 from tests.core import Core, fingerprint
@@ -317,7 +318,7 @@ def test_a_second_tasker_is_refused_and_a_restarted_one_recognised(
     (other,) = srv.submit(_spec(work, "true"))
     assert srv.wait(other)["state"] == "done"
     assert second.log().count("not registered") == 1, "said once, not a line a retry"
-    assert not list((tmp_path / "b.state" / "attempts").iterdir()), "the second ran a job"
+    assert not StateDir(tmp_path / "b.state").load_records(), "the second ran a job"
     mode = stat.S_IMODE((tmp_path / "a.state" / "session").stat().st_mode)
     assert mode == 0o600, oct(mode)
     # its host dies for good; the operator frees the name (no waiting for the timeout),
