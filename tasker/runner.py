@@ -172,9 +172,14 @@ class Runner:
     # -- queries for the agent ------------------------------------------------------------
 
     def running(self) -> list[dict[str, Any]]:
-        """``Running`` reports of every live attempt (register sends them all)."""
+        """``Running`` reports of every attempt we hold (register sends them all).
+
+        An attempt that just ended stays listed until its result is in the outbox: register
+        reads this list, then the outbox, and an attempt in neither would be recovered by
+        the server, and run again, while its result is on its way to the disk.
+        """
         with self._lock:
-            return [j.running_report() for j in self._jobs.values() if not j.done]
+            return [j.running_report() for j in self._jobs.values()]
 
     def running_attempts(self) -> list[dict[str, int]]:
         """What we have of each attempt sent to us: live ones, and those held for a slot

@@ -69,6 +69,27 @@ def test_a_batch_is_recorded_before_it_is_reported(state: StateDir, work: Path) 
     assert set(state.load_results()) == {*((i, 1) for i in range(1, 9)), (99, 1)}
 
 
+def test_an_ending_attempt_is_listed_until_its_result_is_stored(
+    state: StateDir, work: Path
+) -> None:
+    """Register reads running(), then the outbox: while the result goes to the disk the
+    attempt must be in one of them, or the server recovers it and runs it again."""
+    r = Runner(state)
+    seen: list[tuple[list, list]] = []
+    real = r.outbox.store_results
+
+    def spy(results: list[dict]) -> None:
+        seen.append((r.running(), r.outbox.reports(everything=True)[1]))
+        real(results)
+
+    r.outbox.store_results = spy  # type: ignore[method-assign]
+    r.start(dispatch(1, work, ["true"]))
+    finished(r, (1, 1))
+    running, stored = seen[0]
+    assert [(x["job"], x["attempt"]) for x in running] == [(1, 1)] and stored == []
+    wait_until(lambda: r.running() == [])
+
+
 def test_string_command_env_and_log(state: StateDir, work: Path) -> None:
     r = Runner(state)
     logp = work / "deep" / "er" / "out.log"
