@@ -22,7 +22,6 @@ import signal
 import socket
 import stat
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -131,7 +130,7 @@ def run(settings: Settings, argv: list[str]) -> int:
     url = (
         f"http://{host}:{settings.port}" if ":" not in host else f"http://[{host}]:{settings.port}"
     )
-    cand = Candidate(settings, chosen, url, uuid.uuid4().hex[:12], argv)
+    cand = Candidate(settings, chosen, url, os.urandom(6).hex(), argv)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(lifecycle(cand, sock))
@@ -215,6 +214,8 @@ def _uvicorn(settings: Settings, app: Switch) -> uvicorn.Server:
         loop="none",
         http=httplimits.http_protocol(settings.idle_timeout, cap),
         lifespan="off",
+        ws="none",  # no websocket route; "auto" would import websockets before the first answer
+        proxy_headers=False,  # nothing reads the client address: no rewrite per request
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=3,

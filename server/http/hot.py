@@ -1,12 +1,12 @@
 """The hot routes, served by a bare ASGI router in front of FastAPI.
 
-Submit (one job or a batch), tasker register and sync, ``GET`` of one job and the probes
-are matched by method and exact path and answered here: FastAPI's middleware and routing
-cost more than the submit itself. Everything else goes on to the full app (server/app.py),
-which also serves these handlers (``views.adapt``) for the OpenAPI document and in-process
-tests. Same checks and answers either way: the auth of server/http/auth.py, the errors of
-server/http/errors.py, the body limit of server/httplimits.py (413, then the connection is
-closed), nothing to answer when the client left mid-body.
+Submit (one job or a batch), tasker register and sync, ``GET`` of one job, the server status
+and the probes are matched by method and exact path and answered here: FastAPI's middleware
+and routing cost more than the submit itself. Everything else goes on to the full app
+(server/app.py), which also serves these handlers (server/http/adapt.py) for the OpenAPI
+document and in-process tests. Same checks and answers either way: the auth of
+server/http/auth.py, the errors of server/http/errors.py, the body limit (413, then the
+connection is closed), nothing to answer when the client left mid-body.
 
 A leader serves this router as soon as its state is loaded; the full app comes later
 (``install``), built while the hot routes already answer: until then ``/readyz`` says not
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -47,6 +48,7 @@ from crq.server.service import Service
 from crq.server.standby import loading_reply
 from crq.server.state import TASKER_LOST
 
+from crq import __version__
 from crq.wire import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_RULE, MODE_NORMAL, valid_idempotency_key
 
 log = logging.getLogger("crq.http")
@@ -134,6 +136,39 @@ class Handlers:
             raise BadRequest(404, "not_found", f"no job {job_id}")
         await self.engine.durable()
         return 200, job_json(self.srv.state, job), None
+
+    async def server_info(self, call: Call) -> Answer:
+        srv, engine = self.srv, self.engine
+        auth.any_token(srv, call)
+        st = srv.state
+        journal = engine.journal
+        # On a full disk every reply waits for the journal; this one answers, so that
+        # `ncmgr status` can say why, but without the counts nothing durable backs yet.
+        stalled = not await engine.durable_or_disk_full()
+        info = {
+            "queue": srv.settings.queue,
+            "mode": engine.mode,
+            "pid": os.getpid(),
+            "host": os.uname().nodename,
+            "url": srv.url,
+            "instance": srv.instance,
+            "version": __version__,
+            "started_at": srv.started_at,
+            "counts": None if stalled else st.counts,
+            "taskers": len(st.taskers),
+            "recovery": srv.progress(),
+            "epoch": srv.epoch,
+            "previous": srv.previous or None,
+            "election": srv.settings.election.split("://")[0],
+            "standbys": srv.standbys(),
+            "journal": {
+                "seq": st.seq,
+                "durable_seq": journal.durable_seq,
+                "segment": journal.segment,
+                "disk_full_since": journal.stalled_since,
+            },
+        }
+        return 200, info, None
 
     # -- taskers --------------------------------------------------------------------------
 
@@ -235,7 +270,10 @@ class Hot:
         self.handlers = h = Handlers(srv)
         self.full: ASGIApp | None = None
         self.full_in = asyncio.Event()
-        self.exact: dict[tuple[str, str], Handler] = {("POST", JOBS): h.submit}
+        self.exact: dict[tuple[str, str], Handler] = {
+            ("POST", JOBS): h.submit,
+            ("GET", API + "/server"): h.server_info,  # what ncmgr start and status poll
+        }
         self.tasker_actions: dict[str, Handler] = {"register": h.register, "sync": h.sync}
 
     def install(self, app: ASGIApp) -> None:
