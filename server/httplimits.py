@@ -16,6 +16,7 @@ import asyncio
 import logging
 import resource
 import time
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -44,6 +45,42 @@ def raise_fd_limit(want: int) -> int:
 def connection_cap(max_connections: int, fd_limit: int) -> int:
     """Connections served at once: the setting, or fewer if descriptors are short."""
     return max(1, min(max_connections, fd_limit - FDS_RESERVED - OVER_CAP))
+
+
+class OneWrite:
+    """A response's transport that sends its head with its body, in one ``send``.
+
+    uvicorn writes the status line and headers at ``http.response.start``, then the body:
+    two system calls, and two segments for the client to read. The head is held until the
+    next write (the body, in the same task step) or, at the latest, the loop's next turn.
+    """
+
+    __slots__ = ("transport", "loop", "held")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.held is None and not data.startswith(b"HTTP/1.1 100 "):
+            self.held = bytes(data)
+            self.loop.call_soon(self.flush)
+            return
+        self.flush()
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        held, self.held = self.held, None
+        if held is not None and not self.transport.is_closing():
+            self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 def http_protocol(idle_timeout: float, cap: int) -> type[HttpToolsProtocol]:
@@ -85,6 +122,10 @@ def http_protocol(idle_timeout: float, cap: int) -> type[HttpToolsProtocol]:
         def data_received(self, data: bytes) -> None:
             self.last_data = self.loop.time()
             super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self.cycle.transport = OneWrite(self.transport, self.loop)  # type: ignore[assignment]
 
         def on_response_complete(self) -> None:
             self.ready_since = self.loop.time()
