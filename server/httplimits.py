@@ -67,8 +67,8 @@ class OneWrite:
             self.held = bytes(data)
             self.loop.call_soon(self.flush)
             return
-        self.flush()
-        self.transport.write(data)
+        held, self.held = self.held, None
+        self.transport.write(data if held is None else held + data)
 
     def flush(self) -> None:
         held, self.held = self.held, None
