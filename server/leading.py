@@ -10,10 +10,12 @@ thread too, while the hot routes serve; ``/readyz`` says ready once it is in.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import dataclasses
 import errno
 import importlib
+import importlib.util
 import logging
 import os
 import secrets
@@ -58,6 +60,21 @@ def full_app(srv: Service) -> ASGIApp:
     """The FastAPI app (server/app.py), imported and built on first need: in a thread."""
     create: Callable[[Service], ASGIApp] = importlib.import_module(FULL_APP).create_app
     return create(srv)
+
+
+OWN_CODE = ("crq", "crq.server", "crq.tasker", "crq.client")
+
+
+def compile_bytecode() -> None:
+    """Leave bytecode beside our sources: an editable install has none, and where
+    PYTHONDONTWRITEBYTECODE is set nothing else writes it, so every start (the server's, the
+    CLI's, the tasker's) would compile them again. Once they are compiled this only reads
+    timestamps; a place we may not write is left as it is."""
+    for name in OWN_CODE:
+        spec = importlib.util.find_spec(name)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            with contextlib.suppress(OSError):
+                compileall.compile_dir(folder, quiet=2, workers=1)
 
 
 def ensure_token(path: Path) -> str:
@@ -231,6 +248,7 @@ async def serve(
     )  # fmt: skip
     hot.install(await asyncio.to_thread(full_app, srv))
     log.info("ready: every route served")
+    running.append(asyncio.create_task(asyncio.to_thread(compile_bytecode)))
     await serving
     for t in running:
         t.cancel()
