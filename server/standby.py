@@ -33,6 +33,7 @@ STALE = 10.0  # a candidate's file not rewritten for this long is a dead candida
 STAND_BY = -1  # a leader's run ends so: this process goes on as a standby (deposed, handed over)
 
 TASKERS = API + "/taskers/"
+WAIT_FOR_LEADER = frozenset({API + "/server", "/metrics"})  # held while loading, not refused
 
 
 async def _unset(scope: Scope, receive: Receive, send: Send) -> None:
@@ -219,12 +220,15 @@ def app(cand: Candidate, admin_token: Callable[[], bytes | None], switch: Switch
 
     async def loading(scope: Scope, receive: Receive, send: Send) -> None:
         """Won, reading the state: alive, not ready; clients come back in a moment. A
-        tasker's request waits for the leader instead: a 503 would send it away for a
-        second or more, and its return is what ends a crash recovery."""
+        tasker's request waits for the leader instead (a 503 would send it away for a
+        second or more, and its return is what ends a crash recovery), and so do the
+        status and the metrics, which a crash recovery does not refuse either."""
         path, method = scope["path"], scope["method"]
         if path == "/healthz" and method == "GET":
             await _answer(send, {"ok": True, "loading": True})
-        elif path.startswith(TASKERS) and method == "POST":
+        elif (method == "POST" and path.startswith(TASKERS)) or (
+            method == "GET" and path in WAIT_FOR_LEADER
+        ):
             await switch.swapped.wait()
             await switch.app(scope, receive, send)
         else:
