@@ -167,11 +167,12 @@ async def lifecycle(cand: Candidate, sock: socket.socket) -> int:
             log.info("standby stopped")
             return 0
     cand.loading = True
-    cand.write(MODE_RECOVERING)
-    leading = await asyncio.to_thread(importlib.import_module, LEADING)
+    await _started(server, serving)  # answering first; then the imports, the file, the state
+    importing = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, LEADING))
+    await asyncio.to_thread(cand.write, MODE_RECOVERING)
+    leading = await importing
     take_over: Callable[[Candidate, Switch, uvicorn.Server, asyncio.Task[None]], Awaitable[int]]
     take_over = leading.take_over
-    await _started(server, serving)
     return await take_over(cand, switch, server, serving)
 
 
@@ -187,7 +188,7 @@ async def _started(server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
         if serving.done():
             serving.result()
             raise StartError("the HTTP server did not start")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.001)
 
 
 def _led_by(settings: Settings, holder: dict[str, Any] | None) -> str:
