@@ -5,6 +5,11 @@ a standby once elected (server/election.py). Leading = reading the swd, writing 
 that cuts off the leader before (server/fence.py), then serving; the recovery mode follows
 an unclean end of the previous leader, whoever it was.
 
+This module imports only what the first answer needs (uvicorn, the settings, the election,
+the boot app of server/standby.py): once elected it answers ``/healthz`` and the loading
+503 at once, and only then imports the leading side (server/leading.py, by name, in a
+thread), which loads the state and brings in the hot routes, then FastAPI.
+
 Start-up failures print one line ``crq-server: …`` and exit 3, so ``ncmgr start`` can show
 the reason. A clean stop waits for the journal, writes a snapshot, prunes what it covers,
 and leaves ``trace.db/clean``: the next start knows nothing was lost.
