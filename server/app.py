@@ -6,12 +6,10 @@ leaves the process before the events it reflects are durable (invariant 1).
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from crq.server.http import admin, jobs, taskers, ui
+from crq.server.http import admin, errors, jobs, taskers, ui
+from crq.server.http.bodylimit import BodyLimit
+from crq.server.http.hot import Hot
 from crq.server.http.views import error, job_json
-from crq.server.httplimits import BodyLimit
 from crq.server.journal import Deposed
 from crq.server.models import MAX_BODY, BadRequest, describe
 from crq.server.openapi import allowed_methods, install_openapi
@@ -23,7 +21,18 @@ from starlette.responses import Response
 
 from crq import __version__
 
-log = logging.getLogger("crq.http")
+
+def serving_app(srv: Service) -> Hot:
+    """The whole app at once: the hot router with the full app behind it. (A server builds
+    the two apart: it serves the hot routes before the full app is in.)"""
+    hot = Hot(srv)
+    hot.install(create_app(srv))
+    return hot
+
+
+def _json(answer: tuple[int, bytes, dict[str, str]]) -> Response:
+    status, body, headers = answer
+    return Response(body, status, headers or None, "application/json")
 
 
 def create_app(srv: Service) -> FastAPI:
@@ -41,10 +50,7 @@ def create_app(srv: Service) -> FastAPI:
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, e: BadRequest) -> Response:
-        resp = error(e.status, e.code, e.message)
-        if e.status == 401:
-            resp.headers["WWW-Authenticate"] = "Bearer"
-        return resp
+        return _json(errors.bad_request(e))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> Response:
@@ -61,30 +67,17 @@ def create_app(srv: Service) -> FastAPI:
 
     @app.exception_handler(Recovering)
     async def _recovering(request: Request, e: Recovering) -> Response:
-        left = e.progress.get("seconds_left") or 5
-        resp = error(
-            503,
-            "crash_recovery",
-            "the queue is in crash recovery; retry later",
-            recovery=e.progress,
-        )
-        resp.headers["Retry-After"] = str(max(1, min(30, int(left))))
-        return resp
+        return _json(errors.recovering(e))
 
     @app.exception_handler(Deposed)
     async def _deposed(request: Request, e: Deposed) -> Response:
-        resp = error(503, "standby", f"this server is no longer the leader ({e})", leader=None)
-        resp.headers["Retry-After"] = "1"
-        if srv.step_down is not None:
-            asyncio.get_running_loop().call_soon(srv.step_down, str(e))
-        return resp
+        return _json(errors.deposed(srv, e))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error(500, "internal", f"internal error: {type(e).__name__}: {e}")
+        return _json(errors.internal(request.method, request.url.path, e))
 
     return app
 
 
-__all__ = ["create_app", "job_json"]
+__all__ = ["create_app", "job_json", "serving_app"]

@@ -3,7 +3,8 @@
 uvicorn alone reads a whole request body before the handler sees it, keeps a connection
 that never sends a request line (or sends half of one) forever, and, once every file
 descriptor is taken, drops new connections unanswered: a few hundred idle sockets could
-make submits fail. Here the body limit counts bytes as they arrive, a connection that
+make submits fail. Here the body limit counts bytes as they arrive (the hot routes:
+server/asgi.py ``read_body``; the full app: server/http/bodylimit.py), a connection that
 keeps us waiting for its request is closed after ``idle_timeout``, and the number of
 connections stays below what the descriptor limit allows: past the cap, the connection
 idle the longest gives way to the new one.
@@ -17,71 +18,12 @@ import resource
 import time
 from typing import Any
 
-from crq.server.models import BadRequest
-from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("crq.http")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-
 FDS_RESERVED = 128  # descriptors kept for the rest: journal, snapshot, logs, pipes, epoll
 OVER_CAP = 32  # connections past the cap that may still get a 503 instead of a hang-up
-
-
-class BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is refused (413) as soon as it is.
-
-    A declared Content-Length over the limit is refused on the first read, before any
-    byte of the body; a chunked body as soon as the running count passes it. The refusal
-    is raised from ``receive``, so the handler's own error handling answers it, and the
-    reply closes the connection so the rest of the body is not read. A client gone
-    mid-body (or timed out, see ``http_protocol``) is no internal error.
-    """
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit
-        declared = 0
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                declared = int(value) if value.isdigit() else 0
-                break
-        seen = 0
-        refused = False
-
-        def too_large() -> BadRequest:
-            nonlocal refused
-            refused = True
-            return BadRequest(413, "too_large", f"request body over {limit} bytes")
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            if declared > limit:
-                raise too_large()
-            message: Message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise too_large()
-            return message
-
-        async def closing_send(message: Message) -> None:
-            if refused and message["type"] == "http.response.start":
-                message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, closing_send)
-        except ClientDisconnect:
-            pass  # gone mid-body (or timed out): no one to answer, nothing to log
 
 
 def raise_fd_limit(want: int) -> int:
@@ -103,6 +45,42 @@ def raise_fd_limit(want: int) -> int:
 def connection_cap(max_connections: int, fd_limit: int) -> int:
     """Connections served at once: the setting, or fewer if descriptors are short."""
     return max(1, min(max_connections, fd_limit - FDS_RESERVED - OVER_CAP))
+
+
+class OneWrite:
+    """A response's transport that sends its head with its body, in one ``send``.
+
+    uvicorn writes the status line and headers at ``http.response.start``, then the body:
+    two system calls, and two segments for the client to read. The head is held until the
+    next write (the body, in the same task step) or, at the latest, the loop's next turn.
+    """
+
+    __slots__ = ("transport", "loop", "held")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.held is None and not data.startswith(b"HTTP/1.1 100 "):
+            self.held = bytes(data)
+            self.loop.call_soon(self.flush)
+            return
+        held, self.held = self.held, None
+        self.transport.write(data if held is None else held + data)
+
+    def flush(self) -> None:
+        held, self.held = self.held, None
+        if held is not None and not self.transport.is_closing():
+            self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 def http_protocol(idle_timeout: float, cap: int) -> type[HttpToolsProtocol]:
@@ -144,6 +122,10 @@ def http_protocol(idle_timeout: float, cap: int) -> type[HttpToolsProtocol]:
         def data_received(self, data: bytes) -> None:
             self.last_data = self.loop.time()
             super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self.cycle.transport = OneWrite(self.transport, self.loop)  # type: ignore[assignment]
 
         def on_response_complete(self) -> None:
             self.ready_since = self.loop.time()

@@ -21,6 +21,7 @@ import orjson
 from crq.server import checkpoint, commands, sanity
 from crq.server.commands import Outcome
 from crq.server.engine import Engine
+from crq.server.exits import StartError, StopError
 from crq.server.models import Register
 from crq.server.settings import Settings
 from crq.server.state import State
@@ -32,15 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crq.server")
 
+__all__ = ["Recovering", "RecoveryMode", "Service", "StartError", "StopError"]
+
 HANDOVER_HOLD = 15.0  # a leader that handed over stands back this long for another to win
-
-
-class StartError(Exception):
-    pass
-
-
-class StopError(Exception):
-    """The clean stop could not finish: the stop is left unclean, the journal intact."""
 
 
 class Recovering(Exception):

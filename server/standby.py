@@ -14,15 +14,15 @@ import hmac
 import logging
 import os
 import socket
+import sys
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import orjson
+from crq.server.asgi import ASGIApp, Receive, Scope, Send, encode_headers, headers_of, send_json
 from crq.server.election import Busy, Election, read_json
 from crq.server.settings import Settings
-from starlette.requests import Request
-from starlette.responses import Response
 
 from crq.durable import write_atomic
 from crq.wire import API, MODE_STANDBY
@@ -30,18 +30,27 @@ from crq.wire import API, MODE_STANDBY
 log = logging.getLogger("crq.standby")
 
 STALE = 10.0  # a candidate's file not rewritten for this long is a dead candidate's
+STAND_BY = -1  # a leader's run ends so: this process goes on as a standby (deposed, handed over)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+TASKERS = API + "/taskers/"
+WAIT_FOR_LEADER = frozenset({API + "/server", "/metrics"})  # held while loading, not refused
+
+
+async def _unset(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("no app behind the switch yet")
 
 
 class Switch:
-    """The ASGI app uvicorn serves: the standby's until the takeover, then the full one."""
+    """The ASGI app uvicorn serves: the standby's (or the loading one's) until the takeover,
+    then the leader's. ``swapped`` is set once the leader's is in."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self) -> None:
+        self.app: ASGIApp = _unset
+        self.swapped = asyncio.Event()
+
+    def swap(self, app: ASGIApp) -> None:
         self.app = app
+        self.swapped.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
@@ -152,12 +161,13 @@ async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def _json(data: dict[str, Any], status: int = 200, **headers: str) -> Response:
-    return Response(orjson.dumps(data), status, headers or None, "application/json")
+async def _answer(send: Send, data: dict[str, Any], status: int = 200, **headers: str) -> None:
+    await send_json(send, status, orjson.dumps(data), encode_headers(headers))
 
 
-def app(cand: Candidate, admin_token: Callable[[], bytes | None]) -> ASGIApp:
-    """What a standby serves. ``admin_token`` reads the swd's token (made by the leader)."""
+def app(cand: Candidate, admin_token: Callable[[], bytes | None], switch: Switch) -> ASGIApp:
+    """What a standby serves, and a leader while it loads the state (``cand.loading``).
+    ``admin_token`` reads the swd's token (made by the leader)."""
 
     async def leader() -> dict[str, Any] | None:
         try:
@@ -169,67 +179,94 @@ def app(cand: Candidate, admin_token: Callable[[], bytes | None]) -> ASGIApp:
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        request = Request(scope, receive)
-        path, method = request.url.path, request.method
+        path, method = scope["path"], scope["method"]
         queue = cand.settings.queue
         if cand.loading:
-            resp = _json(
-                {
-                    "error": "crash_recovery",
-                    "message": f"queue {queue}: taking over, loading the state; retry shortly",
-                    "recovery": {"phase": "loading"},
-                },
-                503,
-                **{"Retry-After": "1"},
-            )
-            await resp(scope, receive, send)
+            await loading(scope, receive, send)
             return
         ld = await leader()
         url = ld.get("url") if ld else None
         if path == "/healthz":
-            resp = _json({"ok": True, "mode": MODE_STANDBY})
+            await _answer(send, {"ok": True, "mode": MODE_STANDBY})
         elif path == API + "/server" and method == "GET":
-            resp = _json(
-                {
-                    "queue": queue,
-                    "mode": MODE_STANDBY,
-                    "leader": url,
-                    "epoch": ld.get("epoch") if ld else None,
-                    "url": cand.url,
-                    "instance": cand.instance,
-                    "pid": os.getpid(),
-                    "host": os.uname().nodename,
-                    "election": cand.election.name,
-                    "started_at": cand.started_at,
-                }
-            )
-        elif path == API + "/server/stop" and method == "POST" and _is_admin(request, admin_token):
+            info = {
+                "queue": queue,
+                "mode": MODE_STANDBY,
+                "leader": url,
+                "epoch": ld.get("epoch") if ld else None,
+                "url": cand.url,
+                "instance": cand.instance,
+                "pid": os.getpid(),
+                "host": os.uname().nodename,
+                "election": cand.election.name,
+                "started_at": cand.started_at,
+            }
+            await _answer(send, info)
+        elif (
+            path == API + "/server/stop"
+            and method == "POST"
+            and _is_admin(headers_of(scope), admin_token)
+        ):
             cand.request_stop()
-            resp = _json({"stopping": True, "freeze": False})
+            await _answer(send, {"stopping": True, "freeze": False})
         else:
             where = f"the leader is at {url}" if url else "no leader is serving yet"
-            resp = _json(
-                {
-                    "error": "standby",
-                    "message": f"this server is a standby of queue {queue}; {where}",
-                    "leader": url,
-                },
-                503,
-                **{"Retry-After": "1"},
-            )
-        await resp(scope, receive, send)
+            refusal = {
+                "error": "standby",
+                "message": f"this server is a standby of queue {queue}; {where}",
+                "leader": url,
+            }
+            await _answer(send, refusal, 503, **{"Retry-After": "1"})
+
+    async def loading(scope: Scope, receive: Receive, send: Send) -> None:
+        """Won, reading the state: alive, not ready; clients come back in a moment. A
+        tasker's request waits for the leader instead (a 503 would send it away for a
+        second or more, and its return is what ends a crash recovery), and so do the
+        status and the metrics, which a crash recovery does not refuse either."""
+        path, method = scope["path"], scope["method"]
+        if path == "/healthz" and method == "GET":
+            await _answer(send, {"ok": True, "loading": True})
+        elif (method == "POST" and path.startswith(TASKERS)) or (
+            method == "GET" and path in WAIT_FOR_LEADER
+        ):
+            await switch.swapped.wait()
+            await switch.app(scope, receive, send)
+        else:
+            await _answer(send, loading_reply(cand.settings.queue), 503, **{"Retry-After": "1"})
 
     return asgi
 
 
-def _is_admin(request: Request, admin_token: Callable[[], bytes | None]) -> bool:
-    scheme, _, tok = request.headers.get("authorization", "").strip().partition(" ")
+def loading_reply(queue: str) -> dict[str, Any]:
+    """The 503 of a leader still loading: a crash recovery's first phase, to clients."""
+    return {
+        "error": "crash_recovery",
+        "message": f"queue {queue}: taking over, loading the state; retry shortly",
+        "recovery": {"phase": "loading"},
+    }
+
+
+def _is_admin(headers: dict[str, str], admin_token: Callable[[], bytes | None]) -> bool:
+    scheme, _, tok = headers.get("authorization", "").strip().partition(" ")
     want = admin_token()
     return (
         scheme.lower() == "bearer"
         and want is not None
         and hmac.compare_digest(tok.strip().encode(), want)
     )
+
+
+def stand_by_now(cand: Candidate, why: str) -> NoReturn:
+    """A deposed leader stops acting at once: no answer, no write, no dispatch more. The
+    same process starts again as a standby (the journal's pending writes die with it)."""
+    log.critical("no longer the leader of queue %s (%s): standing by", cand.settings.queue, why)
+    cand.remove()
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, "-m", "crq.server", *standby_argv(cand.argv)])
+
+
+def standby_argv(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != "--standby"] + ["--standby"]
 
 
 __all__ = ["Busy", "Candidate", "Switch", "app"]

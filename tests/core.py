@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 from crq.server import commands, snapshot
-from crq.server.app import create_app
+from crq.server.app import serving_app
 from crq.server.engine import Engine
 from crq.server.events import Event, decode, encode
 from crq.server.journal import Journal, frame
@@ -156,10 +156,11 @@ def service(swd: Path, *args: str) -> Iterator[Service]:
 
 @asynccontextmanager
 async def serving(swd: Path, *args: str) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
-    """The real ``create_app`` over ``service(swd, *args)`` through httpx's ASGI transport;
-    the client sends the admin token unless a request says otherwise."""
+    """The real ``serving_app`` (hot routes, then FastAPI) over ``service(swd, *args)``
+    through httpx's ASGI transport; the client sends the admin token unless a request says
+    otherwise."""
     with service(swd, *args) as srv:
-        transport = httpx.ASGITransport(app=create_app(srv))
+        transport = httpx.ASGITransport(app=serving_app(srv))
         async with httpx.AsyncClient(
             transport=transport, base_url="http://t", headers=ADMIN
         ) as client:

@@ -172,12 +172,15 @@ class CrqServer:
         wait_for_start(self.proc, self._healthy, "server", cap=timeout)
 
     def _healthy(self) -> bool:
+        """Up and every route in: a leader answers ``/healthz`` while it still loads
+        (``"loading": true``), and its other routes only after."""
         import httpx
 
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=5.0).status_code == 200
+            r = httpx.get(f"{self.url}/healthz", timeout=5.0)
         except httpx.HTTPError:
             return False
+        return r.status_code == 200 and not r.json().get("loading")
 
     @property
     def url(self) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
 from crq.server import cleanup, commands
 from crq.server.events import Event
 from crq.server.http import auth
+from crq.server.http.hot import Call, Handlers
 from crq.server.http.views import API, JSON
 from crq.server.models import BadRequest, Failover, StopServer, parse_json, validate
 from crq.server.service import Service
@@ -16,47 +16,17 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from crq import __version__
-
 
 def routes(srv: Service) -> list[BaseRoute]:
     engine = srv.engine
+    hot = Handlers(srv)
     router = APIRouter()
 
     @router.get(API + "/server")
     async def server_info(request: Request) -> Response:
-        auth.any_token(srv, request)
-        st = srv.state
-        journal = engine.journal
-        # On a full disk every reply waits for the journal; this one answers, so that
-        # `ncmgr status` can say why, but without the counts nothing durable backs yet.
-        # (re-read after the wait: a batch applied meanwhile may be what now waits for space)
-        stalled = not await engine.durable_or_disk_full() or journal.stalled_since is not None
-        return JSON(
-            {
-                "queue": srv.settings.queue,
-                "mode": engine.mode,
-                "pid": os.getpid(),
-                "host": os.uname().nodename,
-                "url": srv.url,
-                "instance": srv.instance,
-                "version": __version__,
-                "started_at": srv.started_at,
-                "counts": None if stalled else st.counts,
-                "taskers": len(st.taskers),
-                "recovery": srv.progress(),
-                "epoch": srv.epoch,
-                "previous": srv.previous or None,
-                "election": srv.settings.election.split("://")[0],
-                "standbys": srv.standbys(),
-                "journal": {
-                    "seq": st.seq,
-                    "durable_seq": journal.durable_seq,
-                    "segment": journal.segment,
-                    "disk_full_since": journal.stalled_since,
-                },
-            }
-        )
+        call = Call(request.headers, request.body, {})
+        status, payload, _ = await hot.server_info(call)
+        return JSON(payload, status_code=status)
 
     @router.post(API + "/server/stop")
     async def server_stop(request: Request) -> Response:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
+from typing import Protocol
 
 from crq.server import commands
 from crq.server.models import BadRequest
 from crq.server.service import Recovering, Service
 from crq.server.state import Tasker
-from starlette.requests import Request
 
 from crq.wire import MODE_RECOVERING, SESSION_HEADER, USER_HEADER, valid_tasker_name
+
+
+class Request(Protocol):
+    """What the checks read of a request: its headers (a Starlette request, a hot call)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
 
 def token(request: Request) -> bytes:
@@ -31,7 +39,7 @@ def client(srv: Service, request: Request) -> str:
         raise BadRequest(401, "unauthorized", "bad token")
     if srv.engine.mode == MODE_RECOVERING:
         raise Recovering(srv.progress() or {})
-    return request.headers.get(USER_HEADER) or "admin"
+    return request.headers.get(USER_HEADER.lower()) or "admin"
 
 
 def admin(srv: Service, request: Request) -> None:
@@ -63,7 +71,7 @@ def check_name(name: str) -> None:
 
 def session_secret(request: Request) -> str:
     """The session secret a tasker request shows ("" if none); a malformed one is refused."""
-    secret = request.headers.get(SESSION_HEADER, "")
+    secret = request.headers.get(SESSION_HEADER.lower(), "")
     if secret and not (
         16 <= len(secret) <= 256 and all(c.isascii() and (c.isalnum() or c in "-_") for c in secret)
     ):

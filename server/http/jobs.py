@@ -1,8 +1,7 @@
-"""The client routes on jobs: submit (hot, plain Starlette), list, get, wait, control."""
+"""The client routes on jobs: submit and get (server/http/hot.py), list, wait, control."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,8 +9,10 @@ from typing import Any
 from crq.server import commands
 from crq.server.events import Event
 from crq.server.http import auth
+from crq.server.http.adapt import endpoint
+from crq.server.http.hot import Call, Handlers
 from crq.server.http.views import API, JSON, job_json
-from crq.server.models import BadRequest, parse_json
+from crq.server.models import BadRequest
 from crq.server.service import Service
 from crq.server.state import Job, State
 from fastapi import APIRouter, Request
@@ -19,64 +20,18 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from crq.wire import (
-    IDEMPOTENCY_HEADER,
-    IDEMPOTENCY_KEY_RULE,
     JOB_STATES,
     QUEUED,
     RUNNING,
-    valid_idempotency_key,
 )
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
-BIG_BODY = 1 << 20  # a submit body over this is parsed and applied with the collector paused
 
 
 def routes(srv: Service) -> list[BaseRoute]:
     engine = srv.engine
+    hot = Handlers(srv)
     router = APIRouter()
-
-    async def submit(request: Request) -> Response:
-        user = auth.client(srv, request)
-        if engine.shutting_down:
-            raise BadRequest(503, "stopping", "the server is stopping")
-        key = _idempotency_key(request)
-        body = await request.body()
-        keyed = (key, commands.body_digest(body)) if key is not None else None
-        ids = _repeated(user, keyed)
-        if ids is None:
-            if len(body) <= BIG_BODY:
-                ids = await _submit(parse_json(body), user, keyed)
-            else:
-                with commands.collector_paused():
-                    ids = await _submit(parse_json(body), user, keyed)
-        # also for a repeat: the first answer may not be durable yet when the repeat comes
-        await engine.durable()
-        return JSON({"ids": ids}, status_code=201)
-
-    def _repeated(user: str, keyed: tuple[str, str] | None) -> list[int] | None:
-        if keyed is None:
-            return None
-        window = srv.settings.idempotency_window
-        return commands.repeated(srv.state, user, *keyed, time.time(), window)
-
-    async def _submit(data: Any, user: str, keyed: tuple[str, str] | None) -> list[int]:
-        """A batch of more than SLICE jobs is checked, and its envs defined, in slices that
-        let other requests through, then applied as one submit event: still all accepted
-        or all refused, its ids contiguous."""
-        sub = await commands.submit_sliced(srv.state, data, user)
-        if len(sub.rows) > commands.SLICE:
-            if engine.shutting_down:  # while it was checked
-                raise BadRequest(503, "stopping", "the server is stopping")
-            for envs in sub.env_slices(srv.state):
-                engine.emit(envs)
-                await asyncio.sleep(0)
-        # a retry of this very request may have come and gone while it was checked
-        ids = _repeated(user, keyed)
-        if ids is not None:
-            return ids
-        events, ids = sub.events(srv.state, time.time(), keyed)
-        engine.emit(events)
-        return ids
 
     @router.get(API + "/jobs")
     async def list_jobs(
@@ -126,10 +81,9 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.get(API + "/jobs/{job_id}")
     async def get_job(request: Request, job_id: int) -> Response:
-        auth.client(srv, request)
-        job = _get_job(job_id)
-        await engine.durable()
-        return JSON(job_json(srv.state, job))
+        call = Call(request.headers, request.body, {"job_id": str(job_id)})
+        status, payload, _ = await hot.get_job(call)
+        return JSON(payload, status_code=status)
 
     @router.get(API + "/jobs/{job_id}/wait")
     async def wait_job(request: Request, job_id: int, timeout: float = 30.0) -> Response:
@@ -171,12 +125,4 @@ def routes(srv: Service) -> list[BaseRoute]:
         await engine.durable()
         return JSON({"id": job_id, "forgotten": True})
 
-    return [Route(API + "/jobs", submit, methods=["POST"]), *router.routes]
-
-
-def _idempotency_key(request: Request) -> str | None:
-    """The request's Idempotency-Key, None without one; a malformed one is refused."""
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is not None and not valid_idempotency_key(key):
-        raise BadRequest(400, "invalid", f"{IDEMPOTENCY_HEADER}: {IDEMPOTENCY_KEY_RULE}")
-    return key
+    return [Route(API + "/jobs", endpoint(hot.submit), methods=["POST"]), *router.routes]

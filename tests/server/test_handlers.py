@@ -1,8 +1,9 @@
 """The handlers in process, through the ``api`` fixture: auth, refusals, the recovery 503 and
 the sync long poll's wake-ups, in milliseconds where a process test takes seconds.
 
-The real ``create_app`` over a real engine and journal in tmp (tests/core.py ``serving``);
-nothing of ours is mocked. A refusal must also leave the state as it was (``seq`` unchanged).
+The real ``serving_app`` (hot routes, then FastAPI) over a real engine and journal in tmp
+(tests/core.py ``serving``); nothing of ours is mocked. A refusal must also leave the state as
+it was (``seq`` unchanged).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import time
 from typing import Any
 
 import httpx
+import pytest
+from crq.server import app
+from crq.server.http import hot
 from crq.server.recovery import Recovery
 from crq.server.replay import Replayed
 from crq.server.service import Service
 
 from crq.wire import SESSION_HEADER
-from tests.core import TASKER, TASKER_TOKEN, TOKEN, InProcess
+from tests.core import ADMIN, TASKER, TASKER_TOKEN, TOKEN, InProcess
 
 OK = {"command": ["true"], "cwd": "/tmp"}
 SECRET = "s" * 43  # a tasker's session secret
@@ -264,3 +268,77 @@ def test_a_waiting_sync_returns_at_the_clean_stop(api: InProcess) -> None:
 
     answer, took = api.run(body, *BEATS)
     assert answer["shutdown"] is True and took < LONG / 2, (answer, took)
+
+
+# -- the hot routes answer as the full app does ------------------------------------------
+
+SHOWN = ("www-authenticate", "retry-after", "connection", "content-type")
+
+
+async def _both(
+    hot: httpx.AsyncClient, full: httpx.AsyncClient, method: str, path: str, **kw: Any
+) -> tuple[Any, Any]:
+    """One request to the served app (hot router first) and to FastAPI's routes alone."""
+    out = []
+    for c in (hot, full):
+        r = await c.request(method, path, **kw)
+        out.append((r.status_code, r.json(), {h: r.headers.get(h) for h in SHOWN}))
+    return out[0], out[1]
+
+
+def test_the_hot_routes_refuse_as_the_full_app_does(
+    api: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every refusal of submit, get, register and sync: the same status, body and headers
+    from the bare router as from FastAPI's stack (server/app.py)."""
+    monkeypatch.setattr(hot, "MAX_BODY", 1000)
+    monkeypatch.setattr(app, "MAX_BODY", 1000)
+    tasker_bad_session = {**TASKER, SESSION_HEADER: "t" * 43}
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/api/v1/jobs", {"json": OK, "headers": {"Authorization": ""}}),
+        ("POST", "/api/v1/jobs", {"json": OK, "headers": {"Authorization": "Bearer nope"}}),
+        ("POST", "/api/v1/jobs", {"json": OK, "headers": TASKER}),
+        ("POST", "/api/v1/jobs", {"content": b"{"}),
+        ("POST", "/api/v1/jobs", {"json": {"command": [], "cwd": "/tmp"}}),
+        ("POST", "/api/v1/jobs", {"json": {"jobs": [OK, {"cwd": "rel"}]}}),
+        ("POST", "/api/v1/jobs", {"json": OK, "headers": {"Idempotency-Key": "\t"}}),
+        ("POST", "/api/v1/jobs", {"content": b" " * 1001}),
+        ("GET", "/api/v1/jobs/999", {}),
+        ("GET", "/api/v1/jobs/1", {"headers": TASKER}),
+        ("POST", "/api/v1/taskers/w/register", {"json": {}, "headers": {"Authorization": ""}}),
+        ("POST", "/api/v1/taskers/w/register", {"json": {"slots": "x"}, "headers": TASKER}),
+        ("POST", "/api/v1/taskers/%C3%A9/register", {"json": {}, "headers": TASKER}),
+        ("POST", "/api/v1/taskers/w/register", {"content": b"[", "headers": TASKER}),
+        ("POST", "/api/v1/taskers/new/sync", {"json": {"wait": 0}, "headers": as_tasker()}),
+        ("POST", "/api/v1/taskers/w/sync", {"json": {"wait": 0}, "headers": TASKER}),
+        ("POST", "/api/v1/taskers/w/sync", {"json": {"wait": 0}, "headers": tasker_bad_session}),
+        ("POST", "/api/v1/taskers/w/sync", {"json": {"wait": "x"}, "headers": as_tasker()}),
+        ("POST", "/api/v1/taskers/w/sync", {"content": b" " * 1001, "headers": as_tasker()}),
+    ]
+
+    async def body(c: httpx.AsyncClient, srv: Service) -> list[Any]:
+        await register(c)
+        await submit(c)
+        seq = srv.state.seq
+        transport = httpx.ASGITransport(app=app.create_app(srv))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=ADMIN) as f:
+            pairs = [await _both(c, f, m, p, **kw) for m, p, kw in cases]
+            srv.engine.enter_recovery()
+            pairs += [
+                await _both(c, f, "POST", "/api/v1/jobs", json=OK),
+                await _both(c, f, "GET", "/api/v1/jobs/1"),
+                await _both(c, f, "GET", "/readyz"),
+                await _both(c, f, "GET", "/healthz"),
+            ]
+        assert srv.state.seq == seq  # refused: nothing applied
+        return pairs
+
+    pairs = api.run(body)
+    statuses = [hot_answer[0] for hot_answer, _ in pairs]
+    assert statuses == [401, 401, 403, 400, 422, 422, 400, 413, 404, 403, 401, 422, 422, 400,
+                        409, 409, 409, 422, 413, 503, 503, 503, 200]  # fmt: skip
+    for (hot_answer, full_answer), case in zip(pairs, [*cases, *[("", "", {})] * 4], strict=True):
+        assert hot_answer == full_answer, case
+    assert pairs[0][0][2]["www-authenticate"] == "Bearer"
+    assert pairs[7][0][2]["connection"] == "close"
+    assert pairs[19][0][2]["retry-after"] is not None

@@ -26,7 +26,7 @@ import pytest
 from crq.server import commands, replay
 from crq.server.app import create_app
 from crq.server.engine import Engine
-from crq.server.http import jobs as app_module
+from crq.server.http import hot as app_module
 from crq.server.journal import Journal
 from crq.server.models import MAX_BODY
 from crq.server.service import Service
