@@ -233,8 +233,15 @@ class Client:
             if info is None:
                 continue
             if info.get("mode") == wire.MODE_STANDBY:
+                # a candidate of the queue answered: the queue exists, in an election
+                # perhaps, so the retry loops ride it out as an outage, not "not started"
+                self._reached = True
                 pointer = info.get("leader")
-                if isinstance(pointer, str) and pointer.startswith(("http://", "https://")):
+                if (
+                    isinstance(pointer, str)
+                    and pointer.startswith(("http://", "https://"))
+                    and pointer.rstrip("/") != self.url.rstrip("/")  # not the one that failed
+                ):
                     self._move(pointer)
                     return self.url
                 continue

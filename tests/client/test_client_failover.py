@@ -127,14 +127,22 @@ def test_failover_without_a_standby_is_one_clear_line(fq: Queue) -> None:
     assert fq.ncmgr("status", "--queue", fq.name).returncode == 0  # the leader still serves
 
 
-def test_clients_and_taskers_follow_a_kill9_takeover(fq: Queue) -> None:
+@pytest.mark.parametrize("waiter_from", ["before", "after"])
+def test_clients_and_taskers_follow_a_kill9_takeover(fq: Queue, waiter_from: str) -> None:
+    """``crq wait`` rides the takeover out, also when its first request meets the dead
+    leader (a standby's answer says the queue lives: an election, not "not started")."""
     q = fq
     url = start_standby(q)
     gate = q.root / "gate"
     job = q.submit("--", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done")
     wait_until(lambda: q.job(job)["state"] == "running")
-    waiter = q.spawn("cli", "wait", str(job))
-    os.kill(q.server_pid(), signal.SIGKILL)
+    pid = q.server_pid()
+    if waiter_from == "before":
+        waiter = q.spawn("cli", "wait", str(job))
+        os.kill(pid, signal.SIGKILL)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        waiter = q.spawn("cli", "wait", str(job))
     wait_until(lambda: json.loads((q.swd / "server.json").read_text())["url"] == url)
     gate.touch()
     assert waiter.wait(timeout=240) == 0, waiter.stderr.read() if waiter.stderr else ""
