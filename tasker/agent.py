@@ -49,6 +49,10 @@ log = logging.getLogger("crq.tasker")
 
 BACKOFF_START = 0.2
 BACKOFF_CAP = 30.0
+# A restart or a takeover answers again within about a second: for the first seconds of an
+# outage a refused connection is tried again every 0.1-0.2 s (it costs the server's host
+# only a reset), so the queue is back to normal as soon as it answers; then the backoff grows.
+FAST_RETRY_FOR = 5.0
 NAME_RETRY_CAP = 10.0  # a name in use may be freed by the operator (cleanup --dead-host)
 # A report answers in milliseconds (the server holds it only for an fsync); a server that
 # has not answered in this long is hung or gone (SIGSTOP, a cut link): try where the
@@ -340,6 +344,11 @@ class Agent:
             delay = min(NAME_RETRY_CAP, f.after) + random.uniform(0.0, 0.5)
         else:
             base = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(self._failures, 16))
+            down = self._down_since
+            if isinstance(f, Unreachable) and (
+                down is None or time.monotonic() - down < FAST_RETRY_FOR
+            ):
+                base = BACKOFF_START
             delay = random.uniform(base / 2, base)
             if isinstance(f, RetryLater):
                 delay = max(delay, min(f.after, BACKOFF_CAP))
