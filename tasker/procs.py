@@ -100,6 +100,7 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
     """Wrappers running with a status file in status_dir, found through /proc.
 
     Catches a job spawned just before a tasker crash, before its record was written.
+    Only session leaders count: the wrapper's own fork shares its argv until it execs.
     """
     found: dict[Key, int] = {}
     prefix = os.fsencode(str(status_dir)) + b"/"
@@ -117,6 +118,14 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
             key = parse_name(os.fsdecode(argv[5])) if len(argv) > 5 else None
         else:
             key = parse_name(os.fsdecode(argv[4][len(prefix) :]))
-        if key is not None:
-            found[key] = pid
+        if key is None:
+            continue
+        try:
+            # each wrapper leads its own session; a process of its session with the same
+            # argv is the wrapper's fork in the instant before it execs the job: not ours
+            if os.getsid(pid) != pid:
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        found[key] = pid
     return found

@@ -306,6 +306,26 @@ def test_an_orphan_of_the_earlier_wrapper_is_found_after_an_upgrade(state: State
         proc.wait()
 
 
+def test_a_process_with_a_wrappers_argv_outside_its_own_session_is_not_taken_for_it(
+    state: StateDir,
+) -> None:
+    """The wrapper's fork shares its argv until it execs the job; only a session leader
+    (every wrapper is one) is the wrapper, so the scan never adopts that fork's pid."""
+    import subprocess
+
+    from crq.tasker.procs import OLD_WRAPPERS, SH, WRAPPER_NAME
+
+    status = state.status_path((26, 1))
+    argv = [SH, "-c", OLD_WRAPPERS[0], WRAPPER_NAME, str(status), "sleep", "30"]
+    proc = subprocess.Popen(argv, process_group=0)  # its own group, but pytest's session
+    try:
+        wait_until(lambda: read_status(status) is not None)
+        assert (26, 1) not in find_orphan_wrappers(state.status)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_dead_record_is_reported_killed(state: StateDir) -> None:
     state.write_record(
         {"job": 30, "attempt": 2, "pid": 999999999, "pgid": 999999999, "started": 1.0,
