@@ -97,11 +97,16 @@ class Outbox:
         return started, finished
 
     def has_due(self, kind: Kind | None = None) -> bool:
-        """Some report (of that kind) is due now."""
-        started, finished = self.reports()
-        if kind is None:
-            return bool(started or finished)
-        return bool(finished if kind is Kind.FINISHED else started)
+        """Some report (of that kind) is due now. Asked in the agent's wait predicates, so
+        it stops at the first one instead of building the lists ``reports`` sends."""
+        now = time.time()
+        kinds = (Kind.STARTED, Kind.FINISHED) if kind is None else (kind,)
+        with self._lock:
+            for k in kinds:
+                held = self._finished if k is Kind.FINISHED else self._started
+                if any(self._retry_at.get((k, key), 0.0) <= now for key in held):
+                    return True
+        return False
 
     def next_due_in(self) -> float | None:
         """Seconds until a report waiting for a resend becomes due; None if none waits."""
