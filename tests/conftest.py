@@ -27,6 +27,7 @@ import pytest
 
 from tests.core import Core, InProcess
 from tests.etcd import etcd_cluster  # noqa: F401 (a fixture, for every test module)
+from tests.munged import foreign_munged, munged  # noqa: F401 (fixtures, for every module)
 from tests.rigs import CrqServer, Tasker, kill_jobs
 
 MARK = "CRQ_TEST_RUN"
