@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, TypedDict, TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from crq.client import registry
+from crq.client import credentials, registry
 from crq.client.errors import CrashRecovery, CrqError, NotSent, Standby
 from crq.client.leader import Leader
 
@@ -88,7 +88,9 @@ class Client:
     """One keep-alive connection to a crq server, following the leader of its queue.
 
     ``url``/``queue``/``token`` override the resolution of SPEC section 2
-    (``--server`` > ``CRQ_SERVER`` > ``CRQ_QUEUE`` > ``vnc``; ``CRQ_TOKEN`` > registry > swd).
+    (``--server`` > ``CRQ_SERVER`` > ``CRQ_QUEUE`` > ``vnc``); the credential is chosen as
+    :mod:`crq.client.credentials` says (``token`` > ``CRQ_TOKEN`` > MUNGE > registry > swd;
+    ``munge=False`` skips MUNGE). ``credential`` is the one chosen, ``token`` its token if any.
     ``opener`` makes the connection to a URL (default :class:`crq.http11.Connection`; tests
     answer from a fake server through it).
 
@@ -108,12 +110,14 @@ class Client:
         *,
         follow: bool = True,
         opener: Opener | None = None,
+        munge: bool = True,
     ) -> None:
         target = registry.resolve_server(url, queue)
         self.leader = Leader(target.url, target.queue, target.entry)
         self.follow = follow
         self.queue_name: str | None = target.queue
-        self.token: str | None = token if token is not None else registry.resolve_token(target)
+        self.credential = credentials.choose(target, token, munge=munge)
+        self.token: str | None = self.credential.token
         self.user: str = user or login()
         self.timeout = timeout
         self._reached = False
@@ -125,7 +129,7 @@ class Client:
             "Accept": "application/json",
             "User-Agent": f"crq-client/{VERSION}",
         }
-        if self.token:
+        if self.token:  # the same with every request; a MUNGE credential is made per request
             headers["Authorization"] = f"Bearer {self.token}"
         self._headers = headers
         self._opener = opener
@@ -262,6 +266,7 @@ class Client:
             r = conn.request(
                 "GET",
                 f"{wire.API}/server",
+                headers=self._signed(None) or None,
                 timeout=timeout,
                 connect_timeout=min(timeout, CONNECT_TIMEOUT),
             )
@@ -272,6 +277,13 @@ class Client:
             if not here:
                 conn.close()
         return info if isinstance(info, dict) else None
+
+    def _signed(self, headers: dict[str, str] | None) -> dict[str, str]:
+        """``headers`` plus this request's own MUNGE credential, when the client uses MUNGE."""
+        extra = dict(headers or {})
+        if self.credential.via == credentials.MUNGE:
+            extra["Authorization"] = self.credential.authorization() or ""
+        return extra
 
     def _move(self, url: str) -> None:
         self.leader.moved(url)
@@ -293,7 +305,7 @@ class Client:
         """One request to the URL in use."""
         target = path if path.startswith("/") else f"{wire.API}/{path}"
         body = content
-        extra = dict(headers or {})
+        extra = self._signed(headers)
         if json is not None and content is None:
             body = http11.dumps(json)
             extra.setdefault("Content-Type", "application/json")
@@ -395,10 +407,23 @@ class Client:
                 queue=self.queue_name,
             )
         if status == 401:
-            message = f"{message} (check CRQ_TOKEN or the token registered for {self.name})"
-        elif status == 403:
+            message = f"{message} ({self._refused_hint()})"
+        elif status == 403 and not body.get("rule"):  # a server with roles names its rule
             message = f"{message} (this needs the admin token)"
         return CrqError(message, status=status, code=code)
+
+    def _refused_hint(self) -> str:
+        cred = self.credential
+        if cred.via == credentials.MUNGE:
+            return (
+                f"the server refused the MUNGE credential of {cred.source}; "
+                "or give a token: CRQ_TOKEN or --token-file"
+            )
+        if cred.via == credentials.NONE:
+            return f"no token: set CRQ_TOKEN, or register {self.name} with ncmgr start"
+        if cred.source == "CRQ_TOKEN":
+            return f"check CRQ_TOKEN: it is not a token of {self.name}"
+        return f"check the token ({cred.source}) used for {self.name}, or set CRQ_TOKEN"
 
     def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """:meth:`request` for an endpoint that answers a JSON object."""
@@ -634,6 +659,32 @@ class Client:
                 if e.status != 404:
                     raise
                 results[jid] = {"id": jid, "state": "unknown", "reason": "not found"}
+
+    # -- identity (SPEC section 9) --------------------------------------------------------
+
+    def whoami(self) -> dict[str, Any]:
+        """Who the server takes this client for: ``user``, ``role``, ``via`` (munge, token or
+        admin_token), ``groups``, ``may`` (what the role allows)."""
+        return self._object("GET", "whoami")
+
+    def issue_token(
+        self,
+        user: str | None = None,
+        role: str | None = None,
+        expires: float | None = None,
+        note: str | None = None,
+    ) -> dict[str, Any]:
+        """A new personal token (``user`` None: for the caller itself): ``{"id", "token",
+        "user", "role", "expires"}``; the server shows the token text this once only."""
+        body = {"user": user, "role": role, "expires": expires, "note": note}
+        return self._object("POST", "tokens", json=body)
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """The personal tokens the caller may see (an admin: all), without their secrets."""
+        return list(self._object("GET", "tokens")["tokens"])
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self._object("DELETE", f"tokens/{quote(token_id, safe='')}")
 
     # -- server ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -105,6 +106,26 @@ def _server_url(text: str) -> str:
     return text
 
 
+#: ``--expires`` units
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """argparse type: ``3600``, ``90s``, ``30m``, ``8h``, ``7d`` or ``2w``, above zero."""
+    t = text.strip().lower()
+    scale = UNITS.get(t[-1:], 0) if t else 0
+    number = t[:-1] if scale else t
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (e.g. 3600, 30m, 8h, 7d)"
+        ) from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration above zero, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crq",
@@ -116,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", type=_server_url, metavar="URL", help="server URL (overrides CRQ_SERVER)"
     )
     parser.add_argument("--queue", "-q", metavar="Q", help="queue name (overrides CRQ_QUEUE)")
+    parser.add_argument(
+        "--token-file",
+        metavar="F",
+        help="show the token in F (else $CRQ_TOKEN, else MUNGE when munged runs, else the "
+        "registry's token)",
+    )
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -186,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("taskers", help="list taskers")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_taskers)
+
+    p = sub.add_parser("whoami", help="who the server takes you for, your role, and how")
+    p.add_argument("--json", action="store_true", help="print the server's JSON")
+    p.set_defaults(func=cmd_whoami)
+
+    p = sub.add_parser(
+        "token",
+        help="get yourself a personal token (for the browser UI and scripts); printed once",
+    )
+    p.add_argument("--expires", type=_duration, metavar="D", help="lifetime: 3600, 8h, 30d…")
+    p.add_argument("--note", metavar="N", help="a note shown by `ncmgr token list`")
+    p.set_defaults(func=cmd_token)
     return parser
 
 
@@ -208,12 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _client(args: argparse.Namespace) -> Client:
     from crq.client.api import Client
+    from crq.client.credentials import read_token_file
 
     env_url = os.environ.get("CRQ_SERVER")
     if not args.server and env_url and (problem := server_url_problem(env_url)):
         raise UsageError(f"CRQ_SERVER: {problem}")
 
-    client = Client(url=args.server, queue=args.queue)
+    token = read_token_file(args.token_file) if args.token_file else None
+    client = Client(url=args.server, queue=args.queue, token=token)
     client.notify = lambda line: print(f"crq: {line}", file=sys.stderr, flush=True)
     return client
 
@@ -428,6 +469,59 @@ def cmd_taskers(args: argparse.Namespace) -> int:
         return 0
     print(format_table(TASKER_HEADERS, tasker_rows(taskers), right=(3,)))
     return 0
+
+
+# -- identity -----------------------------------------------------------------------------
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        me = client.whoami()
+        shown = client.credential
+    if args.json:
+        print(json.dumps(me, sort_keys=True))
+        return 0
+    via = {
+        "munge": "a MUNGE credential",
+        "token": "a personal token",
+        "admin_token": "the admin token",
+    }
+    how = via.get(str(me.get("via")), str(me.get("via")))
+    groups = me.get("groups") or []
+    print(f"user   {me.get('user')}")
+    print(f"role   {me.get('role')}")
+    print(f"via    {how} (from {shown.source})")
+    if groups:
+        print(f"groups {' '.join(str(g) for g in groups)}")
+    may = me.get("may")
+    if isinstance(may, dict):
+        print("may    " + (" ".join(k for k, v in may.items() if v) or "nothing"))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        out = client.issue_token(expires=args.expires, note=args.note)
+        url = client.url
+    token = str(out.get("token"))
+    expires = out.get("expires")
+    until = "never expires" if expires is None else f"expires {_when(float(expires))}"
+    print(token)
+    print(
+        f"crq: token {out.get('id')} for {out.get('user')} (role {out.get('role')}), {until}; "
+        "it is shown this once only.",
+        file=sys.stderr,
+    )
+    print(
+        f"crq: in the browser: open {url}/ and paste it as the token; "
+        "for scripts: CRQ_TOKEN=<token> or --token-file FILE",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 # -- stop / rerun / forget ----------------------------------------------------------------

@@ -57,7 +57,12 @@ class Place:
         return f"http://{DEFAULT_HOST}:{wire.default_port(self.queue)}"
 
     def token(self) -> str | None:
-        """``CRQ_TOKEN`` > this swd's admin token (authoritative for its server) > registry."""
+        """``CRQ_TOKEN`` > this swd's admin token (authoritative for its server) > registry.
+
+        ncmgr is the queue owner's tool, so it shows the admin token whenever it can read
+        one, before MUNGE: it is the owner's identity on any server version, and ``ncmgr
+        stop``/failover need admin anyway. Without one (another user's ``ncmgr status``) the
+        client falls back to MUNGE when munged runs (see :meth:`client`)."""
         env = os.environ.get("CRQ_TOKEN")
         if env:
             return env.strip()
@@ -74,8 +79,9 @@ class Place:
         token: str | None = None,
         follow: bool = True,
     ) -> Client:
-        """A client of this queue's server, with ``token`` else :meth:`token`; ``follow``:
-        of its leader (else of the server at ``url`` alone)."""
+        """A client of this queue's server, with ``token`` else :meth:`token` (else a MUNGE
+        credential, when munged runs); ``follow``: of its leader (else of the server at
+        ``url`` alone)."""
         from crq.client.api import Client
 
         token = token if token is not None else self.token()

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token-file",
         metavar="F",
-        help="tasker token file (else $CRQ_TASKER_TOKEN, else the swd's tasker.token)",
+        help="tasker token file (else $CRQ_TASKER_TOKEN, else the swd's tasker.token, else "
+        "MUNGE credentials when munged runs here)",
     )
     p.add_argument(
         "--heartbeat",
@@ -91,9 +92,14 @@ def _main(argv: list[str] | None) -> int:
     name = args.name or socket.gethostname().split(".")[0]
     if not _good_name(name):
         return _usage(f"bad tasker name {name!r} (letters, digits and ._-@, at most 128)")
+    from crq.tasker.link import munge_here
+
     env_token = os.environ.get("CRQ_TASKER_TOKEN", "").strip() or None
-    if (args.server or args.etcd) and not (args.token_file or env_token):
-        return _usage("no tasker token: give --token-file or set CRQ_TASKER_TOKEN")
+    if (args.server or args.etcd) and not (args.token_file or env_token or munge_here()):
+        return _usage(
+            "no tasker token: give --token-file or set CRQ_TASKER_TOKEN (or run munged here "
+            "and list this tasker's user in the server's tasker_users)"
+        )
     if args.token_file and not os.path.isfile(args.token_file):
         return _usage(f"no such token file: {args.token_file}")
     if args.queue is not None and not args.etcd:

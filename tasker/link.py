@@ -36,6 +36,9 @@ from crq import http11, procfs, wire
 
 CONNECT_TIMEOUT = 5.0
 JSON_BODY = {"Content-Type": "application/json"}
+#: What ServerSource gives for a token when the tasker shows MUNGE credentials instead:
+#: this prefix and munged's socket (no tasker token has a colon).
+MUNGE_TOKEN = "munge:"
 
 
 class Failure(Exception):
@@ -234,21 +237,89 @@ class ServerSource:
         return urls[self._index % len(urls)]
 
     def _token(self) -> str:
+        """``--token-file`` > ``CRQ_TASKER_TOKEN`` > the swd's tasker.token > MUNGE.
+
+        A tasker shows MUNGE credentials only when it has no tasker token: the token works
+        with every server version, and a root tasker of the queue's host can read it. One
+        that cannot (another host, no swd) is known by its unix user, which the server's
+        ``tasker_users`` must list."""
         if self.token_file is not None:
-            path = self.token_file
-        elif self.token:
+            return _read_token(self.token_file)
+        if self.token:
             return self.token
-        elif self.swd is not None:
-            path = self.swd.tasker_token
-        else:
-            raise SourceError("no tasker token")
+        problem = "no tasker token (--token-file, CRQ_TASKER_TOKEN or --swd)"
+        if self.swd is not None:
+            try:
+                return _read_token(self.swd.tasker_token)
+            except SourceError as e:
+                problem = str(e)
+        socket = munge_here()
+        if socket is not None:
+            return MUNGE_TOKEN + socket
+        raise SourceError(problem + "; and munged does not run here for a MUNGE credential")
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise SourceError(f"cannot read token file {path}: {e.strerror or e}") from None
+    if not token:
+        raise SourceError(f"token file {path} is empty")
+    return token
+
+
+def munge_socket() -> str:
+    """munged's socket: ``CRQ_MUNGE_SOCKET``, else /run/munge's (as crq.munge has it)."""
+    return os.environ.get("CRQ_MUNGE_SOCKET") or "/run/munge/munge.socket.2"
+
+
+def munge_here() -> str | None:
+    """munged's socket when MUNGE can be used here, else None (a ``stat`` without munged;
+    crq.munge, ctypes and libmunge are loaded only when the socket exists)."""
+    path = munge_socket()
+    if not os.path.exists(path):
+        return None
+    from crq import munge
+
+    return path if munge.available(path) else None
+
+
+class MungeConnection(http11.Connection):
+    """A connection that shows a fresh MUNGE credential with every request (munged refuses
+    a credential it has decoded before, so none is ever reused, not even by a retry)."""
+
+    def __init__(self, url: str, headers: dict[str, str], socket: str) -> None:
+        super().__init__(url, headers, connect_timeout=CONNECT_TIMEOUT)
+        self.socket = socket
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        connect_timeout: float | None = None,
+    ) -> http11.Response:
+        from crq import munge
+
         try:
-            token = path.read_text().strip()
-        except OSError as e:
-            raise SourceError(f"cannot read token file {path}: {e.strerror or e}") from None
-        if not token:
-            raise SourceError(f"token file {path} is empty")
-        return token
+            cred = munge.encode(socket=self.socket)
+        except munge.MungeError as e:  # munged stopped: nothing was sent
+            raise http11.TransportError(f"no MUNGE credential: {e}", sent=False) from None
+        signed = {**(headers or {}), "Authorization": f"Munge {cred}"}
+        return super().request(
+            method,
+            path,
+            body=body,
+            headers=signed,
+            params=params,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+        )
 
 
 def post(
@@ -311,18 +382,18 @@ def _refusal(status: int, data: object, retry_after: str | None) -> Failure:
 
 
 def open_client(url: str, token: str, session: str) -> http11.Connection:
-    """A keep-alive connection to ``url`` showing our token and session (made by the first
-    request; no proxy, whatever HTTP_PROXY says)."""
+    """A keep-alive connection to ``url`` showing our token (or MUNGE credentials, see
+    :data:`MUNGE_TOKEN`) and session (made by the first request; no proxy, whatever
+    HTTP_PROXY says)."""
+    headers = {
+        "User-Agent": "crq-vovtasker",
+        "Accept": "application/json",
+        wire.SESSION_HEADER: session,
+    }
     try:
-        return http11.Connection(
-            url,
-            {
-                "Authorization": f"Bearer {token}",
-                "User-Agent": "crq-vovtasker",
-                "Accept": "application/json",
-                wire.SESSION_HEADER: session,
-            },
-            connect_timeout=CONNECT_TIMEOUT,
-        )
+        if token.startswith(MUNGE_TOKEN):
+            return MungeConnection(url, headers, token[len(MUNGE_TOKEN) :])
+        headers["Authorization"] = f"Bearer {token}"
+        return http11.Connection(url, headers, connect_timeout=CONNECT_TIMEOUT)
     except ValueError as e:  # not an http(s) URL (a bad server.json, a bad --server)
         raise SourceError(str(e)) from None
