@@ -1,5 +1,9 @@
 // crq browser UI: plain JS, no build step, no external resources.
-// Everything shown comes from the JSON API (SPEC section 4) with the admin token.
+// Everything shown comes from the JSON API (SPEC section 4) with the token logged in with:
+// a personal token (`crq token`) or the admin token. GET /whoami says who that is and what
+// the role allows (SPEC section 9); only the actions allowed are offered (the server
+// refuses the others anyway). A server without /whoami (404, before roles) is the
+// admin-token view of old: everything offered.
 "use strict";
 
 const API = "/api/v1";
@@ -9,6 +13,7 @@ const $ = (id) => document.getElementById(id);
 
 const ui = {
   token: "",
+  me: null, // GET /whoami's answer for ui.token (null: not asked yet)
   after: 0, // the `after=` of the jobs page shown
   next: null, // the `next` the server gave for that page
   selected: null, // job id shown in the detail panel
@@ -98,9 +103,51 @@ async function call(method, path, body) {
 }
 
 function explain(err) {
-  if (err.status === 401) return `Bad token: ${err.message}. Enter the admin token again.`;
+  if (err.status === 401) return `Bad token: ${err.message}. Log in with a valid token again.`;
   if (err.status === 0) return err.message;
   return `${err.code}: ${err.message}`;
+}
+
+// ---- who is logged in, and what the role allows --------------------------------------
+
+const ALL = { read: true, submit: true, control_all: true, admin: true };
+
+async function whoami() {
+  try {
+    const me = await call("GET", "/whoami");
+    return { ...me, may: { ...ALL, ...(me.may || {}) } };
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    // a server before roles: one admin token, everything allowed, as this UI always did
+    return { user: null, role: "admin", via: "admin_token", groups: [], may: ALL, legacy: true };
+  }
+}
+
+function may(what) {
+  return !!(ui.me && ui.me.may && ui.me.may[what]);
+}
+
+// Stop, rerun and forget: an operator or admin on any job, a user on its own only.
+function mayControl(job) {
+  if (may("control_all")) return true;
+  return may("submit") && !!ui.me.user && job.user === ui.me.user;
+}
+
+function renderMe() {
+  const me = ui.me;
+  const who = $("who");
+  who.hidden = !me;
+  if (!me) return;
+  const how = { munge: "MUNGE", token: "personal token", admin_token: "admin token" }[me.via]
+    || me.via;
+  who.replaceChildren(
+    el("span", { id: "who-user" }, me.user || "admin token"),
+    el("span", { id: "who-role", class: `role role-${me.role}` }, me.role),
+    el("span", { class: "muted", title: (me.groups || []).join(" ") }, `via ${how}`),
+  );
+  $("submit-card").hidden = !may("submit");
+  $("admin").hidden = !may("control_all");
+  $("a-stop").hidden = !may("admin");
 }
 
 // ---- rendering ----------------------------------------------------------------------
@@ -196,6 +243,12 @@ function renderDetail(j) {
       el("td", {}, a.outcome || ""), el("td", {}, a.exit_code ?? "")));
   if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "none yet")));
   $("d-attempts").tBodies[0].replaceChildren(...rows);
+  const mine = mayControl(j);
+  $("d-actions").hidden = !mine;
+  $("d-notyours").hidden = mine || !ui.me;
+  $("d-notyours").textContent = !may("submit")
+    ? `role ${ui.me && ui.me.role}: read only`
+    : `job of ${j.user}: only an operator or admin may control it`;
   const live = j.state === "queued" || j.state === "running";
   $("d-stop").disabled = !live;
   $("d-rerun").disabled = live;
@@ -235,6 +288,10 @@ async function refresh() {
   }
   ui.busy = true;
   try {
+    if (!ui.me) {
+      ui.me = await whoami(); // answers during recovery too
+      renderMe();
+    }
     const info = await call("GET", "/server"); // answers during recovery too
     if ($("msg").classList.contains("stale")) showMsg("");
     renderServer(info);
@@ -268,7 +325,11 @@ function handle(err) {
   }
   showMsg(explain(err));
   if (err.status === 0) $("msg").classList.add("stale"); // cleared once the server answers
-  if (err.status === 401) showLoggedIn(false);
+  if (err.status === 401) {
+    ui.me = null;
+    renderMe();
+    showLoggedIn(false);
+  }
 }
 
 async function loadDetail() {
@@ -327,6 +388,27 @@ async function act(verb) {
   refresh();
 }
 
+async function sanity() {
+  try {
+    const out = await call("POST", "/server/sanity?fix=0");
+    const found = (out.findings || []).length;
+    showMsg(out.ok ? "sanity check: ok" : `sanity check: ${found} finding(s)`,
+      out.ok ? "info" : "error");
+  } catch (err) {
+    handle(err);
+  }
+}
+
+async function stopServer() {
+  if (!window.confirm("Stop the server? Clients are refused until it is started again.")) return;
+  try {
+    await call("POST", "/server/stop", { freeze: false });
+    showMsg("server stopping", "info");
+  } catch (err) {
+    handle(err);
+  }
+}
+
 async function submitJob(ev) {
   ev.preventDefault();
   const spec = { command: $("s-command").value, cwd: $("s-cwd").value || "/tmp" };
@@ -346,11 +428,13 @@ async function submitJob(ev) {
 function showLoggedIn(yes) {
   $("login").hidden = yes;
   $("app").hidden = !yes;
+  $("logout").hidden = !yes;
   if (!yes) $("token").focus();
 }
 
 function useToken(token) {
   ui.token = token.trim();
+  ui.me = null;
   localStorage.setItem("crq.token", ui.token);
   showMsg("");
   refresh();
@@ -370,8 +454,14 @@ function init() {
   $("logout").addEventListener("click", () => {
     localStorage.removeItem("crq.token");
     ui.token = "";
+    ui.me = null;
+    renderMe();
+    closeDetail();
+    showMsg("");
     showLoggedIn(false);
   });
+  $("a-sanity").addEventListener("click", sanity);
+  $("a-stop").addEventListener("click", stopServer);
   $("auto").addEventListener("change", restartTimer);
   $("filter").addEventListener("change", () => setFilter($("filter").value));
   $("prev").addEventListener("click", () => {

@@ -1,5 +1,9 @@
 """The browser UI in a real browser (Debian's chromium driven by playwright) on a real server.
 
+The role tests (a personal token of a ``user``, of a ``readonly``) need the server side of
+issue 13 (POST /api/v1/tokens, GET /api/v1/whoami) and are skipped by a server without it;
+with the admin token the UI is the admin's, whoami or not (an older server answers 404).
+
 Needs `apt-get install chromium` and `pip install playwright` (no `playwright install`: the
 system chromium is used); skipped when either is missing.
 """
@@ -73,6 +77,15 @@ def submit(srv: CrqServer, user: str = "alice", **spec: Any) -> int:
     return int(r.json()["ids"][0])
 
 
+def personal_token(srv: CrqServer, user: str, role: str | None = None) -> str:
+    """A personal token issued by the admin (SPEC section 9); skips on a server without."""
+    r = srv.api("POST", "/tokens", json={"user": user, "role": role, "expires": 3600, "note": "ui"})
+    if r.status_code == 404:
+        pytest.skip("this server has no personal tokens yet (the server side of issue 13)")
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
 def row(page: Page, job: int) -> Any:
     return page.locator(f"#jobs tbody tr[data-id='{job}']")
 
@@ -84,6 +97,10 @@ def test_jobs_detail_stop_rerun_forget(page: Page, server: CrqServer) -> None:
 
     expect(page.locator("#queue")).to_have_text("uitest")
     expect(page.locator("#mode")).to_have_text("normal")
+    expect(page.locator("#who-role")).to_have_text("admin")  # the admin token: everything
+    expect(page.locator("#who")).to_contain_text("admin token")
+    expect(page.locator("#admin")).to_be_visible()
+    expect(page.locator("#a-stop")).to_be_visible()
     expect(page.locator("#jobs tbody tr")).to_have_count(2)
     expect(row(page, a)).to_contain_text("first")
     expect(row(page, a).locator(".state")).to_have_text("queued")
@@ -94,6 +111,7 @@ def test_jobs_detail_stop_rerun_forget(page: Page, server: CrqServer) -> None:
     row(page, b).click()
     detail = page.locator("#detail")
     expect(detail).to_be_visible()
+    expect(page.locator("#d-stop")).to_be_visible()  # bob's job: the admin controls it too
     expect(page.locator("#d-id")).to_have_text(str(b))
     expect(detail).to_contain_text('"echo" "two words"')
     expect(detail).to_contain_text("/tmp/crq.")
@@ -205,3 +223,84 @@ def test_crash_recovery_banner(page: Page, tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert srv.proc is not None and srv.proc.returncode == 0
+
+
+def test_user_sees_no_admin_controls_and_no_buttons_on_others_jobs(
+    page: Page, server: CrqServer
+) -> None:
+    mine = submit(server, user="alice", command="sleep 100", name="mine")
+    theirs = submit(server, user="bob", command="sleep 100", name="theirs")
+    token = personal_token(server, "alice")
+    page.goto(f"{server.url}/#token={token}")
+
+    expect(page.locator("#who-user")).to_have_text("alice")
+    expect(page.locator("#who-role")).to_have_text("user")
+    expect(page.locator("#who")).to_contain_text("personal token")
+    expect(page.locator("#jobs tbody tr")).to_have_count(2)  # a user sees every job
+    expect(page.locator("#admin")).to_be_hidden()
+    expect(page.locator("#a-sanity")).to_be_hidden()
+    expect(page.locator("#a-stop")).to_be_hidden()
+    expect(page.locator("#submit-card")).to_be_visible()
+
+    row(page, theirs).click()
+    expect(page.locator("#d-id")).to_have_text(str(theirs))
+    for button in ("#d-stop", "#d-rerun", "#d-forget"):
+        expect(page.locator(button)).to_be_hidden()
+    expect(page.locator("#d-notyours")).to_contain_text("job of bob")
+
+    row(page, mine).click()
+    expect(page.locator("#d-id")).to_have_text(str(mine))
+    expect(page.locator("#d-stop")).to_be_visible()
+    expect(page.locator("#d-notyours")).to_be_hidden()
+    page.click("#d-stop")
+    expect(page.locator("#d-state")).to_have_text("stopped")
+    assert server.api("GET", f"/jobs/{theirs}").json()["state"] == "queued"
+
+    page.fill("#s-command", "echo from alice")
+    page.click("#submit button")
+    expect(page.locator("#msg")).to_contain_text("submitted job 3")
+    assert server.api("GET", "/jobs/3").json()["user"] == "alice"  # the token's user, not a claim
+
+    page.click("#logout")
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#app")).to_be_hidden()
+    expect(page.locator("#who")).to_be_hidden()
+    page.reload()  # the token is forgotten
+    expect(page.locator("#login")).to_be_visible()
+
+
+def test_readonly_sees_no_submit_and_no_controls(page: Page, server: CrqServer) -> None:
+    job = submit(server, user="carol", command="sleep 100")
+    token = personal_token(server, "carol", role="readonly")
+    page.goto(f"{server.url}/#token={token}")
+
+    expect(page.locator("#who-role")).to_have_text("readonly")
+    expect(row(page, job)).to_contain_text("carol")
+    expect(page.locator("#submit-card")).to_be_hidden()
+    expect(page.locator("#admin")).to_be_hidden()
+    row(page, job).click()  # even its own job: readonly only looks
+    expect(page.locator("#d-id")).to_have_text(str(job))
+    expect(page.locator("#d-actions")).to_be_hidden()
+    expect(page.locator("#d-notyours")).to_contain_text("read only")
+
+
+def test_operator_controls_every_job_but_not_the_server(page: Page, server: CrqServer) -> None:
+    job = submit(server, user="bob", command="sleep 100")
+    token = personal_token(server, "dave", role="operator")
+    page.goto(f"{server.url}/#token={token}")
+
+    expect(page.locator("#who-role")).to_have_text("operator")
+    expect(page.locator("#admin")).to_be_visible()
+    expect(page.locator("#a-sanity")).to_be_visible()
+    expect(page.locator("#a-stop")).to_be_hidden()
+    row(page, job).click()
+    expect(page.locator("#d-stop")).to_be_visible()
+    page.click("#a-sanity")
+    expect(page.locator("#msg")).to_contain_text("sanity check")
+
+
+def test_admin_runs_a_sanity_check(page: Page, server: CrqServer) -> None:
+    page.goto(f"{server.url}/#token={server.admin_token}")
+    expect(page.locator("#admin")).to_be_visible()
+    page.click("#a-sanity")
+    expect(page.locator("#msg")).to_contain_text("sanity check: ok")
