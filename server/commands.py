@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crq.server import events as event
-from crq.server.events import EpochEvent, Event, spec_bytes
+from crq.server import identity
+from crq.server.events import EpochEvent, Event, Rerun, Stop, TokenIssue, TokenRevoke, spec_bytes
 from crq.server.models import (
     MAX_BATCH,
     AttemptRef,
@@ -280,27 +281,73 @@ def _default_name(command: list[str] | str) -> str:
     return os.path.basename(word)[:256]
 
 
-def stop(state: State, job_id: int, now: float) -> list[Event]:
+def stop(state: State, job_id: int, now: float, by: str | None = None) -> list[Event]:
     job = _job(state, job_id)
     if job.state in FINAL_STATES:
         raise BadRequest(409, "conflict", f"job {job_id} is already {job.state}")
     if job.stop_requested:
         return []
-    return [{"e": "stop", "t": now, "job": job_id}]
+    ev: Stop = {"e": "stop", "t": now, "job": job_id}
+    if by is not None:
+        ev["by"] = by
+    return [ev]
 
 
-def rerun(state: State, job_id: int, now: float) -> list[Event]:
+def rerun(state: State, job_id: int, now: float, by: str | None = None) -> list[Event]:
     job = _job(state, job_id)
     if job.state not in FINAL_STATES:
         raise BadRequest(409, "conflict", f"job {job_id} is {job.state}; only ended jobs rerun")
-    return [{"e": "rerun", "t": now, "job": job_id}]
+    ev: Rerun = {"e": "rerun", "t": now, "job": job_id}
+    if by is not None:
+        ev["by"] = by
+    return [ev]
 
 
-def forget(state: State, job_id: int, now: float) -> list[Event]:
+def forget(state: State, job_id: int, now: float, by: str | None = None) -> list[Event]:
     job = _job(state, job_id)
     if job.state == RUNNING:
         raise BadRequest(409, "conflict", f"job {job_id} is running; stop it first")
-    return [event.forget([job_id], now)]
+    ev = event.forget([job_id], now)
+    if by is not None:
+        ev["by"] = by
+    return [ev]
+
+
+# -- personal tokens (SPEC 9; server/identity.py) -----------------------------------------
+
+
+def issue_token(
+    state: State,
+    user: str,
+    role: str | None,
+    expires: float | None,
+    note: str,
+    by: str,
+    now: float,
+) -> tuple[list[Event], str]:
+    """The event of a new token, and its text (shown once; the event keeps its hash)."""
+    token_id, text = identity.new_token()
+    while token_id in state.tokens:
+        token_id, text = identity.new_token()
+    ev: TokenIssue = {
+        "e": "token_issue",
+        "t": now,
+        "id": token_id,
+        "user": user,
+        "role": role,
+        "hash": identity.token_hash(text.encode()),
+        "expires": expires,
+        "by": by,
+        "note": note,
+    }
+    return [ev], text
+
+
+def revoke_token(state: State, token_id: str, by: str, now: float) -> list[Event]:
+    if token_id not in state.tokens:
+        raise BadRequest(404, "not_found", f"no token {token_id}")
+    ev: TokenRevoke = {"e": "token_revoke", "t": now, "id": token_id, "by": by}
+    return [ev]
 
 
 @dataclass

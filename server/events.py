@@ -117,6 +117,7 @@ class Stop(TypedDict):
     e: Literal["stop"]
     t: float
     job: int
+    by: NotRequired[str]  # who asked (absent: an older journal, or the server itself)
 
 
 class Rerun(TypedDict):
@@ -125,6 +126,7 @@ class Rerun(TypedDict):
     e: Literal["rerun"]
     t: float
     job: int
+    by: NotRequired[str]  # who asked (absent: an older journal, or the server itself)
 
 
 class Forget(TypedDict):
@@ -133,6 +135,7 @@ class Forget(TypedDict):
     e: Literal["forget"]
     t: float
     jobs: list[int]
+    by: NotRequired[str]  # who asked (absent: autoforget, or an older journal)
 
 
 class TaskerJoin(TypedDict):
@@ -167,6 +170,29 @@ class Resources(TypedDict):
     totals: dict[str, int]
 
 
+class TokenIssue(TypedDict):
+    """A personal token is issued: only its hash is kept (server/identity.py)."""
+
+    e: Literal["token_issue"]
+    t: float
+    id: str
+    user: str
+    role: str | None  # None: the user's role by config.toml at each use
+    hash: str
+    expires: float | None
+    by: str
+    note: str
+
+
+class TokenRevoke(TypedDict):
+    """A personal token stops opening anything."""
+
+    e: Literal["token_revoke"]
+    t: float
+    id: str
+    by: str
+
+
 class EpochEvent(TypedDict):
     """A leader takes over (server/fence.py): the first record of its epoch."""
 
@@ -194,6 +220,8 @@ Event = (
     | Resources
     | EpochEvent
     | KeysExpire
+    | TokenIssue
+    | TokenRevoke
 )
 
 

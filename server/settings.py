@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from crq.server.identity import check_roles
+
 from crq.wire import DEFAULT_QUEUE, Swd, default_port
 
 
@@ -31,6 +33,11 @@ class Settings:
     election: str = "file"  # or etcd://host:port[,host:port…]
     election_ttl: float = 5.0  # etcd lease: a lost leader is replaced after this
     resources: dict[str, int] = field(default_factory=dict)  # global totals, config.toml only
+    # identity and roles (SPEC 9), config.toml only except munge_socket
+    roles: dict[str, str] = field(default_factory=dict)  # user or @group -> role
+    tasker_users: list[str] = field(default_factory=list)  # MUNGE users that may be taskers
+    allow_root_jobs: bool = False
+    munge_socket: str = ""  # "" = CRQ_MUNGE_SOCKET, else munged's default
 
     @property
     def paths(self) -> Swd:
@@ -50,6 +57,7 @@ TUNABLES = {
     "election": str,
     "election_ttl": float,
     "idempotency_window": float,
+    "munge_socket": str,
 }
 
 
@@ -94,7 +102,9 @@ def load(argv: list[str] | None = None) -> Settings:
             cfg = tomllib.loads(cfg_path.read_text())
         except (tomllib.TOMLDecodeError, OSError) as e:
             raise SettingsError(f"{cfg_path}: {e}") from None
-        known = {f.name for f in fields(Settings)} - {"queue", "swd", "resources", "standby"}
+        known = {f.name for f in fields(Settings)} - {
+            "queue", "swd", "resources", "standby", "roles", "tasker_users"
+        }  # fmt: skip
         for key, value in cfg.items():
             if key == "resources":
                 if not isinstance(value, dict) or not all(
@@ -102,6 +112,15 @@ def load(argv: list[str] | None = None) -> Settings:
                 ):
                     raise SettingsError(f"{cfg_path}: [resources] maps names to whole numbers")
                 s.resources = dict(value)
+            elif key == "roles":
+                try:
+                    s.roles = check_roles(value)
+                except ValueError as e:
+                    raise SettingsError(f"{cfg_path}: {e}") from None
+            elif key == "tasker_users":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise SettingsError(f"{cfg_path}: tasker_users is a list of user names")
+                s.tasker_users = list(value)
             elif key in known:
                 setattr(s, key, _coerce(cfg_path, key, value))
             else:
@@ -128,7 +147,9 @@ def load(argv: list[str] | None = None) -> Settings:
 
 
 def _coerce(path: Path, key: str, value: object) -> object:
-    kind = {"host": str, "port": int, "accept_loss": bool, **TUNABLES}[key]
+    kind = {
+        "host": str, "port": int, "accept_loss": bool, "allow_root_jobs": bool, **TUNABLES
+    }[key]  # fmt: skip
     if kind is float and isinstance(value, int):
         value = float(value)
     if not isinstance(value, kind):

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import orjson
 from crq.server.events import NL, TaskerJoin
 from crq.server.journal import HEADER, MAX_RECORD, RecordReader, frame
-from crq.server.state import Attempt, Job, State, Tasker, env_digest
+from crq.server.state import Attempt, Job, State, Tasker, Token, env_digest
 
 from crq.durable import fsync_dir
 from crq.wire import QUEUED, RUNNING
@@ -32,10 +32,13 @@ from crq.wire import QUEUED, RUNNING
 # A snapshot is rewritten at every checkpoint, so its layout may change: bump VERSION, keep
 # reading the previous versions (a snapshot left by the older server), and say here what
 # each version is.
+# 4: as 3, plus records {"tokens": [token, …]} (the personal tokens: id, user, role, hash,
+#    expires, created, by, note) and {"controls": [[job, t, action, by], …]} (who stopped or
+#    reran a job); 3 (still read, neither):
 # 3: as 2, plus records {"keys": [[user, key, first id, count, time, digest], …]} (the
 #    idempotency keys, oldest first, CHUNK a record); 2 (still read, no keys): jobs in chunks
 #    of CHUNK, specs raw; 1 (still read): a record a job.
-VERSION = 3
+VERSION = 4
 CHUNK = 1000
 PREFIX = "snapshot."
 KEEP = 2  # the newest and its predecessor, to fall back to
@@ -244,6 +247,15 @@ def _put_all(state: State, f: BinaryIO, header: dict[str, Any], chunk: int) -> N
     keys = [[user, key, *entry] for (user, key), entry in state.keys.items()]
     for at in range(0, len(keys), chunk):
         put({"keys": keys[at : at + chunk]})
+    tokens = [
+        [t.id, t.user, t.role, t.hash, t.expires, t.created, t.by, t.note]
+        for t in state.tokens.values()
+    ]
+    for at in range(0, len(tokens), chunk):
+        put({"tokens": tokens[at : at + chunk]})
+    controls = [[job, *c] for job, cs in state.controls.items() for c in cs]
+    for at in range(0, len(controls), chunk):
+        put({"controls": controls[at : at + chunk]})
     put({"end": n + 1})
 
 
@@ -264,7 +276,7 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
             rec = orjson.loads(payload)
             if not isinstance(rec, dict) or rec.get("kind") != "crq-snapshot":
                 raise SnapshotError(f"{path}: not a crq snapshot")
-            if rec["version"] not in (1, 2, VERSION):
+            if rec["version"] not in (1, 2, 3, VERSION):
                 raise SnapshotError(f"{path}: snapshot version {rec['version']} unsupported")
             header = rec
             continue
@@ -285,6 +297,12 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
         elif "keys" in rec:
             for user, key, first, count, t, kd in rec["keys"]:
                 state.remember_key(user, key, (first, count, t, kd))
+        elif "tokens" in rec:
+            for row in rec["tokens"]:
+                state.add_token(Token(*row))
+        elif "controls" in rec:
+            for job_id, t, action, by in rec["controls"]:
+                state.controls.setdefault(job_id, []).append((t, action, by))
         elif "end" in rec:
             if rec["end"] != seq:
                 raise SnapshotError(f"{path}: end record says {rec['end']} records, found {seq}")

@@ -12,6 +12,7 @@ import hashlib
 import heapq
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
 import orjson
@@ -32,6 +33,8 @@ from crq.server.events import (
     Submit,
     TaskerJoin,
     TaskerLost,
+    TokenIssue,
+    TokenRevoke,
 )
 from crq.server.offers import TASKER_READY as TASKER_READY  # re-exported: state names it
 from crq.server.offers import Offers, build
@@ -47,6 +50,33 @@ T = TypeVar("T")
 #: An idempotency key's entry: (first id, job count, time of the submit, body digest); its
 #: ids are first .. first + count - 1 (a submit's ids are contiguous).
 KeyEntry = tuple[int, int, float, str]
+# a control action on a job: time, action, who (kept only for jobs that had one)
+Control = tuple[float, str, str]
+
+
+@dataclass(slots=True)
+class Token:
+    """A personal token as the server keeps it: never its text, only the hash of it."""
+
+    id: str
+    user: str
+    role: str | None
+    hash: str
+    expires: float | None
+    created: float
+    by: str
+    note: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user": self.user,
+            "role": self.role,
+            "created": self.created,
+            "expires": self.expires,
+            "by": self.by,
+            "note": self.note,
+        }
 
 
 def env_digest(env: dict[str, str]) -> str:
@@ -274,6 +304,9 @@ class State:
         self.offers = Offers()  # derived indexes of the scheduler (server/offers.py)
         # (user, Idempotency-Key) of the submits within the window, oldest first
         self.keys: dict[tuple[str, str], KeyEntry] = {}
+        self.tokens: dict[str, Token] = {}  # personal tokens by id
+        self.token_by_hash: dict[str, Token] = {}
+        self.controls: dict[int, list[Control]] = {}  # job id → who stopped, reran it…
         self.on_final: Callable[[Job], None] | None = None
         # a kind's handler; typed Any here, each handler takes its kind's TypedDict
         self._apply: dict[str, Callable[[Any], None]] = {
@@ -292,6 +325,8 @@ class State:
             "resources": self._resources,
             "epoch": self._epoch,
             "keys_expire": self._keys_expire,
+            "token_issue": self._token_issue,
+            "token_revoke": self._token_revoke,
         }
 
     # -- the one writer -------------------------------------------------------------------
@@ -522,8 +557,13 @@ class State:
             self.enqueue(job)
         self._set_state(job, state)
 
+    def _control(self, job_id: int, t: float, action: str, by: str | None) -> None:
+        if by is not None:
+            self.controls.setdefault(job_id, []).append((t, action, sys.intern(by)))
+
     def _stop(self, ev: Stop) -> None:
         job = self.jobs[ev["job"]]
+        self._control(job.id, ev["t"], "stop", ev.get("by"))
         if job.state == QUEUED:
             self._dequeue(job)
             job.ended = ev["t"]
@@ -534,6 +574,7 @@ class State:
 
     def _rerun(self, ev: Rerun) -> None:
         job = self.jobs[ev["job"]]
+        self._control(job.id, ev["t"], "rerun", ev.get("by"))
         job.tries = 0
         job.stop_requested = False
         job.tasker = job.pid = job.started = job.ended = None
@@ -544,6 +585,7 @@ class State:
     def _forget(self, ev: Forget) -> None:
         for job_id in ev["jobs"]:
             job = self.jobs.pop(job_id, None)
+            self.controls.pop(job_id, None)
             if job is None:
                 continue
             self.counts[job.state] -= 1
@@ -614,3 +656,19 @@ class State:
             gone.append(k)
         for k in gone:
             del keys[k]
+
+    def _token_issue(self, ev: TokenIssue) -> None:
+        token = Token(
+            ev["id"], ev["user"], ev["role"], ev["hash"], ev["expires"], ev["t"], ev["by"],
+            ev["note"],
+        )  # fmt: skip
+        self.add_token(token)
+
+    def add_token(self, token: Token) -> None:
+        self.tokens[token.id] = token
+        self.token_by_hash[token.hash] = token
+
+    def _token_revoke(self, ev: TokenRevoke) -> None:
+        token = self.tokens.pop(ev["id"], None)
+        if token is not None:
+            self.token_by_hash.pop(token.hash, None)
