@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar
 
 import orjson
 from pydantic import (
@@ -106,6 +106,7 @@ class BadRequest(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.extra: dict[str, Any] = {}  # more fields of the answer (a 403's ``rule``)
 
 
 class JobSpec(BaseModel):
@@ -177,6 +178,17 @@ class StopServer(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     freeze: bool = False
+
+
+class TokenRequest(BaseModel):
+    """``POST /api/v1/tokens`` (the OpenAPI document's; server/http/tokens.py checks it)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    user: str | None = Field(default=None, min_length=1, max_length=64)
+    role: Literal["admin", "operator", "user", "readonly"] | None = None
+    expires: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+    note: str | None = Field(default=None, max_length=200)
 
 
 class Failover(BaseModel):

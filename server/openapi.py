@@ -144,6 +144,39 @@ ANSWERS: dict[str, Schema] = {
         standbys={"type": "array", "items": STR},
     ),
     "Stopping": _obj(["stopping", "freeze"], stopping=BOOL, freeze=BOOL),
+    "Whoami": _obj(
+        ["user", "role", "via", "groups", "may"],
+        user=STR,
+        role={"type": "string", "enum": ["admin", "operator", "user", "readonly", "tasker"]},
+        via={"type": "string", "enum": ["munge", "token", "admin_token", "tasker_token"]},
+        groups={"type": "array", "items": STR},
+        may={"type": "object", "additionalProperties": BOOL},
+    ),
+    "Issued": _obj(
+        ["id", "token", "user", "role", "expires"],
+        id=STR,
+        token={**STR, "description": "shown this once only; the server keeps its hash"},
+        user=STR,
+        role=STR,
+        expires=_nullable("number"),
+    ),
+    "Tokens": _obj(
+        ["tokens"],
+        tokens={
+            "type": "array",
+            "items": _obj(
+                ["id", "user", "role", "created", "expires", "by", "note"],
+                id=STR,
+                user=STR,
+                role=_nullable("string"),
+                created=NUM,
+                expires=_nullable("number"),
+                by=STR,
+                note=STR,
+            ),
+        },
+    ),
+    "Revoked": _obj(["id", "revoked"], id=STR, revoked=BOOL),
     "HandingOver": _obj(
         ["handing_over", "to", "standbys"],
         handing_over=BOOL,
@@ -195,7 +228,9 @@ ANSWERS: dict[str, Schema] = {
 _WHY = {
     400: "malformed JSON, a query value outside its set, or a malformed Idempotency-Key",
     401: "no token, or a wrong one (WWW-Authenticate: Bearer)",
-    403: "the tasker token on a client route",
+    403: "the tasker token on a client route, or the caller's role does not allow it: "
+    "`rule` names the rule (own-jobs, readonly, operator-only, admin-only, root-jobs, "
+    "own-tokens)",
     404: "no such job, tasker or file",
     409: "the job's state does not allow it; the tasker name is held by another session "
     "(Retry-After), or the tasker must register first",
@@ -295,6 +330,28 @@ OPS: dict[tuple[str, str], Op] = {
         (401, 409) + BODY,
         True,
     ),
+    ("get", "/api/v1/whoami"): (
+        "Who the server takes the caller for: user, role, how identified (any mode)",
+        200,
+        "Whoami",
+        (401, 403),
+        True,
+    ),
+    ("post", "/api/v1/tokens"): (
+        "Issue a personal token (for oneself; an admin for anyone)",
+        201,
+        "Issued",
+        CLIENT + BODY,
+        True,
+    ),
+    ("get", "/api/v1/tokens"): ("Personal tokens (an admin: all)", 200, "Tokens", CLIENT, True),
+    ("delete", "/api/v1/tokens/{token_id}"): (
+        "Revoke a personal token",
+        200,
+        "Revoked",
+        CLIENT + (404,),
+        True,
+    ),
     ("get", "/healthz"): ("Alive", 200, "Ok", (), False),
     ("get", "/readyz"): ("Ready (503 while recovering)", 200, "Ok", (503,), False),
     ("get", "/metrics"): ("Prometheus metrics", 200, "", (), False),
@@ -308,6 +365,7 @@ BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
     ("post", "/api/v1/taskers/{name}/sync"): (("Sync",), True),
     ("post", "/api/v1/server/stop"): (("StopServer",), False),
     ("post", "/api/v1/server/failover"): (("Failover",), False),
+    ("post", "/api/v1/tokens"): (("TokenRequest",), False),
 }
 MEDIA = {
     "/metrics": "text/plain",

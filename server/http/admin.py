@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from crq.server import cleanup, commands
+from crq.server import cleanup, commands, identity
 from crq.server.events import Event
 from crq.server.http import auth
 from crq.server.http.hot import Call, Handlers
@@ -30,7 +30,7 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.post(API + "/server/stop")
     async def server_stop(request: Request) -> Response:
-        auth.admin(srv, request)
+        await auth.admin(srv, request, "stop the server")
         body = await request.body()
         freeze = validate(StopServer, parse_json(body) if body else {}).freeze
         srv.request_stop(freeze)
@@ -39,7 +39,7 @@ def routes(srv: Service) -> list[BaseRoute]:
     @router.post(API + "/server/failover")
     async def server_failover(request: Request) -> Response:
         """Hand leadership over on purpose (``ncmgr failover``, as ``scontrol takeover``)."""
-        auth.admin(srv, request)
+        await auth.admin(srv, request, "hand the queue over")
         body = await request.body()
         to = validate(Failover, parse_json(body) if body else {}).to
         live = srv.standbys()
@@ -52,7 +52,7 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.post(API + "/server/sanity")
     async def sanity(request: Request, fix: int = 0) -> Response:
-        auth.admin(srv, request)
+        await _operator(request, "run the sanity check")
         result = srv.sanity(bool(fix))
         await engine.durable()
         return JSON(result)
@@ -61,14 +61,23 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.get(API + "/cleanup")
     async def cleanup_list(request: Request) -> Response:
-        auth.admin(srv, request)
+        await _operator(request, "list incomplete jobs")
         contact = {n: link.last_contact for n, link in engine.links.items()}
         out = cleanup.incomplete(srv.state, contact, time.time(), srv.settings.heartbeat)
         await engine.durable()
         return JSON({"incomplete": out})
 
+    async def _operator(request: Request, what: str) -> None:
+        """An operator or admin, in any mode (cleanup and sanity serve recovery too)."""
+        who = await auth.identify(srv, request)
+        if who.role == auth.TASKER:
+            raise BadRequest(
+                401, "unauthorized", "bad token: this needs the admin token or an operator"
+            )
+        identity.require(who, identity.OPERATOR, what)
+
     async def _cleanup(request: Request, make: Callable[[], list[Event]]) -> Response:
-        auth.admin(srv, request)
+        await _operator(request, "recover jobs by hand (cleanup)")
         events = make()
         engine.emit(events)
         done = cleanup.summary(srv.state, events)  # before the next dispatch pass runs

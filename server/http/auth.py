@@ -1,17 +1,44 @@
-"""Who may call what: the admin token (clients, as a user), the tasker token, sessions."""
+"""Who is calling (SPEC section 9), and the tasker sessions.
+
+In order: a MUNGE credential (``Authorization: Munge <cred>``: uid and gid as munged vouches
+for them), a personal token (``Bearer crq_…``: kept hashed), the swd's admin token (the queue
+owner's, admin; ``X-Crq-User`` names the user it acts for: that user owns what it submits,
+and only the admin token may name one), the tasker token
+(tasker routes only). A MUNGE decode is a round trip to munged (~0.14 ms), so it runs in a
+thread while the event loop goes on; a token costs one sha256 and a dict lookup.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import pwd
+import time
 from collections.abc import Mapping
 from typing import Protocol
 
 from crq.server import commands
+from crq.server.identity import (
+    ADMIN,
+    OPERATOR,
+    READONLY,
+    TOKEN_PREFIX,
+    USER,
+    Identity,
+    groups_of,
+    owner_name,
+    require,
+    role_of,
+    token_hash,
+)
 from crq.server.models import BadRequest
 from crq.server.service import Recovering, Service
 from crq.server.state import Tasker
 
+from crq import munge
 from crq.wire import MODE_RECOVERING, SESSION_HEADER, USER_HEADER, valid_tasker_name
+
+TASKER = "tasker"  # the role of the tasker token (tasker routes only)
 
 
 class Request(Protocol):
@@ -21,47 +48,122 @@ class Request(Protocol):
     def headers(self) -> Mapping[str, str]: ...
 
 
+def _credentials(request: Request) -> tuple[str, str]:
+    """``Authorization``'s scheme (lower case) and credentials; the scheme is
+    case-insensitive (RFC 7235)."""
+    scheme, _, cred = request.headers.get("authorization", "").strip().partition(" ")
+    cred = cred.strip()
+    scheme = scheme.lower()
+    if scheme not in ("bearer", "munge") or not cred:
+        raise BadRequest(
+            401, "unauthorized", "missing credentials (Authorization: Bearer <token> or Munge …)"
+        )
+    return scheme, cred
+
+
 def token(request: Request) -> bytes:
-    """The credentials of ``Authorization: Bearer <token>``; the scheme is case-insensitive
-    (RFC 7235), so ``bearer`` and ``BEARER`` do too."""
-    scheme, _, tok = request.headers.get("authorization", "").strip().partition(" ")
-    tok = tok.strip()
-    if scheme.lower() != "bearer" or not tok:
+    """The credentials of ``Authorization: Bearer <token>``."""
+    scheme, cred = _credentials(request)
+    if scheme != "bearer":
         raise BadRequest(401, "unauthorized", "missing bearer token (Authorization: Bearer …)")
-    return tok.encode()
+    return cred.encode()
 
 
-def client(srv: Service, request: Request) -> str:
-    """Admits an admin-token holder outside crash recovery; returns the user."""
-    if not hmac.compare_digest(token(request), srv.admin_token):
-        if hmac.compare_digest(token(request), srv.tasker_token):
-            raise BadRequest(403, "forbidden", "the tasker token opens only tasker endpoints")
-        raise BadRequest(401, "unauthorized", "bad token")
+def _munge_identity(srv: Service, cred: str, taskers: bool) -> Identity:
+    """Runs in a worker thread: munged's answer, then the names of this host."""
+    s = srv.settings
+    try:
+        got = munge.decode(cred, socket=s.munge_socket or None)
+    except munge.MungeError as e:
+        raise BadRequest(401, "unauthorized", f"MUNGE credential refused: {e}") from None
+    try:
+        user = pwd.getpwuid(got.uid).pw_name
+    except KeyError:
+        raise BadRequest(
+            401, "unauthorized", f"MUNGE credential of uid {got.uid}, unknown on this host"
+        ) from None
+    groups = groups_of(user, got.gid)
+    if taskers and user in (s.tasker_users or ["root", owner_name()]):
+        return Identity(user, TASKER, "munge", got.uid, groups)
+    return Identity(user, role_of(s.roles, user, groups), "munge", got.uid, groups)
+
+
+def _token_identity(srv: Service, tok: bytes, acting_for: str | None) -> Identity | None:
+    """The identity of a bearer token, None for the tasker token."""
+    if hmac.compare_digest(tok, srv.admin_token):
+        # acting for a user (X-Crq-User: the CLI sends its unix user, a gateway its
+        # users'): jobs are that user's, the role stays the token's
+        return Identity(acting_for or owner_name(), ADMIN, "admin_token")
+    if hmac.compare_digest(tok, srv.tasker_token):
+        return None
+    if tok.startswith(TOKEN_PREFIX.encode()):
+        entry = srv.state.token_by_hash.get(token_hash(tok))
+        if entry is not None:
+            if entry.expires is not None and entry.expires <= time.time():
+                raise BadRequest(401, "unauthorized", f"token {entry.id} expired")
+            groups = groups_of(entry.user)
+            role = entry.role or role_of(srv.settings.roles, entry.user, groups)
+            return Identity(entry.user, role, "token", None, groups, entry.id)
+    raise BadRequest(401, "unauthorized", "bad token")
+
+
+async def identify(srv: Service, request: Request, taskers: bool = False) -> Identity:
+    """Who the request comes from, in any mode; the tasker token is ``role`` tasker."""
+    scheme, cred = _credentials(request)
+    if scheme == "munge":
+        return await asyncio.to_thread(_munge_identity, srv, cred, taskers)
+    acting_for = request.headers.get(USER_HEADER.lower()) or None
+    who = _token_identity(srv, cred.encode(), acting_for)
+    if who is None:
+        return Identity("tasker", TASKER, "tasker_token")
+    if acting_for and who.via != "admin_token":
+        raise BadRequest(403, "forbidden", f"{USER_HEADER} is honoured from the admin token only")
+    return who
+
+
+async def client(srv: Service, request: Request, role: str = READONLY, what: str = "") -> Identity:
+    """A client (not the tasker token) of at least ``role``, outside crash recovery."""
+    who = await identify(srv, request)
+    if who.role == TASKER:
+        raise BadRequest(403, "forbidden", "the tasker token opens only tasker endpoints")
     if srv.engine.mode == MODE_RECOVERING:
         raise Recovering(srv.progress() or {})
-    return request.headers.get(USER_HEADER.lower()) or "admin"
+    if role != READONLY:
+        require(who, role, what)
+    return who
 
 
-def admin(srv: Service, request: Request) -> None:
-    if not hmac.compare_digest(token(request), srv.admin_token):
-        raise BadRequest(401, "unauthorized", "bad token: this needs the admin token")
+async def submitter(srv: Service, request: Request) -> Identity:
+    return await client(srv, request, USER, "submit jobs")
 
 
-def tasker(srv: Service, request: Request) -> None:
-    tok = token(request)
-    if not (
-        hmac.compare_digest(tok, srv.tasker_token) or hmac.compare_digest(tok, srv.admin_token)
-    ):
-        raise BadRequest(401, "unauthorized", "bad tasker token")
+async def operator(srv: Service, request: Request, what: str) -> Identity:
+    return await client(srv, request, OPERATOR, what)
 
 
-def any_token(srv: Service, request: Request) -> None:
-    """The admin or the tasker token (the server status)."""
-    tok = token(request)
-    if not (
-        hmac.compare_digest(tok, srv.admin_token) or hmac.compare_digest(tok, srv.tasker_token)
-    ):
-        raise BadRequest(401, "unauthorized", "bad token")
+async def admin(srv: Service, request: Request, what: str = "do this") -> Identity:
+    """An admin, in any mode (a stop during recovery must work)."""
+    who = await identify(srv, request)
+    if who.role == TASKER:
+        raise BadRequest(401, "unauthorized", "bad token: this needs the admin token or an admin")
+    require(who, ADMIN, what)
+    return who
+
+
+async def tasker(srv: Service, request: Request) -> None:
+    """The tasker token, the admin token, or a MUNGE credential of a tasker user."""
+    who = await identify(srv, request, taskers=True)
+    if who.role not in (TASKER, ADMIN) or (who.role == ADMIN and who.via != "admin_token"):
+        raise BadRequest(
+            403,
+            "forbidden",
+            f"{who.user} is not a tasker here (the tasker token, or MUNGE of tasker_users)",
+        )
+
+
+async def any_token(srv: Service, request: Request) -> Identity:
+    """Anyone known, the tasker token too (the server status)."""
+    return await identify(srv, request)
 
 
 def check_name(name: str) -> None:
@@ -95,3 +197,6 @@ def sync_session(request: Request, tasker: Tasker) -> str:
             "register first",
         )
     return session
+
+
+__all__ = ["USER", "Identity", "admin", "client", "identify", "operator", "submitter", "tasker"]

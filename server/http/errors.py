@@ -17,7 +17,7 @@ Headers = dict[str, str]
 
 def bad_request(e: BadRequest) -> tuple[int, bytes, Headers]:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
-    return e.status, error_body(e.code, e.message), headers
+    return e.status, error_body(e.code, e.message, **e.extra), headers
 
 
 def recovering(e: Recovering) -> tuple[int, bytes, Headers]:

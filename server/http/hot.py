@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from crq.server import commands
+from crq.server import commands, identity
 from crq.server.asgi import (
     CLOSE,
     ASGIApp,
@@ -43,6 +43,7 @@ from crq.server.asgi import (
 )
 from crq.server.http import auth, errors
 from crq.server.http.views import API, dispatch_json, job_json
+from crq.server.identity import Identity
 from crq.server.models import MAX_BODY, BadRequest, Register, Sync, parse_json, validate
 from crq.server.service import Service
 from crq.server.standby import loading_reply
@@ -85,7 +86,10 @@ class Handlers:
 
     async def submit(self, call: Call) -> Answer:
         srv, engine = self.srv, self.engine
-        user = auth.client(srv, call)
+        who = await auth.submitter(srv, call)
+        user = who.user
+        if user == "root" or (who.uid == 0):
+            _root_jobs(srv, who)
         if engine.shutting_down:
             raise BadRequest(503, "stopping", "the server is stopping")
         key = _idempotency_key(call.headers)
@@ -129,7 +133,7 @@ class Handlers:
         return ids
 
     async def get_job(self, call: Call) -> Answer:
-        auth.client(self.srv, call)
+        await auth.client(self.srv, call)
         job_id = int(call.params["job_id"])
         job = self.srv.state.jobs.get(job_id)
         if job is None:
@@ -139,7 +143,7 @@ class Handlers:
 
     async def server_info(self, call: Call) -> Answer:
         srv, engine = self.srv, self.engine
-        auth.any_token(srv, call)
+        await auth.any_token(srv, call)
         st = srv.state
         journal = engine.journal
         # On a full disk every reply waits for the journal; this one answers, so that
@@ -176,7 +180,7 @@ class Handlers:
     async def register(self, call: Call) -> Answer:
         srv, engine = self.srv, self.engine
         name = call.params["name"]
-        auth.tasker(srv, call)
+        await auth.tasker(srv, call)
         auth.check_name(name)
         secret = auth.session_secret(call)
         body = validate(Register, parse_json(await call.body()))
@@ -225,7 +229,7 @@ class Handlers:
     async def sync(self, call: Call) -> Answer:
         srv, engine = self.srv, self.engine
         name = call.params["name"]
-        auth.tasker(srv, call)
+        await auth.tasker(srv, call)
         body = validate(Sync, parse_json(await call.body()))
         st = srv.state
         tasker = st.taskers.get(name)
@@ -253,6 +257,21 @@ class Handlers:
             "queue_id": srv.queue_id,
         }
         return 200, answer, None
+
+
+def _root_jobs(srv: Service, who: Identity) -> None:
+    """Jobs of root run as root on every tasker host: refused unless config.toml allows
+    them, or the queue is root's own and this is its admin token (the embedded set-up)."""
+    if srv.settings.allow_root_jobs:
+        return
+    if who.via == "admin_token" and identity.owner_name() == "root":
+        return
+    raise identity.forbid(
+        who,
+        "submit jobs as root",
+        identity.ROOT_JOBS,
+        "jobs of root are refused (allow_root_jobs = true in config.toml allows them)",
+    )
 
 
 def _idempotency_key(headers: Mapping[str, str]) -> str | None:

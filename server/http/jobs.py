@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from crq.server import commands
+from crq.server import commands, identity
 from crq.server.events import Event
 from crq.server.http import auth
 from crq.server.http.adapt import endpoint
@@ -26,6 +26,7 @@ from crq.wire import (
 )
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
+Control = Callable[[State, int, float, str | None], list[Event]]
 
 
 def routes(srv: Service) -> list[BaseRoute]:
@@ -41,7 +42,7 @@ def routes(srv: Service) -> list[BaseRoute]:
         limit: int = 1000,
         after: int = 0,
     ) -> Response:
-        auth.client(srv, request)
+        await auth.client(srv, request)
         if state is not None and state not in JOB_STATES:
             raise BadRequest(400, "invalid", f"state: must be one of {', '.join(JOB_STATES)}")
         limit = max(1, min(limit, 10_000))
@@ -87,7 +88,7 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.get(API + "/jobs/{job_id}/wait")
     async def wait_job(request: Request, job_id: int, timeout: float = 30.0) -> Response:
-        auth.client(srv, request)
+        await auth.client(srv, request)
         job = _get_job(job_id)
         if job.state in (QUEUED, RUNNING):
             await engine.wait_final(job_id, max(0.0, min(timeout, 300.0)))
@@ -97,31 +98,35 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.get(API + "/queue")
     async def queue(request: Request) -> Response:
-        auth.client(srv, request)
+        await auth.client(srv, request)
         ids = list(srv.state.queue_order())
         await engine.durable()
         return JSON({"ids": ids})
 
-    async def _control(
-        request: Request, job_id: int, command: Callable[[State, int, float], list[Event]]
-    ) -> Response:
-        auth.client(srv, request)
-        engine.emit(command(srv.state, job_id, time.time()))
+    async def _may(request: Request, action: str, job_id: int) -> str:
+        """Who asks: a user for its own job, an operator or admin for any (403 else)."""
+        who = await auth.client(srv, request)
+        identity.control(who, action, job_id, _get_job(job_id).user)
+        return who.user
+
+    async def _control(request: Request, job_id: int, action: str, command: Control) -> Response:
+        by = await _may(request, action, job_id)
+        engine.emit(command(srv.state, job_id, time.time(), by))
         await engine.durable()
         return JSON(job_json(srv.state, _get_job(job_id)))
 
     @router.post(API + "/jobs/{job_id}/stop")
     async def stop_job(request: Request, job_id: int) -> Response:
-        return await _control(request, job_id, commands.stop)
+        return await _control(request, job_id, "stop", commands.stop)
 
     @router.post(API + "/jobs/{job_id}/rerun")
     async def rerun_job(request: Request, job_id: int) -> Response:
-        return await _control(request, job_id, commands.rerun)
+        return await _control(request, job_id, "rerun", commands.rerun)
 
     @router.delete(API + "/jobs/{job_id}")
     async def forget_job(request: Request, job_id: int) -> Response:
-        auth.client(srv, request)
-        engine.emit(commands.forget(srv.state, job_id, time.time()))
+        by = await _may(request, "forget", job_id)
+        engine.emit(commands.forget(srv.state, job_id, time.time(), by))
         await engine.durable()
         return JSON({"id": job_id, "forgotten": True})
 

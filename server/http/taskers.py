@@ -20,7 +20,7 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.get(API + "/taskers")
     async def taskers(request: Request) -> Response:
-        auth.client(srv, request)
+        await auth.client(srv, request)
         out = [tasker_json(srv, t.name) for t in srv.state.taskers.values()]
         await engine.durable()
         return JSON({"taskers": out})

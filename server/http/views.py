@@ -53,6 +53,9 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
     if full:
         out["env"] = state.env_of(job)
         out["attempts"] = [a.to_dict() for a in job.attempts or ()]
+        out["history"] = [
+            {"t": t, "action": action, "by": by} for t, action, by in state.controls.get(job.id, ())
+        ]
     return out
 
 
