@@ -84,6 +84,9 @@ def login() -> str:
         return os.environ.get("USER") or str(os.getuid())
 
 
+PERSONAL_TOKEN_PREFIX = "crq_"  # server/identity.py's TOKEN_PREFIX
+
+
 class Client:
     """One keep-alive connection to a crq server, following the leader of its queue.
 
@@ -124,11 +127,10 @@ class Client:
         #: Called with one line when a call rides out a recovery, an outage or a standby's
         #: answer (the CLI prints it).
         self.notify: Callable[[str], None] | None = None
-        headers = {
-            wire.USER_HEADER: self.user,
-            "Accept": "application/json",
-            "User-Agent": f"crq-client/{VERSION}",
-        }
+        headers = {"Accept": "application/json", "User-Agent": f"crq-client/{VERSION}"}
+        if self.token and not self.token.startswith(PERSONAL_TOKEN_PREFIX):
+            # the admin token acts for a user; MUNGE and personal tokens say who they are
+            headers[wire.USER_HEADER] = self.user
         if self.token:  # the same with every request; a MUNGE credential is made per request
             headers["Authorization"] = f"Bearer {self.token}"
         self._headers = headers

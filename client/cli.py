@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from crq.client.clitools import (
     ProgressLine,
     UsageError,
+    duration,
     fail,
     format_ids,
     parse_ids,
@@ -107,25 +108,6 @@ def _server_url(text: str) -> str:
 
 
 #: ``--expires`` units
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def _duration(text: str) -> float:
-    """argparse type: ``3600``, ``90s``, ``30m``, ``8h``, ``7d`` or ``2w``, above zero."""
-    t = text.strip().lower()
-    scale = UNITS.get(t[-1:], 0) if t else 0
-    number = t[:-1] if scale else t
-    try:
-        value = float(number) * (scale or 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (e.g. 3600, 30m, 8h, 7d)"
-        ) from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"a duration above zero, not {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crq",
@@ -222,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "token",
         help="get yourself a personal token (for the browser UI and scripts); printed once",
     )
-    p.add_argument("--expires", type=_duration, metavar="D", help="lifetime: 3600, 8h, 30d…")
+    p.add_argument("--expires", type=duration, metavar="D", help="lifetime: 3600, 8h, 30d…")
     p.add_argument("--note", metavar="N", help="a note shown by `ncmgr token list`")
     p.set_defaults(func=cmd_token)
     return parser

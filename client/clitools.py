@@ -14,6 +14,7 @@ from crq.client.errors import CrashRecovery, CrqError
 
 # The argument types live in crq.cliargs (the tasker shares them); kept importable from here.
 from crq.cliargs import as_typed as as_typed
+from crq.cliargs import duration as duration
 from crq.cliargs import positive_int as positive_int
 from crq.cliargs import positive_seconds as positive_seconds
 from crq.cliargs import seconds as seconds

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from crq.client.clitools import as_typed, fail, positive_int, run, say, seconds
+from crq.client.clitools import as_typed, duration, fail, positive_int, run, say, seconds
 from crq.client.errors import CrqError, Standby
 from crq.client.place import (
     DEFAULT_HOST,
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from crq.client.api import Client
 
 STOP_TIMEOUT = 60.0
+ROLES = ("admin", "operator", "user", "readonly")
 FAILOVER_TIMEOUT = 120.0
 TAKEOVER_WAIT = 10.0  # after a stop, for a standby seen taking over to say it leads
 POLL = 0.1
@@ -159,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--standalone", action="store_true", help="no server: work on the files")
     p.add_argument("--reset-lock", action="store_true", help="remove a stale recovery lock")
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("token", help="personal tokens (SPEC section 9): issue, list, revoke")
+    words = p.add_subparsers(dest="token_action", metavar="ACTION", required=True)
+    q = words.add_parser("issue", help="a token for USER, printed once (the server keeps a hash)")
+    _add_target(q)
+    q.add_argument("user", metavar="USER")
+    q.add_argument("--role", choices=ROLES, help="its role (default: USER's by config.toml)")
+    q.add_argument("--expires", type=duration, metavar="D", help="lifetime: 3600, 8h, 30d…")
+    q.add_argument("--note", metavar="N", help="shown by `ncmgr token list`")
+    q = words.add_parser("list", help="the tokens: id, user, role, expiry, who issued, note")
+    _add_target(q)
+    q.add_argument("--json", action="store_true", help="print the server's JSON")
+    q = words.add_parser("revoke", help="revoke token ID: it opens nothing from now on")
+    _add_target(q)
+    q.add_argument("token_id", metavar="ID")
+    p.set_defaults(func=cmd_token)
     return parser
 
 
@@ -632,6 +649,67 @@ def _server_cleanup(place: Place, *words: str) -> dict[str, Any] | None:
         fail(str(answer.get("error") or f"exit status {done.returncode}"))
         return None
     return answer
+
+
+# -- token --------------------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Personal tokens, as the admin (ncmgr shows the admin token first) or as oneself."""
+    place = Place(args)
+    with place.client() as client:
+        if args.token_action == "issue":
+            out = client.issue_token(args.user, args.role, args.expires, args.note)
+            print(out["token"])
+            expires = out.get("expires")
+            until = f"expires {_stamp(expires)}" if expires else "never expires"
+            print(  # stdout holds the token alone: TOKEN=$(ncmgr token issue …)
+                f"ncmgr: token {out['id']} for {out['user']} (role {out['role']}), {until}; "
+                "shown this once only",
+                file=sys.stderr,
+            )
+            return 0
+        if args.token_action == "revoke":
+            client.revoke_token(args.token_id)
+            say(f"token {args.token_id} revoked")
+            return 0
+        rows = client.tokens()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_tokens(rows)
+    return 0
+
+
+def _stamp(t: object) -> str:
+    if not isinstance(t, int | float):
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _print_tokens(rows: list[dict[str, Any]]) -> None:
+    from crq.client.table import format_table
+
+    if not rows:
+        print("no personal tokens")
+        return
+    print(
+        format_table(
+            ["ID", "USER", "ROLE", "EXPIRES", "ISSUED", "BY", "NOTE"],
+            [
+                [
+                    r["id"],
+                    r["user"],
+                    r.get("role") or "(by config)",
+                    _stamp(r.get("expires")) or "never",
+                    _stamp(r.get("created")),
+                    r.get("by") or "",
+                    r.get("note") or "",
+                ]
+                for r in rows
+            ],
+        )
+    )
 
 
 def _print_incomplete(rows: list[dict[str, Any]]) -> None:

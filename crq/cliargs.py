@@ -42,6 +42,25 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str) -> float:
+    """argparse type: ``3600``, ``90s``, ``30m``, ``8h``, ``7d`` or ``2w``, above zero."""
+    t = text.strip().lower()
+    scale = UNITS.get(t[-1:], 0) if t else 0
+    number = t[:-1] if scale else t
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (e.g. 3600, 30m, 8h, 7d)"
+        ) from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration above zero, not {text!r}")
+    return value
+
+
 def as_typed(check: Callable[[str], object]) -> Callable[[str], str]:
     """The same check, keeping the text as typed: for flags passed on to another program."""
 

@@ -16,7 +16,7 @@ import pwd
 import secrets
 from dataclasses import dataclass, field
 
-from crq.server.models import BadRequest
+from crq.server.refused import BadRequest
 
 ADMIN, OPERATOR, USER, READONLY = "admin", "operator", "user", "readonly"
 ROLES = (READONLY, USER, OPERATOR, ADMIN)  # each may what the ones before it may

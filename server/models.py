@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar
 
 import orjson
+from crq.server.refused import BadRequest as BadRequest
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -98,15 +99,6 @@ else:
     Priority = integer(PRIORITY_MIN, PRIORITY_MAX)
     Attempts = integer(1, 1000)
     Slots = integer(0, 100_000)
-
-
-class BadRequest(Exception):
-    """A refused request: HTTP status, error code, one readable line."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.extra: dict[str, Any] = {}  # more fields of the answer (a 403's ``rule``)
 
 
 class JobSpec(BaseModel):

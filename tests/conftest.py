@@ -29,6 +29,7 @@ from tests.core import Core, InProcess
 from tests.etcd import etcd_cluster  # noqa: F401 (a fixture, for every test module)
 from tests.munged import foreign_munged, munged  # noqa: F401 (fixtures, for every module)
 from tests.rigs import CrqServer, Tasker, kill_jobs
+from tests.users import unix_users  # noqa: F401 (a fixture, for every test module)
 
 MARK = "CRQ_TEST_RUN"
 RUN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -1,12 +1,13 @@
 """Real ``munged`` daemons for the identity tests, each with its own generated key.
 
 The Debian package ``munge`` (CI installs it) provides munged and mungekey; nothing of it is
-mocked. Each daemon gets a key, socket, pid, log and seed file under the test's tmp dir, so a
-packaged munged (on /run/munge) is never touched. ``munged`` is one daemon per test module (as
-a site runs one per host; the leftover check runs per module); ``foreign_munged`` is a second
-one with another key, whose credentials the first must refuse. Both are stopped with SIGKILL at
-teardown, also on failure. munged refuses to start as a user other than root without
-``--force``; the tests run as root in CI and are skipped elsewhere.
+mocked. Each daemon gets a key, socket, pid, log and seed file in its own directory under /tmp
+(removed at teardown; one every user may traverse, so that the tests' unix users reach the
+socket), and a packaged munged (on /run/munge) is never touched. ``munged`` is one daemon per
+test module (as a site runs one per host; the leftover check runs per module);
+``foreign_munged`` is a second one with another key, whose credentials the first must refuse.
+Both are stopped with SIGKILL at teardown, also on failure. munged refuses to start as a user
+other than root without ``--force``; the tests run as root in CI and are skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,20 +88,30 @@ def start_munged(root: Path) -> Munged:
     return daemon
 
 
-@pytest.fixture(scope="module")
-def munged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Munged]:
-    daemon = start_munged(tmp_path_factory.mktemp("munge") / "a")
+@contextmanager
+def _daemon() -> Iterator[Munged]:
+    """Under a directory every user may traverse (pytest's tmp is root's 0700): the tests'
+    unix users reach the socket with the ``munge`` command."""
+    where = Path(tempfile.mkdtemp(prefix="crq-munge-", dir="/tmp"))
     try:
-        yield daemon
+        os.chmod(where, 0o755)
+        daemon = start_munged(where / "d")
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
     finally:
-        daemon.stop()
+        shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def foreign_munged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Munged]:
+def munged() -> Iterator[Munged]:
+    with _daemon() as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def foreign_munged() -> Iterator[Munged]:
     """A munged with another key: another site, or an attacker's own daemon."""
-    daemon = start_munged(tmp_path_factory.mktemp("munge") / "b")
-    try:
+    with _daemon() as daemon:
         yield daemon
-    finally:
-        daemon.stop()

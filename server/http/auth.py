@@ -116,7 +116,7 @@ async def identify(srv: Service, request: Request, taskers: bool = False) -> Ide
     who = _token_identity(srv, cred.encode(), acting_for)
     if who is None:
         return Identity("tasker", TASKER, "tasker_token")
-    if acting_for and who.via != "admin_token":
+    if acting_for and acting_for != who.user and who.via != "admin_token":
         raise BadRequest(403, "forbidden", f"{USER_HEADER} is honoured from the admin token only")
     return who
 

@@ -271,6 +271,35 @@ def test_bad_token_is_one_line(q: Queue) -> None:
     assert out.stderr.count("\n") == 1 and "bad token" in out.stderr
 
 
+def test_personal_tokens_issue_list_revoke(q: Queue) -> None:
+    """ncmgr token issue prints the token once; crq works with it as that user and role;
+    list shows it without its secret; revoke closes it."""
+    out = q.ncmgr("token", "issue", "crqtdora", "--role", "readonly", "--expires", "1d",
+                  "--note", "ci bot")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert token.startswith("crq_") and "shown this once only" in out.stderr
+    token_id = token.split("_")[1]
+    env = dict(q.env, CRQ_TOKEN=token)
+    me = subprocess.run([sys.executable, "-m", "crq.client.cli", "whoami", "--json"], env=env,
+                        capture_output=True, text=True, timeout=CMD_TIMEOUT)  # fmt: skip
+    assert me.returncode == 0, me.stderr
+    assert json.loads(me.stdout)["user"] == "crqtdora"
+    sub = subprocess.run([sys.executable, "-m", "crq.client.cli", "submit", "--", "true"], env=env,
+                         capture_output=True, text=True, timeout=CMD_TIMEOUT)  # fmt: skip
+    assert sub.returncode == 1 and "readonly" in sub.stderr and sub.stderr.count("\n") == 1
+    listed = q.ncmgr("token", "list")
+    assert listed.returncode == 0 and token_id in listed.stdout and "ci bot" in listed.stdout
+    assert token not in listed.stdout
+    rows = json.loads(q.ncmgr("token", "list", "--json").stdout)
+    assert {"id": token_id, "user": "crqtdora", "role": "readonly"}.items() <= rows[-1].items()
+    assert q.ncmgr("token", "revoke", token_id).returncode == 0
+    me = subprocess.run([sys.executable, "-m", "crq.client.cli", "whoami"], env=env,
+                        capture_output=True, text=True, timeout=CMD_TIMEOUT)  # fmt: skip
+    assert me.returncode == 1 and "bad token" in me.stderr
+    assert q.ncmgr("token", "issue", "x", "--role", "king").returncode == 2
+
+
 def test_sanity_is_clean(q: Queue) -> None:
     out = q.run("vovproject", "sanity")
     assert out.returncode == 0, out.stderr
