@@ -121,6 +121,9 @@ def fingerprint(state: State) -> dict[str, Any]:
         "seq": state.seq,
         "keys": list(state.keys.items()),  # in order: expiry drops the oldest first
         "epoch": (state.epoch, state.leader),
+        "tokens": {i: (t.as_json(), t.hash) for i, t in sorted(state.tokens.items())},
+        "by_hash": sorted((h, t.id) for h, t in state.token_by_hash.items()),
+        "controls": {i: list(c) for i, c in sorted(state.controls.items()) if c},
     }
 
 

@@ -47,9 +47,16 @@ op = st.one_of(
     st.tuples(st.just("start"), st.integers(0, 50)),
     st.tuples(st.just("finish"), st.integers(0, 50), st.sampled_from([0, 1, None])),
     st.tuples(st.just("stale"), st.integers(0, 50)),
-    st.tuples(st.just("stop"), st.integers(0, 50)),
-    st.tuples(st.just("rerun"), st.integers(0, 50)),
-    st.tuples(st.just("forget"), st.integers(0, 50)),
+    st.tuples(st.just("stop"), st.integers(0, 50), st.sampled_from([None, "alice", "op"])),
+    st.tuples(st.just("rerun"), st.integers(0, 50), st.sampled_from([None, "alice", "op"])),
+    st.tuples(st.just("forget"), st.integers(0, 50), st.sampled_from([None, "alice"])),
+    st.tuples(
+        st.just("token"),
+        st.sampled_from(["alice", "bob"]),
+        st.sampled_from([None, "readonly", "operator"]),
+        st.sampled_from([None, 5.0, 100.0]),  # expires, seconds from now
+    ),
+    st.tuples(st.just("revoke"), st.integers(0, 5)),
     st.tuples(st.just("lose"), st.sampled_from(TASKERS)),
     st.tuples(st.just("expire"), st.integers(0, 40)),  # seconds pass, old keys expire
     st.tuples(st.just("takeover"), st.sampled_from(["http://a", "http://b"])),  # a new leader
@@ -90,7 +97,16 @@ def run(ops: list[tuple]) -> Core:
             elif kind in ("stop", "rerun", "forget") and core.state.jobs:
                 ids = sorted(core.state.jobs)
                 cmd = getattr(commands, kind)
-                core.emit(cmd(core.state, ids[o[1] % len(ids)], core.tick()))
+                core.emit(cmd(core.state, ids[o[1] % len(ids)], core.tick(), o[2]))
+            elif kind == "token":
+                now = core.tick()
+                until = None if o[3] is None else now + o[3]
+                events, _ = commands.issue_token(core.state, o[1], o[2], until, "", "admin", now)
+                core.emit(events)
+            elif kind == "revoke":
+                ids = sorted(core.state.tokens) or ["none"]
+                token_id = ids[o[1] % len(ids)]
+                core.emit(commands.revoke_token(core.state, token_id, "op", core.tick()))
             elif kind == "lose" and o[1] in core.state.taskers:
                 core.emit(lose_tasker(core.state, o[1], "lost", core.tick()))
             elif kind == "takeover":
