@@ -182,17 +182,26 @@ def test_recover_of_a_planned_stop_is_uncharged_and_round_trips() -> None:
         assert events.decode(events.encode(ev)) == ev
 
 
-def test_snapshot_version_2_loads_without_keys_and_a_keyed_one_with_them(tmp_path: Path) -> None:
-    """Version 2 is version 3 without key records: an older server's snapshot loads."""
+def test_older_snapshot_versions_load_and_version_4_keeps_tokens(tmp_path: Path) -> None:
+    """Version 2 is version 3 without key records, version 3 is 4 without token and control
+    records: an older server's snapshot loads."""
     core = busy_core()
     path = snapshot.write(core.state, tmp_path, fsync=False)
     records = [p for _, p in snapshot.RecordReader(path, path.read_bytes())]
     header = orjson.loads(records[0])
-    assert header["version"] == snapshot.VERSION == 3
-    records[0] = orjson.dumps({**header, "version": 2})
-    path.write_bytes(b"".join(frame(i + 1, p) for i, p in enumerate(records)))
-    loaded = snapshot.read(path)
-    assert fingerprint(loaded) == fingerprint(core.state) and loaded.keys == {}
+    assert header["version"] == snapshot.VERSION == 4
+    for older in (2, 3):
+        records[0] = orjson.dumps({**header, "version": older})
+        path.write_bytes(b"".join(frame(i + 1, p) for i, p in enumerate(records)))
+        loaded = snapshot.read(path)
+        assert fingerprint(loaded) == fingerprint(core.state) and loaded.keys == {}
     core.submit(2, key="k")
+    events, _ = commands.issue_token(core.state, "alice", "operator", None, "n", "root", 1.0)
+    core.emit(events)
+    live = [j.id for j in core.state.jobs.values() if j.state not in ("done", "failed", "stopped")]
+    core.emit(commands.stop(core.state, live[0], 2.0, "alice"))
     path = snapshot.write(core.state, tmp_path, fsync=False)
-    assert snapshot.read(path).keys == core.state.keys != {}
+    loaded = snapshot.read(path)
+    assert loaded.keys == core.state.keys != {}
+    assert fingerprint(loaded) == fingerprint(core.state) and loaded.tokens
+    assert loaded.controls[live[0]] == [(2.0, "stop", "alice")]
