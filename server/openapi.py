@@ -208,7 +208,7 @@ ANSWERS: dict[str, Schema] = {
         dispatch={
             "type": "array",
             "items": _obj(
-                ["job", "attempt", "command", "cwd", "env", "log", "name"],
+                ["job", "attempt", "command", "cwd", "env", "log", "name", "user"],
                 job=INT,
                 attempt=INT,
                 command=_JOB["command"],
@@ -216,6 +216,7 @@ ANSWERS: dict[str, Schema] = {
                 env={"type": ["object", "null"], "additionalProperties": STR},
                 log=STR,
                 name=STR,
+                user={**STR, "description": "the job's owner: a root tasker runs it as them"},
             ),
         },
         kill=ATTEMPTS,

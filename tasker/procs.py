@@ -37,6 +37,22 @@ WRAPPER = (
     'printf "%s S\\n" "$k" >> "$s"; '
     '"$@"; rc=$?; printf "%s %s\\n" "$k" "$rc" >> "$s"; exit $rc'
 )
+# The wrapper of a job run as its owner (tasker/runas.py): the same status lines, written
+# as root; "$@" is setpriv … sh -c AS_OWNER, which opens the log (append, created with the
+# tasker's umask) and enters the cwd as the owner, then execs the job. A log or cwd the
+# owner cannot reach ends the attempt before the command runs (exit 126); the wrapper's own
+# stdout and stderr are /dev/null, so nothing is written anywhere as root.
+RUN_AS = (
+    "trap : TERM INT HUP; s=$1; k=$2; shift 2; "
+    'printf "%s S\\n" "$k" >> "$s"; '
+    '"$@"; rc=$?; printf "%s %s\\n" "$k" "$rc" >> "$s"; exit $rc'
+)
+AS_OWNER = (
+    'command exec >> "$1" 2>&1 || exit 126; '
+    "case ${OLDPWD+x} in "
+    'x) o=$OLDPWD; cd -- "$2" || exit 126; OLDPWD=$o;; '
+    '*) cd -- "$2" || exit 126; unset OLDPWD;; esac; shift 2; exec "$@"'
+)
 # Wrappers of earlier versions, still running jobs after a tasker upgrade: the status at
 # $1 is their own file (status/<job>.<attempt>); the second one's $2 is the umask.
 OLD_WRAPPERS = (
@@ -46,11 +62,20 @@ OLD_WRAPPERS = (
     '"$@"; rc=$?; printf "%s\\n" "$rc" > "$s"; exit $rc',
 )
 NSIG = 65
+CURRENT = (WRAPPER.encode(), RUN_AS.encode())  # their argv[5] is the attempt's key
 
 
 def wrapper_argv(status: Path, key: Key, cwd: str, argv: list[str]) -> list[str]:
     """The argv that runs ``argv`` in ``cwd`` under our wrapper, its status to ``status``."""
     return [SH, "-c", WRAPPER, WRAPPER_NAME, str(status), f"{key[0]}.{key[1]}", cwd, *argv]
+
+
+def run_as_argv(
+    status: Path, key: Key, setpriv: list[str], log: str, cwd: str, argv: list[str]
+) -> list[str]:
+    """The argv that runs ``argv`` as the owner ``setpriv`` names, its status to ``status``."""
+    inner = [SH, "-c", AS_OWNER, "crq-job-as-owner", log, cwd, *argv]
+    return [SH, "-c", RUN_AS, WRAPPER_NAME, str(status), f"{key[0]}.{key[1]}", *setpriv, *inner]
 
 
 def classify(rc: int) -> tuple[int | None, int | None]:
@@ -89,7 +114,7 @@ def wrapper_alive(pid: int, status: Path, key: Key | None = None) -> bool:
     argv = procfs.cmdline(pid)
     if argv is None or os.fsencode(str(status)) not in argv:
         return False
-    return key is None or len(argv) < 6 or argv[2] != WRAPPER.encode() or argv[5] == _name(key)
+    return key is None or len(argv) < 6 or argv[2] not in CURRENT or argv[5] == _name(key)
 
 
 def _name(key: Key) -> bytes:
@@ -104,8 +129,7 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
     """
     found: dict[Key, int] = {}
     prefix = os.fsencode(str(status_dir)) + b"/"
-    wrappers = {w.encode() for w in (WRAPPER, *OLD_WRAPPERS)}
-    current = WRAPPER.encode()
+    wrappers = {w.encode() for w in (WRAPPER, RUN_AS, *OLD_WRAPPERS)}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -114,7 +138,7 @@ def find_orphan_wrappers(status_dir: Path) -> dict[Key, int]:
         argv = procfs.cmdline(pid)
         if not argv or len(argv) < 5 or argv[2] not in wrappers or not argv[4].startswith(prefix):
             continue
-        if argv[2] == current:
+        if argv[2] in CURRENT:
             key = parse_name(os.fsdecode(argv[5])) if len(argv) > 5 else None
         else:
             key = parse_name(os.fsdecode(argv[4][len(prefix) :]))

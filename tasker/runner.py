@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crq.tasker import runas
 from crq.tasker.outbox import Outbox
 from crq.tasker.procs import (
     SH,
     classify,
     find_orphan_wrappers,
+    run_as_argv,
     wrapper_alive,
     wrapper_argv,
 )
+from crq.tasker.runas import Owners
 from crq.tasker.statedir import Key, StateDir, read_status
 
 from crq import procfs
@@ -168,6 +171,7 @@ class Runner:
         self._to_watch: list[tuple[int, _Job]] = []
         self._wake_r: int | None = None
         self._wake_w: int | None = None
+        self.owners = Owners()
 
     # -- queries for the agent ------------------------------------------------------------
 
@@ -318,6 +322,52 @@ class Runner:
         if "\0" in logpath:
             self._fail(key, now, "bad log path: it holds a NUL byte")
             return None
+        owner, why = self.owners.decide(d.get("user"))
+        if owner is None and why is None:
+            return self._spawn_here(key, d, now, argv, cwd, env, logpath)
+        if owner is not None:
+            why = runas.refusal(owner, cwd, logpath)
+        if why is not None or owner is None:
+            self._fail(key, now, why or "no owner")
+            return None
+        try:
+            status = self.state.status_file()
+        except OSError as e:
+            self._fail(key, now, f"cannot start: state dir: {e.strerror or e}")
+            return None
+        spawned = time.time()
+        try:
+            # the log is the owner's to open (AS_OWNER): nothing of the job's as root
+            pid = os.posix_spawn(
+                SH,
+                run_as_argv(status, key, owner.setpriv(), logpath, os.path.abspath(cwd), argv),
+                owner.env(env),
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                ],
+                setsid=True,
+                setsigmask=(),
+                setsigdef=SIGDEF,
+            )
+        except OSError as e:
+            self._fail(key, now, f"cannot start: {e.strerror or e}")
+            return None
+        job = _Job(key[0], key[1], pid, pid, spawned, status, child=True)
+        return job, str(d.get("name") or argv[0])
+
+    def _spawn_here(
+        self,
+        key: Key,
+        d: dict[str, Any],
+        now: float,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        logpath: str,
+    ) -> tuple[_Job, str] | None:
+        """A job run as this tasker's own user: the log opened here, handed to the job."""
         try:
             logdir = os.path.dirname(logpath) or "."
             if not os.path.isdir(logdir):  # mkdir of an existing dir costs more than a stat

@@ -97,4 +97,5 @@ def dispatch_json(state: State, job: Job) -> dict[str, Any]:
         "env": state.env_of(job),
         "log": log_path(job.id, spec),
         "name": job.name,
+        "user": job.user,  # a root tasker runs the job as this user (tasker/runas.py)
     }

@@ -1,0 +1,134 @@
+"""Jobs run as their owner (SPEC section 9): a real root tasker, real users made with
+useradd, jobs that print ``id``. Each job's log belongs to its owner; a log or cwd its owner
+cannot reach fails the attempt with the reason, and so does an owner unknown on the host."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.rigs import CrqServer, Tasker, wait_until
+from tests.users import ALICE, BOB, CAROL, OPS, Users
+
+PROBE = 'id -u; id -g; id -G; echo "$HOME $USER $LOGNAME"; pwd'
+
+
+@pytest.fixture
+def rig(
+    crq_server: Callable[..., CrqServer],
+    crq_tasker: Callable[..., Tasker],
+    tmp_path: Path,
+    unix_users: Users,
+) -> tuple[CrqServer, Users]:
+    if os.geteuid() != 0:
+        pytest.skip("a tasker runs jobs as their owners only as root")
+    srv = crq_server("--heartbeat", "2")
+    crq_tasker("tk1", "--swd", str(srv.swd), "--slots", "4")
+    return srv, unix_users
+
+
+def _token(srv: CrqServer, user: str) -> str:
+    return str(srv.request("POST", "/tokens", json={"user": user})["token"])
+
+
+def _run(srv: CrqServer, user: str, **spec: Any) -> dict[str, Any]:
+    """Run one job as ``user``; its log is a new file in its cwd unless given (the users'
+    homes outlive each test's server, whose job ids start at 1 again)."""
+    spec.setdefault("log", os.path.join(spec["cwd"], f"crq.{uuid.uuid4().hex[:12]}.log"))
+    r = srv.api("POST", "/jobs", token=_token(srv, user), json=spec)
+    assert r.status_code == 201, r.text
+    [job] = r.json()["ids"]
+    return srv.wait(job)
+
+
+def test_a_job_runs_with_its_owners_uid_gid_groups_and_home(rig: tuple[CrqServer, Users]) -> None:
+    srv, users = rig
+    for user in (ALICE, CAROL):
+        home = users.home(user)
+        j = _run(
+            srv, user, command=PROBE, cwd=str(home), env={"HOME": "/root", "PATH": "/usr/bin:/bin"}
+        )
+        assert j["state"] == "done", j
+        log = Path(j["log"])
+        st = log.stat()
+        assert (st.st_uid, st.st_gid) == (users.uid[user], users.gid[user])
+        uid, gid, groups, names, cwd = log.read_text().splitlines()
+        assert (int(uid), int(gid)) == (users.uid[user], users.gid[user])
+        want = set(os.getgrouplist(user, users.gid[user]))
+        assert set(map(int, groups.split())) == want
+        assert names == f"{home} {user} {user}"
+        assert cwd == str(home)
+    assert grp.getgrnam(OPS).gr_gid in set(os.getgrouplist(CAROL, users.gid[CAROL]))
+
+
+def test_a_job_writes_only_what_its_owner_may(rig: tuple[CrqServer, Users]) -> None:
+    srv, users = rig
+    bob_file = users.home(BOB) / "mine"
+    j = _run(srv, ALICE, command=f"echo x > {bob_file}", cwd=str(users.home(ALICE)))
+    assert j["state"] == "failed" and j["exit_code"] != 0
+    assert not bob_file.exists()
+    assert "Permission denied" in Path(j["log"]).read_text()
+
+
+def test_a_log_its_owner_cannot_write_fails_the_attempt(rig: tuple[CrqServer, Users]) -> None:
+    srv, users = rig
+    cwd = str(users.home(ALICE))
+    for log, why in (
+        ("/etc/crq-test-owner.log", "/etc is not writable by crqtalice"),
+        (str(users.home(BOB) / "x.log"), f"{users.home(BOB)} is not searchable by crqtalice"),
+    ):
+        j = _run(srv, ALICE, command="echo ran", cwd=cwd, log=log, max_attempts=1)
+        assert j["state"] == "failed", j
+        reason = j["attempts"][-1].get("reason") or j.get("reason")
+        assert "cannot open log" in str(reason) and why in str(reason), j
+        assert not Path(log).exists()
+    # a cwd the owner cannot enter
+    j = _run(srv, ALICE, command="echo ran", cwd=str(users.home(BOB)), max_attempts=1)
+    assert j["state"] == "failed"
+    assert "not searchable by crqtalice" in str(j["attempts"][-1].get("reason")), j
+
+
+def test_an_owner_unknown_on_the_host_fails_the_attempt(rig: tuple[CrqServer, Users]) -> None:
+    srv, _ = rig
+    with pytest.raises(KeyError):
+        pwd.getpwnam("crqtnobody")
+    j = _run(srv, "crqtnobody", command="id", cwd="/tmp", max_attempts=1)
+    assert j["state"] == "failed"
+    assert "user crqtnobody unknown on host" in str(j["attempts"][-1].get("reason")), j
+
+
+def test_a_job_run_as_its_owner_outlives_a_killed_tasker(
+    crq_server: Callable[..., CrqServer],
+    crq_tasker: Callable[..., Tasker],
+    unix_users: Users,
+) -> None:
+    """The wrapper stays root and records the status: a tasker killed with -9 while the
+    owner's job runs finds it again on restart, and the job ends once, done."""
+    if os.geteuid() != 0:
+        pytest.skip("a tasker runs jobs as their owners only as root")
+    srv = crq_server("--heartbeat", "2")
+    t = crq_tasker("tk1", "--swd", str(srv.swd))
+    home = unix_users.home(ALICE)
+    mark = uuid.uuid4().hex[:12]
+    flag, log = home / f"started.{mark}", home / f"outlive.{mark}.log"
+    r = srv.api(
+        "POST",
+        "/jobs",
+        token=_token(srv, ALICE),
+        json={"command": f"touch {flag}; sleep 2; id -u", "cwd": str(home), "log": str(log)},
+    )
+    [job] = r.json()["ids"]
+    wait_until(flag.exists)
+    t.kill9()
+    t.start()
+    j = srv.wait(job)
+    assert j["state"] == "done" and len(j["attempts"]) == 1, j
+    assert Path(j["log"]).read_text().split() == [str(unix_users.uid[ALICE])]
+    assert flag.stat().st_uid == unix_users.uid[ALICE]
