@@ -181,7 +181,7 @@ class Submission:
                 [
                     i,
                     spec.priority,
-                    need.text,
+                    need.resources,
                     spec.name or _default_name(spec.command),
                     digest,
                     spec.rerunnable,
@@ -505,6 +505,7 @@ def register(
             "boot_id": body.boot_id,
             "state_id": body.state_id,
             "session": session,
+            **({"user": body.user} if body.user else {}),  # type: ignore[typeddict-item]
         }
     )
     reports(state, name, body.running, body.finished, now, out, session)

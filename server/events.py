@@ -151,6 +151,7 @@ class TaskerJoin(TypedDict):
     boot_id: str
     state_id: NotRequired[str]  # absent in journals from before state ids
     session: NotRequired[str]  # hash of the session secret; absent before sessions
+    user: NotRequired[str]  # a tasker not running as root runs only this user's jobs
 
 
 class TaskerLost(TypedDict):

@@ -153,6 +153,7 @@ class Register(BaseModel):
     boot_id: Name = ""
     rebooted: bool = False
     state_id: Name = ""
+    user: Name = ""  # the unix user a non-root tasker runs as ("": root, runs anyone's)
     running: list[RunningReport] = []
     finished: list[ResultReport] = []
 

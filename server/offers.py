@@ -24,8 +24,9 @@ from crq.server.resources import Need
 
 TASKER_READY = "ready"
 
-#: an offer: (capacity items, attributes); taskers with the same one are interchangeable
-ClassKey = tuple[tuple[tuple[str, int], ...], frozenset[str]]
+#: an offer: (capacity items, attributes, the one user whose jobs it runs or "" for any: a
+#: tasker not running as root); taskers with the same one are interchangeable
+ClassKey = tuple[tuple[tuple[str, int], ...], frozenset[str], str]
 #: a tasker's place in its class: (-free slots, registration order, name)
 Entry = tuple[int, int, str]
 
@@ -47,6 +48,7 @@ class Tasker:
         "registered",
         "state_id",
         "session",
+        "runs_as",
     )
 
     def __init__(self, name: str) -> None:
@@ -65,9 +67,12 @@ class Tasker:
         self.session = ""  # hash of the secret of the session holding the name ("": none yet)
         self.pid = 0
         self.registered = 0.0
+        self.runs_as = ""  # a tasker not running as root: the one user whose jobs it runs
 
     def fits(self, need: Need) -> bool:
         if self.free_slots <= 0 or not need.attributes <= self.attributes:
+            return False
+        if self.runs_as and self.runs_as != need.user:
             return False
         free = self.free
         return all(free.get(k, 0) >= v for k, v in need.local)
@@ -90,7 +95,9 @@ class Tasker:
 
 def could_run(key: ClassKey, need: Need) -> bool:
     """Whether a tasker of this offer could run the need at all (when idle)."""
-    capacity, attributes = key
+    capacity, attributes, runs_as = key
+    if runs_as and runs_as != need.user:
+        return False
     have = dict(capacity)
     return need.attributes <= attributes and all(have.get(k, 0) >= v for k, v in need.local)
 
@@ -175,7 +182,7 @@ class Offers:
             del entries[bisect_left(entries, old[1])]
         order = self.order.setdefault(t.name, len(self.order))
         if t.state == TASKER_READY and t.free_slots > 0:
-            key: ClassKey = (tuple(sorted(t.capacity.items())), t.attributes)
+            key: ClassKey = (tuple(sorted(t.capacity.items())), t.attributes, t.runs_as)
             entry = (-t.free_slots, order, t.name)
             insort(self._class(key), entry)
             self.placed[t.name] = (key, entry)

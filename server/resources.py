@@ -19,9 +19,14 @@ class ResourceError(ValueError):
 
 
 class Need:
-    """What one job needs; interned per text, so a million alike jobs share one."""
+    """What one job needs; interned per text and owner, so a million alike jobs share one.
 
-    __slots__ = ("text", "local", "attributes", "globals")
+    ``resources`` is the canonical resource text (what a user sees and the journal keeps);
+    ``text`` is the key the queue's buckets and the scheduler's indexes go by: the resources
+    and the owner, since a tasker not running as root runs only its own user's jobs
+    (SPEC section 9), so two users' alike jobs are not interchangeable."""
+
+    __slots__ = ("text", "resources", "user", "local", "attributes", "globals")
 
     def __init__(
         self,
@@ -29,11 +34,17 @@ class Need:
         local: tuple[tuple[str, int], ...],
         attributes: frozenset[str],
         globals_: tuple[tuple[str, int], ...],
+        user: str = "",
     ) -> None:
-        self.text = text
+        self.resources = text
+        self.user = user
+        self.text = f"{text} @{user}" if user else text  # "@" is in no resource word
         self.local = local
         self.attributes = attributes
         self.globals = globals_
+
+    def of(self, user: str) -> Need:
+        return Need(self.resources, self.local, self.attributes, self.globals, user)
 
 
 def _words(text: str) -> list[tuple[str, int | None]]:
@@ -89,12 +100,27 @@ def parse_capacity(text: str, slots: int) -> tuple[dict[str, int], frozenset[str
 
 
 class NeedCache:
-    """Interns parsed needs by their text."""
+    """Interns parsed needs by their text, and by owner."""
 
     def __init__(self) -> None:
         self._by_text: dict[str, Need] = {}
+        self._by_owner: dict[str, dict[str, Need]] = {}
 
-    def get(self, text: str) -> Need:
+    def get(self, text: str, user: str = "") -> Need:
+        """The need of resource text ``text``, of ``user``'s jobs ("" for the resources
+        alone, as a submit checks them)."""
+        if user:
+            mine = self._by_owner.get(user)
+            if mine is None:
+                mine = self._by_owner[user] = {}
+            need = mine.get(text)
+            if need is None:
+                base = self.get(text)
+                need = mine.get(base.resources)
+                if need is None:
+                    need = mine[base.resources] = base.of(user)
+                mine[text] = need
+            return need
         need = self._by_text.get(text)
         if need is None:
             need = parse_need(text)

@@ -74,7 +74,7 @@ def list_snapshots(trace: Path) -> list[Path]:
 
 def _head_row(j: Job) -> list[Any]:
     """The fields set at submit."""
-    return [j.id, j.state, j.priority, j.user, j.name, j.need.text, j.env, j.rerunnable,
+    return [j.id, j.state, j.priority, j.user, j.name, j.need.resources, j.env, j.rerunnable,
             j.max_attempts, j.submitted]  # fmt: skip
 
 
@@ -118,7 +118,16 @@ def _add_chunk(state: State, rows: list[list[Any]], specs: list[bytes]) -> None:
         if job_id in jobs:
             raise SnapshotError(f"job {job_id} appears twice")
         job = Job(
-            job_id, r[2], intern(r[3]), intern(r[4]), need_of(r[5]), spec, r[6], r[7], r[8], r[9]
+            job_id,
+            r[2],
+            intern(r[3]),
+            intern(r[4]),
+            need_of(r[5], r[3]),
+            spec,
+            r[6],
+            r[7],
+            r[8],
+            r[9],
         )
         if len(r) > 10:
             job.attempt, job.tries, job.pid, job.started = r[10], r[11], r[13], r[14]
@@ -146,7 +155,7 @@ def _job_v1(r: list[Any], state: State) -> Job:
         r[2],
         intern(r[3]),
         r[4],
-        state.needs.get(r[5]),
+        state.needs.get(r[5], r[3]),
         r[6].encode(),
         r[7],
         r[8],
@@ -175,6 +184,7 @@ def _tasker_record(t: Tasker) -> dict[str, Any]:
         "registered": t.registered,
         "state_id": t.state_id,
         "session": t.session,
+        "user": t.runs_as,
     }
 
 
@@ -340,6 +350,8 @@ def _load_tasker(state: State, r: dict[str, Any]) -> None:
         ev["state_id"] = r["state_id"]
     if "session" in r:
         ev["session"] = r["session"]
+    if r.get("user"):
+        ev["user"] = r["user"]
     t = state.load_tasker(ev)
     t.state = r["state"]
     t.running = set(r["running"])

@@ -462,7 +462,7 @@ class State:
         for (job_id, priority, resources, name, env, rerunnable, max_attempts), spec in zip(
             ev["jobs"], ev["specs"], strict=True
         ):
-            job = Job(job_id, priority, user, intern(name), need_of(resources), spec, env,
+            job = Job(job_id, priority, user, intern(name), need_of(resources, user), spec, env,
                       rerunnable, max_attempts, t)  # fmt: skip
             jobs[job_id] = job
             new.append(job)
@@ -610,6 +610,7 @@ class State:
         tasker.host, tasker.pid, tasker.boot_id = ev["host"], ev["pid"], ev["boot_id"]
         tasker.state_id = ev.get("state_id", "")
         tasker.session = ev.get("session", "")  # absent in journals from before sessions
+        tasker.runs_as = ev.get("user", "")
         tasker.slots, tasker.resources = ev["slots"], ev["resources"]
         tasker.capacity, tasker.attributes = capacity, attributes
         tasker.registered = ev["t"]

@@ -256,6 +256,8 @@ class Agent:
             "rebooted": self.info.rebooted,
             "state_id": self.state.identity(),
             "running": running,
+            # not root: it runs only its own user's jobs, and the server sends it no others
+            **({"user": self.runner.owners.my_name} if self.runner.owners.me != 0 else {}),
             "finished": finished,
         }
         try:

@@ -50,8 +50,10 @@ class Core:
         self.now += 1.0
         return self.now
 
-    def submit(self, n: int = 1, key: str | None = None, **spec: Any) -> list[int]:
-        """Submit as alice; with ``key``, as a request with that Idempotency-Key would (the
+    def submit(
+        self, n: int = 1, key: str | None = None, user: str = "alice", **spec: Any
+    ) -> list[int]:
+        """Submit as ``user``; with ``key``, as a request with that Idempotency-Key would (the
         body's digest made of ``n`` and the spec): a repeat queues nothing."""
         spec.setdefault("command", ["true"])
         spec.setdefault("cwd", "/tmp")
@@ -60,10 +62,10 @@ class Core:
         keyed = None
         if key is not None:
             keyed = (key, commands.body_digest(orjson.dumps([n, spec], option=SORTED)))
-            ids = commands.repeated(self.state, "alice", *keyed, now, self.window)
+            ids = commands.repeated(self.state, user, *keyed, now, self.window)
             if ids is not None:
                 return ids
-        events, ids = commands.submit(self.state, batch, "alice", now, keyed)
+        events, ids = commands.submit(self.state, batch, user, now, keyed)
         self.emit(events)
         return ids
 

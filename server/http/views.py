@@ -33,7 +33,7 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
         "user": job.user,
         "state": job.state,
         "priority": job.priority,
-        "resources": job.need.text,
+        "resources": job.need.resources,
         "command": spec["command"],
         "cwd": spec["cwd"],
         "log": log_path(job.id, spec),

@@ -7,6 +7,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.rigs import CrqServer, Tasker, wait_until
+from tests.rigs import ROOT, CrqServer, Tasker, kill_jobs, wait_until
 from tests.users import ALICE, BOB, CAROL, OPS, Users
 
 PROBE = 'id -u; id -g; id -G; echo "$HOME $USER $LOGNAME"; pwd'
@@ -132,3 +135,90 @@ def test_a_job_run_as_its_owner_outlives_a_killed_tasker(
     assert j["state"] == "done" and len(j["attempts"]) == 1, j
     assert Path(j["log"]).read_text().split() == [str(unix_users.uid[ALICE])]
     assert flag.stat().st_uid == unix_users.uid[ALICE]
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # root's own interpreter (/root is 0700) is not theirs
+
+
+def _package_for_all(where: Path) -> Path:
+    """crq laid out as it installs (crq/, crq/tasker), readable by every user: the tasker
+    needs nothing but the standard library."""
+    pkg = where / "pkg"
+    (pkg / "crq").mkdir(parents=True)
+    for f in (ROOT / "crq").glob("*.py"):
+        shutil.copy(f, pkg / "crq" / f.name)
+    shutil.copytree(
+        ROOT / "tasker", pkg / "crq" / "tasker", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (pkg / "crq" / "server").mkdir()
+    for name in ("__init__.py", "resources.py"):  # the tasker checks its --resources
+        shutil.copy(ROOT / "server" / name, pkg / "crq" / "server" / name)
+    for p in [pkg, *pkg.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    return pkg
+
+
+def test_a_tasker_not_running_as_root_gets_only_its_users_jobs(
+    crq_server: Callable[..., CrqServer], tmp_path: Path, unix_users: Users
+) -> None:
+    """alice's own tasker (as alice) is sent alice's jobs and never bob's, though bob's came
+    first; a root tasker started later runs bob's, as bob."""
+    if os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs root, and {SYSTEM_PYTHON} to run a tasker as another user")
+    srv = crq_server("--heartbeat", "2")
+    share = Path(tempfile.mkdtemp(prefix="crq-pkg-", dir="/tmp"))
+    proc = None
+    try:
+        os.chmod(share, 0o755)
+        pkg = _package_for_all(share)
+        home = unix_users.home(ALICE)
+        bob_home = unix_users.home(BOB)
+        mark = uuid.uuid4().hex[:12]
+        bobs = [_submit(srv, BOB, str(bob_home), f"b{mark}.{i}") for i in range(2)]
+        alices = [_submit(srv, ALICE, str(home), f"a{mark}.{i}") for i in range(2)]
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pkg), "HOME": str(home),
+               "CRQ_TASKER_TOKEN": srv.tasker_token,
+               "CRQ_TEST_RUN": os.environ.get("CRQ_TEST_RUN", "")}  # fmt: skip
+        proc = subprocess.Popen(
+            [SYSTEM_PYTHON, "-m", "crq.tasker", "--name", "alice-tk", "--server", srv.url,
+             "--state-dir", str(home / f"state.{mark}"), "--slots", "4"],
+            env=env, cwd=str(home), user=ALICE, group=unix_users.gid[ALICE],
+            extra_groups=[], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for job in alices:
+            try:
+                j = srv.wait(job)
+            except AssertionError:
+                proc.kill()
+                err = proc.communicate()[1].decode(errors="replace")
+                raise AssertionError(f"alice's tasker: {err[-3000:]}") from None
+            assert j["state"] == "done" and j["attempts"][-1]["tasker"] == "alice-tk", j
+        assert [srv.request("GET", f"/jobs/{b}")["state"] for b in bobs] == ["queued"] * 2
+        t = {x["name"]: x for x in srv.request("GET", "/taskers")["taskers"]}["alice-tk"]
+        assert t["state"] == "ready", t
+        root_tk = Tasker(tmp_path / "root.state", "--swd", str(srv.swd), name="root-tk")
+        try:
+            root_tk.start()
+            for job in bobs:
+                j = srv.wait(job)
+                assert j["state"] == "done" and j["attempts"][-1]["tasker"] == "root-tk", j
+                assert Path(j["log"]).stat().st_uid == unix_users.uid[BOB]
+        finally:
+            root_tk.kill9()
+            kill_jobs(root_tk.state)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(share, ignore_errors=True)
+
+
+def _submit(srv: CrqServer, user: str, cwd: str, name: str) -> int:
+    r = srv.api(
+        "POST",
+        "/jobs",
+        token=_token(srv, user),
+        json={"command": "id -un", "cwd": cwd, "log": f"{cwd}/{name}.log", "name": name},
+    )
+    assert r.status_code == 201, r.text
+    return int(r.json()["ids"][0])

@@ -34,6 +34,7 @@ op = st.one_of(
         st.sampled_from([None, {"A": "1"}, {"B": "2"}]),
         st.booleans(),
         st.sampled_from([None, "k1", "k2"]),  # Idempotency-Key: repeats, mismatches
+        st.sampled_from(["alice", "bob"]),  # the owner
     ),
     st.tuples(
         st.just("register"),
@@ -42,6 +43,7 @@ op = st.one_of(
         st.sampled_from(["", "RAM/200 linux", "linux CORES/8"]),
         st.booleans(),
         st.sampled_from(["s1", "s2"]),  # another session than the holder's takes over
+        st.sampled_from(["", "alice"]),  # a tasker running as one user runs only theirs
     ),
     st.tuples(st.just("dispatch")),
     st.tuples(st.just("start"), st.integers(0, 50)),
@@ -71,13 +73,15 @@ def run(ops: list[tuple]) -> Core:
         try:
             if kind == "submit":
                 spec = {"priority": o[2], "resources": o[3], "env": o[4], "rerunnable": o[5]}
-                ids = core.submit(o[1], key=o[6], **spec)
+                ids = core.submit(o[1], key=o[6], user=o[7], **spec)
                 if o[6] is not None:  # at once again: the same ids, nothing queued
                     seq = core.state.seq
-                    assert core.submit(o[1], key=o[6], **spec) == ids
+                    assert core.submit(o[1], key=o[6], user=o[7], **spec) == ids
                     assert core.state.seq == seq
             elif kind == "register":
-                core.register(o[1], slots=o[2], resources=o[3], rebooted=o[4], session=o[5])
+                core.register(
+                    o[1], slots=o[2], resources=o[3], rebooted=o[4], session=o[5], user=o[6]
+                )
             elif kind == "dispatch":
                 core.dispatch()
             elif kind in ("start", "finish", "stale") and running:

@@ -35,6 +35,22 @@ def test_unfit_job_does_not_block_those_behind() -> None:
     assert list(core.state.queue_order()) == big
 
 
+def test_a_tasker_running_as_a_user_is_sent_only_that_users_jobs() -> None:
+    """SPEC 9: bob's job at the head of the queue does not hold alice's back from alice's
+    own tasker, and a root tasker takes anyone's."""
+    core = Core()
+    bobs = core.submit(2, user="bob")
+    alices = core.submit(2, user="alice")
+    assert list(core.state.queue_order()) == bobs + alices
+    core.register("alice-tk", slots=4, user="alice")
+    core.dispatch()
+    assert running(core) == dict.fromkeys(alices, "alice-tk")
+    core.register("root-tk", slots=4)
+    core.dispatch()
+    assert running(core) == {**dict.fromkeys(alices, "alice-tk"), **dict.fromkeys(bobs, "root-tk")}
+    assert sanity.check(core.state, {"alice-tk", "root-tk"}).findings == []
+
+
 def test_attributes_consumables_and_global_resources() -> None:
     core = Core({"License:vcs": 1})
     lic = core.submit(2, resources="License:vcs")
