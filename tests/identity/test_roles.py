@@ -15,7 +15,7 @@ from crq.server.openapi import OPS
 
 from crq import munge
 from tests.munged import Munged
-from tests.rigs import CrqServer
+from tests.rigs import CrqServer, env_with_root
 from tests.users import ALICE, BOB, CAROL, Users
 from tests.users import OPS as OPS_GROUP
 
@@ -303,6 +303,28 @@ def test_replayed_and_foreign_munge_credentials_get_401(
     assert r.status_code == 401
     assert _munge(srv, "MUNGE:junk:", "GET", "/jobs").status_code == 401
     assert srv.request("GET", "/jobs")["jobs"] == []
+
+
+def test_taskers_by_munge_are_the_tasker_users_only(
+    crq_server: Callable[..., CrqServer],
+    crq_tasker: Callable[..., Any],
+    tmp_path: Path,
+    munged: Munged,
+    unix_users: Users,
+) -> None:
+    """A real tasker without any token registers and runs jobs by its MUNGE credential (root
+    is a tasker user by default); a user's credential on a tasker route is a 403."""
+    srv = _server(crq_server, tmp_path, munged)
+    body = {"host": "h", "slots": 1}
+    r = _munge(srv, _munge_as(ALICE, munged.socket), "POST", "/taskers/evil/register", json=body)
+    assert r.status_code == 403 and "not a tasker" in r.json()["message"], r.text
+    t = crq_tasker("tk-munge", "--server", srv.url, start=False)
+    env = {k: v for k, v in env_with_root().items() if k not in ("CRQ_TASKER_TOKEN", "CRQ_TOKEN")}
+    t.start(env={**env, "CRQ_MUNGE_SOCKET": munged.socket})
+    [job] = srv.submit({"command": ["true"], "cwd": "/tmp"})
+    j = srv.wait(job)
+    assert j["state"] == "done" and j["tasker"] == "tk-munge", j
+    assert [x["name"] for x in srv.request("GET", "/taskers")["taskers"]] == ["tk-munge"]
 
 
 @pytest.mark.parametrize("allowed", [False, True])
