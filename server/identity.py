@@ -9,11 +9,13 @@ controller resolves a MUNGE uid.
 
 from __future__ import annotations
 
+import functools
 import grp
 import hashlib
 import os
 import pwd
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from crq.server.refused import BadRequest
@@ -65,6 +67,7 @@ class Identity:
         }
 
 
+@functools.cache
 def owner_name() -> str:
     """The queue's owner: the unix user this server runs as."""
     try:
@@ -73,8 +76,26 @@ def owner_name() -> str:
         return str(os.getuid())
 
 
+GROUPS_TTL = 60.0  # a user added to a group is seen within a minute, as nscd would
+_groups: dict[tuple[str, int | None], tuple[float, tuple[str, ...]]] = {}
+
+
 def groups_of(user: str, gid: int | None = None) -> tuple[str, ...]:
-    """The user's group names on this host (primary first); none for an unknown user."""
+    """The user's group names on this host (primary first); none for an unknown user.
+    Kept a minute: every request of a personal token asks, and NSS reads files (or asks a
+    directory service) each time."""
+    now = time.monotonic()
+    hit = _groups.get((user, gid))
+    if hit is not None and now - hit[0] < GROUPS_TTL:
+        return hit[1]
+    if len(_groups) > 10_000:
+        _groups.clear()
+    found = _lookup_groups(user, gid)
+    _groups[(user, gid)] = (now, found)
+    return found
+
+
+def _lookup_groups(user: str, gid: int | None) -> tuple[str, ...]:
     try:
         pw = pwd.getpwnam(user)
     except KeyError:

@@ -108,6 +108,17 @@ class Proxy:
         self._drop(dst)
 
 
+def _distinct_ports(n: int) -> list[int]:
+    """n free ports, no two alike: the kernel may hand a port just freed out again, and
+    etcd refuses an initial cluster with a duplicate url (a flake seen in CI)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
 class EtcdCluster:
     """Three members on loopback; ``kill(i)``/``restart(i)`` one, ``proxy(i)`` to cut one off."""
 
@@ -115,8 +126,9 @@ class EtcdCluster:
         assert ETCD is not None, SKIP
         self.base = base
         self.names = [f"m{i}" for i in range(size)]
-        self.peers = [f"127.0.0.1:{free_port()}" for _ in range(size)]
-        self.endpoints = [f"127.0.0.1:{free_port()}" for _ in range(size)]
+        ports = _distinct_ports(2 * size)
+        self.peers = [f"127.0.0.1:{p}" for p in ports[:size]]
+        self.endpoints = [f"127.0.0.1:{p}" for p in ports[size:]]
         self.url = "etcd://" + ",".join(self.endpoints)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
         self._proxies: list[Proxy] = []
