@@ -35,6 +35,7 @@ MODERATE: dict[str, list[str]] = {
     "checkpoint": ["--jobs", "200000"],
     "bigbatch": ["--jobs", "100000", "--repeat", "2"],
     "takeover": ["--sizes", "10000,100000", "--submit-seconds", "3"],
+    "auth": ["--seconds", "5"],
 }
 FULL: dict[str, list[str]] = {
     "submit": ["--seconds", "10"],
@@ -54,6 +55,7 @@ FULL: dict[str, list[str]] = {
     "checkpoint": ["--jobs", "1000000"],
     "bigbatch": ["--jobs", "100000", "--repeat", "3"],
     "takeover": ["--sizes", "10000,100000,1000000", "--submit-seconds", "5"],
+    "auth": ["--seconds", "10"],
 }
 
 

@@ -3,21 +3,20 @@
 In order: a MUNGE credential (``Authorization: Munge <cred>``: uid and gid as munged vouches
 for them), a personal token (``Bearer crq_…``: kept hashed), the swd's admin token (the queue
 owner's, admin; ``X-Crq-User`` names the user it acts for: that user owns what it submits,
-and only the admin token may name one), the tasker token
-(tasker routes only). A MUNGE decode is a round trip to munged (~0.14 ms), so it runs in a
-thread while the event loop goes on; a token costs one sha256 and a dict lookup.
+and only the admin token may name one), the tasker token (tasker routes only). A MUNGE decode
+is a round trip to munged (~0.1 ms), so it runs in a worker thread, many per hand-off, while
+the event loop goes on (server/http/mungepool.py); a token costs one sha256 and a dict lookup.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import pwd
 import time
 from collections.abc import Mapping
 from typing import Protocol
 
 from crq.server import commands
+from crq.server.http import mungepool
 from crq.server.identity import (
     ADMIN,
     OPERATOR,
@@ -69,19 +68,18 @@ def token(request: Request) -> bytes:
     return cred.encode()
 
 
-def _munge_identity(srv: Service, cred: str, taskers: bool) -> Identity:
-    """Runs in a worker thread: munged's answer, then the names of this host."""
+async def _munge_identity(srv: Service, cred: str, taskers: bool) -> Identity:
+    """munged's answer (server/http/mungepool.py), then the names of this host."""
     s = srv.settings
     try:
-        got = munge.decode(cred, socket=s.munge_socket or None)
+        got = await mungepool.decoder(s.munge_socket or None).decode(cred)
     except munge.MungeError as e:
         raise BadRequest(401, "unauthorized", f"MUNGE credential refused: {e}") from None
-    try:
-        user = pwd.getpwuid(got.uid).pw_name
-    except KeyError:
+    if got.user is None:
         raise BadRequest(
             401, "unauthorized", f"MUNGE credential of uid {got.uid}, unknown on this host"
-        ) from None
+        )
+    user = got.user
     groups = groups_of(user, got.gid)
     if taskers and user in (s.tasker_users or ["root", owner_name()]):
         return Identity(user, TASKER, "munge", got.uid, groups)
@@ -111,7 +109,7 @@ async def identify(srv: Service, request: Request, taskers: bool = False) -> Ide
     """Who the request comes from, in any mode; the tasker token is ``role`` tasker."""
     scheme, cred = _credentials(request)
     if scheme == "munge":
-        return await asyncio.to_thread(_munge_identity, srv, cred, taskers)
+        return await _munge_identity(srv, cred, taskers)
     acting_for = request.headers.get(USER_HEADER.lower()) or None
     who = _token_identity(srv, cred.encode(), acting_for)
     if who is None:

@@ -4,6 +4,7 @@ credentials made by real users through a real munged, roles from config.toml (us
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from crq.server.openapi import OPS
 
 from crq import munge
 from tests.munged import Munged
-from tests.rigs import CrqServer, env_with_root
+from tests.rigs import CrqServer, env_with_root, wait_until
 from tests.users import ALICE, BOB, CAROL, Users
 from tests.users import OPS as OPS_GROUP
 
@@ -325,6 +326,42 @@ def test_taskers_by_munge_are_the_tasker_users_only(
     j = srv.wait(job)
     assert j["state"] == "done" and j["tasker"] == "tk-munge", j
     assert [x["name"] for x in srv.request("GET", "/taskers")["taskers"]] == ["tk-munge"]
+
+
+def test_a_killed_munge_helper_is_started_again(
+    crq_server: Callable[..., CrqServer], tmp_path: Path, munged: Munged
+) -> None:
+    """The server decodes MUNGE in a helper process (server/mungehelper.py): kill -9 of it
+    costs at most the requests it held (503, retryable); the next one starts a new one."""
+    import signal
+
+    srv = _server(crq_server, tmp_path, munged)
+    assert _munge(srv, munge.encode(socket=munged.socket), "GET", "/whoami").status_code == 200
+    assert srv.proc is not None
+    helpers = _helpers(srv.proc.pid)
+    assert len(helpers) == 1, helpers
+    os.kill(helpers[0], signal.SIGKILL)
+    wait_until(lambda: _helpers(srv.proc.pid) != helpers if srv.proc else True)
+    r = _munge(srv, munge.encode(socket=munged.socket), "GET", "/whoami")
+    assert r.status_code == 200, r.text
+    assert r.json()["via"] == "munge"
+    assert len(_helpers(srv.proc.pid)) == 1
+
+
+def _helpers(parent: int) -> list[int]:
+    """Live helper processes of the server ``parent``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] != "Z" and b"crq.server.mungehelper" in cmd:
+            found.append(int(name))
+    return found
 
 
 @pytest.mark.parametrize("allowed", [False, True])
