@@ -555,7 +555,7 @@ def release_running(state: State, now: float) -> list[Event]:
 CLEANUP_REASON = "manual cleanup"  # ncmgr cleanup (server/cleanup.py)
 
 
-def recover_job(state: State, job_id: int, now: float) -> list[Event]:
+def recover_job(state: State, job_id: int, now: float, by: str | None = None) -> list[Event]:
     """The operator recovers a running attempt (``ncmgr cleanup --job``)."""
     job = _job(state, job_id)
     if job.state != RUNNING:
@@ -563,7 +563,10 @@ def recover_job(state: State, job_id: int, now: float) -> list[Event]:
             409, "conflict", f"job {job_id} is {job.state}, not running: nothing to recover"
         )
     reason = f"{CLEANUP_REASON}: job {job_id} recovered by the operator"
-    return [event.recover(job_id, job.attempt, reason, now)]
+    ev = event.recover(job_id, job.attempt, reason, now)
+    if by is not None:
+        ev["by"] = by
+    return [ev]
 
 
 def dead_host(state: State, host: str, now: float) -> list[Event]:

@@ -109,6 +109,7 @@ class Recover(TypedDict):
     attempt: int
     reason: str
     charge: NotRequired[bool]  # False: a planned stop, the attempt is not counted
+    by: NotRequired[str]  # who recovered it by hand (ncmgr cleanup --job)
 
 
 class Stop(TypedDict):

@@ -538,6 +538,7 @@ class State:
     def _recover(self, ev: Recover) -> None:
         """The attempt is gone (tasker lost, host rebooted, operator): requeue or give up."""
         job = self.jobs[ev["job"]]
+        self._control(job.id, ev["t"], "cleanup", ev.get("by"))
         self._release(job)
         if not ev.get("charge", True):
             job.tries -= 1  # not the job's fault (a planned stop): the attempt is not counted

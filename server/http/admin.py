@@ -67,7 +67,7 @@ def routes(srv: Service) -> list[BaseRoute]:
         await engine.durable()
         return JSON({"incomplete": out})
 
-    async def _operator(request: Request, what: str) -> None:
+    async def _operator(request: Request, what: str) -> str:
         """An operator or admin, in any mode (cleanup and sanity serve recovery too)."""
         who = await auth.identify(srv, request)
         if who.role == auth.TASKER:
@@ -75,10 +75,11 @@ def routes(srv: Service) -> list[BaseRoute]:
                 401, "unauthorized", "bad token: this needs the admin token or an operator"
             )
         identity.require(who, identity.OPERATOR, what)
+        return who.user
 
-    async def _cleanup(request: Request, make: Callable[[], list[Event]]) -> Response:
-        await _operator(request, "recover jobs by hand (cleanup)")
-        events = make()
+    async def _cleanup(request: Request, make: Callable[[str], list[Event]]) -> Response:
+        by = await _operator(request, "recover jobs by hand (cleanup)")
+        events = make(by)
         engine.emit(events)
         done = cleanup.summary(srv.state, events)  # before the next dispatch pass runs
         await engine.durable()
@@ -86,10 +87,12 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.post(API + "/cleanup/jobs/{job_id}")
     async def cleanup_job(request: Request, job_id: int) -> Response:
-        return await _cleanup(request, lambda: commands.recover_job(srv.state, job_id, time.time()))
+        return await _cleanup(
+            request, lambda by: commands.recover_job(srv.state, job_id, time.time(), by)
+        )
 
     @router.post(API + "/cleanup/hosts/{host}")
     async def cleanup_host(request: Request, host: str) -> Response:
-        return await _cleanup(request, lambda: commands.dead_host(srv.state, host, time.time()))
+        return await _cleanup(request, lambda _: commands.dead_host(srv.state, host, time.time()))
 
     return list(router.routes)
