@@ -14,6 +14,7 @@ import grp
 import hashlib
 import os
 import pwd
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ ROLES = (READONLY, USER, OPERATOR, ADMIN)  # each may what the ones before it ma
 RANK = {r: i for i, r in enumerate(ROLES)}
 TOKEN_PREFIX = "crq_"
 MAX_NOTE = 200
+
+#: a user name as useradd takes it (and a trailing $ for machine accounts): what a tasker
+#: host resolves a job's owner by, what a need's key and the logs show
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\$?$")
+
+
+def valid_user(name: str) -> bool:
+    return USER_NAME.match(name) is not None
+
 
 # the rules a 403 names
 OWN_JOBS = "own-jobs"

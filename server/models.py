@@ -178,7 +178,9 @@ class TokenRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    user: str | None = Field(default=None, min_length=1, max_length=64)
+    user: str | None = Field(
+        default=None, min_length=1, max_length=65, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\$?$"
+    )
     role: Literal["admin", "operator", "user", "readonly"] | None = None
     expires: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
     note: str | None = Field(default=None, max_length=200)

@@ -29,6 +29,7 @@ from crq.server.identity import (
     require,
     role_of,
     token_hash,
+    valid_user,
 )
 from crq.server.models import BadRequest
 from crq.server.service import Recovering, Service
@@ -111,6 +112,10 @@ async def identify(srv: Service, request: Request, taskers: bool = False) -> Ide
     if scheme == "munge":
         return await _munge_identity(srv, cred, taskers)
     acting_for = request.headers.get(USER_HEADER.lower()) or None
+    if acting_for is not None and not valid_user(acting_for):
+        raise BadRequest(
+            422, "invalid", f"{USER_HEADER}: a user name (letters, digits, . _ -; up to 64)"
+        )
     who = _token_identity(srv, cred.encode(), acting_for)
     if who is None:
         return Identity("tasker", TASKER, "tasker_token")

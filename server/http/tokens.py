@@ -78,10 +78,8 @@ def _issue_body(who: Identity, data: Any) -> tuple[str, str | None, float | None
     role = data.get("role")
     expires = data.get("expires")
     note = data.get("note") or ""
-    if not isinstance(user, str) or not 0 < len(user) <= 64 or not user.isprintable():
-        raise BadRequest(422, "invalid", "user: a name of 1 to 64 printable characters")
-    if " " in user or ":" in user:
-        raise BadRequest(422, "invalid", "user: no spaces or colons")
+    if not isinstance(user, str) or not identity.valid_user(user):
+        raise BadRequest(422, "invalid", "user: a user name (letters, digits, . _ -; up to 64)")
     if role is not None and role not in ROLES:
         raise BadRequest(422, "invalid", f"role: one of {', '.join(reversed(ROLES))}")
     if expires is not None and (

@@ -221,6 +221,22 @@ def test_a_token_is_no_more_than_its_holder(
     assert srv.request("GET", f"/jobs/{r.json()['ids'][0]}")["user"] == BOB
 
 
+@pytest.mark.parametrize("name", ["a b", "../etc", "-rf", "x" * 70, "bob:0", "é"])
+def test_a_user_name_must_be_one_a_host_could_have(
+    crq_server: Callable[..., CrqServer], tmp_path: Path, name: str
+) -> None:
+    """Owners are resolved by name on every tasker host: X-Crq-User and a token's user are
+    user names, or a 422 that changes nothing."""
+    srv = _server(crq_server, tmp_path)
+    r = srv.api("POST", "/jobs", json=QUEUED, headers={"X-Crq-User": name.encode()})
+    assert r.status_code == 422 and "X-Crq-User" in r.json()["message"], r.text
+    r = srv.api("POST", "/tokens", json={"user": name})
+    assert r.status_code == 422, r.text
+    assert (
+        srv.request("GET", "/jobs")["jobs"] == [] and srv.request("GET", "/tokens")["tokens"] == []
+    )
+
+
 def test_forged_expired_and_revoked_tokens_get_401(
     crq_server: Callable[..., CrqServer], tmp_path: Path
 ) -> None:
