@@ -516,6 +516,10 @@ class Client:
         if "command" not in body:
             raise CrqError("a job needs a command", code="usage")
         body.setdefault("cwd", os.getcwd())
+        if body.get("after"):  # job ids alone mean afterok, as `crq submit --after`
+            body["after"] = [
+                {"type": "afterok", "job": a} if isinstance(a, int) else a for a in body["after"]
+            ]
         return body
 
     def submit(
@@ -584,6 +588,13 @@ class Client:
 
     def rerun(self, job_id: int) -> Job:
         return self._object("POST", f"jobs/{int(job_id)}/rerun")
+
+    def hold(self, job_id: int) -> Job:
+        """Keep a queued or waiting job from dispatch, at its place in the queue."""
+        return self._object("POST", f"jobs/{int(job_id)}/hold")
+
+    def release(self, job_id: int) -> Job:
+        return self._object("POST", f"jobs/{int(job_id)}/release")
 
     def forget(self, job_id: int) -> Forgotten:
         return cast(Forgotten, self._object("DELETE", f"jobs/{int(job_id)}"))

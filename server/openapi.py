@@ -80,6 +80,10 @@ _JOB: dict[str, Schema] = {
     "exit_code": _nullable("integer"),
     "signal": _nullable("integer"),
     "reason": _nullable("string"),
+    "held": BOOL,
+    "after": {"type": "array", "items": {"type": "array"}},  # [type, parent id] pairs
+    "array": _nullable("integer"),
+    "index": _nullable("integer"),
 }
 
 #: Answers (what the handlers in server/app.py return), beside the request models.
@@ -267,6 +271,20 @@ OPS: dict[tuple[str, str], Op] = {
     ),
     ("post", "/api/v1/jobs/{job_id}/rerun"): (
         "Queue an ended job again",
+        200,
+        "Job",
+        CLIENT + JOB_ID + (409,),
+        True,
+    ),
+    ("post", "/api/v1/jobs/{job_id}/hold"): (
+        "Keep a queued or waiting job from dispatch, at its place",
+        200,
+        "Job",
+        CLIENT + JOB_ID + (409,),
+        True,
+    ),
+    ("post", "/api/v1/jobs/{job_id}/release"): (
+        "Let a held job go",
         200,
         "Job",
         CLIENT + JOB_ID + (409,),

@@ -17,7 +17,7 @@ from crq.server.commands import expire_keys, lose_tasker
 from crq.server.monitor import silent
 from crq.server.service import Service
 
-from crq.wire import DONE, MODE_NORMAL, QUEUED, RUNNING
+from crq.wire import DONE, FINAL_STATES, MODE_NORMAL
 
 log = logging.getLogger("crq.tasks")
 monitor_log = logging.getLogger("crq.monitor")
@@ -70,7 +70,7 @@ async def _autoforget(srv: Service) -> None:
                 for i in ids[start : start + 20_000]
                 if (j := jobs.get(i)) is not None
                 and j.ended is not None
-                and j.state not in (QUEUED, RUNNING)
+                and j.state in FINAL_STATES
                 and j.ended < (old_done if j.state == DONE else old_other)
             ]
             if gone:

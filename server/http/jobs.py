@@ -23,6 +23,7 @@ from crq.wire import (
     JOB_STATES,
     QUEUED,
     RUNNING,
+    WAITING,
 )
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
@@ -90,7 +91,7 @@ def routes(srv: Service) -> list[BaseRoute]:
     async def wait_job(request: Request, job_id: int, timeout: float = 30.0) -> Response:
         await auth.client(srv, request)
         job = _get_job(job_id)
-        if job.state in (QUEUED, RUNNING):
+        if job.state in (QUEUED, WAITING, RUNNING):
             await engine.wait_final(job_id, max(0.0, min(timeout, 300.0)))
         await engine.durable()
         job = srv.state.jobs.get(job_id, job)
@@ -122,6 +123,14 @@ def routes(srv: Service) -> list[BaseRoute]:
     @router.post(API + "/jobs/{job_id}/rerun")
     async def rerun_job(request: Request, job_id: int) -> Response:
         return await _control(request, job_id, "rerun", commands.rerun)
+
+    @router.post(API + "/jobs/{job_id}/hold")
+    async def hold_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, "hold", commands.hold)
+
+    @router.post(API + "/jobs/{job_id}/release")
+    async def release_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, "release", commands.release)
 
     @router.delete(API + "/jobs/{job_id}")
     async def forget_job(request: Request, job_id: int) -> Response:
