@@ -750,16 +750,25 @@ class Client:
         *,
         after: int | None = None,
         page_size: int = 1000,
+        array: int | None = None,
     ) -> Iterator[Job]:
         """Every matching job (without env/attempts), oldest first, fetching page after page;
-        ``limit`` caps the total."""
+        ``limit`` caps the total; ``array``: the elements of that array only."""
         count = 0
         while True:
             size = page_size if limit is None else min(page_size, limit - count)
             if size <= 0:
                 return
             page = self.request(
-                "GET", "jobs", params={"state": state, "user": user, "limit": size, "after": after}
+                "GET",
+                "jobs",
+                params={
+                    "state": state,
+                    "user": user,
+                    "limit": size,
+                    "after": after,
+                    "array": array,
+                },
             )
             for job in page.get("jobs") or []:
                 yield job

@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list jobs")
     p.add_argument("--state", "-s", choices=wire.JOB_STATES)
     p.add_argument("--user", "-u", metavar="U")
+    p.add_argument("--array", type=int, metavar="ID", help="the elements of array ID")
     p.add_argument("--queue-order", action="store_true", help="queued jobs in dispatch order")
     p.add_argument("--limit", "-n", type=positive_int, metavar="N", help="show at most N jobs")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -487,7 +488,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if job is not None:
                     jobs.append(job)
         else:
-            jobs = list(client.list(state=args.state, user=args.user, limit=args.limit))
+            jobs = list(
+                client.list(state=args.state, user=args.user, limit=args.limit, array=args.array)
+            )
     if args.json:
         for job in jobs:
             print(json.dumps(job, sort_keys=True))

@@ -252,7 +252,7 @@ JOB_ID = (404, 422)
 Op = tuple[str, int, str, tuple[int, ...], bool]
 OPS: dict[tuple[str, str], Op] = {
     ("post", "/api/v1/jobs"): ("Submit one job spec or a batch", 201, "Ids", CLIENT + BODY, True),
-    ("get", "/api/v1/jobs"): ("List jobs, paged", 200, "JobPage", CLIENT + (400, 422), True),
+    ("get", "/api/v1/jobs"): ("List jobs, paged", 200, "JobPage", CLIENT + (400, 404, 422), True),
     ("get", "/api/v1/jobs/{job_id}"): ("One job, with attempts", 200, "Job", CLIENT + JOB_ID, True),
     ("get", "/api/v1/jobs/{job_id}/wait"): (
         "Long poll until the job ends (at most `timeout` s, 300 at most)",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from crq.server import commands, identity
@@ -42,6 +42,7 @@ def routes(srv: Service) -> list[BaseRoute]:
         user: str | None = None,
         limit: int = 1000,
         after: int = 0,
+        array: int | None = None,
     ) -> Response:
         await auth.client(srv, request)
         if state is not None and state not in JOB_STATES:
@@ -51,7 +52,12 @@ def routes(srv: Service) -> list[BaseRoute]:
         nxt = None
         st = srv.state
         # ids are monotonic: a page after N starts at N+1 instead of rescanning from the first
-        ids = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
+        ids: Iterable[int] = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
+        if array is not None:  # the elements of one array: its range of ids
+            arr = st.arrays.get(array)
+            if arr is None:
+                raise BadRequest(404, "not_found", f"no array {array}")
+            ids = range(max(arr.first, after + 1), arr.first + arr.count)
         # A sparse filter (a few running jobs among a million) would walk every id in one
         # go and stall the event loop: stop after SCAN_BUDGET ids and give ``next`` so the
         # client goes on from there. A page may then be short, even empty, with a ``next``.

@@ -3,6 +3,7 @@ real commands, the real ``crq``, and a kill -9 of the server in the middle of a 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -68,7 +69,8 @@ def test_an_array_runs_each_index_within_its_cap(
     marks.mkdir()
     # each element notes its index, then counts the elements running beside it
     script = (
-        f"touch {marks}/run.$CRQ_ARRAY_INDEX; ls {marks} | grep -c run > {marks}/seen.$CRQ_ARRAY_INDEX;"
+        f"touch {marks}/run.$CRQ_ARRAY_INDEX;"
+        f" ls {marks} | grep -c run > {marks}/seen.$CRQ_ARRAY_INDEX;"
         f" sleep 0.3; rm {marks}/run.$CRQ_ARRAY_INDEX; echo $CRQ_ARRAY_ID:$CRQ_ARRAY_INDEX"
     )
     log = str(tmp_path / "out.%A_%a.log")
@@ -81,6 +83,10 @@ def test_an_array_runs_each_index_within_its_cap(
         assert out == f"{first}:{index}"
         assert int((marks / f"seen.{index}").read_text()) <= 2  # never more than %2 at once
         assert job(srv, first + k)["index"] == index and job(srv, first + k)["array"] == first
+    listed = ok(srv, "list", "--array", str(first), "--json").splitlines()
+    assert [json.loads(line)["index"] for line in listed] == list(range(2, 13, 2))
+    out = crq(srv, "list", "--array", str(first + 1))
+    assert out.returncode != 0 and f"no array {first + 1}" in out.stderr
 
 
 def test_hold_and_release_from_the_command_line(
