@@ -489,6 +489,20 @@ def revoke_token(state: State, token_id: str, by: str, now: float) -> list[Event
     return [ev]
 
 
+TOKEN_KEEP = 86_400.0  # an expired token is still listed (as expired) for a day, then dropped
+
+
+def prune_tokens(state: State, now: float, keep: float = TOKEN_KEEP) -> list[Event]:
+    """Expired tokens are dropped a while after they expired (a periodic task), as
+    revocations by ``expiry``: they open nothing already; kept, they would pile up."""
+    out: list[Event] = []
+    for t in state.tokens.values():
+        if t.expires is not None and t.expires < now - keep:
+            ev: TokenRevoke = {"e": "token_revoke", "t": now, "id": t.id, "by": "expiry"}
+            out.append(ev)
+    return out
+
+
 @dataclass
 class Outcome:
     """What a tasker's reports lead to: events to apply, reports to ack, attempts to kill."""
