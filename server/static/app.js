@@ -8,7 +8,7 @@
 
 const API = "/api/v1";
 const PAGE = 50;
-const STATES = ["queued", "running", "done", "failed", "stopped", "lost"];
+const STATES = ["queued", "waiting", "running", "done", "failed", "stopped", "lost"];
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -249,8 +249,10 @@ function renderDetail(j) {
   $("d-notyours").textContent = !may("submit")
     ? `role ${ui.me && ui.me.role}: read only`
     : `job of ${j.user}: only an operator or admin may control it`;
-  const live = j.state === "queued" || j.state === "running";
+  const live = j.state === "queued" || j.state === "waiting" || j.state === "running";
   $("d-stop").disabled = !live;
+  $("d-hold").hidden = j.held || !(j.state === "queued" || j.state === "waiting");
+  $("d-release").hidden = !j.held;
   $("d-rerun").disabled = live;
   $("d-forget").disabled = j.state === "running";
 }
@@ -477,6 +479,8 @@ function init() {
   $("d-close").addEventListener("click", closeDetail);
   $("d-stop").addEventListener("click", () => act("stop"));
   $("d-rerun").addEventListener("click", () => act("rerun"));
+  $("d-hold").addEventListener("click", () => act("hold"));
+  $("d-release").addEventListener("click", () => act("release"));
   $("d-forget").addEventListener("click", () => act("forget"));
   $("submit").addEventListener("submit", submitJob);
   if (ui.token) refresh();
