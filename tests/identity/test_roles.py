@@ -81,6 +81,8 @@ LEAST: dict[tuple[str, str], str] = {
     ("get", "/api/v1/queue"): "readonly",
     ("post", "/api/v1/jobs/{job_id}/stop"): "own",
     ("post", "/api/v1/jobs/{job_id}/rerun"): "own",
+    ("post", "/api/v1/jobs/{job_id}/hold"): "own",
+    ("post", "/api/v1/jobs/{job_id}/release"): "own",
     ("delete", "/api/v1/jobs/{job_id}"): "own",
     ("get", "/api/v1/taskers"): "readonly",
     ("get", "/api/v1/server"): "readonly",
@@ -172,18 +174,31 @@ def test_users_control_only_their_own_jobs(
     alice, bob, op = _issue(srv, ALICE), _issue(srv, BOB), _issue(srv, "crqtop")
     [job] = _as(srv, bob, "POST", "/jobs", json=QUEUED).json()["ids"]
     assert srv.request("GET", f"/jobs/{job}")["user"] == BOB
-    for method, path in (("POST", "stop"), ("POST", "rerun"), ("DELETE", "")):
+    for method, path in (
+        ("POST", "stop"),
+        ("POST", "rerun"),
+        ("POST", "hold"),
+        ("POST", "release"),
+        ("DELETE", ""),
+    ):
         r = _as(srv, alice, method, f"/jobs/{job}/{path}".rstrip("/"))
         assert r.status_code == 403, r.text
         assert r.json()["rule"] == "own-jobs"
         assert BOB in r.json()["message"] and ALICE in r.json()["message"]
     assert srv.request("GET", f"/jobs/{job}")["state"] == "queued"  # refused: nothing changed
+    assert _as(srv, bob, "POST", f"/jobs/{job}/hold").json()["state"] == "waiting"  # its own
+    assert _as(srv, bob, "POST", f"/jobs/{job}/release").json()["state"] == "queued"
     r = _as(srv, op, "POST", f"/jobs/{job}/stop")
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "stopped"
     assert _as(srv, bob, "POST", f"/jobs/{job}/rerun").status_code == 200
     history = srv.request("GET", f"/jobs/{job}")["history"]
-    assert [(h["action"], h["by"]) for h in history] == [("stop", "crqtop"), ("rerun", BOB)]
+    assert [(h["action"], h["by"]) for h in history] == [
+        ("hold", BOB),
+        ("release", BOB),
+        ("stop", "crqtop"),
+        ("rerun", BOB),
+    ]
 
 
 def test_a_readonly_user_lists_but_does_not_submit(
