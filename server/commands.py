@@ -34,6 +34,8 @@ from crq.server import identity
 from crq.server.events import EpochEvent, Event, Rerun, Stop, TokenIssue, TokenRevoke, spec_bytes
 from crq.server.models import (
     MAX_BATCH,
+    MAX_KILL_GRACE,
+    MAX_TIME_LIMIT,
     AttemptRef,
     BadRequest,
     Batch,
@@ -177,22 +179,51 @@ class Submission:
                 digest = env_digest(env) if env else None
             if env and digest is not None and digest not in self.envs:
                 self.envs[digest] = env
+            command = spec.command
+            if command is None and spec.script is None:
+                raise BadRequest(422, "invalid", f"{where}command: is required")
+            if spec.script is not None and isinstance(command, str):
+                raise BadRequest(
+                    422, "invalid", f"{where}command: with a script, a list of its arguments"
+                )
             rows.append(
                 [
                     i,
                     spec.priority,
                     need.resources,
-                    spec.name or _default_name(spec.command),
+                    spec.name or (_default_name(command) if command else "script"),
                     digest,
                     spec.rerunnable,
                     spec.max_attempts,
                 ]
             )
-            self.specs.append(
-                spec_bytes(
-                    {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log}
-                )
-            )
+            stored: dict[str, Any] = {
+                "command": command or [],
+                "cwd": spec.cwd or os.getcwd(),
+                "log": spec.log,
+            }
+            # the new keys only when set: a plain job's spec costs what it did
+            if spec.time_limit is not None:
+                if not 0 < spec.time_limit <= MAX_TIME_LIMIT:
+                    raise BadRequest(
+                        422,
+                        "invalid",
+                        f"{where}time_limit: must be a number of seconds above 0 and at most "
+                        f"{MAX_TIME_LIMIT:.0f} (366 days)",
+                    )
+                stored["time_limit"] = spec.time_limit
+            if spec.kill_grace is not None:
+                if not 0 <= spec.kill_grace <= MAX_KILL_GRACE:
+                    raise BadRequest(
+                        422,
+                        "invalid",
+                        f"{where}kill_grace: must be a number of seconds from 0 to "
+                        f"{MAX_KILL_GRACE:.0f}",
+                    )
+                stored["kill_grace"] = spec.kill_grace
+            if spec.script is not None:
+                stored["script"] = spec.script
+            self.specs.append(spec_bytes(stored))
 
     def env_slices(self, state: State) -> Iterator[list[Event]]:
         """The env events of a big batch, a slice at a time, numbered from the state as it

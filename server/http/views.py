@@ -11,6 +11,7 @@ from crq.server.state import TASKER_LOST, Job, State
 from starlette.responses import Response
 
 API = "/api/v1"
+LIMIT_KEYS = ("time_limit", "kill_grace")
 
 
 class JSON(Response):
@@ -50,6 +51,11 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
         "signal": job.signal,
         "reason": job.reason,
     }
+    for key in LIMIT_KEYS:  # only in the spec of a job that has them
+        if key in spec:
+            out[key] = spec[key]
+    if full and "script" in spec:
+        out["script"] = spec["script"]
     if full:
         out["env"] = state.env_of(job)
         out["attempts"] = [a.to_dict() for a in job.attempts or ()]
@@ -89,7 +95,7 @@ def tasker_json(srv: Service, name: str) -> dict[str, Any]:
 
 def dispatch_json(state: State, job: Job) -> dict[str, Any]:
     spec = orjson.loads(job.spec)
-    return {
+    out = {
         "job": job.id,
         "attempt": job.attempt,
         "command": spec["command"],
@@ -99,3 +105,10 @@ def dispatch_json(state: State, job: Job) -> dict[str, Any]:
         "name": job.name,
         "user": job.user,  # a root tasker runs the job as this user (tasker/runas.py)
     }
+    for key in (*LIMIT_KEYS, "script"):
+        if key in spec:
+            out[key] = spec[key]
+    ram = dict(job.need.local).get("RAM")
+    if ram:
+        out["ram"] = ram  # MB: what a tasker with --enforce-memory holds the job to
+    return out
