@@ -71,6 +71,21 @@ def test_a_job_runs_with_its_owners_uid_gid_groups_and_home(rig: tuple[CrqServer
     assert grp.getgrnam(OPS).gr_gid in set(os.getgrouplist(CAROL, users.gid[CAROL]))
 
 
+def test_a_stored_script_runs_as_its_owner_from_a_private_state_dir(
+    rig: tuple[CrqServer, Users],
+) -> None:
+    """The owner cannot reach the tasker's state dir (0700 under root's tmp): the script is
+    handed over open, and is the owner's own 0700 file."""
+    srv, users = rig
+    body = 'id -u; echo "arg $1"; stat -L -c "%u %a" "$0"; test -w "$0" && echo writable\n'
+    for script in (body, "#!/bin/sh\n" + body):
+        j = _run(srv, ALICE, script=script, command=["x"], cwd=str(users.home(ALICE)))
+        assert j["state"] == "done", j
+        uid, arg, st, *rest = Path(j["log"]).read_text().splitlines()
+        assert (int(uid), arg, st) == (users.uid[ALICE], "arg x", f"{users.uid[ALICE]} 700")
+        assert rest == ["writable"]  # its own file: the owner may, nobody else
+
+
 def test_a_job_writes_only_what_its_owner_may(rig: tuple[CrqServer, Users]) -> None:
     srv, users = rig
     bob_file = users.home(BOB) / "mine"
