@@ -150,6 +150,15 @@ def _make_base(memory: Memory) -> Memory:
     return memory
 
 
+def limit_mb(group: Path) -> int:
+    """The limit set on an attempt's group, in MB (the N of its RAM/N)."""
+    for name in ("memory.max", "memory.limit_in_bytes"):
+        path = group / name
+        if path.exists():
+            return int(path.read_text().strip()) // MB
+    raise ValueError(f"no memory limit in {group}")
+
+
 def _counts(path: Path) -> dict[str, int]:
     """``name value`` lines (memory.events, memory.oom_control) as a dict."""
     out: dict[str, int] = {}

@@ -32,6 +32,7 @@ from crq.tasker.procs import (
     run_as_argv,
     wrapper_alive,
     wrapper_argv,
+    wrapper_env,
 )
 from crq.tasker.runas import Owner, Owners
 from crq.tasker.statedir import Key, StateDir, read_status
@@ -46,6 +47,7 @@ SIGDEF = tuple(
     s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP) and s < 65
 )
 MAX_REASON = 1000  # the server takes up to 4096; a report it refuses would wedge the slot
+LIMIT_ENV, GRACE_ENV = "CRQ_TIME_LIMIT", "CRQ_KILL_GRACE"  # in a limited job's environment
 TIME_LIMIT = "time limit"  # the reason of an attempt ended by its time limit (SPEC 10)
 LIMIT_GRACE = 30.0  # SIGTERM to SIGKILL at a time limit, unless the job says (kill_grace)
 SCRIPT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -411,6 +413,9 @@ class Runner:
         if bad:
             self._fail(key, now, bad)
             return None
+        if limits.limit is not None:
+            # for the job, and for a restarted tasker that finds it running unrecorded
+            env[LIMIT_ENV], env[GRACE_ENV] = f"{limits.limit:g}", f"{limits.grace:g}"
         owner, why = self.owners.decide(d.get("user"))
         if owner is not None:
             why = runas.refusal(owner, cwd, logpath)
@@ -877,14 +882,7 @@ class Runner:
             job = _Job.from_record(key, rec, now, self.state.status_path(key))
             self._settle(job, rebooted)
         found = [
-            _Job(
-                key[0],
-                key[1],
-                pid,
-                pid,
-                procfs.start_time(pid),
-                orphan_status(pid, key, self.state),
-            )
+            self._orphan(key, pid)
             for key, pid in orphans.items()
             if key not in records and key not in results
         ]
@@ -917,6 +915,23 @@ class Runner:
         self._sweep()
         adopted, pending = self.counts()
         return adopted, pending
+
+    def _orphan(self, key: Key, pid: int) -> _Job:
+        """An attempt found running without a record (spawned just before a crash): its
+        limits from its wrapper's environment, its script and group where they would be."""
+        job = _Job(*key, pid, pid, procfs.start_time(pid), orphan_status(pid, key, self.state))
+        env = wrapper_env(pid)
+        with contextlib.suppress(KeyError, ValueError):
+            job.limit = float(env[LIMIT_ENV])
+            job.grace = float(env[GRACE_ENV])
+        job.script = self.state.script_path(key).exists()
+        if self.memory is not None:
+            group = self.memory.group(f"{key[0]}.{key[1]}")
+            if group.is_dir():
+                job.cgroup = str(group)
+                with contextlib.suppress(OSError, ValueError):
+                    job.ram = cgroups.limit_mb(group)
+        return job
 
     def _sweep(self) -> None:
         """Remove the scripts and memory groups of attempts no longer here (a crash left)."""

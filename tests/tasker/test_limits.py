@@ -203,6 +203,24 @@ def test_a_limit_kill_while_no_tasker_watched_is_a_time_limit_not_a_lost_attempt
     assert res["reason"] == TIME_LIMIT and not res.get("lost"), res
 
 
+def test_a_limited_job_found_running_without_a_record_keeps_its_limit(
+    state: StateDir, work: Path
+) -> None:
+    """Spawned just before a crash, never recorded: the limit is read back from the
+    wrapper's environment (CRQ_TIME_LIMIT, CRQ_KILL_GRACE, the job's to read too)."""
+    d = dispatch(1, work, 'echo "$CRQ_TIME_LIMIT $CRQ_KILL_GRACE"; exec sleep 60', time_limit=2)
+    _vanish(state, work, d, "at once")
+    state.remove_attempts([(1, 1)])  # as if the record had never been written
+    r = Runner(state)
+    try:
+        assert r.recover() == (1, 0)
+        res = finished(r, (1, 1))
+    finally:
+        r.close()
+    assert (res["reason"], res["signal"]) == (TIME_LIMIT, signal.SIGTERM), res
+    assert (work / "job1.log").read_text().startswith("2 30\n")
+
+
 # -- stored scripts --------------------------------------------------------------------------
 
 
@@ -404,3 +422,26 @@ def test_e2e_a_tasker_without_cgroups_says_it_cannot_enforce_memory_and_runs(
     finally:
         t.kill9()
         kill_jobs(t.state)
+
+
+@e2e
+def test_e2e_a_job_over_its_ram_fails_out_of_memory(
+    srv: CrqServer, tmp_path: Path, work: Path
+) -> None:
+    probe = StateDir(tmp_path / "tk3.state")
+    memory = _real_memory(probe)  # the tasker's base group (it uses the same state id)
+    args = ("--swd", str(srv.swd), "--enforce-memory", "--resources", "RAM/4000")
+    t = Tasker(probe.root, *args, name="tk3")
+    t.start()
+    try:
+        big = spec(work, [a.format(mb=200) for a in ALLOCATE], resources="RAM/50")
+        [job] = srv.submit(big)
+        j = srv.wait(job)
+        assert (j["state"], j["reason"], j["signal"]) == ("failed", "out of memory (RAM/50)", 9)
+        assert f"enforcing RAM/N with cgroup {memory.version} under {memory.base}" in t.log()
+        wait_until(lambda: not any(p.is_dir() for p in memory.base.iterdir()))
+    finally:
+        t.kill9()
+        kill_jobs(t.state)
+        memory.sweep(set())
+        memory.base.rmdir()
