@@ -21,26 +21,52 @@ log = logging.getLogger("crq.tasker")
 NAP = 5.0
 
 
+class Alarm:
+    """One call to come; ``Alarms.cancel`` drops it (a job that ended before its limit)."""
+
+    __slots__ = ("call", "cancelled")
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self.call: Callable[[], None] | None = call
+        self.cancelled = False
+
+
 class Alarms:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[tuple[float, int, Alarm]] = []
+        self._cancelled = 0
         self._order = itertools.count()  # ties in time go first come, first served
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def at(self, when: float, call: Callable[[], None]) -> None:
+    def at(self, when: float, call: Callable[[], None]) -> Alarm:
         """Have ``call()`` run at ``when`` (``time.time()`` seconds), or at once if past."""
+        alarm = Alarm(call)
         with self._cond:
-            heapq.heappush(self._heap, (when, next(self._order), call))
+            heapq.heappush(self._heap, (when, next(self._order), alarm))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="alarms", daemon=True)
                 self._thread.start()
             self._cond.notify()
+        return alarm
+
+    def cancel(self, alarm: Alarm) -> None:
+        """Drop it: the heap then holds no reference to what it would have called, and a
+        tasker running many short jobs with long limits does not grow with them."""
+        with self._cond:
+            if alarm.cancelled or alarm.call is None:
+                return
+            alarm.cancelled, alarm.call = True, None
+            self._cancelled += 1
+            if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
+                self._heap = [item for item in self._heap if not item[2].cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
 
     def pending(self) -> int:
         with self._cond:
-            return len(self._heap)
+            return len(self._heap) - self._cancelled
 
     def close(self) -> None:
         with self._cond:
@@ -55,7 +81,13 @@ class Alarms:
                     self._cond.wait(min(max(left, 0.0), NAP))
                 if self._closed:
                     return
-                _, _, call = heapq.heappop(self._heap)
+                _, _, alarm = heapq.heappop(self._heap)
+                if alarm.cancelled:
+                    self._cancelled -= 1
+                    continue
+                call, alarm.call = alarm.call, None
+            if call is None:
+                continue
             try:
                 call()
             except Exception:  # one bad call must not stop the limits of the others

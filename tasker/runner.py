@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from crq.tasker import cgroups, runas
-from crq.tasker.alarms import Alarms
+from crq.tasker.alarms import Alarm, Alarms
 from crq.tasker.cgroups import Memory
 from crq.tasker.outbox import Outbox
 from crq.tasker.procs import (
@@ -97,6 +97,7 @@ class _Job:
     cgroup: str | None = None  # its memory group, when the tasker enforces memory
     script: bool = False  # runs a stored script (state.script_path): removed at the end
     oom: bool = False  # the kernel killed in its group for memory
+    alarm: Alarm | None = None  # its time limit to come (cancelled when it ends first)
 
     @property
     def key(self) -> Key:
@@ -366,8 +367,8 @@ class Runner:
                 self.outbox.add_started(job.running_report())
         for job, name in zip(jobs, names, strict=True):
             log.debug("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
+            self._arm(job)  # before the watch: an end cancels the alarm it finds
             self._watch(job)
-            self._arm(job)
         self.on_event()
         return len(jobs)
 
@@ -775,7 +776,11 @@ class Runner:
         self.on_event()
 
     def _clean_up(self, jobs: list[_Job]) -> None:
-        """What an ended attempt leaves: its stored script, its memory group."""
+        """What an ended attempt leaves: its time limit to come, its stored script, its
+        memory group."""
+        for job in jobs:
+            if job.alarm is not None:
+                self.alarms.cancel(job.alarm)
         self.state.remove_scripts(j.key for j in jobs if j.script)
         for job in jobs:
             if job.cgroup is not None and not cgroups.remove(Path(job.cgroup)):
@@ -792,7 +797,7 @@ class Runner:
             self._signal(job, signal.SIGTERM)
             self._schedule_sigkill(job, job.limit_at + job.grace - time.time())
             return
-        self.alarms.at(job.started + job.limit, lambda: self._time_limit(job))
+        job.alarm = self.alarms.at(job.started + job.limit, lambda: self._time_limit(job))
 
     def _time_limit(self, job: _Job) -> None:
         """SIGTERM at the limit, SIGKILL after the grace. Recorded first (fsynced), so a

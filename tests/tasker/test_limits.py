@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from crq.tasker import cgroups
+from crq.tasker.alarms import Alarms
 from crq.tasker.runner import TIME_LIMIT, Runner
 from crq.tasker.statedir import StateDir
 
@@ -52,6 +53,26 @@ def runner(state: StateDir) -> Iterator[Runner]:
     r = Runner(state)
     yield r
     r.close()
+
+
+def test_alarms_ring_in_time_order_and_cancelled_ones_are_let_go() -> None:
+    alarms = Alarms()
+    try:
+        rang: list[int] = []
+        now = time.time()
+        for i in (3, 1, 2):
+            alarms.at(now + i / 10, lambda i=i: rang.append(i))
+        wait_until(lambda: len(rang) == 3)
+        assert rang == [1, 2, 3]
+        far = [alarms.at(now + 3600, lambda: rang.append(0)) for _ in range(200)]
+        for a in far[:150]:
+            alarms.cancel(a)
+        assert alarms.pending() == 50
+        assert len(alarms._heap) <= 100  # compacted: the heap does not grow with ended jobs
+        alarms.cancel(far[0])  # twice: harmless
+        assert alarms.pending() == 50
+    finally:
+        alarms.close()
 
 
 # -- time limits -----------------------------------------------------------------------------
