@@ -108,7 +108,7 @@ def dispatch_json(state: State, job: Job) -> dict[str, Any]:
     for key in (*LIMIT_KEYS, "script"):
         if key in spec:
             out[key] = spec[key]
-    ram = dict(job.need.local).get("RAM")
-    if ram:
-        out["ram"] = ram  # MB: what a tasker with --enforce-memory holds the job to
+    for name, amount in job.need.local:  # a few pairs: no dict made per dispatch
+        if name == "RAM":
+            out["ram"] = amount  # MB: what a tasker with --enforce-memory holds the job to
     return out
