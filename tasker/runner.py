@@ -793,8 +793,10 @@ class Runner:
         recorded, so an attempt re-adopted after a restart keeps the deadline it had."""
         if job.limit is None:
             return
-        if job.limit_at is not None:  # enforced before a restart: see it through
-            self._signal(job, signal.SIGTERM)
+        if job.limit_at is not None:
+            # enforced before a restart: see it through. No second SIGTERM (one that traps it
+            # may be cleaning up); if the crash came between the record and the SIGTERM, the
+            # SIGKILL at the end of the grace still ends it
             self._schedule_sigkill(job, job.limit_at + job.grace - time.time())
             return
         job.alarm = self.alarms.at(job.started + job.limit, lambda: self._time_limit(job))
