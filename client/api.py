@@ -513,8 +513,8 @@ class Client:
     @staticmethod
     def _spec(spec: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
         body = {**(spec or {}), **fields}
-        if "command" not in body:
-            raise CrqError("a job needs a command", code="usage")
+        if "command" not in body and "script" not in body:
+            raise CrqError("a job needs a command (or a script)", code="usage")
         body.setdefault("cwd", os.getcwd())
         if body.get("after"):  # job ids alone mean afterok, as `crq submit --after`
             body["after"] = [

@@ -41,12 +41,15 @@ from crq.client.views import (
 )
 
 from crq import wire
+from crq.cliargs import slurm_time
 
 if TYPE_CHECKING:
     from crq.client.api import Client
 
 #: Waiting on at least this many jobs shows a progress line on stderr.
 PROGRESS_FROM = 10
+#: The server's limit on a stored script (server/models.py): refused here before sending.
+MAX_SCRIPT = 1 << 20
 #: Never copied into a job's environment: the job would carry the submitter's admin token.
 PRIVATE_ENV = frozenset({"CRQ_TOKEN", "CRQ_TASKER_TOKEN"})
 
@@ -217,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hold", action="store_true", help="submit held (crq release starts it)")
     p.add_argument(
+        "--time",
+        "-t",
+        type=slurm_time,
+        metavar="T",
+        help="time limit from the start: minutes, MM:SS, HH:MM:SS, D-HH:MM:SS (as Slurm), "
+        "or 90s, 30m, 8h; SIGTERM then, SIGKILL after --kill-grace",
+    )
+    p.add_argument(
+        "--kill-grace",
+        type=seconds,
+        metavar="S",
+        help="seconds from the SIGTERM of the time limit to the SIGKILL (default 30)",
+    )
+    p.add_argument(
+        "--script",
+        metavar="FILE",
+        help="keep FILE's content with the job and run it, with the remaining words as its "
+        "arguments (read now: the job runs even if FILE is gone by then)",
+    )
+    p.add_argument(
         "--wait",
         action="store_true",
         help="wait for the job(s) and exit like `crq wait`",
@@ -281,9 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command[:1] == ["--"]:
             command = command[1:]
         args.command = command
-        if args.file and command:
-            parser.error("submit: give either --file or a command, not both")
-        if not args.file and not command:
+        if args.file and (command or args.script):
+            parser.error("submit: give either --file or a command (or --script), not both")
+        if not args.file and not command and not args.script:
             parser.error("submit: missing command (crq submit [options] -- CMD ARGS…)")
         if args.file and args.log:
             parser.error("submit: -l cannot be used with --file (each job logs to crq.<id>.log)")
@@ -358,6 +381,22 @@ def read_commands(path: str) -> list[str]:
     return commands
 
 
+def read_script(path: str) -> str:
+    """A script's content for ``--script``, read at submit (as sbatch does); one that cannot
+    be read, is not UTF-8 or is over 1 MiB is a usage error: nothing is sent."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SCRIPT + 1)
+    except OSError as e:
+        raise UsageError(f"--script {path}: {e.strerror or e}") from None
+    if len(data) > MAX_SCRIPT:
+        raise UsageError(f"--script {path}: larger than {MAX_SCRIPT} bytes (1 MiB)")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--script {path}: not UTF-8 text (byte {e.start})") from None
+
+
 def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The job specs and the batch environment that ``crq submit`` sends."""
     cwd = os.path.abspath(os.path.expanduser(args.dir)) if args.dir else os.getcwd()
@@ -372,6 +411,13 @@ def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
         common["rerunnable"] = False
     if args.max_attempts is not None:
         common["max_attempts"] = args.max_attempts
+    if args.time is not None:
+        common["time_limit"] = args.time
+    if args.kill_grace is not None:
+        common["kill_grace"] = args.kill_grace
+    if args.script:
+        common["script"] = read_script(args.script)
+        common.setdefault("name", os.path.basename(args.script)[:256] or "script")
     env = job_env(args.env, args.setenv, cwd)
     after = [{"type": "afterok", "job": i} for ids in args.after for i in ids]
     after += [dep for deps in args.dependency for dep in deps]
@@ -383,8 +429,10 @@ def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
         if args.file:
             raise UsageError("--array: one command, not --file")
         common["array"] = args.array
-    if args.file:
-        commands: list[str | list[str]] = list(read_commands(args.file))
+    if args.script:
+        commands: list[str | list[str]] = [list(args.command)]
+    elif args.file:
+        commands = list(read_commands(args.file))
         if not commands:
             raise UsageError(f"{args.file}: no commands (blank and # lines are skipped)")
     else:

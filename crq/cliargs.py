@@ -70,3 +70,39 @@ def as_typed(check: Callable[[str], object]) -> Callable[[str], str]:
 
     parse.__name__ = getattr(check, "__name__", "value")
     return parse
+
+
+def slurm_time(text: str) -> float:
+    """argparse type: a time limit in seconds, written as Slurm's ``--time`` takes it.
+
+    As in Slurm a bare number is minutes (``90``); then ``MM:SS``, ``HH:MM:SS``, ``D-HH``,
+    ``D-HH:MM`` and ``D-HH:MM:SS``. A unit says it outright: ``90s``, ``30m``, ``8h``, ``2d``.
+    """
+    t = text.strip()
+    if t[-1:].lower() in UNITS and t[:-1].replace(".", "", 1).isdigit():
+        try:
+            return duration(t)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(_bad_time(text)) from None
+    days, hms = 0, t
+    if "-" in t:
+        head, hms = t.split("-", 1)
+        if not head.isdigit():
+            raise argparse.ArgumentTypeError(_bad_time(text))
+        days = int(head)
+    parts = hms.split(":")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(_bad_time(text))
+    numbers = [int(p) for p in parts]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        scales: tuple[int, ...] = (3600, 60, 1)[: len(parts)]
+    else:  # minutes, MM:SS, HH:MM:SS
+        scales = ((60,), (60, 1), (3600, 60, 1))[len(parts) - 1]
+    value = days * 86400 + sum(n * s for n, s in zip(numbers, scales, strict=True))
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a time limit above zero, not {text!r}")
+    return float(value)
+
+
+def _bad_time(text: str) -> str:
+    return f"not a time limit: {text!r} (minutes, MM:SS, HH:MM:SS, D-HH:MM:SS, or 90s, 30m, 8h)"

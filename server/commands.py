@@ -46,6 +46,8 @@ from crq.server.events import (
 from crq.server.models import (
     MAX_ARRAY,
     MAX_BATCH,
+    MAX_KILL_GRACE,
+    MAX_TIME_LIMIT,
     After,
     AttemptRef,
     BadRequest,
@@ -195,27 +197,59 @@ class Submission:
                 digest = env_digest(env) if env else None
             if env and digest is not None and digest not in self.envs:
                 self.envs[digest] = env
+            command = spec.command
+            if command is None and spec.script is None:
+                raise BadRequest(422, "invalid", f"{where}command: is required")
+            if spec.script is not None and isinstance(command, str):
+                raise BadRequest(
+                    422, "invalid", f"{where}command: with a script, a list of its arguments"
+                )
             rows.append(
                 [
                     i,
                     spec.priority,
                     need.resources,
-                    spec.name or _default_name(spec.command),
+                    spec.name or (_default_name(command) if command else "script"),
                     digest,
                     spec.rerunnable,
                     spec.max_attempts,
                 ]
             )
-            cold = {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log}
+            stored: dict[str, Any] = {
+                "command": command or [],
+                "cwd": spec.cwd or os.getcwd(),
+                "log": spec.log,
+            }
+            # the new keys only when set: a plain job's spec costs what it did
+            if spec.time_limit is not None:
+                if not 0 < spec.time_limit <= MAX_TIME_LIMIT:
+                    raise BadRequest(
+                        422,
+                        "invalid",
+                        f"{where}time_limit: must be a number of seconds above 0 and at most "
+                        f"{MAX_TIME_LIMIT:.0f} (366 days)",
+                    )
+                stored["time_limit"] = spec.time_limit
+            if spec.kill_grace is not None:
+                if not 0 <= spec.kill_grace <= MAX_KILL_GRACE:
+                    raise BadRequest(
+                        422,
+                        "invalid",
+                        f"{where}kill_grace: must be a number of seconds from 0 to "
+                        f"{MAX_KILL_GRACE:.0f}",
+                    )
+                stored["kill_grace"] = spec.kill_grace
+            if spec.script is not None:
+                stored["script"] = spec.script
             if spec.hold:
                 self.held.append(i)
             if spec.array is not None:
                 self._array(spec, where)
             if spec.after:
-                self.after[i] = (self._after(state, spec.after, i, where), cold)
+                self.after[i] = (self._after(state, spec.after, i, where), stored)
                 self.specs.append(b"")  # made in events(), once the batch's ids are known
             else:
-                self.specs.append(spec_bytes(cold))
+                self.specs.append(spec_bytes(stored))
 
     def _after(self, state: State, after: list[After], i: int, where: str) -> list[list[Any]]:
         out: list[list[Any]] = []

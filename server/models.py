@@ -15,6 +15,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 from crq.wire import MAX_ATTEMPTS_DEFAULT, PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
@@ -23,6 +24,8 @@ MAX_BODY = 64 << 20
 MAX_BATCH = 100_000
 MAX_ARG = 64 << 10
 MAX_ENV_VARS = 4096
+MAX_SCRIPT = 1 << 20  # bytes of a stored script (SPEC section 10)
+MAX_TIME_LIMIT = 366 * 86400.0  # a year: past it a limit is a typo, and no float trouble
 
 # Patterns run in pydantic-core's regex engine: no Python call per field on the hot path.
 #: What a tasker cannot pass to exec, open or a path: a NUL byte ends a C string.
@@ -74,6 +77,30 @@ def _integral(value: float) -> int:
     if not value.is_integer() or abs(value) > 2**53:
         raise PydanticCustomError("int_from_float", "Input should be a whole number")
     return int(value)
+
+
+def _script_size(text: str) -> str:
+    # pydantic counts characters; the limit is on what the tasker writes, in UTF-8 bytes
+    if len(text) > MAX_SCRIPT // 4 and len(text.encode(errors="surrogatepass")) > MAX_SCRIPT:
+        raise PydanticCustomError(
+            "script_too_large", f"must be at most {MAX_SCRIPT} bytes (1 MiB) in UTF-8"
+        )
+    return text
+
+
+#: A stored script's content: the length check in pydantic-core first, bytes after.
+Script = Annotated[
+    str,
+    Field(max_length=MAX_SCRIPT, json_schema_extra={"description": "at most 1 MiB in UTF-8"}),
+    AfterValidator(_script_size),
+]
+MAX_KILL_GRACE = 86400.0
+#: Bounds checked in ``Submission.add``, which says them in a sentence; shown here for the
+#: document.
+TimeLimit = Annotated[
+    float, Field(json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_TIME_LIMIT})
+]
+KillGrace = Annotated[float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_KILL_GRACE})]
 
 
 def integer(lo: int = INT64_MIN, hi: int = INT64_MAX) -> Any:
@@ -132,10 +159,28 @@ class ArraySpec(BaseModel):
     max_running: Step | None = None
 
 
-class JobSpec(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+#: What Submission.add checks of ``command`` and ``script``, for the document: a command, or
+#: a script with a list of arguments (or none).
+COMMAND_OR_SCRIPT: JsonDict = {
+    "anyOf": [
+        {
+            "required": ["command"],
+            "properties": {"command": {"not": {"type": "null"}}, "script": {"type": "null"}},
+        },
+        {
+            "required": ["script"],
+            "properties": {"script": {"type": "string"}, "command": {"type": ["array", "null"]}},
+        },
+    ]
+}
 
-    command: Argv | ShellLine
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=COMMAND_OR_SCRIPT)
+
+    # None only with a script (Submission.add says "is required" otherwise): the script
+    # then runs with ``command`` as its arguments
+    command: Argv | ShellLine | None = None
     cwd: AbsPath | None = None
     env: Env | None = None
     name: JobName | None = None
@@ -147,6 +192,9 @@ class JobSpec(BaseModel):
     after: Annotated[list[After], Field(max_length=MAX_AFTER)] | None = None
     array: ArraySpec | None = None
     hold: bool = False
+    time_limit: TimeLimit | None = None  # seconds from the attempt's start
+    kill_grace: KillGrace | None = None  # SIGTERM to SIGKILL at the limit (default 30 s)
+    script: Script | None = None
 
 
 class Batch(BaseModel):

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="long-poll seconds until the server says otherwise (default 10)",
     )
+    p.add_argument(
+        "--enforce-memory",
+        action="store_true",
+        help="hold each job asking for RAM/N to N MB with a cgroup (v2, else v1's memory "
+        "controller); without one usable, says so and runs jobs unlimited",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -156,7 +162,16 @@ def _main(argv: list[str] | None) -> int:
     stored = state.stored_boot_id()
     rebooted = bool(stored and boot_id and stored != boot_id)
     slots = args.slots or os.cpu_count() or 1
-    runner = Runner(state, slots=slots)
+    memory = None
+    if args.enforce_memory:
+        from crq.tasker import cgroups
+
+        try:
+            memory = cgroups.detect(state.identity())
+            log.info("enforcing RAM/N with cgroup %s under %s", memory.version, memory.base)
+        except cgroups.Unusable as e:
+            log.warning("cannot enforce memory (RAM/N places jobs only): %s", e)
+    runner = Runner(state, slots=slots, memory=memory)
     try:
         adopted, pending = runner.recover(rebooted=rebooted)
     except OSError as e:

@@ -117,6 +117,16 @@ def wrapper_alive(pid: int, status: Path, key: Key | None = None) -> bool:
     return key is None or len(argv) < 6 or argv[2] not in CURRENT or argv[5] == _name(key)
 
 
+def wrapper_env(pid: int) -> dict[str, str]:
+    """The environment a process started with (empty if it cannot be read)."""
+    try:
+        data = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in data.split(b"\0") if b"=" in item)
+    return {os.fsdecode(k): os.fsdecode(v) for k, v in pairs}
+
+
 def _name(key: Key) -> bytes:
     return f"{key[0]}.{key[1]}".encode()
 

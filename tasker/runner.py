@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crq.tasker import runas
+from crq.tasker import cgroups, runas
+from crq.tasker.alarms import Alarm, Alarms
+from crq.tasker.cgroups import Memory
 from crq.tasker.outbox import Outbox
 from crq.tasker.procs import (
     SH,
@@ -30,8 +32,9 @@ from crq.tasker.procs import (
     run_as_argv,
     wrapper_alive,
     wrapper_argv,
+    wrapper_env,
 )
-from crq.tasker.runas import Owners
+from crq.tasker.runas import Owner, Owners
 from crq.tasker.statedir import Key, StateDir, read_status
 
 from crq import procfs
@@ -44,6 +47,13 @@ SIGDEF = tuple(
     s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP) and s < 65
 )
 MAX_REASON = 1000  # the server takes up to 4096; a report it refuses would wedge the slot
+LIMIT_ENV, GRACE_ENV = "CRQ_TIME_LIMIT", "CRQ_KILL_GRACE"  # in a limited job's environment
+TIME_LIMIT = "time limit"  # the reason of an attempt ended by its time limit (SPEC 10)
+LIMIT_GRACE = 30.0  # SIGTERM to SIGKILL at a time limit, unless the job says (kill_grace)
+SCRIPT_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+# A script run as its owner is handed to the job open, as this fd: the owner reopens it
+# through /proc (its own 0700 file) without a path into the tasker's private state dir.
+SCRIPT_FD = 3
 
 
 def _job_env(given: object, key: Key) -> tuple[dict[str, str], str | None]:
@@ -80,6 +90,14 @@ class _Job:
     sigkilled: bool = False
     done: bool = False
     lost: bool = False  # died while no tasker watched, without an exit status
+    limit: float | None = None  # time limit, seconds from ``started``
+    grace: float = LIMIT_GRACE
+    limit_at: float | None = None  # when we enforced the limit (recorded before the SIGTERM)
+    ram: int | None = None  # MB the job asked for (RAM/N)
+    cgroup: str | None = None  # its memory group, when the tasker enforces memory
+    script: bool = False  # runs a stored script (state.script_path): removed at the end
+    oom: bool = False  # the kernel killed in its group for memory
+    alarm: Alarm | None = None  # its time limit to come (cancelled when it ends first)
 
     @property
     def key(self) -> Key:
@@ -97,7 +115,44 @@ class _Job:
             "started": self.started,
             "status": str(self.status),
             "kill_at": self.kill_at,
+            # the rest only when set: a plain attempt's record is as long as it was
+            **{k: v for k, v in self._extras().items() if v is not None and v is not False},
         }
+
+    def _extras(self) -> dict[str, Any]:
+        return {
+            "time_limit": self.limit,
+            "kill_grace": self.grace if self.limit is not None else None,
+            "limit_at": self.limit_at,
+            "ram": self.ram,
+            "cgroup": self.cgroup,
+            "script": self.script,
+        }
+
+    @classmethod
+    def from_record(cls, key: Key, rec: dict[str, Any], now: float, status: Path) -> _Job:
+        """The attempt a record describes; a damaged one keeps the key (it is settled)."""
+        try:
+            job = cls(
+                key[0],
+                key[1],
+                int(rec["pid"]),
+                int(rec.get("pgid") or rec["pid"]),
+                float(rec.get("started") or now),
+                Path(rec.get("status") or status),
+                kill_at=rec.get("kill_at"),
+            )
+        except (KeyError, TypeError, ValueError):
+            return cls(key[0], key[1], 0, 0, now, status)
+        with contextlib.suppress(TypeError, ValueError):
+            job.limit = float(rec["time_limit"]) if rec.get("time_limit") else None
+            job.grace = float(rec.get("kill_grace", LIMIT_GRACE))
+            job.limit_at = float(rec["limit_at"]) if rec.get("limit_at") else None
+            job.ram = int(rec["ram"]) if rec.get("ram") else None
+        cgroup = rec.get("cgroup")
+        job.cgroup = cgroup if isinstance(cgroup, str) else None
+        job.script = bool(rec.get("script"))
+        return job
 
 
 @dataclass(frozen=True)
@@ -123,9 +178,16 @@ def orphan_status(pid: int, key: Key, state: StateDir) -> Path:
 
 
 def _result(end: Ending) -> dict[str, Any]:
-    """The finished report of an ending, with the reason a kill or a signal implies."""
+    """The finished report of an ending, with the reason a limit, a kill or a signal implies
+    (the first of a time limit and a kill the server asked for says why it ended)."""
     job, reason, sig = end.job, end.reason, end.signal
-    if reason is None and (end.exit_code is None or job.kill_at is not None):
+    if reason is not None:
+        pass
+    elif job.limit_at is not None and (job.kill_at is None or job.limit_at <= job.kill_at):
+        reason = TIME_LIMIT
+    elif job.oom:
+        reason = f"out of memory (RAM/{job.ram})"
+    elif end.exit_code is None or job.kill_at is not None:
         if job.kill_at is not None:
             reason = "killed on server request" + (f" (signal {sig})" if sig else "")
         else:
@@ -144,6 +206,35 @@ def _result(end: Ending) -> dict[str, Any]:
     return result
 
 
+def _number(value: object) -> float | None:
+    """A JSON number (not a bool), finite; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    v = float(value)
+    return v if v == v and abs(v) != float("inf") else None
+
+
+def _limits(d: dict[str, Any]) -> tuple[_Job, str | None]:
+    """A dispatch's limits, on a scratch ``_Job``; or why they are unusable."""
+    out = _Job(0, 0, 0, 0, 0.0, Path())
+    if d.get("time_limit") is not None:
+        limit = _number(d["time_limit"])
+        if limit is None or limit <= 0:
+            return out, f"bad time_limit: {d['time_limit']!r:.100}"
+        out.limit = limit
+    if d.get("kill_grace") is not None:
+        grace = _number(d["kill_grace"])
+        if grace is None or grace < 0:
+            return out, f"bad kill_grace: {d['kill_grace']!r:.100}"
+        out.grace = grace
+    ram = d.get("ram")
+    if ram is not None:
+        if isinstance(ram, bool) or not isinstance(ram, int) or ram <= 0:
+            return out, f"bad ram: {ram!r:.100}"
+        out.ram = ram
+    return out, None
+
+
 class Runner:
     """Owns the job processes; what it learns of them goes into ``outbox``."""
 
@@ -154,6 +245,7 @@ class Runner:
         kill_grace: float = 5.0,
         poll_interval: float = 0.5,
         slots: int | None = None,
+        memory: Memory | None = None,
     ) -> None:
         self.state = state
         self.slots = slots  # None: no limit of our own (the server's accounting only)
@@ -172,6 +264,8 @@ class Runner:
         self._wake_r: int | None = None
         self._wake_w: int | None = None
         self.owners = Owners()
+        self.memory = memory  # None: RAM/N is not enforced (no --enforce-memory, no cgroup)
+        self.alarms = Alarms()
 
     # -- queries for the agent ------------------------------------------------------------
 
@@ -273,6 +367,7 @@ class Runner:
                 self.outbox.add_started(job.running_report())
         for job, name in zip(jobs, names, strict=True):
             log.debug("job %d.%d started, pid %d: %s", *job.key, job.pid, name)
+            self._arm(job)  # before the watch: an end cancels the alarm it finds
             self._watch(job)
         self.on_event()
         return len(jobs)
@@ -297,16 +392,9 @@ class Runner:
     def _launch(self, key: Key, d: dict[str, Any], now: float) -> tuple[_Job, str] | None:
         """_spawn's work; a dispatch it cannot run is reported failed with the reason."""
         cwd = d.get("cwd")
-        command = d.get("command")
-        if isinstance(command, str) and command:
-            argv = [SH, "-c", command]
-        elif isinstance(command, list) and command and all(isinstance(a, str) for a in command):
-            argv = list(command)
-        else:
-            self._fail(key, now, f"bad command: {command!r}")
-            return None
-        if any("\0" in a for a in argv):
-            self._fail(key, now, "bad command: it holds a NUL byte")
+        script = d.get("script")
+        argv = self._argv(key, d.get("command"), script, now)
+        if argv is None:
             return None
         if isinstance(cwd, str) and "\0" in cwd:
             self._fail(key, now, "bad cwd: it holds a NUL byte")
@@ -322,42 +410,77 @@ class Runner:
         if "\0" in logpath:
             self._fail(key, now, "bad log path: it holds a NUL byte")
             return None
+        limits, bad = _limits(d)
+        if bad:
+            self._fail(key, now, bad)
+            return None
+        if limits.limit is not None:
+            # for the job, and for a restarted tasker that finds it running unrecorded
+            env[LIMIT_ENV], env[GRACE_ENV] = f"{limits.limit:g}", f"{limits.grace:g}"
         owner, why = self.owners.decide(d.get("user"))
-        if owner is None and why is None:
-            return self._spawn_here(key, d, now, argv, cwd, env, logpath)
         if owner is not None:
             why = runas.refusal(owner, cwd, logpath)
-        if why is not None or owner is None:
-            self._fail(key, now, why or "no owner")
+        if why is not None:
+            self._fail(key, now, why)
             return None
-        try:
-            status = self.state.status_file()
-        except OSError as e:
-            self._fail(key, now, f"cannot start: state dir: {e.strerror or e}")
-            return None
-        spawned = time.time()
-        try:
-            # the log is the owner's to open (AS_OWNER): nothing of the job's as root
-            pid = os.posix_spawn(
-                SH,
-                run_as_argv(status, key, owner.setpriv(), logpath, os.path.abspath(cwd), argv),
-                owner.env(env),
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, 1, 2),
-                ],
-                setsid=True,
-                setsigmask=(),
-                setsigdef=SIGDEF,
-            )
-        except OSError as e:
-            self._fail(key, now, f"cannot start: {e.strerror or e}")
-            return None
-        job = _Job(key[0], key[1], pid, pid, spawned, status, child=True)
-        return job, str(d.get("name") or argv[0])
+        name = str(d.get("name") or (argv[0] if script is None else "script"))
+        if isinstance(script, str):
+            try:
+                argv = self._store_script(key, script, argv, owner)
+            except OSError as e:
+                self._fail(key, now, f"cannot store the script: {e.strerror or e}")
+                return None
+            limits.script = True
+        job = self._contained(key, d, now, argv, cwd, env, logpath, owner, limits)
+        if job is None and limits.script:
+            self.state.remove_scripts([key])
+        return None if job is None else (job, name)
 
-    def _spawn_here(
+    def _argv(self, key: Key, command: object, script: object, now: float) -> list[str] | None:
+        """The argv of a command line, a command list or a stored script's arguments."""
+        if script is not None:
+            if not isinstance(script, str):
+                self._fail(key, now, f"bad script: not a string but {type(script).__name__}")
+                return None
+            command = [] if command is None else command
+        if isinstance(command, str) and command and script is None:
+            argv = [SH, "-c", command]
+        elif (
+            isinstance(command, list)
+            and (command or script is not None)
+            and all(isinstance(a, str) for a in command)
+        ):
+            argv = list(command)
+        else:
+            self._fail(key, now, f"bad command: {command!r}")
+            return None
+        if any("\0" in a for a in argv):
+            self._fail(key, now, "bad command: it holds a NUL byte")
+            return None
+        return argv
+
+    def _store_script(
+        self, key: Key, script: str, args: list[str], owner: Owner | None
+    ) -> list[str]:
+        """Write the attempt's script (0700, its owner's) and return the argv that runs it:
+        itself when it starts with ``#!``, else ``/bin/sh`` on it (as sbatch's default).
+        Run as its owner, it is ``/dev/fd/3`` (SCRIPT_FD), opened by the spawn."""
+        self.state.scripts_dir()
+        path = self.state.script_path(key)
+        fd = os.open(path, SCRIPT_FLAGS, 0o700)
+        try:
+            os.fchmod(fd, 0o700)  # whatever the umask: the owner runs it, nobody writes it
+            if owner is not None:
+                os.fchown(fd, owner.uid, owner.gid)
+            data = memoryview(script.encode(errors="surrogatepass"))
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        where = f"/dev/fd/{SCRIPT_FD}" if owner is not None else str(path)
+        return [where, *args] if script.startswith("#!") else [SH, where, *args]
+
+    def _contained(
         self,
         key: Key,
         d: dict[str, Any],
@@ -366,7 +489,74 @@ class Runner:
         cwd: str,
         env: dict[str, str],
         logpath: str,
-    ) -> tuple[_Job, str] | None:
+        owner: Owner | None,
+        limits: _Job,
+    ) -> _Job | None:
+        """Spawn it, in a memory group of its own when it asks for RAM and we enforce it."""
+        pre: list[str] = []
+        group = None
+        if self.memory is not None and limits.ram:
+            try:
+                group = self.memory.prepare(f"{key[0]}.{key[1]}", limits.ram)
+            except OSError as e:
+                self._fail(key, now, f"cannot enforce RAM/{limits.ram}: {e.strerror or e}")
+                return None
+            pre = self.memory.join_argv(group)
+            limits.cgroup = str(group)
+        if owner is None:
+            job = self._spawn_here(key, now, [*pre, *argv], cwd, env, logpath)
+        else:
+            script = self.state.script_path(key) if limits.script else None
+            job = self._spawn_as(key, now, owner, pre, argv, cwd, env, logpath, script)
+        if job is None:
+            if group is not None:
+                cgroups.remove(group)
+            return None
+        job.limit, job.grace, job.ram = limits.limit, limits.grace, limits.ram
+        job.cgroup, job.script = limits.cgroup, limits.script
+        return job
+
+    def _spawn_as(
+        self,
+        key: Key,
+        now: float,
+        owner: Owner,
+        pre: list[str],
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        logpath: str,
+        script: Path | None = None,
+    ) -> _Job | None:
+        """A job run as its owner: the log is the owner's to open (AS_OWNER), nothing of
+        the job's as root; ``pre`` (joining a group) runs as root, before the switch."""
+        actions: list[tuple[Any, ...]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+        if script is not None:
+            actions.append((os.POSIX_SPAWN_OPEN, SCRIPT_FD, str(script), os.O_RDONLY, 0))
+        return self._spawn_wrapped(
+            key,
+            now,
+            cwd,
+            lambda status: run_as_argv(
+                status, key, [*pre, *owner.setpriv()], logpath, os.path.abspath(cwd), argv
+            ),
+            owner.env(env),
+            actions,
+        )
+
+    def _spawn_here(
+        self,
+        key: Key,
+        now: float,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        logpath: str,
+    ) -> _Job | None:
         """A job run as this tasker's own user: the log opened here, handed to the job."""
         try:
             logdir = os.path.dirname(logpath) or "."
@@ -377,24 +567,47 @@ class Runner:
             self._fail(key, now, f"cannot open log {logpath}: {e.strerror or e}")
             return None
         try:
-            status = self.state.status_file()
-        except OSError as e:
-            os.close(logfd)
-            self._fail(key, now, f"cannot start: state dir: {e.strerror or e}")
-            return None
-        spawned = time.time()
-        try:
-            # posix_spawn (vfork + exec) costs a third of Popen's fork_exec here. Only fds
-            # made inheritable reach the child: Python opens everything close-on-exec.
-            pid = os.posix_spawn(
-                SH,
-                wrapper_argv(status, key, os.path.abspath(cwd), argv),
+            return self._spawn_wrapped(
+                key,
+                now,
+                cwd,
+                lambda status: wrapper_argv(status, key, os.path.abspath(cwd), argv),
                 env,
-                file_actions=[
+                [
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, logfd, 1),
                     (os.POSIX_SPAWN_DUP2, logfd, 2),
                 ],
+            )
+        finally:
+            os.close(logfd)
+
+    def _spawn_wrapped(
+        self,
+        key: Key,
+        now: float,
+        cwd: str,
+        wrapped: Callable[[Path], list[str]],
+        env: dict[str, str],
+        actions: list[tuple[Any, ...]],
+    ) -> _Job | None:
+        """posix_spawn a wrapper (``wrapped(status file)``) in a session of its own.
+
+        posix_spawn (vfork + exec) costs a third of Popen's fork_exec here. Only fds made
+        inheritable reach the child: Python opens everything close-on-exec.
+        """
+        try:
+            status = self.state.status_file()
+        except OSError as e:
+            self._fail(key, now, f"cannot start: state dir: {e.strerror or e}")
+            return None
+        spawned = time.time()
+        try:
+            pid = os.posix_spawn(
+                SH,
+                wrapped(status),
+                env,
+                file_actions=actions,
                 setsid=True,
                 setsigmask=(),
                 setsigdef=SIGDEF,
@@ -407,10 +620,7 @@ class Runner:
             )
             self._fail(key, now, reason)
             return None
-        finally:
-            os.close(logfd)
-        job = _Job(key[0], key[1], pid, pid, spawned, status, child=True)
-        return job, str(d.get("name") or argv[0])
+        return _Job(key[0], key[1], pid, pid, spawned, status, child=True)
 
     def _unusable(self, d: object, e: Exception) -> None:
         """A dispatch item without a usable (job, attempt) cannot be reported on: say so
@@ -538,12 +748,16 @@ class Runner:
                 end.job.done = True
         if not todo:
             return
+        for end in todo:
+            if end.job.cgroup is not None:  # read before it goes: the verdict is in it
+                end.job.oom = cgroups.oom_killed(Path(end.job.cgroup), end.signal)
         results = [_result(end) for end in todo]
         self.outbox.store_results(results)
         try:
             self.state.remove_attempts([end.job.key for end in todo])
         except OSError as e:
             log.error("cannot remove attempt records: %s", e)
+        self._clean_up([end.job for end in todo])
         with self._lock:
             for end in todo:
                 self._jobs.pop(end.job.key, None)
@@ -560,6 +774,53 @@ class Runner:
                     r["reason"],
                 )
         self.on_event()
+
+    def _clean_up(self, jobs: list[_Job]) -> None:
+        """What an ended attempt leaves: its time limit to come, its stored script, its
+        memory group."""
+        for job in jobs:
+            if job.alarm is not None:
+                self.alarms.cancel(job.alarm)
+        self.state.remove_scripts(j.key for j in jobs if j.script)
+        for job in jobs:
+            if job.cgroup is not None and not cgroups.remove(Path(job.cgroup)):
+                log.warning("job %d.%d: cannot remove cgroup %s", *job.key, job.cgroup)
+
+    # -- time limits ---------------------------------------------------------------------
+
+    def _arm(self, job: _Job) -> None:
+        """Have the time limit enforced at ``started + limit``: the attempt's own start, as
+        recorded, so an attempt re-adopted after a restart keeps the deadline it had."""
+        if job.limit is None:
+            return
+        if job.limit_at is not None:
+            # enforced before a restart: see it through. No second SIGTERM (one that traps it
+            # may be cleaning up); if the crash came between the record and the SIGTERM, the
+            # SIGKILL at the end of the grace still ends it
+            self._schedule_sigkill(job, job.limit_at + job.grace - time.time())
+            return
+        job.alarm = self.alarms.at(job.started + job.limit, lambda: self._time_limit(job))
+
+    def _time_limit(self, job: _Job) -> None:
+        """SIGTERM at the limit, SIGKILL after the grace. Recorded first (fsynced), so a
+        tasker that dies before reporting still reports it as a time limit."""
+        with self._lock:
+            if job.done or job.limit_at is not None:
+                return
+            job.limit_at = time.time()
+        log.info(
+            "job %d.%d: time limit of %g s reached, pid %d: SIGTERM, SIGKILL in %g s",
+            *job.key,
+            job.limit,
+            job.pid,
+            job.grace,
+        )
+        try:
+            self.state.write_record(job.record())
+        except OSError as e:
+            log.error("job %d.%d: cannot record the time limit: %s", *job.key, e)
+        self._schedule_sigkill(job, job.grace)
+        self._signal(job, signal.SIGTERM)
 
     # -- killing -------------------------------------------------------------------------
 
@@ -625,28 +886,10 @@ class Runner:
             if key in results:
                 self.state.remove_attempt(key)
                 continue
-            try:
-                job = _Job(
-                    key[0],
-                    key[1],
-                    int(rec["pid"]),
-                    int(rec.get("pgid") or rec["pid"]),
-                    float(rec.get("started") or now),
-                    Path(rec.get("status") or self.state.status_path(key)),
-                    kill_at=rec.get("kill_at"),
-                )
-            except (KeyError, TypeError, ValueError):
-                job = _Job(key[0], key[1], 0, 0, now, self.state.status_path(key))
+            job = _Job.from_record(key, rec, now, self.state.status_path(key))
             self._settle(job, rebooted)
         found = [
-            _Job(
-                key[0],
-                key[1],
-                pid,
-                pid,
-                procfs.start_time(pid),
-                orphan_status(pid, key, self.state),
-            )
+            self._orphan(key, pid)
             for key, pid in orphans.items()
             if key not in records and key not in results
         ]
@@ -676,8 +919,34 @@ class Runner:
         # every trace is spoken for by the log now; the older layout moves into it
         self.state.mark_recorded((key, status) for key, (status, _) in traces.items())
         self.state.compact()
+        self._sweep()
         adopted, pending = self.counts()
         return adopted, pending
+
+    def _orphan(self, key: Key, pid: int) -> _Job:
+        """An attempt found running without a record (spawned just before a crash): its
+        limits from its wrapper's environment, its script and group where they would be."""
+        job = _Job(*key, pid, pid, procfs.start_time(pid), orphan_status(pid, key, self.state))
+        env = wrapper_env(pid)
+        with contextlib.suppress(KeyError, ValueError):
+            job.limit = float(env[LIMIT_ENV])
+            job.grace = float(env[GRACE_ENV])
+        job.script = self.state.script_path(key).exists()
+        if self.memory is not None:
+            group = self.memory.group(f"{key[0]}.{key[1]}")
+            if group.is_dir():
+                job.cgroup = str(group)
+                with contextlib.suppress(OSError, ValueError):
+                    job.ram = cgroups.limit_mb(group)
+        return job
+
+    def _sweep(self) -> None:
+        """Remove the scripts and memory groups of attempts no longer here (a crash left)."""
+        with self._lock:
+            live = {k: j for k, j in self._jobs.items() if not j.done}
+        self.state.remove_scripts(k for k in self.state.script_keys() if k not in live)
+        if self.memory is not None:
+            self.memory.sweep({j.cgroup for j in live.values() if j.cgroup})
 
     def _settle(self, job: _Job, rebooted: bool) -> None:
         """Decide what became of one recorded attempt: finished, still running, or gone."""
@@ -691,6 +960,7 @@ class Runner:
             # do not list, requeueing the rerunnable ones.
             log.info("job %d.%d: gone with the host reboot; the server recovers it", *job.key)
             self.state.remove_attempt(job.key)
+            self._clean_up([job])
             return
         if wrapper_alive(job.pid, job.status, job.key):
             with self._lock:
@@ -699,11 +969,17 @@ class Runner:
             log.info("job %d.%d: re-adopted, pid %d", *job.key, job.pid)
             if job.kill_at is not None:
                 self._schedule_sigkill(job, job.kill_at + self.kill_grace - time.time())
+            self._arm(job)
             self._ensure_poller()
             return
         st = read_status(job.status, job.key)  # it may have ended between the two looks
         if st is not None and st[0] is not None:
             self._finish(job, *classify(st[0]), st[1])
+        elif job.limit_at is not None:
+            # killed for its time limit (the SIGKILL takes the wrapper too) while no tasker
+            # watched: a result of the job, as if we had seen it end
+            late = time.time() >= job.limit_at + job.grace
+            self._finish(job, None, int(signal.SIGKILL) if late else None, time.time())
         else:
             # No status: it died with its wrapper while no tasker watched, most likely
             # killed together with the tasker. Not a result of the job: reported lost, so
@@ -738,3 +1014,4 @@ class Runner:
     def close(self) -> None:
         """Stop watching; the jobs keep running and the next tasker re-adopts them."""
         self._closed.set()
+        self.alarms.close()

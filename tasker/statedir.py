@@ -13,6 +13,8 @@ that finished while nobody watched::
                        name on the server; shown at every register and sync
     <state>/log        the attempt log (below): what runs, what ended, what was acked
     <state>/status/g<N>  exit traces of the job wrappers, one file for many jobs
+    <state>/scripts/<job>.<attempt>  the stored script an attempt runs (mode 0700, its
+                       owner's), there while the attempt is
 
 The log is append-only, one record a line: ``<crc32 of the json, 8 hex> <json>\\n``. A
 line whose CRC does not match (a torn last write of a power cut) is ignored. Records::
@@ -43,6 +45,8 @@ running under an old wrapper keep their per-attempt status file until they end.
 
 All of it is private to the tasker's user (directories 0700, files 0600): it names the
 jobs, their processes and their outcomes, and a job's own files are no one else's business.
+A job run as its owner reaches its script without a path into here: the root side opens it
+for the job (see ``runner``), so the state dir stays 0700 and its parents may be too.
 """
 
 from __future__ import annotations
@@ -408,6 +412,30 @@ class StateDir:
 
     def status_keys(self) -> list[Key]:
         return list(self.traces())
+
+    # -- stored scripts --------------------------------------------------------------------
+
+    def script_path(self, key: Key) -> Path:
+        return self.root / "scripts" / _name(key)
+
+    def scripts_dir(self) -> Path:
+        d = self.root / "scripts"
+        if not d.is_dir():
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        return d
+
+    def remove_scripts(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                self.script_path(key).unlink()
+
+    def script_keys(self) -> list[Key]:
+        """Attempts with a stored script on disk (those still running need theirs)."""
+        try:
+            names = os.listdir(self.root / "scripts")
+        except FileNotFoundError:
+            return []
+        return [k for n in names if (k := parse_name(n)) is not None]
 
     # -- results -------------------------------------------------------------------------
 

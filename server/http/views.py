@@ -12,6 +12,7 @@ from crq.server.state import TASKER_LOST, Job, State
 from starlette.responses import Response
 
 API = "/api/v1"
+LIMIT_KEYS = ("time_limit", "kill_grace")
 
 
 class JSON(Response):
@@ -57,6 +58,11 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
         "array": arr.first if arr is not None else None,
         "index": arr.index(job.id) if arr is not None else None,
     }
+    for key in LIMIT_KEYS:  # only in the spec of a job that has them
+        if key in spec:
+            out[key] = spec[key]
+    if full and "script" in spec:
+        out["script"] = spec["script"]
     if full:
         out["env"] = state.env_of(job)
         out["attempts"] = [a.to_dict() for a in job.attempts or ()]
@@ -105,7 +111,7 @@ def dispatch_json(state: State, job: Job) -> dict[str, Any]:
     arr = state.array_of(job.id)
     if arr is not None:
         env = {**env, "CRQ_ARRAY_ID": str(arr.first), "CRQ_ARRAY_INDEX": str(arr.index(job.id))}
-    return {
+    out = {
         "job": job.id,
         "attempt": job.attempt,
         "command": spec["command"],
@@ -115,3 +121,10 @@ def dispatch_json(state: State, job: Job) -> dict[str, Any]:
         "name": job.name,
         "user": job.user,  # a root tasker runs the job as this user (tasker/runas.py)
     }
+    for key in (*LIMIT_KEYS, "script"):
+        if key in spec:
+            out[key] = spec[key]
+    for name, amount in job.need.local:  # a few pairs: no dict made per dispatch
+        if name == "RAM":
+            out["ram"] = amount  # MB: what a tasker with --enforce-memory holds the job to
+    return out

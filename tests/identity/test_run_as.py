@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crq.tasker import cgroups
+from crq.tasker.statedir import StateDir
 
 from tests.rigs import ROOT, CrqServer, Tasker, kill_jobs, wait_until
 from tests.users import ALICE, BOB, CAROL, OPS, Users
@@ -69,6 +71,21 @@ def test_a_job_runs_with_its_owners_uid_gid_groups_and_home(rig: tuple[CrqServer
         assert names == f"{home} {user} {user}"
         assert cwd == str(home)
     assert grp.getgrnam(OPS).gr_gid in set(os.getgrouplist(CAROL, users.gid[CAROL]))
+
+
+def test_a_stored_script_runs_as_its_owner_from_a_private_state_dir(
+    rig: tuple[CrqServer, Users],
+) -> None:
+    """The owner cannot reach the tasker's state dir (0700 under root's tmp): the script is
+    handed over open, and is the owner's own 0700 file."""
+    srv, users = rig
+    body = 'id -u; echo "arg $1"; stat -L -c "%u %a" "$0"; test -w "$0" && echo writable\n'
+    for script in (body, "#!/bin/sh\n" + body):
+        j = _run(srv, ALICE, script=script, command=["x"], cwd=str(users.home(ALICE)))
+        assert j["state"] == "done", j
+        uid, arg, st, *rest = Path(j["log"]).read_text().splitlines()
+        assert (int(uid), arg, st) == (users.uid[ALICE], "arg x", f"{users.uid[ALICE]} 700")
+        assert rest == ["writable"]  # its own file: the owner may, nobody else
 
 
 def test_a_job_writes_only_what_its_owner_may(rig: tuple[CrqServer, Users]) -> None:
@@ -222,3 +239,36 @@ def _submit(srv: CrqServer, user: str, cwd: str, name: str) -> int:
     )
     assert r.status_code == 201, r.text
     return int(r.json()["ids"][0])
+
+
+def test_a_job_run_as_its_owner_is_held_to_its_ram(
+    crq_server: Callable[..., CrqServer],
+    crq_tasker: Callable[..., Tasker],
+    unix_users: Users,
+    tmp_path: Path,
+) -> None:
+    """The group is joined as root, before the switch to the owner: the owner's job is in
+    it (and could not leave it), and ends out of memory past its RAM/N."""
+    if os.geteuid() != 0:
+        pytest.skip("a tasker runs jobs as their owners only as root")
+    state = StateDir(tmp_path / "mem.state")
+    try:
+        memory = cgroups.detect(state.identity())
+    except cgroups.Unusable as e:
+        pytest.skip(f"no writable cgroup memory controller here: {e}")
+    srv = crq_server("--heartbeat", "2")
+    args = ("--swd", str(srv.swd), "--enforce-memory", "--resources", "RAM/4000")
+    crq_tasker("mem", *args, state=state.root)
+    home = str(unix_users.home(ALICE))
+    try:
+        j = _run(srv, ALICE, command="cat /proc/self/cgroup", cwd=home, resources="RAM/50")
+        assert j["state"] == "done", j
+        assert f"{memory.base.name}/{j['id']}.1" in Path(j["log"]).read_text()
+        eat = "x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived"
+        j = _run(srv, ALICE, command=eat, cwd=home, resources="RAM/50", max_attempts=1)
+        assert (j["state"], j["reason"]) == ("failed", "out of memory (RAM/50)"), j
+        wait_until(lambda: not any(p.is_dir() for p in memory.base.iterdir()))
+    finally:
+        memory.sweep(set())
+        if memory.base.is_dir():
+            memory.base.rmdir()
