@@ -308,6 +308,7 @@ class State:
         self.token_by_hash: dict[str, Token] = {}
         self.controls: dict[int, list[Control]] = {}  # job id → who stopped, reran it…
         self.on_final: Callable[[Job], None] | None = None
+        self.on_forget: Callable[[Job, Forget], None] | None = None  # server/history.py
         # a kind's handler; typed Any here, each handler takes its kind's TypedDict
         self._apply: dict[str, Callable[[Any], None]] = {
             "env": self._env,
@@ -586,6 +587,8 @@ class State:
     def _forget(self, ev: Forget) -> None:
         for job_id in ev["jobs"]:
             job = self.jobs.pop(job_id, None)
+            if job is not None and self.on_forget is not None:
+                self.on_forget(job, ev)  # before its controls go: the history keeps them
             self.controls.pop(job_id, None)
             if job is None:
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sqlite3
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -24,7 +25,8 @@ monitor_log = logging.getLogger("crq.monitor")
 
 
 def background(srv: Service) -> list[Coroutine[Any, Any, None]]:
-    return [_checkpoints(srv), _marks(srv), _autoforget(srv), _expire_keys(srv), watch(srv)]
+    loops = [_checkpoints(srv), _marks(srv), _autoforget(srv), _expire_keys(srv), watch(srv)]
+    return [*loops, _history_retention(srv)]
 
 
 async def _checkpoints(srv: Service) -> None:
@@ -76,6 +78,25 @@ async def _autoforget(srv: Service) -> None:
             if gone:
                 engine.emit([{"e": "forget", "t": now, "jobs": gone}])
             await asyncio.sleep(0)
+
+
+async def _history_retention(srv: Service, period: float = 3600.0) -> None:
+    """Delete history rows past history_days, and the oldest beyond history_max_rows: in a
+    thread, a batch a transaction, so neither the loop nor the writer waits long."""
+    history, s = srv.history, srv.settings
+    delay = 60.0  # the first a minute after the start
+    while history is not None:
+        await asyncio.sleep(delay)
+        delay = period
+        try:
+            gone = await asyncio.to_thread(
+                history.prune, time.time() - s.history_days * 86400, s.history_max_rows
+            )
+        except (sqlite3.Error, OSError) as e:
+            log.error("history retention failed: %s", e)
+            continue
+        if gone:
+            log.info("history: %d rows past retention deleted", gone)
 
 
 async def _expire_keys(srv: Service) -> None:
