@@ -351,7 +351,7 @@ def query(path: Path, q: Query) -> tuple[list[dict[str, Any]], int | None]:
     shown = [c for c in COLUMNS if c not in INTERNAL]
     sql = f"SELECT {', '.join(shown)} FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
     args.append(q.limit + 1)
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    con = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
         got = con.execute(sql, args).fetchall()
     finally:
