@@ -53,10 +53,13 @@ async def _marks(srv: Service) -> None:
 
 
 async def _autoforget(srv: Service) -> None:
-    """Forget ended jobs after autoforget_done (done) or autoforget_other (the rest)."""
+    """Forget ended jobs after autoforget_done (done) or autoforget_other (the rest): every
+    minute, or a quarter of the shorter delay when that is less (at least a second)."""
     engine = srv.engine
+    s = srv.settings
+    period = max(1.0, min(60.0, min(s.autoforget_done, s.autoforget_other) / 4))
     while True:
-        await asyncio.sleep(60)
+        await asyncio.sleep(period)
         if engine.mode != MODE_NORMAL or engine.shutting_down:
             continue
         now = time.time()

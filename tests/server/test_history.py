@@ -15,6 +15,7 @@ import pytest
 from crq.server import commands, replay
 from crq.server.history import History, Query, db_path, parse_time, query
 from crq.server.service import Service
+from crq.server.settings import SettingsError, load
 from crq.server.state import State
 
 from tests.core import Core, write_journal
@@ -246,3 +247,14 @@ def test_a_state_without_history_hook_is_unchanged() -> None:
     [a] = core.submit(1)
     core.emit(commands.forget(core.state, a, core.tick()))
     assert a not in core.state.jobs and isinstance(core.state, State)
+
+
+def test_history_settings_are_checked(tmp_path: Path) -> None:
+    s = load(["--swd", str(tmp_path)])
+    assert (s.history_days, s.history_max_rows) == (90.0, 10_000_000)
+    for flags in (["--history-days", "0"], ["--history-max-rows", "-1"]):
+        with pytest.raises(SettingsError):
+            load(["--swd", str(tmp_path), *flags])
+    (tmp_path / "config.toml").write_text("history_days = 30\nhistory_max_rows = 5000\n")
+    s = load(["--swd", str(tmp_path)])
+    assert (s.history_days, s.history_max_rows) == (30.0, 5000)

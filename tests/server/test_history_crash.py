@@ -152,3 +152,24 @@ def test_a_checkpoint_never_covers_a_forget_without_its_row(
     assert ids == sorted(set(ids)) and set(ids) == set(forgotten)
     srv.stop()  # a clean stop writes every row before its snapshot
     assert set(_ids_in_db(srv)) == set(forgotten)
+
+
+def test_autoforget_writes_the_history(
+    crq_server: Callable[..., CrqServer], crq_tasker: Callable[..., Tasker], tmp_path: Path
+) -> None:
+    """Jobs autoforget drops (a second after they ended) are in the history, the stopped one
+    with who stopped it."""
+    srv = crq_server("--heartbeat", "2", "--autoforget-done", "1", "--autoforget-other", "1")
+    crq_tasker("tk1", "--swd", str(srv.swd))
+    ran, stopped = srv.submit(
+        {"command": ["true"], "cwd": str(tmp_path)},
+        {"command": ["true"], "cwd": str(tmp_path), "resources": "CORES/999"},
+    )
+    srv.request("POST", f"/jobs/{stopped}/stop")
+    assert srv.wait(ran)["state"] == "done"
+    wait_until(lambda: srv.api("GET", f"/jobs/{ran}").status_code == 404)
+    wait_until(lambda: srv.api("GET", f"/jobs/{stopped}").status_code == 404)
+    rows = {r["id"]: r for r in _history(srv)}
+    assert rows[ran]["state"] == "done" and rows[ran]["host"]
+    assert rows[stopped]["state"] == "stopped" and rows[stopped]["forgotten_by"] is None
+    assert [c["action"] for c in rows[stopped]["controls"]] == ["stop"]
