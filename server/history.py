@@ -195,10 +195,12 @@ class History:
                 backoff = min(10.0, backoff * 2)
                 log.error("accounting history not written (retried in %.1f s): %s", backoff, e)
 
-    def flush(self, upto: int) -> int:
+    def flush(self, upto: int, busy: float = 30.0) -> int:
         """Commit the queued forgets of seq ``upto`` and before; rows written. On an error
-        they stay queued (and it raises)."""
+        they stay queued (and it raises). ``busy``: seconds to wait for another process's
+        write lock on the file (an operator's sqlite3 shell), at most."""
         with self._lock:
+            self._con.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
             if self.guard is not None and not self.guard():
                 return 0  # deposed: the new leader writes what counts
             taken: list[Item] = []
@@ -264,7 +266,7 @@ class History:
         await durable()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.wait_through, target, 60.0)
-        self.flush(state.seq)
+        self.flush(state.seq, busy=0.5)  # on the loop: the checkpoint waits, requests do not
 
     def close(self) -> None:
         """The clean stop: everything queued is written (the journal is durable now)."""

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from crq.server import commands, replay
-from crq.server.history import History, Query, db_path, parse_time, query
+from crq.server.history import History, HistoryError, Query, db_path, parse_time, query
 from crq.server.service import Service
 from crq.server.settings import SettingsError, load
 from crq.server.state import State
@@ -154,9 +154,8 @@ def test_a_failed_commit_keeps_the_rows_queued(core: Core, tmp_path: Path) -> No
     core.emit(commands.forget(core.state, a, core.tick()))
     locker = sqlite3.connect(db_path(tmp_path), timeout=0)
     locker.execute("BEGIN EXCLUSIVE")
-    hist._con.execute("PRAGMA busy_timeout = 0")
     with pytest.raises(sqlite3.OperationalError):
-        hist.flush(core.state.seq)
+        hist.flush(core.state.seq, busy=0.05)
     assert hist.pending == 1
     locker.rollback()
     locker.close()
@@ -258,3 +257,9 @@ def test_history_settings_are_checked(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("history_days = 30\nhistory_max_rows = 5000\n")
     s = load(["--swd", str(tmp_path)])
     assert (s.history_days, s.history_max_rows) == (30.0, 5000)
+
+
+def test_a_damaged_database_is_refused_clearly(tmp_path: Path) -> None:
+    db_path(tmp_path).write_bytes(b"this is no SQLite file, " * 100)
+    with pytest.raises(HistoryError, match="accounting.db"):
+        History(db_path(tmp_path))

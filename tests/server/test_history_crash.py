@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from crq.server import snapshot
 
 from tests.rigs import ROOT, CrqServer, Tasker, env_with_root, wait_until
@@ -173,3 +174,13 @@ def test_autoforget_writes_the_history(
     assert rows[ran]["state"] == "done" and rows[ran]["host"]
     assert rows[stopped]["state"] == "stopped" and rows[stopped]["forgotten_by"] is None
     assert [c["action"] for c in rows[stopped]["controls"]] == ["stop"]
+
+
+def test_a_damaged_accounting_db_stops_the_start_naming_it(
+    crq_server: Callable[..., CrqServer],
+) -> None:
+    srv = crq_server(start=False)
+    srv.swd.mkdir(parents=True)
+    _db(srv).write_bytes(b"no database here " * 200)
+    with pytest.raises(AssertionError, match=r"accounting\.db.*move it aside"):
+        srv.start()
