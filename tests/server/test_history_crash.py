@@ -13,6 +13,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,10 @@ def test_no_forgotten_job_is_missing_after_kill9_before_the_commit(
     rng = random.Random(14)
     forgotten: list[int] = []
     missing_at_kill = 0
-    for _ in range(4):
+    for _ in range(6):
         forgotten += _forget_queued(srv, rng.randint(1, 6))
         missing_at_kill += len(set(forgotten) - set(_ids_in_db(srv)))
+        time.sleep(rng.uniform(0.0, 1.3))  # before, during or after the writer's commit
         srv.kill9()
         srv.start()
         # the restart replayed the forgets: the rows come, each once
