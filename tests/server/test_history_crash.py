@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from crq.server import snapshot
 
@@ -176,6 +177,8 @@ def test_autoforget_writes_the_history(
     assert rows[ran]["state"] == "done" and rows[ran]["host"]
     assert rows[stopped]["state"] == "stopped" and rows[stopped]["forgotten_by"] is None
     assert [c["action"] for c in rows[stopped]["controls"]] == ["stop"]
+    metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    assert "crq_history_rows_total 2.0" in metrics and "crq_history_pending 0.0" in metrics
 
 
 def test_a_damaged_accounting_db_stops_the_start_naming_it(
