@@ -112,6 +112,21 @@ def row_of(item: Item) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def _safe_row(item: Item) -> tuple[Any, ...]:
+    """row_of, or what is sure of the job if its row cannot be made (a spec of a form this
+    code does not know): one such job must never hold every later row, and checkpoints, back."""
+    try:
+        return row_of(item)
+    except Exception as e:  # noqa: BLE001 - logged; the row says so
+        seq, epoch, job, _, t, by = item
+        log.exception("job %d: history row incomplete", job.id)
+        return (
+            job.id, job.user, job.name, job.state, job.priority, "", "null", "", "",
+            job.submitted, None, None, None, None, None, None, None, None,
+            f"history row incomplete: {e!r}", 0, "[]", "[]", t, by, epoch, seq,
+        )  # fmt: skip
+
+
 def connect(path: Path, sync_full: bool) -> sqlite3.Connection:
     """The writer's connection (schema made if new); HistoryError if it is no database."""
     try:
@@ -190,7 +205,7 @@ class History:
             try:
                 self.flush(self._durable())
                 backoff = self.interval
-            except (sqlite3.Error, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - the thread must live: retried, counted
                 self.failures += 1
                 backoff = min(10.0, backoff * 2)
                 log.error("accounting history not written (retried in %.1f s): %s", backoff, e)
@@ -231,7 +246,7 @@ class History:
                 f"SELECT id, epoch, seq FROM jobs WHERE id IN ({marks})", part
             ):
                 have[jid] = (epoch, seq)
-        rows = [row_of(i) for i in items if have.get(i[2].id) != (i[1], i[0])]
+        rows = [_safe_row(i) for i in items if have.get(i[2].id) != (i[1], i[0])]
         if self.delay:
             time.sleep(self.delay)
         if rows:

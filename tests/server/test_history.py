@@ -263,3 +263,17 @@ def test_a_damaged_database_is_refused_clearly(tmp_path: Path) -> None:
     db_path(tmp_path).write_bytes(b"this is no SQLite file, " * 100)
     with pytest.raises(HistoryError, match="accounting.db"):
         History(db_path(tmp_path))
+
+
+def test_a_job_whose_row_cannot_be_made_holds_nothing_back(
+    core: Core, hist: History, tmp_path: Path
+) -> None:
+    hist.attach(core.state)
+    [odd, fine] = core.submit(2)
+    core.state.jobs[odd].spec = b"not json"  # a spec of a form this code does not know
+    for jid in (odd, fine):
+        core.emit(commands.forget(core.state, jid, core.tick()))
+    assert hist.flush(core.state.seq) == 2
+    rows = {r["id"]: r for r in _rows(db_path(tmp_path))}
+    assert rows[fine]["command"] == ["true"]
+    assert rows[odd]["reason"].startswith("history row incomplete")
