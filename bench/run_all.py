@@ -37,6 +37,7 @@ MODERATE: dict[str, list[str]] = {
     "takeover": ["--sizes", "10000,100000", "--submit-seconds", "3"],
     "auth": ["--seconds", "5"],
     "workflow": ["--elements", "1000000", "--e2e", "2000"],
+    "history": ["--jobs", "100000"],
 }
 FULL: dict[str, list[str]] = {
     "submit": ["--seconds", "10"],
@@ -58,6 +59,7 @@ FULL: dict[str, list[str]] = {
     "takeover": ["--sizes", "10000,100000,1000000", "--submit-seconds", "5"],
     "auth": ["--seconds", "10"],
     "workflow": ["--elements", "1000000", "--e2e", "10000"],
+    "history": ["--jobs", "300000"],
 }
 
 

@@ -741,6 +741,38 @@ class Client:
             return False
         return r.status == 200
 
+    def history(
+        self,
+        user: str | None = None,
+        state: str | None = None,
+        since: float | str | None = None,
+        until: float | str | None = None,
+        name: str | None = None,
+        limit: int | None = None,
+        *,
+        after: int | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[Job]:
+        """Jobs that left the queue (the accounting history), oldest id first, page after
+        page; ``since``/``until``: epoch seconds or ISO dates; ``name``: a glob."""
+        count = 0
+        while True:
+            size = page_size if limit is None else min(page_size, limit - count)
+            if size <= 0:
+                return
+            params = {"user": user, "state": state, "since": since, "until": until}
+            params |= {"name": name, "limit": size, "after": after}
+            page = self.request("GET", "history", params=params)
+            for job in page.get("jobs") or []:
+                yield job
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+            nxt = page.get("next")
+            if nxt is None:
+                return
+            after = int(nxt)
+
     # Last, so that ``list`` in the annotations above still means the builtin.
     def list(
         self,

@@ -32,9 +32,11 @@ from crq.client.clitools import (
 from crq.client.errors import CrqError
 from crq.client.table import format_table
 from crq.client.views import (
+    HISTORY_HEADERS,
     JOB_HEADERS,
     TASKER_HEADERS,
     describe_end,
+    history_rows,
     info_text,
     job_rows,
     tasker_rows,
@@ -255,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", "-n", type=positive_int, metavar="N", help="show at most N jobs")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("history", help="jobs that left the queue (accounting, like sacct)")
+    p.add_argument("--user", "-u", metavar="U")
+    p.add_argument("--state", "-s", choices=(*wire.JOB_STATES, "waiting"))
+    p.add_argument("--since", "-S", type=_since, metavar="T", help="ended at or after T")
+    p.add_argument("--until", "-E", type=_since, metavar="T", help="ended at or before T")
+    p.add_argument("--name", metavar="GLOB", help="job names matching GLOB (* ? [...])")
+    p.add_argument("--limit", "-n", type=positive_int, metavar="N", help="show at most N jobs")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("info", help="everything about a job, with its attempts")
     p.add_argument("ids", nargs="+", type=_ids, metavar="ID")
@@ -544,6 +556,34 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(json.dumps(job, sort_keys=True))
         return 0
     print(format_table(JOB_HEADERS, job_rows(jobs), right=(0, 2)))
+    return 0
+
+
+def _since(text: str) -> str:
+    """argparse type of --since/--until: 30m, 8h, 7d ago (made epoch seconds here), else
+    epoch seconds or an ISO date, as the server reads them."""
+    if text[-1:] in ("s", "m", "h", "d"):
+        return repr(time.time() - duration(text))
+    return text
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = list(
+            client.history(
+                user=args.user,
+                state=args.state,
+                since=args.since,
+                until=args.until,
+                name=args.name,
+                limit=args.limit,
+            )  # fmt: skip
+        )
+    if args.json:
+        for job in jobs:
+            print(json.dumps(job, sort_keys=True))
+        return 0
+    print(format_table(HISTORY_HEADERS, history_rows(jobs), right=(0, 4, 7, 8, 9)))
     return 0
 
 

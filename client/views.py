@@ -48,6 +48,32 @@ def job_rows(jobs: Iterable[dict[str, Any]], now: float | None = None) -> list[l
 
 JOB_HEADERS = ("ID", "STATE", "PRIO", "USER", "NAME", "TASKER", "SUBMITTED", "EXIT")
 
+HISTORY_HEADERS = (
+    "ID", "USER", "NAME", "STATE", "EXIT", "HOST", "SUBMITTED", "WAIT", "RUN", "ATTEMPTS",
+    "REASON",
+)  # fmt: skip
+
+
+def history_rows(jobs: Iterable[dict[str, Any]], now: float | None = None) -> list[list[str]]:
+    """``crq history``: what sacct shows, a line a job that left the queue."""
+    now = time.time() if now is None else now
+    return [
+        [
+            str(job.get("id")),
+            cell(job.get("user")),
+            clip(cell(job.get("name") or command_text(job.get("command"))), NAME_WIDTH),
+            cell(job.get("state")),
+            exit_status(job),
+            cell(job.get("host")),
+            clock(job.get("submitted"), now),
+            duration(job.get("wait")),
+            duration(job.get("run")),
+            cell(job.get("tries")),
+            clip(cell(job.get("reason")), 48),
+        ]
+        for job in jobs
+    ]
+
 
 def command_text(command: Any) -> str:
     if isinstance(command, list):

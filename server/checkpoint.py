@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ from crq.server import fence, snapshot
 from crq.server.engine import Engine
 from crq.server.fence import HEADER as EPOCH_HEADER
 from crq.server.fence import segment_epoch
+from crq.server.history import History
 from crq.server.journal import first_seq, list_segments
 from crq.server.settings import Settings
 
@@ -86,8 +88,21 @@ def prune(trace: Path, epoch: int = 0) -> None:
     fsync_dir(trace)
 
 
-async def write_forked(engine: Engine, settings: Settings, counts: Counter[str]) -> Path | None:
-    """Snapshot in a forked child; returns its path, or None if it failed (both counted)."""
+async def write_forked(
+    engine: Engine, settings: Settings, counts: Counter[str], history: History | None = None
+) -> Path | None:
+    """Snapshot in a forked child; returns its path, or None if it failed (both counted).
+
+    The history first: a snapshot must not cover a forget whose row is not committed,
+    since replay would not apply that forget again (server/history.py)."""
+    if history is not None:
+        try:
+            await history.settle(engine.state, engine.durable)
+        except (sqlite3.Error, OSError) as e:
+            counts["failed"] += 1
+            log.error("checkpoint skipped: the accounting history is not written (%s)", e)
+            return None
+    # no await from here to the fork: the history holds every forget the snapshot covers
     engine.journal.rotate()
     trace, fsync = settings.paths.trace, settings.fsync == "always"
     started = time.time()
@@ -131,10 +146,16 @@ def _detach_child() -> None:
         pass
 
 
-async def final(engine: Engine, settings: Settings) -> None:
-    """The clean stop: snapshot inline (nothing else runs), prune, mark clean."""
+async def final(engine: Engine, settings: Settings, history: History | None = None) -> None:
+    """The clean stop: the history written, snapshot inline (nothing else runs), prune,
+    mark clean."""
     paths = settings.paths
     await engine.durable()
+    if history is not None:
+        try:
+            history.close()
+        except sqlite3.Error as e:  # no snapshot then: the next start writes them
+            raise OSError(f"the accounting history is not written: {e}") from None
     engine.journal.close()
     snapshot.write(engine.state, paths.trace, fsync=settings.fsync == "always")
     prune(paths.trace, engine.journal.epoch)

@@ -29,6 +29,7 @@ from crq.server import checkpoint, commands, election, fence, marks, recovery, r
 from crq.server.asgi import ASGIApp
 from crq.server.engine import Engine
 from crq.server.events import Event
+from crq.server.history import History, HistoryError, db_path
 from crq.server.http.hot import Hot
 from crq.server.journal import Journal
 from crq.server.marks import Marker
@@ -97,7 +98,14 @@ def lead(cand: Candidate) -> tuple[Service, replay.Replayed, bool, Event]:
     clean = paths.clean_marker.exists()
     started = time.time()
     try:
-        loaded = replay.load(paths.trace, None, settings.accept_loss)
+        history = History(
+            db_path(settings.swd), settings.fsync == "always", settings.history_interval
+        )
+    except (HistoryError, OSError) as e:
+        raise StartError(f"accounting history: {e}; move it aside to start a new one") from None
+    history.delay = settings.history_delay
+    try:
+        loaded = replay.load(paths.trace, None, settings.accept_loss, history.attach)
     except replay.ReplayError as e:
         raise StartError(str(e)) from None
     except OSError as e:
@@ -139,10 +147,12 @@ def lead(cand: Candidate) -> tuple[Service, replay.Replayed, bool, Event]:
     )
     engine = Engine(st, journal)
     engine.guard = guard
+    history.start(lambda: journal.durable_seq, guard)
     engine.marker = start_marks(paths, settings.queue, loaded, journal)  # before any event
     engine.fresh_within = 3 * settings.heartbeat + 1  # a long poll lasts at most 3 heartbeats
     srv = Service(settings, engine, admin.encode(), tasker.encode(), cand.instance, cand.url)
     srv.epoch, srv.previous = epoch, prev
+    srv.history = history
     with contextlib.suppress(marks.MarkError):
         srv.queue_id = str((marks.read_identity(paths.trace) or {}).get("uuid") or "")
     srv.standbys = lambda: _standbys(paths, cand.instance)
@@ -255,7 +265,7 @@ async def serve(
         t.cancel()
     await engine.durable()
     try:
-        await checkpoint.final(engine, settings)
+        await checkpoint.final(engine, settings, srv.history)
     except OSError as e:
         msg = (
             f"clean stop incomplete: cannot write the snapshot ({e.strerror or e}); "

@@ -48,6 +48,20 @@ class _Queue(Collector):
             "1 while the journal waits for disk space (replies are held)",
             value=0 if engine.journal.stalled_since is None else 1,
         )
+        history = self.srv.history
+        if history is not None:
+            yield CounterMetricFamily(
+                "crq_history_rows", "Rows written to accounting.db since start",
+                value=history.written,
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                "crq_history_pending", "Forgotten jobs not in accounting.db yet",
+                value=history.pending,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "crq_history_failures", "Failed accounting.db commits since start (retried)",
+                value=history.failures,
+            )  # fmt: skip
         yield GaugeMetricFamily(
             "crq_recovering",
             "1 while in crash recovery mode",

@@ -57,6 +57,7 @@ def _nullable(kind: str) -> Schema:
 INT, NUM, STR, BOOL = ({"type": t} for t in ("integer", "number", "string", "boolean"))
 INTS: Schema = {"type": "array", "items": INT}
 ATTEMPTS: Schema = {"type": "array", "items": _ref("Attempt")}
+ATTEMPTS_ANY: Schema = {"type": "array", "items": {"type": "object"}}
 
 _JOB: dict[str, Schema] = {
     "id": INT,
@@ -110,6 +111,41 @@ ANSWERS: dict[str, Schema] = {
         next={**_nullable("integer"), "description": "give it as `after` for the next page"},
     ),
     "Forgotten": _obj(["id", "forgotten"], id=INT, forgotten=BOOL),
+    "HistoryPage": _obj(
+        ["jobs", "next"],
+        jobs={"type": "array", "items": _ref("HistoryRow")},
+        next={**_nullable("integer"), "description": "give it as `after` for the next page"},
+    ),
+    "HistoryRow": {
+        **_obj(
+            ["id", "user", "name", "state", "submitted", "tries", "attempts", "controls"],
+            id=INT,
+            user=STR,
+            name=STR,
+            state=STR,
+            priority=INT,
+            resources=STR,
+            command={"anyOf": [{"type": "array", "items": STR}, STR]},
+            cwd=STR,
+            log=STR,
+            submitted=NUM,
+            started=_nullable("number"),
+            ended=_nullable("number"),
+            wait={**_nullable("number"), "description": "started - submitted, seconds"},
+            run={**_nullable("number"), "description": "ended - started, seconds"},
+            host=_nullable("string"),
+            tasker=_nullable("string"),
+            exit_code=_nullable("integer"),
+            signal=_nullable("integer"),
+            reason=_nullable("string"),
+            tries=INT,
+            attempts=ATTEMPTS_ANY,
+            controls={"type": "array", "items": {"type": "object"}},
+            forgotten=NUM,
+            forgotten_by=_nullable("string"),
+        ),
+        "description": "A job as it was when it left the queue (the accounting history).",
+    },
     "Taskers": _obj(
         ["taskers"],
         taskers={
@@ -262,6 +298,13 @@ OPS: dict[tuple[str, str], Op] = {
         True,
     ),
     ("get", "/api/v1/queue"): ("Queued job ids in dispatch order", 200, "Ids", CLIENT, True),
+    ("get", "/api/v1/history"): (
+        "Jobs that left the queue (the accounting history, like sacct), paged by id",
+        200,
+        "HistoryPage",
+        CLIENT + (422,),
+        True,
+    ),
     ("post", "/api/v1/jobs/{job_id}/stop"): (
         "Stop a job",
         200,
@@ -376,6 +419,19 @@ OPS: dict[tuple[str, str], Op] = {
     ("get", "/metrics"): ("Prometheus metrics", 200, "", (), False),
     ("get", "/"): ("The browser UI", 200, "", (503,), False),
     ("get", "/static/{name}"): ("UI files", 200, "", (404,), False),
+}
+_TIME: Schema = {
+    "type": "string",
+    "pattern": r"^(-?[0-9]{1,12}(\.[0-9]{1,6})?"
+    r"|20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8]))$",
+    "description": "epoch seconds, or an ISO date or date-time (local time unless zoned)",
+}
+HISTORY_PARAMS: dict[str, Schema] = {
+    "state": {"type": "string", "enum": list(dict.fromkeys((*JOB_STATES, "waiting")))},
+    "since": _TIME,
+    "until": _TIME,
+    "limit": {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100},
+    "after": {"type": "integer", "minimum": 0, "default": 0},
 }
 #: Bodies of the routes FastAPI does not read itself: (model names, required).
 BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
@@ -546,6 +602,8 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
         for param in item.get("parameters", []):
             if path == "/api/v1/jobs" and param["name"] == "state":
                 param["schema"] = {"type": "string", "enum": list(JOB_STATES)}
+            elif path == "/api/v1/history" and param["name"] in HISTORY_PARAMS:
+                param["schema"] = HISTORY_PARAMS[param["name"]]
             elif param.get("in") == "query" and "anyOf" in param.get("schema", {}):
                 param["schema"] = param["schema"]["anyOf"][0]
     undescribed = [

@@ -65,17 +65,27 @@ class Replayed:
 
 
 def load(
-    trace: Path, global_resources: dict[str, int] | None, accept_loss: bool = False
+    trace: Path,
+    global_resources: dict[str, int] | None,
+    accept_loss: bool = False,
+    attach: Callable[[State], None] | None = None,
 ) -> Replayed:
+    """``attach`` gets the state once its snapshot is read, before its journal is applied
+    (the history hooks in there: server/history.py)."""
     gc.disable()  # replay allocates millions of objects that all live: skip the GC passes
     try:
-        return _load(trace, global_resources, accept_loss)
+        return _load(trace, global_resources, accept_loss, attach)
     finally:
         gc.enable()
         gc.freeze()  # what was loaded stays: keep later collections from walking it
 
 
-def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: bool) -> Replayed:
+def _load(
+    trace: Path,
+    global_resources: dict[str, int] | None,
+    accept_loss: bool,
+    attach: Callable[[State], None] | None,
+) -> Replayed:
     out = Replayed(State(global_resources))
     out.identity = _read_mark_file(out, marks.read_identity, trace, accept_loss)
     out.mark = _read_mark_file(out, marks.read_mark, trace, accept_loss)
@@ -107,6 +117,8 @@ def _load(trace: Path, global_resources: dict[str, int] | None, accept_loss: boo
             out.losses.append(f"{msg}; moved to {aside}")
             log.error("%s; falling back (--accept-loss)", msg)
     state = out.state
+    if attach is not None:
+        attach(state)
     torn: tuple[Path, bytes, int] | None = None  # cut once the high-water mark agrees
     end: tuple[Path, int] | None = None  # where the last valid record ends
     for i, path in enumerate(segments):

@@ -22,6 +22,7 @@ from crq.server import checkpoint, commands, sanity
 from crq.server.commands import Outcome
 from crq.server.engine import Engine
 from crq.server.exits import StartError, StopError
+from crq.server.history import History
 from crq.server.models import Register
 from crq.server.settings import Settings
 from crq.server.state import State
@@ -80,6 +81,7 @@ class Service:
     standbys: Callable[[], list[str]] = list  # the URLs of the other candidates
     step_down: Callable[[str], None] | None = None  # lost the lease: stop acting, now
     handover: dict[str, Any] | None = None  # ncmgr failover: set when the stop hands over
+    history: History | None = None  # the accounting database's writer (server/history.py)
 
     @property
     def state(self) -> State:
@@ -118,7 +120,9 @@ class Service:
 
     async def checkpoint(self) -> Path | None:
         """A forked checkpoint, counted."""
-        return await checkpoint.write_forked(self.engine, self.settings, self.checkpoints)
+        return await checkpoint.write_forked(
+            self.engine, self.settings, self.checkpoints, self.history
+        )
 
     def write_server_json(self, mode: str) -> None:
         """``<swd>/server.json``: where and what this server is, for ncmgr and taskers.

@@ -38,6 +38,11 @@ class Settings:
     tasker_users: list[str] = field(default_factory=list)  # MUNGE users that may be taskers
     allow_root_jobs: bool = False
     munge_socket: str = ""  # "" = CRQ_MUNGE_SOCKET, else munged's default
+    # the accounting history (server/history.py)
+    history_days: float = 90.0  # rows are deleted this long after the job left the queue
+    history_max_rows: int = 10_000_000  # and the oldest beyond this many
+    history_interval: float = 0.2  # seconds between the writer's batches
+    history_delay: float = 0.0  # tests only: hold each batch this long before its commit
 
     @property
     def paths(self) -> Swd:
@@ -58,6 +63,10 @@ TUNABLES = {
     "election_ttl": float,
     "idempotency_window": float,
     "munge_socket": str,
+    "history_days": float,
+    "history_max_rows": int,
+    "history_interval": float,
+    "history_delay": float,
 }
 
 
@@ -141,6 +150,8 @@ def load(argv: list[str] | None = None) -> Settings:
         raise SettingsError(f"fsync must be always or never, not {s.fsync!r}")
     if s.max_connections < 1 or s.idle_timeout <= 0:
         raise SettingsError("max_connections must be at least 1 and idle_timeout above 0")
+    if not (s.history_days > 0 and s.history_max_rows > 0 and s.history_interval > 0):
+        raise SettingsError("history_days, history_max_rows and history_interval must be above 0")
     if not s.idempotency_window > 0:
         raise SettingsError(f"idempotency_window must be above 0, not {s.idempotency_window}")
     return s

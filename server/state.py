@@ -325,6 +325,7 @@ class State:
         # handlers whose event can end a job: not per event, replay's hot path)
         self._now = 0.0
         self.on_final: Callable[[Job], None] | None = None
+        self.on_forget: Callable[[Job, Forget], None] | None = None  # server/history.py
         # a kind's handler; typed Any here, each handler takes its kind's TypedDict
         self._apply: dict[str, Callable[[Any], None]] = {
             "env": self._env,
@@ -799,6 +800,8 @@ class State:
         self._now = ev["t"]
         for job_id in ev["jobs"]:
             job = self.jobs.pop(job_id, None)
+            if job is not None and self.on_forget is not None:
+                self.on_forget(job, ev)  # before its controls go: the history keeps them
             self.controls.pop(job_id, None)
             if job is None:
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sqlite3
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -24,7 +25,8 @@ monitor_log = logging.getLogger("crq.monitor")
 
 
 def background(srv: Service) -> list[Coroutine[Any, Any, None]]:
-    return [_checkpoints(srv), _marks(srv), _autoforget(srv), _expire_keys(srv), watch(srv)]
+    loops = [_checkpoints(srv), _marks(srv), _autoforget(srv), _expire_keys(srv), watch(srv)]
+    return [*loops, _history_retention(srv)]
 
 
 async def _checkpoints(srv: Service) -> None:
@@ -51,10 +53,13 @@ async def _marks(srv: Service) -> None:
 
 
 async def _autoforget(srv: Service) -> None:
-    """Forget ended jobs after autoforget_done (done) or autoforget_other (the rest)."""
+    """Forget ended jobs after autoforget_done (done) or autoforget_other (the rest): every
+    minute, or a quarter of the shorter delay when that is less (at least a second)."""
     engine = srv.engine
+    s = srv.settings
+    period = max(1.0, min(60.0, min(s.autoforget_done, s.autoforget_other) / 4))
     while True:
-        await asyncio.sleep(60)
+        await asyncio.sleep(period)
         if engine.mode != MODE_NORMAL or engine.shutting_down:
             continue
         now = time.time()
@@ -76,6 +81,25 @@ async def _autoforget(srv: Service) -> None:
             if gone:
                 engine.emit([{"e": "forget", "t": now, "jobs": gone}])
             await asyncio.sleep(0)
+
+
+async def _history_retention(srv: Service, period: float = 3600.0) -> None:
+    """Delete history rows past history_days, and the oldest beyond history_max_rows: in a
+    thread, a batch a transaction, so neither the loop nor the writer waits long."""
+    history, s = srv.history, srv.settings
+    delay = 60.0  # the first a minute after the start
+    while history is not None:
+        await asyncio.sleep(delay)
+        delay = period
+        try:
+            gone = await asyncio.to_thread(
+                history.prune, time.time() - s.history_days * 86400, s.history_max_rows
+            )
+        except (sqlite3.Error, OSError) as e:
+            log.error("history retention failed: %s", e)
+            continue
+        if gone:
+            log.info("history: %d rows past retention deleted", gone)
 
 
 async def _expire_keys(srv: Service) -> None:

@@ -15,6 +15,7 @@ from crq.server.app import serving_app
 from crq.server.engine import Engine
 from crq.server.events import Event, decode, encode
 from crq.server.gates import Array
+from crq.server.history import History, db_path
 from crq.server.journal import Journal, frame
 from crq.server.models import Batch, JobSpec, Register, ResultReport, RunningReport
 from crq.server.scheduler import dispatch_pass
@@ -169,6 +170,9 @@ def service(swd: Path, *args: str) -> Iterator[Service]:
     journal = Journal(settings.paths.trace, next_seq=1, fsync=False)
     engine = Engine(State(), journal)
     srv = Service(settings, engine, TOKEN.encode(), TASKER_TOKEN.encode(), "test", "http://test")
+    srv.history = History(db_path(settings.swd), False, settings.history_interval)
+    srv.history.attach(engine.state)
+    srv.history.start(lambda: journal.durable_seq, None)
     srv.stops = []  # type: ignore[attr-defined]
     srv.request_stop = srv.stops.append  # type: ignore[method-assign,attr-defined]
     try:
@@ -176,6 +180,7 @@ def service(swd: Path, *args: str) -> Iterator[Service]:
     finally:
         engine.wake_all()
         journal.close()
+        srv.history.close()
 
 
 @asynccontextmanager
