@@ -38,11 +38,17 @@ class Settings:
     tasker_users: list[str] = field(default_factory=list)  # MUNGE users that may be taskers
     allow_root_jobs: bool = False
     munge_socket: str = ""  # "" = CRQ_MUNGE_SOCKET, else munged's default
+    # job logs (GET /api/v1/jobs/{id}/log): read here when possible (auto), always through
+    # the job's tasker (tasker), or never through it (server); a tasker's answer within
+    log_via: str = "auto"
+    log_timeout: float = 15.0
 
     @property
     def paths(self) -> Swd:
         return Swd(self.swd)
 
+
+LOG_VIA = ("auto", "tasker", "server")
 
 TUNABLES = {
     "recovery_grace": float,
@@ -58,6 +64,8 @@ TUNABLES = {
     "election_ttl": float,
     "idempotency_window": float,
     "munge_socket": str,
+    "log_via": str,
+    "log_timeout": float,
 }
 
 
@@ -75,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         if name == "fsync":
             p.add_argument(flag, choices=["always", "never"])
+        elif name == "log_via":
+            p.add_argument(flag, choices=LOG_VIA, help="where job logs are read (default auto)")
         elif name == "election":
             p.add_argument(flag, metavar="file|etcd://H:P,…", help="how the leader is chosen")
         else:
@@ -137,6 +147,8 @@ def load(argv: list[str] | None = None) -> Settings:
         raise SettingsError("election_ttl must be at least 1 second (etcd's lease unit)")
     if not s.port:
         s.port = default_port(s.queue)
+    if s.log_via not in LOG_VIA:
+        raise SettingsError(f"log_via must be one of {', '.join(LOG_VIA)}, not {s.log_via!r}")
     if s.fsync not in ("always", "never"):
         raise SettingsError(f"fsync must be always or never, not {s.fsync!r}")
     if s.max_connections < 1 or s.idle_timeout <= 0:

@@ -248,6 +248,7 @@ class Handlers:
         await engine.durable()
         if tasker.session == session:
             link.last_contact = time.time()
+        logs, link.logs = link.logs, []  # log reads asked meanwhile (server/http/logs.py)
         answer = {
             "dispatch": [dispatch_json(st, job) for job in send],
             "kill": [{"job": j, "attempt": a} for j, a in sorted(kill)],
@@ -256,6 +257,8 @@ class Handlers:
             "epoch": srv.epoch,
             "queue_id": srv.queue_id,
         }
+        if logs:
+            answer["logs"] = logs
         return 200, answer, None
 
 
