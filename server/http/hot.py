@@ -248,7 +248,9 @@ class Handlers:
         await engine.durable()
         if tasker.session == session:
             link.last_contact = time.time()
-        logs, link.logs = link.logs, []  # log reads asked meanwhile (server/http/logs.py)
+        logs = link.logs  # log reads asked meanwhile (server/http/logs.py)
+        if logs:
+            link.logs = []
         answer = {
             "dispatch": [dispatch_json(st, job) for job in send],
             "kill": [{"job": j, "attempt": a} for j, a in sorted(kill)],
