@@ -19,7 +19,7 @@ from crq.client.views import command_text
 from crq import wire
 
 if TYPE_CHECKING:
-    from crq.client.api import Client
+    from crq.client.api import Client, LogChunk
 
 #: How long ``crq status`` rides out an outage, a recovery or an election by default.
 STATUS_RETRY_FOR = 600.0
@@ -100,7 +100,7 @@ def cmd_log(client: Client, job_id: int, follow: bool, out: Any = None) -> int:
     sink = out if out is not None else sys.stdout.buffer
     offset, pause = 0, FOLLOW_START
     while True:
-        chunk = client._riding_out(None, client.log, job_id, offset, LOG_CHUNK)
+        chunk = client._riding_out(None, _read_log, client, job_id, offset)
         if chunk.data:
             sink.write(chunk.data)
             sink.flush()
@@ -117,6 +117,17 @@ def cmd_log(client: Client, job_id: int, follow: bool, out: Any = None) -> int:
             return 0
         time.sleep(pause)
         pause = min(pause * 1.5, FOLLOW_MAX)
+
+
+def _read_log(client: Client, job_id: int, offset: int) -> LogChunk:
+    """One chunk; a 502 (an I/O error reading the file) is final, not an outage to ride
+    out as a 503 or a tasker's 504 is."""
+    try:
+        return client.log(job_id, offset, LOG_CHUNK)
+    except CrqError as e:
+        if e.status == 502:
+            raise CrqError(e.message, code=e.code) from None
+        raise
 
 
 def _log_path(client: Client, job_id: int) -> str:
