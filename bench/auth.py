@@ -12,9 +12,7 @@ admin token again. The reference is the mean of the two admin-token runs; the ta
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ from benchlib import (
 from loadgen import LUA, run_wrk
 
 from crq import munge
+from tests.munged import launch_munged
 
 BENCH = "auth"
 ONE_JOB = {"command": ["true"], "cwd": "/tmp"}
@@ -63,36 +62,6 @@ end
 def done_function() -> str:
     """The ``done`` of loadgen's Lua (its WRKJSON summary line), shared, not copied."""
     return LUA[LUA.index("function done") :] % {}
-
-
-def start_munged(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    munged = shutil.which("munged") or "/usr/sbin/munged"
-    mungekey = shutil.which("mungekey") or "/usr/sbin/mungekey"
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o755)
-    key = root / "munge.key"
-    subprocess.run([mungekey, "--create", "--keyfile", str(key)], check=True)
-    sock = root / "munge.socket"
-    proc = subprocess.Popen(
-        [
-            munged,
-            "--foreground",
-            "--force",
-            f"--socket={sock}",
-            f"--key-file={key}",
-            f"--log-file={root / 'munged.log'}",
-            f"--pid-file={root / 'munged.pid'}",
-            f"--seed-file={root / 'munged.seed'}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 30
-    while not sock.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"munged did not start (see {root / 'munged.log'})")
-        time.sleep(0.01)
-    return proc, str(sock)
 
 
 def run_munge_wrk(
@@ -133,7 +102,8 @@ def main() -> None:
         raise SystemExit("bench/auth.py needs wrk (apt-get install -y wrk)")
 
     tmp = workdir(args.keep)
-    munged, sock = start_munged(tmp / "munge")
+    daemon = launch_munged(tmp / "munge")
+    munged, sock = daemon.proc, daemon.socket
     figures: list[Figure] = []
     try:
         swd = tmp / "swd"
@@ -213,8 +183,7 @@ def main() -> None:
             info(BENCH, "server CPU per submit, MUNGE", mun["cpu_us"], "us"),
         ]
     finally:
-        munged.send_signal(signal.SIGKILL)
-        munged.wait()
+        daemon.stop()
     report(figures, args.json)
 
 

@@ -36,6 +36,7 @@ MODERATE: dict[str, list[str]] = {
     "bigbatch": ["--jobs", "100000", "--repeat", "2"],
     "takeover": ["--sizes", "10000,100000", "--submit-seconds", "3"],
     "auth": ["--seconds", "5"],
+    "workflow": ["--elements", "1000000", "--e2e", "2000"],
 }
 FULL: dict[str, list[str]] = {
     "submit": ["--seconds", "10"],
@@ -56,6 +57,7 @@ FULL: dict[str, list[str]] = {
     "bigbatch": ["--jobs", "100000", "--repeat", "3"],
     "takeover": ["--sizes", "10000,100000,1000000", "--submit-seconds", "5"],
     "auth": ["--seconds", "10"],
+    "workflow": ["--elements", "1000000", "--e2e", "10000"],
 }
 
 

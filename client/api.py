@@ -535,6 +535,10 @@ class Client:
         if "command" not in body:
             raise CrqError("a job needs a command", code="usage")
         body.setdefault("cwd", os.getcwd())
+        if body.get("after"):  # job ids alone mean afterok, as `crq submit --after`
+            body["after"] = [
+                {"type": "afterok", "job": a} if isinstance(a, int) else a for a in body["after"]
+            ]
         return body
 
     def submit(
@@ -603,6 +607,13 @@ class Client:
 
     def rerun(self, job_id: int) -> Job:
         return self._object("POST", f"jobs/{int(job_id)}/rerun")
+
+    def hold(self, job_id: int) -> Job:
+        """Keep a queued or waiting job from dispatch, at its place in the queue."""
+        return self._object("POST", f"jobs/{int(job_id)}/hold")
+
+    def release(self, job_id: int) -> Job:
+        return self._object("POST", f"jobs/{int(job_id)}/release")
 
     def forget(self, job_id: int) -> Forgotten:
         return cast(Forgotten, self._object("DELETE", f"jobs/{int(job_id)}"))
@@ -782,16 +793,25 @@ class Client:
         *,
         after: int | None = None,
         page_size: int = 1000,
+        array: int | None = None,
     ) -> Iterator[Job]:
         """Every matching job (without env/attempts), oldest first, fetching page after page;
-        ``limit`` caps the total."""
+        ``limit`` caps the total; ``array``: the elements of that array only."""
         count = 0
         while True:
             size = page_size if limit is None else min(page_size, limit - count)
             if size <= 0:
                 return
             page = self.request(
-                "GET", "jobs", params={"state": state, "user": user, "limit": size, "after": after}
+                "GET",
+                "jobs",
+                params={
+                    "state": state,
+                    "user": user,
+                    "limit": size,
+                    "after": after,
+                    "array": array,
+                },
             )
             for job in page.get("jobs") or []:
                 yield job

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -82,6 +83,45 @@ def _env_mode(text: str) -> str:
     if not names or any("=" in n for n in names):
         raise argparse.ArgumentTypeError("expected none, all or VAR,VAR,…")
     return ",".join(names)
+
+
+def after_ids(text: str) -> list[int]:
+    try:
+        ids = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: job ids, as 12,13") from None
+    if any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: job ids are positive")
+    return ids
+
+
+def dependency(text: str) -> list[dict[str, Any]]:
+    """Slurm's --dependency list: TYPE:ID[:ID…], comma separated."""
+    out: list[dict[str, Any]] = []
+    for part in text.split(","):
+        kind, _, rest = part.partition(":")
+        if kind not in ("afterok", "afterany", "afternotok") or not rest:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: afterok|afterany|afternotok:ID[:ID…] (as afterok:12:13,afterany:14)"
+            )
+        out += [{"type": kind, "job": i} for i in after_ids(rest.replace(":", ","))]
+    return out
+
+
+def array_range(text: str) -> dict[str, int]:
+    """Slurm's --array: START-STOP[:STEP][%MAX], or one index N."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?(?:%(\d+))?", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: START-STOP[:STEP][%MAX], as 1-100:2%10")
+    start = int(m[1])
+    out = {"start": start, "stop": int(m[2]) if m[2] else start, "step": int(m[3] or 1)}
+    if out["stop"] < start or out["step"] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: STOP below START, or a step of 0")
+    if m[4]:
+        if int(m[4]) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: %MAX is at least 1")
+        out["max_running"] = int(m[4])
+    return out
 
 
 def _ids(text: str) -> list[int]:
@@ -160,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--file", "-f", metavar="F", help="one shell command per line ('-' = stdin)")
     p.add_argument(
+        "--after",
+        type=after_ids,
+        action="append",
+        default=[],
+        metavar="ID,…",
+        help="run after these jobs ended done (afterok)",
+    )
+    p.add_argument(
+        "--dependency",
+        type=dependency,
+        action="append",
+        default=[],
+        metavar="DEP",
+        help="Slurm's form: afterok:12:13,afterany:14,afternotok:15",
+    )
+    p.add_argument(
+        "--array", type=array_range, metavar="A-B[:S][%M]", help="an array: 1-100, 0-98:2%%10"
+    )
+    p.add_argument("--hold", action="store_true", help="submit held (crq release starts it)")
+    p.add_argument(
         "--wait",
         action="store_true",
         help="wait for the job(s) and exit like `crq wait`",
@@ -170,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list jobs, newest first")
     p.add_argument("--state", "-s", choices=wire.JOB_STATES)
     p.add_argument("--user", "-u", metavar="U")
+    p.add_argument("--array", type=int, metavar="ID", help="the elements of array ID")
     p.add_argument("--queue-order", action="store_true", help="queued jobs in dispatch order")
     p.add_argument("--oldest", action="store_true", help="oldest first")
     p.add_argument("--limit", "-n", type=positive_int, metavar="N", help="show at most N jobs")
@@ -224,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", "stop (kill or dequeue) jobs"),
         ("rerun", "queue finished jobs again"),
         ("forget", "remove finished jobs from the server"),
+        ("hold", "keep queued or waiting jobs from starting"),
+        ("release", "let held jobs start"),
     ):
         p = sub.add_parser(name, help=helptext)
         nargs = "*" if name == "stop" else "+"
@@ -377,6 +440,16 @@ def submit_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
     if args.max_attempts is not None:
         common["max_attempts"] = args.max_attempts
     env = job_env(args.env, args.setenv, cwd)
+    after = [{"type": "afterok", "job": i} for ids in args.after for i in ids]
+    after += [dep for deps in args.dependency for dep in deps]
+    if after:
+        common["after"] = after
+    if args.hold:
+        common["hold"] = True
+    if args.array is not None:
+        if args.file:
+            raise UsageError("--array: one command, not --file")
+        common["array"] = args.array
     if args.file:
         commands: list[str | list[str]] = list(read_commands(args.file))
         if not commands:
@@ -397,8 +470,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         # the client retries under one Idempotency-Key through recovery, failover and outages
         # (saying so through notify), so the jobs are queued once
-        if args.file:
+        if args.file or args.array is not None:
             ids = client.submit_many(specs, env=env)
+            if args.array is not None:  # the array's id: its first element's
+                print(ids[0], flush=True)
+                return wait_and_report(client, ids, None) if args.wait else 0
         else:
             ids = [client.submit({**specs[0], "env": env})]
         for line in format_ids(ids):
@@ -489,10 +565,12 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if job is not None:
                     jobs.append(job)
         elif args.oldest:
-            jobs = list(client.list(state=args.state, user=args.user, limit=args.limit))
+            jobs = list(
+                client.list(state=args.state, user=args.user, limit=args.limit, array=args.array)
+            )
         else:  # newest first: the server pages oldest first, so keep the last ``limit``
-            newest = deque(client.list(state=args.state, user=args.user), maxlen=args.limit)
-            jobs = list(reversed(newest))
+            every = client.list(state=args.state, user=args.user, array=args.array)
+            jobs = list(reversed(deque(every, maxlen=args.limit)))
     if args.json:
         jobcmds.print_json(jobs)
         return 0
@@ -595,7 +673,13 @@ def cmd_control(args: argparse.Namespace) -> int:
     ids = _flatten(args.ids)
     status = 0
     with _client(args) as client:
-        action = {"stop": client.stop, "rerun": client.rerun, "forget": client.forget}[args.action]
+        action = {
+            "stop": client.stop,
+            "rerun": client.rerun,
+            "forget": client.forget,
+            "hold": client.hold,
+            "release": client.release,
+        }[args.action]
         if not ids:  # crq stop --user/--state/--name
             ids = jobcmds.bulk_ids(client, args, args.action) or []
         for jid in ids:
@@ -629,6 +713,10 @@ def _control_line(action: str, jid: int, answer: Any) -> str:
     state = answer.get("state") if isinstance(answer, dict) else None
     if action == "rerun":
         return f"job {jid} requeued" + (f", now {state}" if state and state != "queued" else "")
+    if action in ("hold", "release"):
+        reason = answer.get("reason") if isinstance(answer, dict) else None
+        held = "held" if action == "hold" else "released"
+        return f"job {jid} {held}, now {state}" + (f" ({reason})" if reason else "")
     if state == wire.RUNNING:
         tasker = answer.get("tasker") if isinstance(answer, dict) else None
         return f"job {jid} stopping (kill sent to tasker {tasker or '?'})"

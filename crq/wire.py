@@ -42,12 +42,13 @@ PORT_BASE = 6200
 PORT_SPAN = 256
 
 QUEUED = "queued"
+WAITING = "waiting"  # held, its dependencies not met yet, or its array at its cap
 RUNNING = "running"
 DONE = "done"
 FAILED = "failed"
 STOPPED = "stopped"
 LOST = "lost"
-JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, STOPPED, LOST)
+JOB_STATES = (QUEUED, WAITING, RUNNING, DONE, FAILED, STOPPED, LOST)
 FINAL_STATES = frozenset((DONE, FAILED, STOPPED, LOST))
 
 MODE_NORMAL = "normal"

@@ -30,10 +30,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crq.server import events as event
-from crq.server import identity
-from crq.server.events import EpochEvent, Event, Rerun, Stop, TokenIssue, TokenRevoke, spec_bytes
+from crq.server import gates, identity
+from crq.server.events import (
+    ArrayEvent,
+    EpochEvent,
+    Event,
+    Hold,
+    Release,
+    Rerun,
+    Stop,
+    TokenIssue,
+    TokenRevoke,
+    spec_bytes,
+)
 from crq.server.models import (
+    MAX_ARRAY,
     MAX_BATCH,
+    After,
     AttemptRef,
     BadRequest,
     Batch,
@@ -47,7 +60,7 @@ from crq.server.resources import ResourceError, parse_capacity
 from crq.server.state import TASKER_READY, Job, State, env_digest
 from pydantic import ValidationError
 
-from crq.wire import FINAL_STATES, QUEUED, RUNNING
+from crq.wire import FINAL_STATES, QUEUED, RUNNING, WAITING
 
 Ref = tuple[int, int]
 
@@ -156,6 +169,11 @@ class Submission:
         self.rows: list[list[Any]] = []  # the submit event's jobs; id, env as placeholders
         self.specs: list[bytes] = []
         self.envs: dict[str, dict[str, str]] = {}  # by digest, in order of first use
+        # server/gates.py: a row's dependencies ([type, job id] or [type, -1 - batch index]
+        # until ids are given) with its spec to finish then, the rows held, an array
+        self.after: dict[int, tuple[list[list[Any]], dict[str, Any]]] = {}
+        self.held: list[int] = []
+        self.array: tuple[int, int, int, int | None] | None = None  # start, count, step, max
 
     def add(self, state: State, specs: Iterable[JobSpec]) -> None:
         """Check and convert the next jobs; BadRequest refuses the whole batch."""
@@ -188,11 +206,61 @@ class Submission:
                     spec.max_attempts,
                 ]
             )
-            self.specs.append(
-                spec_bytes(
-                    {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log}
-                )
-            )
+            cold = {"command": spec.command, "cwd": spec.cwd or os.getcwd(), "log": spec.log}
+            if spec.hold:
+                self.held.append(i)
+            if spec.array is not None:
+                self._array(spec, where)
+            if spec.after:
+                self.after[i] = (self._after(state, spec.after, i, where), cold)
+                self.specs.append(b"")  # made in events(), once the batch's ids are known
+            else:
+                self.specs.append(spec_bytes(cold))
+
+    def _after(self, state: State, after: list[After], i: int, where: str) -> list[list[Any]]:
+        out: list[list[Any]] = []
+        for k, a in enumerate(after):
+            at = f"{where}after[{k}]"
+            if (a.job is None) == (a.index is None):
+                raise BadRequest(422, "invalid", f"{at}: give one of job or index")
+            if a.index is not None:
+                if a.index >= i:
+                    raise BadRequest(
+                        422, "invalid", f"{at}: index {a.index} is not an earlier job of the batch"
+                    )
+                out.append([a.type, -1 - a.index])
+            else:
+                assert a.job is not None
+                if a.job not in state.jobs:
+                    raise BadRequest(
+                        422, "invalid", f"{at}: no job {a.job} (unknown, or forgotten)"
+                    )
+                out.append([a.type, a.job])
+        return out
+
+    def _array(self, spec: JobSpec, where: str) -> None:
+        arr = spec.array
+        assert arr is not None
+        if self.many:
+            raise BadRequest(422, "invalid", f"{where}array: an array is submitted alone")
+        count = gates.array_size(arr.start, arr.stop, arr.step)
+        if count < 1:
+            raise BadRequest(422, "invalid", f"array: stop {arr.stop} is below start {arr.start}")
+        if count > MAX_ARRAY:
+            raise BadRequest(422, "invalid", f"array: at most {MAX_ARRAY} elements, not {count}")
+        self.array = (arr.start, count, arr.step, arr.max_running)
+
+    def _resolve_after(self, state: State, first: int) -> None:
+        """Dependencies on the batch's own jobs get their ids; every other parent must
+        still be there (one may have been forgotten while a big batch was checked)."""
+        for i, (after, cold) in self.after.items():
+            for dep in after:
+                if dep[1] < 0:
+                    dep[1] = first - 1 - dep[1]
+                elif dep[1] not in state.jobs:
+                    raise BadRequest(422, "invalid", f"after: no job {dep[1]} (forgotten)")
+            cold["after"] = after
+            self.specs[i] = spec_bytes(cold)
 
     def env_slices(self, state: State) -> Iterator[list[Event]]:
         """The env events of a big batch, a slice at a time, numbered from the state as it
@@ -215,7 +283,9 @@ class Submission:
     ) -> tuple[list[Event], list[int]]:
         """The env and submit events, numbered from the state now (call once, then emit).
         ``key``: the request's Idempotency-Key and body digest, journaled with the submit."""
-        events = reserve_ids(state, state.next_id + len(self.rows) - 1, now)
+        count = self.array[1] if self.array is not None else len(self.rows)
+        self._resolve_after(state, state.next_id)
+        events = reserve_ids(state, state.next_id + count - 1, now)
         env_ids: dict[str, int] = {}
         next_env = state.next_env
         for digest, env in self.envs.items():
@@ -230,6 +300,9 @@ class Submission:
             if row[4] is not None:
                 row[4] = env_ids[row[4]]
         user = sys.intern(self.user)
+        if self.array is not None:
+            events.append(self._array_event(user, first, now, key))
+            return events, list(range(first, first + count))
         sub: event.Submit = {
             "e": "submit",
             "t": now,
@@ -239,8 +312,37 @@ class Submission:
         }
         if key is not None:
             sub["key"], sub["kd"] = key
+        if self.after:
+            sub["after"] = [[i, after] for i, (after, _) in self.after.items()]
+        if self.held:
+            sub["held"] = self.held
         events.append(sub)
         return events, [row[0] for row in self.rows]
+
+    def _array_event(
+        self, user: str, first: int, now: float, key: tuple[str, str] | None
+    ) -> ArrayEvent:
+        assert self.array is not None
+        start, count, step, cap = self.array
+        ev: ArrayEvent = {
+            "e": "array",
+            "t": now,
+            "user": user,
+            "first": first,
+            "count": count,
+            "start": start,
+            "step": step,
+            "max_running": cap,
+            "job": self.rows[0][1:],
+            "spec": self.specs[0].decode(),
+        }
+        if 0 in self.after:
+            ev["after"] = self.after[0][0]
+        if self.held:
+            ev["held"] = True
+        if key is not None:
+            ev["key"], ev["kd"] = key
+        return ev
 
 
 def body_digest(body: bytes) -> str:
@@ -297,7 +399,44 @@ def rerun(state: State, job_id: int, now: float, by: str | None = None) -> list[
     job = _job(state, job_id)
     if job.state not in FINAL_STATES:
         raise BadRequest(409, "conflict", f"job {job_id} is {job.state}; only ended jobs rerun")
+    for kind, parent_id in state.after_of(job):
+        parent = state.jobs.get(parent_id)
+        if parent is not None and gates.met(kind, parent.state) is False:
+            raise BadRequest(
+                409,
+                "conflict",
+                f"job {job_id}: {gates.broken_reason(kind, parent_id, parent.state)}; "
+                f"rerun job {parent_id} first",
+            )
     ev: Rerun = {"e": "rerun", "t": now, "job": job_id}
+    if by is not None:
+        ev["by"] = by
+    return [ev]
+
+
+def hold(state: State, job_id: int, now: float, by: str | None = None) -> list[Event]:
+    job = _job(state, job_id)
+    if job.state not in (QUEUED, WAITING):
+        raise BadRequest(
+            409, "conflict", f"job {job_id} is {job.state}; only queued or waiting jobs hold"
+        )
+    w = state.waits.get(job_id)
+    if w is not None and w.held:
+        return []
+    ev: Hold = {"e": "hold", "t": now, "jobs": [job_id]}
+    if by is not None:
+        ev["by"] = by
+    return [ev]
+
+
+def release(state: State, job_id: int, now: float, by: str | None = None) -> list[Event]:
+    job = _job(state, job_id)
+    w = state.waits.get(job_id)
+    if w is None or not w.held:
+        if job.state in (QUEUED, WAITING):
+            return []  # not held: nothing to do, as for a second release
+        raise BadRequest(409, "conflict", f"job {job_id} is {job.state}, not held")
+    ev: Release = {"e": "release", "t": now, "jobs": [job_id]}
     if by is not None:
         ev["by"] = by
     return [ev]
@@ -348,6 +487,20 @@ def revoke_token(state: State, token_id: str, by: str, now: float) -> list[Event
         raise BadRequest(404, "not_found", f"no token {token_id}")
     ev: TokenRevoke = {"e": "token_revoke", "t": now, "id": token_id, "by": by}
     return [ev]
+
+
+TOKEN_KEEP = 86_400.0  # an expired token is still listed (as expired) for a day, then dropped
+
+
+def prune_tokens(state: State, now: float, keep: float = TOKEN_KEEP) -> list[Event]:
+    """Expired tokens are dropped a while after they expired (a periodic task), as
+    revocations by ``expiry``: they open nothing already; kept, they would pile up."""
+    out: list[Event] = []
+    for t in state.tokens.values():
+        if t.expires is not None and t.expires < now - keep:
+            ev: TokenRevoke = {"e": "token_revoke", "t": now, "id": t.id, "by": "expiry"}
+            out.append(ev)
+    return out
 
 
 @dataclass

@@ -29,7 +29,12 @@ log = logging.getLogger("crq.engine")
 
 
 # events after which a dispatch pass may find new work
-WAKE_DISPATCH = frozenset({"submit", "finish", "recover", "rerun", "tasker", "resources"})
+# events that can queue jobs: a hold, stop or forget too, releasing an array's next element
+# or a parent's dependents (a pass costs what changed: a wake for nothing is cheap)
+WAKE_DISPATCH = frozenset(
+    {"submit", "finish", "recover", "rerun", "tasker", "resources", "array", "release", "hold"}
+    | {"stop", "forget"}
+)
 
 
 @dataclass

@@ -55,6 +55,47 @@ class Submit(TypedDict):
     specs: list[bytes]  # written raw after the record's JSON, one a line (see encode)
     key: NotRequired[str]  # the request's Idempotency-Key (absent: none, or an older journal)
     kd: NotRequired[str]  # with ``key``: a digest of the request body (server/commands.py)
+    # server/gates.py: [[index in jobs, [[type, parent id], …]], …], and the indexes held
+    after: NotRequired[list[list[Any]]]
+    held: NotRequired[list[int]]
+
+
+class ArrayEvent(TypedDict):
+    """An array: ``count`` jobs from id ``first`` sharing one row and one spec (SPEC 10);
+    element k has index ``start + k * step``."""
+
+    e: Literal["array"]
+    t: float
+    user: str
+    first: int
+    count: int
+    start: int
+    step: int
+    max_running: int | None
+    job: list[Any]  # SUBMIT_FIELDS without the id: priority, resources, name, env, …
+    spec: str  # the spec's JSON, shared by every element
+    after: NotRequired[list[list[Any]]]  # [[type, parent id], …], for every element
+    held: NotRequired[bool]
+    key: NotRequired[str]
+    kd: NotRequired[str]
+
+
+class Hold(TypedDict):
+    """Jobs kept from dispatch (queued or waiting ones), at their place in the queue."""
+
+    e: Literal["hold"]
+    t: float
+    jobs: list[int]
+    by: NotRequired[str]
+
+
+class Release(TypedDict):
+    """Held jobs let go: queued again unless dependencies still hold them back."""
+
+    e: Literal["release"]
+    t: float
+    jobs: list[int]
+    by: NotRequired[str]
 
 
 class KeysExpire(TypedDict):
@@ -224,6 +265,9 @@ Event = (
     | KeysExpire
     | TokenIssue
     | TokenRevoke
+    | ArrayEvent
+    | Hold
+    | Release
 )
 
 

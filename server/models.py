@@ -94,11 +94,42 @@ if TYPE_CHECKING:  # to mypy the Python type; pydantic checks the bounds below
     Priority: TypeAlias = int
     Attempts: TypeAlias = int
     Slots: TypeAlias = int
+    Index: TypeAlias = int
+    Step: TypeAlias = int
+    ArrayIndex: TypeAlias = int
 else:
     Int = integer()
     Priority = integer(PRIORITY_MIN, PRIORITY_MAX)
     Attempts = integer(1, 1000)
     Slots = integer(0, 100_000)
+    Index = integer(0, 2**52)  # below 2**53: a float past it rounds into the range
+    Step = integer(1, 2**52)
+    ArrayIndex = integer(0, 999_999)  # as Slurm's MaxArraySize: indexes below the size
+
+
+MAX_ARRAY = 1_000_000  # elements of one array
+MAX_AFTER = 1000  # dependencies of one job
+
+
+class After(BaseModel):
+    """A dependency (SPEC 10): on job ``job``, or on the batch's earlier job ``index``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["afterok", "afterany", "afternotok"] = "afterok"
+    job: Index | None = None
+    index: Index | None = None
+
+
+class ArraySpec(BaseModel):
+    """Elements ``start``, ``start + step`` … up to ``stop``; ``max_running`` at once."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    start: ArrayIndex = 0
+    stop: ArrayIndex
+    step: Step = 1
+    max_running: Step | None = None
 
 
 class JobSpec(BaseModel):
@@ -113,6 +144,9 @@ class JobSpec(BaseModel):
     rerunnable: bool = True
     max_attempts: Attempts = MAX_ATTEMPTS_DEFAULT
     log: AbsPath | None = None
+    after: Annotated[list[After], Field(max_length=MAX_AFTER)] | None = None
+    array: ArraySpec | None = None
+    hold: bool = False
 
 
 class Batch(BaseModel):

@@ -81,6 +81,10 @@ _JOB: dict[str, Schema] = {
     "exit_code": _nullable("integer"),
     "signal": _nullable("integer"),
     "reason": _nullable("string"),
+    "held": BOOL,
+    "after": {"type": "array", "items": {"type": "array"}},  # [type, parent id] pairs
+    "array": _nullable("integer"),
+    "index": _nullable("integer"),
 }
 
 #: Answers (what the handlers in server/app.py return), beside the request models.
@@ -265,7 +269,7 @@ JOB_ID = (404, 422)
 Op = tuple[str, int, str, tuple[int, ...], bool]
 OPS: dict[tuple[str, str], Op] = {
     ("post", "/api/v1/jobs"): ("Submit one job spec or a batch", 201, "Ids", CLIENT + BODY, True),
-    ("get", "/api/v1/jobs"): ("List jobs, paged", 200, "JobPage", CLIENT + (400, 422), True),
+    ("get", "/api/v1/jobs"): ("List jobs, paged", 200, "JobPage", CLIENT + (400, 404, 422), True),
     ("get", "/api/v1/jobs/{job_id}"): ("One job, with attempts", 200, "Job", CLIENT + JOB_ID, True),
     ("get", "/api/v1/jobs/{job_id}/wait"): (
         "Long poll until the job ends (at most `timeout` s, 300 at most)",
@@ -294,6 +298,20 @@ OPS: dict[tuple[str, str], Op] = {
     ),
     ("post", "/api/v1/jobs/{job_id}/rerun"): (
         "Queue an ended job again",
+        200,
+        "Job",
+        CLIENT + JOB_ID + (409,),
+        True,
+    ),
+    ("post", "/api/v1/jobs/{job_id}/hold"): (
+        "Keep a queued or waiting job from dispatch, at its place",
+        200,
+        "Job",
+        CLIENT + JOB_ID + (409,),
+        True,
+    ),
+    ("post", "/api/v1/jobs/{job_id}/release"): (
+        "Let a held job go",
         200,
         "Job",
         CLIENT + JOB_ID + (409,),

@@ -21,7 +21,7 @@ from crq.server.events import Event, recover
 from crq.server.offers import build
 from crq.server.state import TASKER_READY, Bucket, Job, State
 
-from crq.wire import QUEUED, RUNNING
+from crq.wire import QUEUED, RUNNING, WAITING
 
 
 @dataclass
@@ -71,6 +71,7 @@ def check(
     counts = Counter(map(attrgetter("state"), state.jobs.values()))
     _counters(state, counts, found)
     _buckets(state, counts, found)
+    _waits(state, counts, found)
     _next_id(state, found)
     _keys(state, found)
     _index(state, found)  # last: the repairs above change what it is built from
@@ -177,6 +178,30 @@ def _buckets(state: State, counts: Counter[str], found: _Finder) -> None:
             f"{len(bad)} bucket counts wrong)",
             lambda: _rebuild_buckets(state),
         )
+
+
+def _waits(state: State, counts: Counter[str], found: _Finder) -> None:
+    """Every waiting job has its reason to wait (server/gates.py), and only they have one;
+    a waiting job without one would wait forever. Repair: such jobs are queued."""
+    jobs = state.jobs
+    stray = [i for i in state.waits if (j := jobs.get(i)) is None or j.state != WAITING]
+    lost = [j for j in jobs.values() if j.state == WAITING and j.id not in state.waits]
+    if stray or lost:
+        found(
+            f"waiting jobs disagree with their reasons to wait ({len(lost)} waiting without "
+            f"one, {len(stray)} reasons of jobs not waiting)",
+            lambda: _mend_waits(state, stray, lost),
+        )
+
+
+def _mend_waits(state: State, stray: list[int], lost: list[Job]) -> None:
+    for i in stray:
+        del state.waits[i]
+    for job in lost:
+        state.counts[WAITING] -= 1
+        state.counts[QUEUED] += 1
+        job.state = QUEUED
+        state.enqueue(job)
 
 
 def _next_id(state: State, found: _Finder) -> None:

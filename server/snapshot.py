@@ -16,8 +16,9 @@ from typing import Any, BinaryIO
 
 import orjson
 from crq.server.events import NL, TaskerJoin
+from crq.server.gates import Array, Wait
 from crq.server.journal import HEADER, MAX_RECORD, RecordReader, frame
-from crq.server.state import Attempt, Job, State, Tasker, Token, env_digest
+from crq.server.state import ACTIVE, Attempt, Job, State, Tasker, Token, env_digest
 
 from crq.durable import fsync_dir
 from crq.wire import QUEUED, RUNNING
@@ -32,13 +33,17 @@ from crq.wire import QUEUED, RUNNING
 # A snapshot is rewritten at every checkpoint, so its layout may change: bump VERSION, keep
 # reading the previous versions (a snapshot left by the older server), and say here what
 # each version is.
+# 5: as 4, plus records {"arrays": [[first, count, start, step, max_running], …]},
+#    {"waits": [[job, held, pending, limited], …]} (why waiting jobs wait) and
+#    {"dependents": [[parent, [[child, type], …]], …]} (server/gates.py); 4 (still read,
+#    none of them: no job waits):
 # 4: as 3, plus records {"tokens": [token, …]} (the personal tokens: id, user, role, hash,
 #    expires, created, by, note) and {"controls": [[job, t, action, by], …]} (who stopped or
 #    reran a job); 3 (still read, neither):
 # 3: as 2, plus records {"keys": [[user, key, first id, count, time, digest], …]} (the
 #    idempotency keys, oldest first, CHUNK a record); 2 (still read, no keys): jobs in chunks
 #    of CHUNK, specs raw; 1 (still read): a record a job.
-VERSION = 4
+VERSION = 5
 CHUNK = 1000
 PREFIX = "snapshot."
 KEEP = 2  # the newest and its predecessor, to fall back to
@@ -266,6 +271,15 @@ def _put_all(state: State, f: BinaryIO, header: dict[str, Any], chunk: int) -> N
     controls = [[job, *c] for job, cs in state.controls.items() for c in cs]
     for at in range(0, len(controls), chunk):
         put({"controls": controls[at : at + chunk]})
+    arrays = [[a.first, a.count, a.start, a.step, a.max_running] for a in state.arrays.values()]
+    for at in range(0, len(arrays), chunk):
+        put({"arrays": arrays[at : at + chunk]})
+    waits = [[j, w.held, w.pending, w.limited] for j, w in state.waits.items()]
+    for at in range(0, len(waits), chunk):
+        put({"waits": waits[at : at + chunk]})
+    deps = [[p, [list(c) for c in cs]] for p, cs in state.dependents.items()]
+    for at in range(0, len(deps), chunk):
+        put({"dependents": deps[at : at + chunk]})
     put({"end": n + 1})
 
 
@@ -286,7 +300,7 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
             rec = orjson.loads(payload)
             if not isinstance(rec, dict) or rec.get("kind") != "crq-snapshot":
                 raise SnapshotError(f"{path}: not a crq snapshot")
-            if rec["version"] not in (1, 2, 3, VERSION):
+            if rec["version"] not in (1, 2, 3, 4, VERSION):
                 raise SnapshotError(f"{path}: snapshot version {rec['version']} unsupported")
             header = rec
             continue
@@ -313,6 +327,16 @@ def read(path: Path, global_resources: dict[str, int] | None = None) -> State:
         elif "controls" in rec:
             for job_id, t, action, by in rec["controls"]:
                 state.controls.setdefault(job_id, []).append((t, action, by))
+        elif "arrays" in rec:
+            for first, count, start, step, cap in rec["arrays"]:
+                state.add_array(Array(first, count, start, step, cap))
+        elif "waits" in rec:
+            for job_id, held, pending, limited in rec["waits"]:
+                w = state.waits[job_id] = Wait(held, pending)
+                w.limited = limited
+        elif "dependents" in rec:
+            for parent, children in rec["dependents"]:
+                state.dependents[parent] = [(c, kind) for c, kind in children]
         elif "end" in rec:
             if rec["end"] != seq:
                 raise SnapshotError(f"{path}: end record says {rec['end']} records, found {seq}")
@@ -369,4 +393,21 @@ def _rebuild_derived(state: State) -> None:
                 state.global_used[k] = state.global_used.get(k, 0) + v
     for t in state.taskers.values():
         state.recount_tasker(t)
+    _recount_arrays(state)
     state.reindex()
+
+
+def _recount_arrays(state: State) -> None:
+    """An array's elements left, those queued or running, those waiting for its cap."""
+    jobs, waits = state.jobs, state.waits
+    for arr in state.arrays.values():
+        arr.left = arr.active = 0
+        for job_id in range(arr.first, arr.first + arr.count):
+            job = jobs.get(job_id)
+            if job is None:
+                continue
+            arr.left += 1
+            if job.state in ACTIVE:
+                arr.active += arr.max_running is not None  # counted only under a cap
+            elif (w := waits.get(job_id)) is not None and w.limited:
+                arr.limited.append(job_id)  # ascending: a heap already

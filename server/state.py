@@ -8,6 +8,7 @@ decision they depend on, so applying them is deterministic.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import sys
@@ -16,16 +17,20 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
 import orjson
+from crq.server import gates
 from crq.server.events import (
+    ArrayEvent,
     Dispatch,
     Env,
     EpochEvent,
     Event,
     Finish,
     Forget,
+    Hold,
     Ids,
     KeysExpire,
     Recover,
+    Release,
     Rerun,
     Resources,
     Start,
@@ -36,15 +41,17 @@ from crq.server.events import (
     TokenIssue,
     TokenRevoke,
 )
+from crq.server.gates import Array, Wait
 from crq.server.offers import TASKER_READY as TASKER_READY  # re-exported: state names it
 from crq.server.offers import Offers, build
 from crq.server.offers import Tasker as Tasker
 from crq.server.resources import Need, NeedCache, parse_capacity
 
-from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED
+from crq.wire import DONE, FAILED, FINAL_STATES, LOST, QUEUED, RUNNING, STOPPED, WAITING
 
 TASKER_LOST = "lost"
 T = TypeVar("T")
+ACTIVE = frozenset((QUEUED, RUNNING))  # what an array's max_running counts
 
 
 #: An idempotency key's entry: (first id, job count, time of the submit, body digest); its
@@ -296,7 +303,7 @@ class State:
         self.next_env = 1
         self.buckets: dict[tuple[int, str], Bucket] = {}
         self.counts: dict[str, int] = dict.fromkeys(
-            (QUEUED, RUNNING, DONE, FAILED, STOPPED, LOST), 0
+            (QUEUED, WAITING, RUNNING, DONE, FAILED, STOPPED, LOST), 0
         )
         self.global_total: dict[str, int] = dict(global_resources or {})
         self.global_used: dict[str, int] = {}
@@ -307,6 +314,14 @@ class State:
         self.tokens: dict[str, Token] = {}  # personal tokens by id
         self.token_by_hash: dict[str, Token] = {}
         self.controls: dict[int, list[Control]] = {}  # job id → who stopped, reran it…
+        # server/gates.py: why waiting jobs wait, who waits for whom, the arrays
+        self.waits: dict[int, Wait] = {}
+        self.dependents: dict[int, list[tuple[int, str]]] = {}
+        self.arrays: dict[int, Array] = {}  # by first id
+        self.array_firsts: list[int] = []  # their first ids, ascending
+        self.capped = 0  # arrays with a max_running
+        self._ending: list[tuple[int, str]] | None = None  # parents to settle (see _settle)
+        self._now = 0.0  # the time of the event being applied (of the stops it cascades to)
         self.on_final: Callable[[Job], None] | None = None
         # a kind's handler; typed Any here, each handler takes its kind's TypedDict
         self._apply: dict[str, Callable[[Any], None]] = {
@@ -327,11 +342,17 @@ class State:
             "keys_expire": self._keys_expire,
             "token_issue": self._token_issue,
             "token_revoke": self._token_revoke,
+            "array": self._array,
+            "hold": self._hold,
+            "release": self._release_held,
         }
 
     # -- the one writer -------------------------------------------------------------------
 
     def apply(self, event: Event, seq: int | None = None) -> None:
+        t = event.get("t")
+        if isinstance(t, (int, float)):
+            self._now = t
         self._apply[event["e"]](event)
         self.seq = self.seq + 1 if seq is None else seq
 
@@ -358,11 +379,109 @@ class State:
     # -- helpers of apply -----------------------------------------------------------------
 
     def _set_state(self, job: Job, state: str) -> None:
-        self.counts[job.state] -= 1
+        old = job.state
+        self.counts[old] -= 1
         self.counts[state] += 1
         job.state = state
-        if state in FINAL_STATES and self.on_final is not None:
-            self.on_final(job)
+        if self.capped and (old in ACTIVE) != (state in ACTIVE):
+            self._array_moved(job, state in ACTIVE)
+        if state in FINAL_STATES:
+            if self.on_final is not None:
+                self.on_final(job)
+            if job.id in self.dependents:
+                self._settle(job.id, state)
+
+    # -- what keeps jobs waiting (server/gates.py) ------------------------------------------
+
+    def array_of(self, job_id: int) -> Array | None:
+        firsts = self.array_firsts
+        if not firsts:
+            return None
+        at = bisect.bisect_right(firsts, job_id) - 1
+        if at < 0:
+            return None
+        arr = self.arrays[firsts[at]]
+        return arr if arr.has(job_id) else None
+
+    def _array_moved(self, job: Job, active: bool) -> None:
+        """A capped array's element came into or left the queued-or-running count: one
+        that left makes room for the next element waiting for the cap, lowest id first."""
+        arr = self.array_of(job.id)
+        if arr is None or arr.max_running is None:
+            return
+        arr.active += 1 if active else -1
+        while arr.limited and arr.active < arr.max_running:
+            job_id = heapq.heappop(arr.limited)
+            w = self.waits.get(job_id)
+            if w is not None and w.limited:
+                w.limited = False
+                self._unblock(self.jobs[job_id], w)
+
+    def _wait(self, job: Job, held: bool, after: Iterable[list[Any]], t: float) -> None:
+        """A job that was not queued (new, or ended and rerun) starts waiting: for its
+        hold, its parents still running, or its array's cap; queued at once if for none,
+        stopped if a parent already ended the wrong way."""
+        self.counts[job.state] -= 1
+        self.counts[WAITING] += 1
+        job.state = WAITING
+        w = self.waits[job.id] = Wait(held)
+        jobs, dependents = self.jobs, self.dependents
+        for kind, parent_id in after:
+            parent = jobs.get(parent_id)
+            ok = gates.met(kind, parent.state if parent is not None else gates.FORGOTTEN)
+            if ok is None:
+                w.pending += 1
+                dependents.setdefault(parent_id, []).append((job.id, kind))
+            elif not ok:
+                assert parent is not None
+                self._stop_waiting(job, gates.broken_reason(kind, parent_id, parent.state), t)
+                return
+        self._unblock(job, w)
+
+    def _unblock(self, job: Job, w: Wait) -> None:
+        """Queue a waiting job if nothing holds it back (its array's cap: it waits its turn)."""
+        if w.held or w.pending or w.limited:
+            return
+        if self.capped:
+            arr = self.array_of(job.id)
+            if arr is not None and arr.max_running is not None and arr.active >= arr.max_running:
+                w.limited = True
+                heapq.heappush(arr.limited, job.id)
+                return
+        del self.waits[job.id]
+        self.enqueue(job)
+        self._set_state(job, QUEUED)
+
+    def _stop_waiting(self, job: Job, reason: str, t: float) -> None:
+        self.waits.pop(job.id, None)
+        job.ended = t
+        job.reason = reason
+        self._set_state(job, STOPPED)
+
+    def _settle(self, parent_id: int, outcome: str) -> None:
+        """The jobs waiting for ``parent_id`` learn its outcome: released, or stopped if it
+        broke their dependency, and so on down the chain. Iterative: a chain of 100,000
+        stopped at its head must not recurse 100,000 deep."""
+        if self._ending is not None:  # within a settle already: its loop takes this one
+            self._ending.append((parent_id, outcome))
+            return
+        ending = self._ending = [(parent_id, outcome)]
+        try:
+            while ending:
+                pid, out = ending.pop()
+                t = self._now
+                for child_id, kind in self.dependents.pop(pid, ()):
+                    w = self.waits.get(child_id)
+                    if w is None:  # stopped or forgotten meanwhile
+                        continue
+                    child = self.jobs[child_id]
+                    if gates.met(kind, out):
+                        w.pending -= 1
+                        self._unblock(child, w)
+                    else:
+                        self._stop_waiting(child, gates.broken_reason(kind, pid, out), t)
+        finally:
+            self._ending = None
 
     def enqueue(self, job: Job) -> None:
         """Queue a queued job in its bucket (also used by a snapshot's load)."""
@@ -469,11 +588,83 @@ class State:
             if env is not None:
                 env_refs[env] = env_refs.get(env, 0) + 1
         if new:
+            self.next_id = max(self.next_id, new[-1].id + 1)  # ids ascend within a submit
+        if "after" in ev or "held" in ev:
+            self._submit_gated(ev, new)
+        elif new:
             self.enqueue_all(new)
             self.counts[QUEUED] += len(new)
-            self.next_id = max(self.next_id, new[-1].id + 1)  # ids ascend within a submit
         if "key" in ev and new:
             self.remember_key(user, ev["key"], (new[0].id, len(new), t, ev["kd"]))
+
+    def _submit_gated(self, ev: Submit, new: list[Job]) -> None:
+        """The jobs of a submit with holds or dependencies: the others queued as usual, then
+        these in order (a job may wait for an earlier one of the same batch)."""
+        after = {i: deps for i, deps in ev.get("after", ())}
+        held = set(ev.get("held", ()))
+        plain = [job for i, job in enumerate(new) if i not in after and i not in held]
+        self.enqueue_all(plain)
+        self.counts[QUEUED] += len(new)
+        for i, job in enumerate(new):
+            if i in after or i in held:
+                self._wait(job, i in held, after.get(i, ()), ev["t"])
+
+    def _array(self, ev: ArrayEvent) -> None:
+        t, user, first, n = ev["t"], sys.intern(ev["user"]), ev["first"], ev["count"]
+        priority, resources, name, env, rerunnable, max_attempts = ev["job"]
+        spec = ev["spec"].encode()  # one bytes for every element
+        need, name = self.needs.get(resources, user), sys.intern(name)
+        new = [Job(i, priority, user, name, need, spec, env, rerunnable, max_attempts, t)
+               for i in range(first, first + n)]  # fmt: skip
+        jobs = self.jobs
+        for job in new:
+            jobs[job.id] = job
+        if env is not None:
+            self.env_refs[env] = self.env_refs.get(env, 0) + n
+        arr = Array(first, n, ev["start"], ev["step"], ev["max_running"])
+        self.add_array(arr)
+        self.next_id = max(self.next_id, first + n)
+        self.counts[QUEUED] += n
+        after, held = ev.get("after", ()), ev.get("held", False)
+        if arr.max_running is None and not after and not held:
+            self.enqueue_all(new)
+        else:
+            for job in new:
+                self._wait(job, held, after, t)
+        if "key" in ev:
+            self.remember_key(user, ev["key"], (first, n, t, ev["kd"]))
+
+    def add_array(self, arr: Array) -> None:
+        self.arrays[arr.first] = arr
+        bisect.insort(self.array_firsts, arr.first)
+        if arr.max_running is not None:
+            self.capped += 1
+
+    def _drop_array(self, arr: Array) -> None:
+        del self.arrays[arr.first]
+        self.array_firsts.remove(arr.first)
+        if arr.max_running is not None:
+            self.capped -= 1
+
+    def _hold(self, ev: Hold) -> None:
+        for job_id in ev["jobs"]:
+            job = self.jobs[job_id]
+            self._control(job_id, ev["t"], "hold", ev.get("by"))
+            w = self.waits.get(job_id)
+            if w is not None:
+                w.held = True
+            elif job.state == QUEUED:
+                self._dequeue(job)
+                self.waits[job_id] = Wait(held=True)
+                self._set_state(job, WAITING)
+
+    def _release_held(self, ev: Release) -> None:
+        for job_id in ev["jobs"]:
+            self._control(job_id, ev["t"], "release", ev.get("by"))
+            w = self.waits.get(job_id)
+            if w is not None and w.held:
+                w.held = False
+                self._unblock(self.jobs[job_id], w)
 
     def remember_key(self, user: str, key: str, entry: KeyEntry) -> None:
         """A key's entry, placed last (so keys stay oldest first: a reused one moves)."""
@@ -570,6 +761,8 @@ class State:
             job.ended = ev["t"]
             job.reason = "stopped while queued"
             self._set_state(job, STOPPED)
+        elif job.state == WAITING:
+            self._stop_waiting(job, "stopped while waiting", ev["t"])
         else:
             job.stop_requested = True
 
@@ -580,8 +773,22 @@ class State:
         job.stop_requested = False
         job.tasker = job.pid = job.started = job.ended = None
         job.exit_code = job.signal = job.reason = None
+        after = self.after_of(job)
+        if after:  # its dependencies hold again, against the parents as they are now
+            self._wait(job, False, after, ev["t"])
+            return
+        if self.capped and (arr := self.array_of(job.id)) and arr.max_running is not None:
+            self._wait(job, False, (), ev["t"])
+            return
         self.enqueue(job)
         self._set_state(job, QUEUED)
+
+    def after_of(self, job: Job) -> list[list[Any]]:
+        """A job's dependencies as submitted ([type, parent id] pairs; from its cold spec)."""
+        if b'"after"' not in job.spec:
+            return []
+        after: list[list[Any]] = orjson.loads(job.spec).get("after") or []
+        return after
 
     def _forget(self, ev: Forget) -> None:
         for job_id in ev["jobs"]:
@@ -592,6 +799,16 @@ class State:
             self.counts[job.state] -= 1
             if job.state == QUEUED:
                 self._dequeue(job)
+            elif job.state == WAITING:
+                self.waits.pop(job_id, None)
+            if self.array_firsts and (arr := self.array_of(job_id)) is not None:
+                if self.capped and job.state in ACTIVE:
+                    self._array_moved(job, False)
+                arr.left -= 1
+                if arr.left <= 0:
+                    self._drop_array(arr)
+            if job_id in self.dependents:  # forgotten before it ended
+                self._settle(job_id, job.state if job.state in FINAL_STATES else gates.FORGOTTEN)
             if job.env is not None:
                 left = self.env_refs[job.env] = self.env_refs[job.env] - 1
                 if left <= 0:

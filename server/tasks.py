@@ -13,11 +13,11 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from crq.server.commands import expire_keys, lose_tasker
+from crq.server.commands import expire_keys, lose_tasker, prune_tokens
 from crq.server.monitor import silent
 from crq.server.service import Service
 
-from crq.wire import DONE, MODE_NORMAL, QUEUED, RUNNING
+from crq.wire import DONE, FINAL_STATES, MODE_NORMAL
 
 log = logging.getLogger("crq.tasks")
 monitor_log = logging.getLogger("crq.monitor")
@@ -70,7 +70,7 @@ async def _autoforget(srv: Service) -> None:
                 for i in ids[start : start + 20_000]
                 if (j := jobs.get(i)) is not None
                 and j.ended is not None
-                and j.state not in (QUEUED, RUNNING)
+                and j.state in FINAL_STATES
                 and j.ended < (old_done if j.state == DONE else old_other)
             ]
             if gone:
@@ -79,7 +79,8 @@ async def _autoforget(srv: Service) -> None:
 
 
 async def _expire_keys(srv: Service) -> None:
-    """Forget idempotency keys past the window, as journaled events (so replay agrees)."""
+    """Forget idempotency keys past the window, and tokens a day past their expiry, as
+    journaled events (so replay agrees)."""
     engine = srv.engine
     window = srv.settings.idempotency_window
     period = max(0.5, min(60.0, window / 4))
@@ -87,7 +88,8 @@ async def _expire_keys(srv: Service) -> None:
         await asyncio.sleep(period)
         if engine.mode != MODE_NORMAL or engine.shutting_down:
             continue
-        engine.emit(expire_keys(engine.state, time.time(), window))
+        now = time.time()
+        engine.emit(expire_keys(engine.state, now, window) + prune_tokens(engine.state, now))
 
 
 async def watch(srv: Service) -> None:

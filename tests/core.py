@@ -14,6 +14,7 @@ from crq.server import commands, snapshot
 from crq.server.app import serving_app
 from crq.server.engine import Engine
 from crq.server.events import Event, decode, encode
+from crq.server.gates import Array
 from crq.server.journal import Journal, frame
 from crq.server.models import Batch, JobSpec, Register, ResultReport, RunningReport
 from crq.server.scheduler import dispatch_pass
@@ -66,6 +67,13 @@ class Core:
             if ids is not None:
                 return ids
         events, ids = commands.submit(self.state, batch, user, now, keyed)
+        self.emit(events)
+        return ids
+
+    def submit_specs(self, specs: list[dict[str, Any]], user: str = "alice") -> list[int]:
+        """One batch of these specs (command and cwd by default)."""
+        jobs = [JobSpec(**{"command": ["true"], "cwd": "/tmp", **s}) for s in specs]
+        events, ids = commands.submit(self.state, Batch(jobs=jobs), user, self.tick())
         self.emit(events)
         return ids
 
@@ -126,7 +134,18 @@ def fingerprint(state: State) -> dict[str, Any]:
         "tokens": {i: (t.as_json(), t.hash) for i, t in sorted(state.tokens.items())},
         "by_hash": sorted((h, t.id) for h, t in state.token_by_hash.items()),
         "controls": {i: list(c) for i, c in sorted(state.controls.items()) if c},
+        "waits": {i: (w.held, w.pending, w.limited) for i, w in sorted(state.waits.items())},
+        "dependents": {p: sorted(c) for p, c in sorted(state.dependents.items()) if c},
+        "arrays": {
+            f: (a.count, a.start, a.step, a.max_running, a.active, _limited(state, a), a.left)
+            for f, a in sorted(state.arrays.items())
+        },
     }
+
+
+def _limited(state: State, arr: Array) -> list[int]:
+    """The ids waiting for the array's cap (its heap may hold stale ones: skipped lazily)."""
+    return sorted({i for i in arr.limited if (w := state.waits.get(i)) and w.limited})
 
 
 def write_journal(trace: Path, events: list[Event], first_seq: int = 1, segment: int = 1) -> Path:

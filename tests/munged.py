@@ -51,10 +51,19 @@ class Munged:
 
 
 def start_munged(root: Path) -> Munged:
+    """A daemon for a test: skipped where munged is missing or we are not root."""
     if MUNGED is None or MUNGEKEY is None:
         pytest.skip(SKIP)
     if os.geteuid() != 0:
         pytest.skip("munged wants root (the identity tests run as root in CI)")
+    return launch_munged(root)
+
+
+def launch_munged(root: Path) -> Munged:
+    """A munged with its own new key, socket, log, pid and seed file under ``root`` (also
+    bench/auth.py's); RuntimeError if it is missing or does not start."""
+    if MUNGED is None or MUNGEKEY is None:
+        raise RuntimeError(SKIP)
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)  # munged checks that its socket dir is not writable by others
     key = root / "munge.key"

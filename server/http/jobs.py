@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from crq.server import commands, identity
@@ -23,6 +23,7 @@ from crq.wire import (
     JOB_STATES,
     QUEUED,
     RUNNING,
+    WAITING,
 )
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
@@ -41,6 +42,7 @@ def routes(srv: Service) -> list[BaseRoute]:
         user: str | None = None,
         limit: int = 1000,
         after: int = 0,
+        array: int | None = None,
     ) -> Response:
         await auth.client(srv, request)
         if state is not None and state not in JOB_STATES:
@@ -50,7 +52,12 @@ def routes(srv: Service) -> list[BaseRoute]:
         nxt = None
         st = srv.state
         # ids are monotonic: a page after N starts at N+1 instead of rescanning from the first
-        ids = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
+        ids: Iterable[int] = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
+        if array is not None:  # the elements of one array: its range of ids
+            arr = st.arrays.get(array)
+            if arr is None:
+                raise BadRequest(404, "not_found", f"no array {array}")
+            ids = range(max(arr.first, after + 1), arr.first + arr.count)
         # A sparse filter (a few running jobs among a million) would walk every id in one
         # go and stall the event loop: stop after SCAN_BUDGET ids and give ``next`` so the
         # client goes on from there. A page may then be short, even empty, with a ``next``.
@@ -90,7 +97,7 @@ def routes(srv: Service) -> list[BaseRoute]:
     async def wait_job(request: Request, job_id: int, timeout: float = 30.0) -> Response:
         await auth.client(srv, request)
         job = _get_job(job_id)
-        if job.state in (QUEUED, RUNNING):
+        if job.state in (QUEUED, WAITING, RUNNING):
             await engine.wait_final(job_id, max(0.0, min(timeout, 300.0)))
         await engine.durable()
         job = srv.state.jobs.get(job_id, job)
@@ -122,6 +129,14 @@ def routes(srv: Service) -> list[BaseRoute]:
     @router.post(API + "/jobs/{job_id}/rerun")
     async def rerun_job(request: Request, job_id: int) -> Response:
         return await _control(request, job_id, "rerun", commands.rerun)
+
+    @router.post(API + "/jobs/{job_id}/hold")
+    async def hold_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, "hold", commands.hold)
+
+    @router.post(API + "/jobs/{job_id}/release")
+    async def release_job(request: Request, job_id: int) -> Response:
+        return await _control(request, job_id, "release", commands.release)
 
     @router.delete(API + "/jobs/{job_id}")
     async def forget_job(request: Request, job_id: int) -> Response:

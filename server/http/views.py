@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import orjson
+from crq.server.gates import Array, expand_log
 from crq.server.service import Service
 from crq.server.state import TASKER_LOST, Job, State
 from starlette.responses import Response
@@ -27,6 +28,8 @@ def error(status: int, code: str, message: str, **extra: Any) -> JSON:
 def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
     spec = orjson.loads(job.spec)
     cur = job.current()
+    arr = state.array_of(job.id)
+    w = state.waits.get(job.id)
     out = {
         "id": job.id,
         "name": job.name,
@@ -36,7 +39,7 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
         "resources": job.need.resources,
         "command": spec["command"],
         "cwd": spec["cwd"],
-        "log": log_path(job.id, spec),
+        "log": log_path(job.id, spec, arr),
         "rerunnable": job.rerunnable,
         "max_attempts": job.max_attempts,
         "attempt": job.attempt,
@@ -48,7 +51,11 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
         "ended": job.ended,
         "exit_code": job.exit_code,
         "signal": job.signal,
-        "reason": job.reason,
+        "reason": w.reason() if w is not None else job.reason,
+        "held": w is not None and w.held,
+        "after": spec.get("after") or [],
+        "array": arr.first if arr is not None else None,
+        "index": arr.index(job.id) if arr is not None else None,
     }
     if full:
         out["env"] = state.env_of(job)
@@ -59,8 +66,13 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
     return out
 
 
-def log_path(job_id: int, spec: dict[str, Any]) -> str:
-    return str(spec["log"] or os.path.join(spec["cwd"], f"crq.{job_id}.log"))
+def log_path(job_id: int, spec: dict[str, Any], arr: Array | None = None) -> str:
+    """The job's log: ``log`` with ``%j``, ``%A``, ``%a`` expanded, or crq.<id>.log in cwd."""
+    if not spec["log"]:
+        return os.path.join(spec["cwd"], f"crq.{job_id}.log")
+    if arr is None:
+        return expand_log(spec["log"], job_id, None, None)
+    return expand_log(spec["log"], job_id, arr.first, arr.index(job_id))
 
 
 def tasker_json(srv: Service, name: str) -> dict[str, Any]:
@@ -89,13 +101,17 @@ def tasker_json(srv: Service, name: str) -> dict[str, Any]:
 
 def dispatch_json(state: State, job: Job) -> dict[str, Any]:
     spec = orjson.loads(job.spec)
+    env = state.env_of(job)
+    arr = state.array_of(job.id)
+    if arr is not None:
+        env = {**env, "CRQ_ARRAY_ID": str(arr.first), "CRQ_ARRAY_INDEX": str(arr.index(job.id))}
     return {
         "job": job.id,
         "attempt": job.attempt,
         "command": spec["command"],
         "cwd": spec["cwd"],
-        "env": state.env_of(job),
-        "log": log_path(job.id, spec),
+        "env": env,
+        "log": log_path(job.id, spec, arr),
         "name": job.name,
         "user": job.user,  # a root tasker runs the job as this user (tasker/runas.py)
     }

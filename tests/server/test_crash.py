@@ -48,6 +48,7 @@ class Cluster:
             for i in range(taskers)
         ]  # fmt: skip
         self.acked: list[int] = []
+        self.deps: list[tuple[int, int]] = []  # (parent, child) of acknowledged chains
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         try:
@@ -70,22 +71,34 @@ class Cluster:
         cmd += f"while [ ! -e {gate} ]; do sleep 0.05; done"
         return {"command": cmd, "cwd": str(self.work)}
 
-    def submit_loop(self, sleep: float = 0.05, batch: int = 3) -> None:
-        """Submit until told to stop; keep only acknowledged ids."""
+    def submit_loop(self, sleep: float = 0.05, batch: int = 3, workflow: bool = False) -> None:
+        """Submit until told to stop; keep only acknowledged ids. ``workflow``: chains (each
+        job of a batch after the one before) and capped arrays, turn about."""
+
+        def body(n: int) -> dict[str, Any]:
+            if not workflow:
+                return {"jobs": [self.spec(sleep) for _ in range(batch)]}
+            if n % 2:
+                return {**self.spec(sleep), "array": {"start": 1, "stop": 4, "max_running": 2}}
+            chain = [{**self.spec(sleep), "after": [{"index": i}]} for i in range(batch - 1)]
+            return {"jobs": [self.spec(sleep), *chain]}
 
         def loop() -> None:
             token = self.srv.admin_token
             with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=5) as c:
+                n = 0
                 while not self._stop.is_set():
+                    sent = body(n)
                     try:
-                        r = c.post(
-                            f"{self.srv.url}/api/v1/jobs",
-                            json={"jobs": [self.spec(sleep) for _ in range(batch)]},
-                        )
+                        r = c.post(f"{self.srv.url}/api/v1/jobs", json=sent)
                     except httpx.HTTPError:
                         return  # the server died: nothing more is acknowledged
                     if r.status_code == 201:
-                        self.acked.extend(r.json()["ids"])
+                        ids = r.json()["ids"]
+                        self.acked.extend(ids)
+                        if "jobs" in sent and workflow:
+                            self.deps += list(zip(ids, ids[1:], strict=False))
+                    n += 1
                     time.sleep(0.01)
 
         for _ in range(2):
@@ -118,7 +131,8 @@ class Cluster:
 
         def settled() -> dict[int, dict[str, Any]] | None:
             js = jobs()
-            return js if all(j["state"] not in ("queued", "running") for j in js.values()) else None
+            ended = all(j["state"] not in ("queued", "waiting", "running") for j in js.values())
+            return js if ended else None
 
         return wait_until(settled, timeout=timeout, step=0.2)
 
@@ -136,6 +150,9 @@ class Cluster:
             "a job ran that the server does not know, or not at all"
         )
         assert len(set(jobs)) == len(jobs)
+        order = {int(line.split(":")[0]): k for k, line in enumerate(self.runs.read_text().split())}
+        early = [(p, c) for p, c in self.deps if order[c] < order[p]]
+        assert not early, f"jobs that ran before the job they depend on: {early[:10]}"
         sanity = self.srv.request("POST", "/server/sanity")
         assert sanity["ok"] and not sanity["findings"], sanity
         return jobs
@@ -210,6 +227,23 @@ def test_kill_during_submits_and_dispatch(
     rep = _check_report(c)
     c.check()
     assert rep["jobs"]["lost"] == []
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.2])
+def test_kill_during_chains_and_arrays(
+    cluster_factory: Callable[..., Cluster], delay: float
+) -> None:
+    """Dependencies and capped arrays through a kill -9: each job once, none before its
+    parent, the waiting ones released after the restart."""
+    c = cluster_factory()
+    c.submit_loop(sleep=0.1, workflow=True)
+    wait_until(lambda: c.deps)
+    time.sleep(delay)
+    c.srv.kill9()
+    c.stop_submitting()
+    c.restart()
+    _check_report(c)
+    c.check()
 
 
 def test_kill_while_jobs_complete_fast(cluster_factory: Callable[..., Cluster]) -> None:

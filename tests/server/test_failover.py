@@ -182,6 +182,30 @@ def test_kill9_of_the_leader_the_standby_takes_over_losing_nothing(
     f.check()
 
 
+def test_a_chain_and_an_array_waiting_at_a_kill9_run_under_the_new_leader(
+    failover: Callable[..., Failover],
+) -> None:
+    f = failover()
+    old = f.leader()
+    (head,) = f.srv.submit(f.held())
+    chain = [{**f.spec(0), "after": [{"job": head}]}]
+    chain += [{**f.spec(0), "after": [{"index": i}]} for i in range(3)]
+    links = f.srv.submit(*chain)
+    arr = {**f.spec(0), "after": [{"job": links[-1]}], "array": {"start": 1, "stop": 6,
+                                                                  "max_running": 2}}  # fmt: skip
+    elements = f.srv.request("POST", "/jobs", json=arr)["ids"]
+    f.acked += [head, *links, *elements]
+    f.deps += list(zip([head, *links], links, strict=False))
+    f.deps += [(links[-1], e) for e in elements]
+    wait_until(lambda: f.srv.request("GET", f"/jobs/{head}")["state"] == "running")
+    old.kill9()
+    new = f.leader()
+    assert new is f.cands[1]
+    assert new.request("GET", f"/jobs/{links[0]}")["state"] == "waiting"
+    (f.tmp / "gate").touch()
+    f.check()
+
+
 def test_a_clean_freeze_stop_hands_over_without_recovery(
     failover: Callable[..., Failover],
 ) -> None:

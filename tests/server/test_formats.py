@@ -184,13 +184,13 @@ def test_recover_of_a_planned_stop_is_uncharged_and_round_trips() -> None:
 
 def test_older_snapshot_versions_load_and_version_4_keeps_tokens(tmp_path: Path) -> None:
     """Version 2 is version 3 without key records, version 3 is 4 without token and control
-    records: an older server's snapshot loads."""
+    records, 4 is 5 without waits and arrays: an older server's snapshot loads."""
     core = busy_core()
     path = snapshot.write(core.state, tmp_path, fsync=False)
     records = [p for _, p in snapshot.RecordReader(path, path.read_bytes())]
     header = orjson.loads(records[0])
-    assert header["version"] == snapshot.VERSION == 4
-    for older in (2, 3):
+    assert header["version"] == snapshot.VERSION == 5
+    for older in (2, 3, 4):
         records[0] = orjson.dumps({**header, "version": older})
         path.write_bytes(b"".join(frame(i + 1, p) for i, p in enumerate(records)))
         loaded = snapshot.read(path)

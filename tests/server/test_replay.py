@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from crq.server import commands, replay, snapshot
+from crq.server import commands, replay, sanity, snapshot
 from crq.server.commands import lose_tasker
 from crq.server.events import encode
 from crq.server.journal import frame
@@ -59,6 +59,20 @@ op = st.one_of(
         st.sampled_from([None, 5.0, 100.0]),  # expires, seconds from now
     ),
     st.tuples(st.just("revoke"), st.integers(0, 5)),
+    st.tuples(  # server/gates.py: dependencies, holds, arrays
+        st.just("after"),
+        st.integers(1, 3),
+        st.lists(
+            st.tuples(st.sampled_from(["afterok", "afterany", "afternotok"]), st.integers(0, 50)),
+            min_size=1,
+            max_size=3,
+        ),
+        st.booleans(),  # the batch's second job waits for its first
+        st.booleans(),  # held
+    ),
+    st.tuples(st.just("array"), st.integers(1, 6), st.sampled_from([None, 1, 2]), st.booleans()),
+    st.tuples(st.just("hold"), st.integers(0, 50), st.sampled_from([None, "alice"])),
+    st.tuples(st.just("release"), st.integers(0, 50), st.sampled_from([None, "op"])),
     st.tuples(st.just("lose"), st.sampled_from(TASKERS)),
     st.tuples(st.just("expire"), st.integers(0, 40)),  # seconds pass, old keys expire
     st.tuples(st.just("takeover"), st.sampled_from(["http://a", "http://b"])),  # a new leader
@@ -98,7 +112,17 @@ def run(ops: list[tuple]) -> Core:
                     out = commands.reports(core.state, job.tasker, [], rep, 0.0, session="x")
                     assert out.events == []  # another session reports: refused
                     assert fingerprint(core.state) == before
-            elif kind in ("stop", "rerun", "forget") and core.state.jobs:
+            elif kind == "after":
+                ids = sorted(core.state.jobs) or [1]
+                deps = [{"type": t, "job": ids[i % len(ids)]} for t, i in o[2]]
+                specs = [{"after": deps, "hold": o[4]}] * o[1]
+                if o[3] and o[1] > 1:
+                    specs = [specs[0], {"after": [{"type": "afterok", "index": 0}]}, *specs[2:]]
+                core.submit_specs(specs)
+            elif kind == "array":
+                arr = {"start": 1, "stop": o[1], "max_running": o[2]}
+                core.submit(1, array=arr, hold=o[3])
+            elif kind in ("stop", "rerun", "forget", "hold", "release") and core.state.jobs:
                 ids = sorted(core.state.jobs)
                 cmd = getattr(commands, kind)
                 core.emit(cmd(core.state, ids[o[1] % len(ids)], core.tick(), o[2]))
@@ -135,6 +159,7 @@ def replayed(trace: Path) -> dict:
 def test_replay_equals_live(ops: list[tuple], split: int) -> None:
     core = run(ops)
     live = fingerprint(core.state)
+    assert sanity.check(core.state, set(core.state.taskers)).findings == []  # waits agree…
     tmp = Path(tempfile.mkdtemp())
     try:
         write_journal(tmp / "a", core.events)

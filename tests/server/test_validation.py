@@ -128,7 +128,7 @@ def test_an_unknown_state_filter_is_a_400_naming_the_states(tmp_path: Path) -> N
     assert bogus.status_code == 400
     assert bogus.json() == {
         "error": "invalid",
-        "message": "state: must be one of queued, running, done, failed, stopped, lost",
+        "message": "state: must be one of queued, waiting, running, done, failed, stopped, lost",
     }
     assert queued.status_code == 200
 
