@@ -321,7 +321,9 @@ class State:
         self.array_firsts: list[int] = []  # their first ids, ascending
         self.capped = 0  # arrays with a max_running
         self._ending: list[tuple[int, str]] | None = None  # parents to settle (see _settle)
-        self._now = 0.0  # the time of the event being applied (of the stops it cascades to)
+        # the time of the event being applied, for the stops it cascades to (set by the
+        # handlers whose event can end a job: not per event, replay's hot path)
+        self._now = 0.0
         self.on_final: Callable[[Job], None] | None = None
         # a kind's handler; typed Any here, each handler takes its kind's TypedDict
         self._apply: dict[str, Callable[[Any], None]] = {
@@ -350,9 +352,6 @@ class State:
     # -- the one writer -------------------------------------------------------------------
 
     def apply(self, event: Event, seq: int | None = None) -> None:
-        t = event.get("t")
-        if isinstance(t, (int, float)):
-            self._now = t
         self._apply[event["e"]](event)
         self.seq = self.seq + 1 if seq is None else seq
 
@@ -600,6 +599,7 @@ class State:
     def _submit_gated(self, ev: Submit, new: list[Job]) -> None:
         """The jobs of a submit with holds or dependencies: the others queued as usual, then
         these in order (a job may wait for an earlier one of the same batch)."""
+        self._now = ev["t"]
         after = {i: deps for i, deps in ev.get("after", ())}
         held = set(ev.get("held", ()))
         plain = [job for i, job in enumerate(new) if i not in after and i not in held]
@@ -611,6 +611,7 @@ class State:
 
     def _array(self, ev: ArrayEvent) -> None:
         t, user, first, n = ev["t"], sys.intern(ev["user"]), ev["first"], ev["count"]
+        self._now = t
         priority, resources, name, env, rerunnable, max_attempts = ev["job"]
         spec = ev["spec"].encode()  # one bytes for every element
         need, name = self.needs.get(resources, user), sys.intern(name)
@@ -709,6 +710,7 @@ class State:
             cur.started = ev["started"]
 
     def _finish(self, ev: Finish) -> None:
+        self._now = ev["t"]
         job = self.jobs[ev["job"]]
         self._release(job)
         job.exit_code, job.signal, job.reason = ev["exit_code"], ev["signal"], ev["reason"]
@@ -728,6 +730,7 @@ class State:
 
     def _recover(self, ev: Recover) -> None:
         """The attempt is gone (tasker lost, host rebooted, operator): requeue or give up."""
+        self._now = ev["t"]
         job = self.jobs[ev["job"]]
         self._control(job.id, ev["t"], "cleanup", ev.get("by"))
         self._release(job)
@@ -754,6 +757,7 @@ class State:
             self.controls.setdefault(job_id, []).append((t, action, sys.intern(by)))
 
     def _stop(self, ev: Stop) -> None:
+        self._now = ev["t"]
         job = self.jobs[ev["job"]]
         self._control(job.id, ev["t"], "stop", ev.get("by"))
         if job.state == QUEUED:
@@ -767,6 +771,7 @@ class State:
             job.stop_requested = True
 
     def _rerun(self, ev: Rerun) -> None:
+        self._now = ev["t"]
         job = self.jobs[ev["job"]]
         self._control(job.id, ev["t"], "rerun", ev.get("by"))
         job.tries = 0
@@ -791,6 +796,7 @@ class State:
         return after
 
     def _forget(self, ev: Forget) -> None:
+        self._now = ev["t"]
         for job_id in ev["jobs"]:
             job = self.jobs.pop(job_id, None)
             self.controls.pop(job_id, None)

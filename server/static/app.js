@@ -9,7 +9,7 @@
 const API = "/api/v1";
 const PAGE = 50;
 const TAIL = 16384; // bytes of a job's log the detail panel shows (its end)
-const STATES = ["queued", "running", "done", "failed", "stopped", "lost"];
+const STATES = ["queued", "waiting", "running", "done", "failed", "stopped", "lost"];
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -270,8 +270,10 @@ function renderDetail(j) {
   $("d-notyours").textContent = !may("submit")
     ? `role ${ui.me && ui.me.role}: read only`
     : `job of ${j.user}: only an operator or admin may control it`;
-  const live = j.state === "queued" || j.state === "running";
+  const live = j.state === "queued" || j.state === "waiting" || j.state === "running";
   $("d-stop").disabled = !live;
+  $("d-hold").hidden = j.held || !(j.state === "queued" || j.state === "waiting");
+  $("d-release").hidden = !j.held;
   $("d-rerun").disabled = live;
   $("d-forget").disabled = j.state === "running";
 }
@@ -372,7 +374,8 @@ async function loadLog(j) {
     pre.textContent = text;
     if (pinned) pre.scrollTop = pre.scrollHeight; // follow the end, unless scrolled up
     if (resp.headers.get("X-Crq-Log-Missing") === "1") {
-      note.textContent = j.state === "queued" ? "(not started yet)" : "(no log file)";
+      const notYet = j.state === "queued" || j.state === "waiting";
+      note.textContent = notYet ? "(not started yet)" : "(no log file)";
     } else {
       note.textContent = from ? `(last ${TAIL / 1024} KiB of ${size} bytes)` : `(${size} bytes)`;
     }
@@ -536,6 +539,8 @@ function init() {
   $("d-close").addEventListener("click", closeDetail);
   $("d-stop").addEventListener("click", () => act("stop"));
   $("d-rerun").addEventListener("click", () => act("rerun"));
+  $("d-hold").addEventListener("click", () => act("hold"));
+  $("d-release").addEventListener("click", () => act("release"));
   $("d-forget").addEventListener("click", () => act("forget"));
   $("submit").addEventListener("submit", submitJob);
   if (ui.token) refresh();

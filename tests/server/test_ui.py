@@ -134,6 +134,14 @@ def test_jobs_detail_stop_rerun_forget(page: Page, server: CrqServer) -> None:
     expect(row(page, a).locator(".state")).to_have_text("queued")
     expect(page.locator("#d-rerun")).to_be_disabled()  # a queued job cannot be rerun
 
+    page.click("#d-hold")  # held: waiting, at its place; released: queued again
+    expect(page.locator("#d-state")).to_have_text("waiting")
+    expect(page.locator("#d-hold")).to_be_hidden()
+    expect(detail).to_contain_text("held")
+    page.click("#d-release")
+    expect(page.locator("#d-state")).to_have_text("queued")
+    expect(page.locator("#d-release")).to_be_hidden()
+
     page.click("#d-stop")
     expect(page.locator("#d-state")).to_have_text("stopped")
     page.once("dialog", lambda d: d.accept())
