@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Any, TypedDict, TypeVar, cast
+from typing import Any, NamedTuple, TypedDict, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 from crq.client import credentials, registry
@@ -68,6 +68,20 @@ class Forgotten(TypedDict):
 class Stopping(TypedDict):
     stopping: bool
     freeze: bool
+
+
+class LogChunk(NamedTuple):
+    """``GET /jobs/{id}/log``: ``data`` from the asked offset, ``offset`` to ask next, the
+    file's ``size``, the job's ``state`` and whether it ``ended`` (a follower stops once it
+    has read up to ``size`` of an ended job), ``missing`` (no file yet), ``source``."""
+
+    data: bytes
+    offset: int
+    size: int
+    state: str
+    ended: bool
+    missing: bool
+    source: str
 
 
 class SanityReport(TypedDict):
@@ -193,14 +207,16 @@ class Client:
         timeout: float | None = None,
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
+        raw: bool = False,
     ) -> Any:
-        """Send one request under ``/api/v1`` (or an absolute path); return the decoded JSON.
+        """Send one request under ``/api/v1`` (or an absolute path); return the decoded JSON
+        (``raw``: the :class:`crq.http11.Response` of a success, for a body that is no JSON).
 
         Follows the leader: a standby's pointer at once; on a refused connection (nothing
         was sent) or, for a read, a connection lost mid-request, the other candidates."""
         send = partial(
             self._send, method, path, json=json, params=params, timeout=timeout,
-            content=content, headers=headers,
+            content=content, headers=headers, raw=raw,
         )  # fmt: skip
         if not self.follow:
             return send()
@@ -303,6 +319,7 @@ class Client:
         timeout: float | None = None,
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
+        raw: bool = False,
     ) -> Any:
         """One request to the URL in use."""
         target = path if path.startswith("/") else f"{wire.API}/{path}"
@@ -326,6 +343,8 @@ class Client:
         self._reached = True
         if response.status >= 400:
             raise self._error(response)
+        if raw:
+            return response
         if not response.body:
             return None
         try:
@@ -598,6 +617,30 @@ class Client:
 
     def forget(self, job_id: int) -> Forgotten:
         return cast(Forgotten, self._object("DELETE", f"jobs/{int(job_id)}"))
+
+    def log(self, job_id: int, offset: int = 0, size: int | None = None) -> LogChunk:
+        """A chunk of the job's log from ``offset`` (at most ``size`` bytes; the server's
+        default 64 KiB, 1 MiB at most) and what a follower needs to go on (:class:`LogChunk`).
+        """
+        params = {"offset": int(offset), "max": None if size is None else int(size)}
+        r = self.request("GET", f"jobs/{int(job_id)}/log", params=params, raw=True)
+
+        def number(name: str, default: int) -> int:
+            try:
+                return int(r.header(name) or default)
+            except ValueError:
+                return default
+
+        data = bytes(r.body)
+        return LogChunk(
+            data=data,
+            offset=number("X-Crq-Log-Offset", offset + len(data)),
+            size=number("X-Crq-Log-Size", offset + len(data)),
+            state=r.header("X-Crq-Job-State") or "unknown",
+            ended=r.header("X-Crq-Job-Ended") == "1",
+            missing=r.header("X-Crq-Log-Missing") == "1",
+            source=r.header("X-Crq-Log-Source") or "",
+        )
 
     def _wait_once(self, job_id: int, seconds: float) -> Job:
         poll = round(max(0.05, min(float(LONG_POLL_MAX), seconds)), 2)

@@ -14,10 +14,12 @@ import re
 import shlex
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from crq.client import jobcmds
 from crq.client.clitools import (
     ProgressLine,
     UsageError,
@@ -30,6 +32,7 @@ from crq.client.clitools import (
     seconds,
 )
 from crq.client.errors import CrqError
+from crq.client.selection import CONFIRM_OVER
 from crq.client.table import format_table
 from crq.client.views import (
     HISTORY_HEADERS,
@@ -249,24 +252,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("list", help="list jobs")
+    p = sub.add_parser("list", help="list jobs, newest first")
     p.add_argument("--state", "-s", choices=wire.JOB_STATES)
     p.add_argument("--user", "-u", metavar="U")
     p.add_argument("--array", type=int, metavar="ID", help="the elements of array ID")
     p.add_argument("--queue-order", action="store_true", help="queued jobs in dispatch order")
+    p.add_argument("--oldest", action="store_true", help="oldest first")
     p.add_argument("--limit", "-n", type=positive_int, metavar="N", help="show at most N jobs")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--format",
+        "-o",
+        type=jobcmds.list_fields,
+        metavar="F,F…",
+        help=f"columns to show, of: {','.join(jobcmds.FIELDS)}",
+    )
+    p.add_argument("--no-header", action="store_true", help="no header line (with --format)")
+    p.add_argument("--json", action="store_true", help="one JSON array of the jobs")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("history", help="jobs that left the queue (accounting, like sacct)")
     p.add_argument("--user", "-u", metavar="U")
-    p.add_argument("--state", "-s", choices=(*wire.JOB_STATES, "waiting"))
+    p.add_argument("--state", "-s", choices=wire.JOB_STATES)
     p.add_argument("--since", "-S", type=_since, metavar="T", help="ended at or after T")
     p.add_argument("--until", "-E", type=_since, metavar="T", help="ended at or before T")
     p.add_argument("--name", metavar="GLOB", help="job names matching GLOB (* ? [...])")
     p.add_argument("--limit", "-n", type=positive_int, metavar="N", help="show at most N jobs")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("log", help="print a job's output (-f: follow it until the job ends)")
+    p.add_argument("id", type=positive_int, metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true", help="follow until the job ends")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser(
+        "status",
+        help="one 'ID STATE' line per job, for scripts; rides out recovery and failover",
+    )
+    p.add_argument("ids", nargs="+", type=_ids, metavar="ID")
+    p.add_argument(
+        "--format",
+        choices=("plain", "snakemake"),
+        default="plain",
+        help="snakemake: running|success|failed alone (Snakemake's cluster-status)",
+    )
+    p.add_argument(
+        "--retry-for",
+        type=seconds,
+        default=jobcmds.STATUS_RETRY_FOR,
+        metavar="S",
+        help=f"ride out an unreachable server this long (default {jobcmds.STATUS_RETRY_FOR:g})",
+    )
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("info", help="everything about a job, with its attempts")
     p.add_argument("ids", nargs="+", type=_ids, metavar="ID")
@@ -287,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("release", "let held jobs start"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("ids", nargs="+", type=_ids, metavar="ID", help="ids or ranges (1..100)")
+        nargs = "+" if name == "forget" else "*"
+        p.add_argument("ids", nargs=nargs, type=_ids, metavar="ID", help="ids or ranges (1..100)")
+        if name != "forget":
+            add_selectors(p, name)
         p.set_defaults(func=cmd_control, action=name)
 
     p = sub.add_parser("taskers", help="list taskers")
@@ -308,9 +348,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_selectors(p: argparse.ArgumentParser, action: str) -> None:
+    """``--user/--state/--name/--yes``: act on the jobs they select (see selection.py)."""
+    p.add_argument("--user", "-u", metavar="U", help=f"{action} the jobs of user U")
+    p.add_argument(
+        "--state",
+        "-s",
+        action="append",
+        choices=wire.JOB_STATES,
+        help="… in this state (repeatable; default: the states the action applies to)",
+    )
+    p.add_argument("--name", metavar="GLOB", help="… whose name matches GLOB")
+    p.add_argument("--array", type=int, metavar="ID", help="… elements of array ID")
+    p.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help=f"no question for more than {CONFIRM_OVER} jobs",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    action = getattr(args, "action", None)
+    if action in ("stop", "rerun", "hold", "release"):
+        chosen = args.user or args.state or args.name or args.array is not None
+        if args.ids and chosen:
+            parser.error(f"{action}: give job ids or --user/--state/--name/--array, not both")
+        if not args.ids and not chosen:
+            parser.error(
+                f"{action}: give job ids, or select jobs with --user/--state/--name/--array"
+            )
+    if args.func is cmd_list and (args.no_header and not args.format):
+        parser.error("list: --no-header goes with --format")
     if args.func is cmd_submit:
         command = list(args.command)
         if command[:1] == ["--"]:
@@ -529,6 +600,16 @@ def _flatten(groups: Iterable[list[int]]) -> list[int]:
 # -- list / info / taskers ----------------------------------------------------------------
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return jobcmds.cmd_log(client, args.id, args.follow)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return jobcmds.cmd_status(client, _flatten(args.ids), args.format, args.retry_for)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.queue_order:
@@ -547,13 +628,18 @@ def cmd_list(args: argparse.Namespace) -> int:
                             raise
                 if job is not None:
                     jobs.append(job)
-        else:
+        elif args.oldest:
             jobs = list(
                 client.list(state=args.state, user=args.user, limit=args.limit, array=args.array)
             )
+        else:  # newest first: the server pages oldest first, so keep the last ``limit``
+            every = client.list(state=args.state, user=args.user, array=args.array)
+            jobs = list(reversed(deque(every, maxlen=args.limit)))
     if args.json:
-        for job in jobs:
-            print(json.dumps(job, sort_keys=True))
+        jobcmds.print_json(jobs)
+        return 0
+    if args.format:
+        print(jobcmds.format_jobs(jobs, args.format, header=not args.no_header))
         return 0
     print(format_table(JOB_HEADERS, job_rows(jobs), right=(0, 2)))
     return 0
@@ -686,12 +772,19 @@ def cmd_control(args: argparse.Namespace) -> int:
             "hold": client.hold,
             "release": client.release,
         }[args.action]
+        if not ids:  # crq stop --user/--state/--name
+            ids = jobcmds.bulk_ids(client, args, args.action) or []
         for jid in ids:
             try:
                 answer = action(jid)
             except CrqError as e:
                 if e.status is None or e.code == "crash_recovery" or e.status in (401, 403):
                     raise  # the server is away or refuses us: every other id would fail too
+                if args.action == "stop" and jobcmds.already_ended(e):
+                    # what was asked is so: no error (the API keeps its 409)
+                    print(f"crq: {_job_error(jid, e).replace(' is already ', ' already ')}",
+                          file=sys.stderr)  # fmt: skip
+                    continue
                 status = fail(_job_error(jid, e))
                 continue
             print(_control_line(args.action, jid, answer), flush=True)

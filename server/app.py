@@ -6,7 +6,7 @@ leaves the process before the events it reflects are durable (invariant 1).
 
 from __future__ import annotations
 
-from crq.server.http import admin, errors, history, jobs, taskers, tokens, ui
+from crq.server.http import admin, errors, history, jobs, logs, taskers, tokens, ui
 from crq.server.http.bodylimit import BodyLimit
 from crq.server.http.hot import Hot
 from crq.server.http.views import error, job_json
@@ -38,6 +38,7 @@ def _json(answer: tuple[int, bytes, dict[str, str]]) -> Response:
 def create_app(srv: Service) -> FastAPI:
     routes = [*jobs.routes(srv), *taskers.routes(srv), *admin.routes(srv), *tokens.routes(srv)]
     routes += history.routes(srv)
+    routes += logs.routes(srv)
     routes += ui.routes(srv)
     app = FastAPI(
         title="crq",

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from crq.server import commands
 from crq.server.events import Event, encode
@@ -45,6 +46,9 @@ class Link:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     kill: set[tuple[int, int]] = field(default_factory=set)  # orders not yet delivered
     generation: int = 0  # bumped by each request, so a superseded long poll returns
+    # log reads asked of this tasker (server/http/logs.py): not yet sent, and awaiting its answer
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    log_waits: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
 
 
 def apply_and_append(state: State, journal: Journal, events: list[Event]) -> None:
@@ -209,6 +213,7 @@ class Engine:
                 send
                 or kill
                 or out.ack
+                or link.logs
                 or left <= 0
                 or self.shutting_down
                 or link.generation != generation

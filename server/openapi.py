@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from crq.server.http.logs import LogChunk
 from crq.server.models import (
     ABS_PATH,
     BLANKS,
@@ -262,7 +263,21 @@ ANSWERS: dict[str, Schema] = {
         kill=ATTEMPTS,
         ack=ATTEMPTS,
         shutdown=BOOL,
+        logs={
+            "type": "array",
+            "description": "log reads asked of this tasker: answer each with POST …/logs",
+            "items": _obj(
+                ["id", "job", "path", "user", "offset", "max"],
+                id=STR,
+                job=INT,
+                path=STR,
+                user=STR,
+                offset=INT,
+                max=INT,
+            ),
+        },
     ),
+    "Taken": _obj(["taken"], taken={**BOOL, "description": "false: the ask had timed out"}),
     "Ok": _obj(["ok"], ok=BOOL, mode=STR),
 }
 
@@ -270,7 +285,7 @@ _WHY = {
     400: "malformed JSON, a query value outside its set, or a malformed Idempotency-Key",
     401: "no token, or a wrong one (WWW-Authenticate: Bearer)",
     403: "the tasker token on a client route, or the caller's role does not allow it: "
-    "`rule` names the rule (own-jobs, readonly, operator-only, admin-only, root-jobs, "
+    "`rule` names the rule (own-jobs, own-logs, readonly, operator-only, admin-only, root-jobs, "
     "own-tokens)",
     404: "no such job, tasker or file",
     409: "the job's state does not allow it; the tasker name is held by another session "
@@ -278,7 +293,9 @@ _WHY = {
     413: "the body is too large",
     422: "a field is invalid: the message names it (`jobs[3].env: …`); "
     "`idempotency_mismatch`: the Idempotency-Key was used for another body",
+    502: "the log could not be read (an I/O error here, or the tasker's)",
     503: "crash recovery (Retry-After), or the server is stopping",
+    504: "the job's tasker did not send its log in time (`log_timeout`)",
 }
 CLIENT = (401, 403, 503)  # any client route: tokens, then crash recovery
 BODY = (400, 413, 422)  # a route that reads a JSON body
@@ -295,6 +312,16 @@ OPS: dict[tuple[str, str], Op] = {
         200,
         "Job",
         CLIENT + JOB_ID,
+        True,
+    ),
+    ("get", "/api/v1/jobs/{job_id}/log"): (
+        "A chunk of the job's log (owner, operator, admin): bytes from `offset`, at most "
+        "`max` (1 MiB at most); headers X-Crq-Log-Offset (ask next), X-Crq-Log-Size, "
+        "X-Crq-Job-State, X-Crq-Job-Ended (1: stop once the offset reaches the size), "
+        "X-Crq-Log-Source (server, tasker, none), X-Crq-Log-Missing",
+        200,
+        "",
+        CLIENT + JOB_ID + (502, 504),
         True,
     ),
     ("get", "/api/v1/queue"): ("Queued job ids in dispatch order", 200, "Ids", CLIENT, True),
@@ -392,6 +419,13 @@ OPS: dict[tuple[str, str], Op] = {
         (401, 409) + BODY,
         True,
     ),
+    ("post", "/api/v1/taskers/{name}/logs"): (
+        "A tasker's answer to a log read asked in a sync answer",
+        200,
+        "Taken",
+        (401, 409) + BODY,
+        True,
+    ),
     ("get", "/api/v1/whoami"): (
         "Who the server takes the caller for: user, role, how identified (any mode)",
         200,
@@ -438,11 +472,13 @@ BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
     ("post", "/api/v1/jobs"): (("JobSpec", "Batch"), True),
     ("post", "/api/v1/taskers/{name}/register"): (("Register",), True),
     ("post", "/api/v1/taskers/{name}/sync"): (("Sync",), True),
+    ("post", "/api/v1/taskers/{name}/logs"): (("LogChunk",), True),
     ("post", "/api/v1/server/stop"): (("StopServer",), False),
     ("post", "/api/v1/server/failover"): (("Failover",), False),
     ("post", "/api/v1/tokens"): (("TokenRequest",), False),
 }
 MEDIA = {
+    "/api/v1/jobs/{job_id}/log": "application/octet-stream",
     "/metrics": "text/plain",
     "/": "text/html",
     "/static/{name}": {"text/javascript": {"schema": STR}, "text/css": {"schema": STR}},
@@ -564,7 +600,7 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
     added, every answer and error described, the bearer token declared."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        (m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer)
+        (m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer, LogChunk)
     ]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     _doc_forms(defs)

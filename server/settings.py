@@ -43,11 +43,17 @@ class Settings:
     history_max_rows: int = 10_000_000  # and the oldest beyond this many
     history_interval: float = 0.2  # seconds between the writer's batches
     history_delay: float = 0.0  # tests only: hold each batch this long before its commit
+    # job logs (GET /api/v1/jobs/{id}/log): read here when possible (auto), always through
+    # the job's tasker (tasker), or never through it (server); a tasker's answer within
+    log_via: str = "auto"
+    log_timeout: float = 15.0
 
     @property
     def paths(self) -> Swd:
         return Swd(self.swd)
 
+
+LOG_VIA = ("auto", "tasker", "server")
 
 TUNABLES = {
     "recovery_grace": float,
@@ -67,6 +73,8 @@ TUNABLES = {
     "history_max_rows": int,
     "history_interval": float,
     "history_delay": float,
+    "log_via": str,
+    "log_timeout": float,
 }
 
 
@@ -84,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         if name == "fsync":
             p.add_argument(flag, choices=["always", "never"])
+        elif name == "log_via":
+            p.add_argument(flag, choices=LOG_VIA, help="where job logs are read (default auto)")
         elif name == "election":
             p.add_argument(flag, metavar="file|etcd://H:P,…", help="how the leader is chosen")
         else:
@@ -146,6 +156,8 @@ def load(argv: list[str] | None = None) -> Settings:
         raise SettingsError("election_ttl must be at least 1 second (etcd's lease unit)")
     if not s.port:
         s.port = default_port(s.queue)
+    if s.log_via not in LOG_VIA:
+        raise SettingsError(f"log_via must be one of {', '.join(LOG_VIA)}, not {s.log_via!r}")
     if s.fsync not in ("always", "never"):
         raise SettingsError(f"fsync must be always or never, not {s.fsync!r}")
     if s.max_connections < 1 or s.idle_timeout <= 0:

@@ -12,6 +12,7 @@ included (what a deposed leader wrote does not survive the new leader's replay).
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import queue
@@ -43,7 +44,7 @@ from crq.tasker.outbox import Kind
 from crq.tasker.runner import Runner
 from crq.tasker.statedir import Key, StateDir
 
-from crq import http11, wire
+from crq import http11, logread, wire
 
 log = logging.getLogger("crq.tasker")
 
@@ -133,6 +134,8 @@ class Agent:
         self._poll_result: PollResult | None = None
         self._poll_q: queue.Queue[PollRequest | None] = queue.Queue()
         self._last_report = 0.0
+        # log reads the server asked for (answered by the logs thread, one at a time)
+        self._log_q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         runner.on_event = self.wake
 
     # -- control from other threads -------------------------------------------------------
@@ -150,6 +153,7 @@ class Agent:
 
     def run(self) -> int:
         threading.Thread(target=self._poll_worker, name="poll", daemon=True).start()
+        threading.Thread(target=self._log_worker, name="logs", daemon=True).start()
         try:
             while not self._stopping:
                 try:
@@ -164,6 +168,7 @@ class Agent:
             return 0
         finally:
             self._poll_q.put(None)
+            self._log_q.put(None)
             if self._client is not None:
                 self._client.close()
 
@@ -541,6 +546,11 @@ class Agent:
             log.error("malformed answer from server (%s): %.200s", e, answer)
             return
         self.outbox.ack(acked, started, finished)
+        asks = answer.get("logs")
+        if isinstance(asks, list):
+            for ask in asks[:100]:  # more at once would time out at the server anyway
+                if isinstance(ask, dict):
+                    self._log_q.put(ask)
         if answer.get("shutdown") is True and not self._shutdown:
             # a clean stop without --freeze: the server requeued our jobs (the kills
             # follow) and will not come back on its own; like Accelerator's taskers, leave
@@ -552,3 +562,49 @@ class Agent:
         if dispatch:
             # one batch: the attempt records become durable together, before any report
             self.runner.start_many(dispatch)
+
+    # -- log reads ------------------------------------------------------------------------
+
+    def _log_worker(self) -> None:
+        """Answers the server's log reads on a connection of its own: a slow file (NFS)
+        holds neither the reports nor the long poll."""
+        client: http11.Connection | None = None
+        ident: tuple[str, str] | None = None
+        while True:
+            ask = self._log_q.get()
+            if ask is None:
+                break
+            url, token = self._url, self._token
+            if url is None or token is None:
+                continue
+            try:
+                if client is None or ident != (url, token):
+                    if client is not None:
+                        client.close()
+                    client = open_client(url, token, self._session)
+                    ident = (url, token)
+                post(client, f"{self._base}/logs", log_answer(ask), REPORT_TIMEOUT)
+            except (Failure, SourceError) as e:
+                log.info("log of job %s not sent: %s", ask.get("job"), e)
+            except Exception:  # noqa: BLE001 - the thread must go on answering
+                log.exception("log of job %s not sent", ask.get("job"))
+        if client is not None:
+            client.close()
+
+
+def log_answer(ask: dict[str, Any]) -> dict[str, Any]:
+    """The chunk a log ask wants, read as its owner could (crq/logread.py), or why not."""
+    out: dict[str, Any] = {"id": str(ask.get("id", ""))[:64]}
+    try:
+        path, user = str(ask["path"]), str(ask["user"])
+        offset, size = int(ask["offset"]), int(ask["max"])
+        data, total = logread.read_chunk(path, offset, size, user)
+    except (KeyError, TypeError, ValueError) as e:
+        return {**out, "error": "failed", "message": f"malformed log ask: {e}"}
+    except logread.LogRefused as e:
+        return {**out, "error": "refused", "message": str(e)[:1000]}
+    except (FileNotFoundError, NotADirectoryError):
+        return {**out, "error": "not_found", "message": f"no {path} here"[:1000]}
+    except OSError as e:
+        return {**out, "error": "failed", "message": f"{path}: {e.strerror or e}"[:1000]}
+    return {**out, "data": base64.b64encode(data).decode(), "size": total}

@@ -248,6 +248,9 @@ class Handlers:
         await engine.durable()
         if tasker.session == session:
             link.last_contact = time.time()
+        logs = link.logs  # log reads asked meanwhile (server/http/logs.py)
+        if logs:
+            link.logs = []
         answer = {
             "dispatch": [dispatch_json(st, job) for job in send],
             "kill": [{"job": j, "attempt": a} for j, a in sorted(kill)],
@@ -256,6 +259,8 @@ class Handlers:
             "epoch": srv.epoch,
             "queue_id": srv.queue_id,
         }
+        if logs:
+            answer["logs"] = logs
         return 200, answer, None
 
 

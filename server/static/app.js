@@ -8,6 +8,7 @@
 
 const API = "/api/v1";
 const PAGE = 50;
+const TAIL = 16384; // bytes of a job's log the detail panel shows (its end)
 const STATES = ["queued", "waiting", "running", "done", "failed", "stopped", "lost"];
 const $ = (id) => document.getElementById(id);
 
@@ -100,6 +101,26 @@ async function call(method, path, body) {
   }
   if (!resp.ok) throw new ApiError(resp.status, data);
   return data;
+}
+
+// GET of a body that is not JSON (a job's log): the response, or an ApiError as call()'s.
+async function callRaw(path) {
+  let resp;
+  try {
+    resp = await fetch(API + path, { headers: { Authorization: `Bearer ${ui.token}` } });
+  } catch (e) {
+    throw new ApiError(0, { error: "unreachable", message: `server unreachable (${e.message})` });
+  }
+  if (!resp.ok) {
+    let data = null;
+    try {
+      data = await resp.json();
+    } catch (e) {
+      data = null;
+    }
+    throw new ApiError(resp.status, data);
+  }
+  return resp;
 }
 
 function explain(err) {
@@ -334,9 +355,44 @@ function handle(err) {
   }
 }
 
+// The end of the job's log (GET /jobs/{id}/log): one request for a short log, a second one
+// for the last TAIL bytes of a long one. A refusal (another user's job) is said in the note.
+async function loadLog(j) {
+  const pre = $("d-log");
+  const note = $("d-log-note");
+  try {
+    let resp = await callRaw(`/jobs/${j.id}/log?max=${TAIL}`);
+    const size = Number(resp.headers.get("X-Crq-Log-Size") || 0);
+    let from = 0;
+    if (size > TAIL) {
+      from = size - TAIL;
+      resp = await callRaw(`/jobs/${j.id}/log?offset=${from}&max=${TAIL}`);
+    }
+    const text = new TextDecoder().decode(await resp.arrayBuffer());
+    if (ui.selected !== j.id) return; // another job was chosen meanwhile
+    const pinned = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = text;
+    if (pinned) pre.scrollTop = pre.scrollHeight; // follow the end, unless scrolled up
+    if (resp.headers.get("X-Crq-Log-Missing") === "1") {
+      const notYet = j.state === "queued" || j.state === "waiting";
+      note.textContent = notYet ? "(not started yet)" : "(no log file)";
+    } else {
+      note.textContent = from ? `(last ${TAIL / 1024} KiB of ${size} bytes)` : `(${size} bytes)`;
+    }
+  } catch (err) {
+    if (!(err instanceof ApiError) || err.status === 401 || err.status === 503) throw err;
+    if (ui.selected !== j.id) return;
+    pre.textContent = "";
+    note.textContent = `(${err.message})`;
+  }
+}
+
 async function loadDetail() {
   try {
-    renderDetail(await call("GET", `/jobs/${ui.selected}`));
+    const j = await call("GET", `/jobs/${ui.selected}`);
+    if (ui.selected !== j.id) return;
+    renderDetail(j);
+    await loadLog(j);
   } catch (err) {
     if (err.status !== 404) throw err;
     showMsg(`job ${ui.selected} no longer exists`, "info");
@@ -352,6 +408,10 @@ function restartTimer() {
 // ---- actions ------------------------------------------------------------------------
 
 function select(id) {
+  if (ui.selected !== id) {
+    $("d-log").textContent = "";
+    $("d-log-note").textContent = "";
+  }
   ui.selected = id;
   for (const tr of $("jobs").tBodies[0].rows) tr.classList.toggle("sel", tr.dataset.id == id);
   loadDetail().catch(handle);

@@ -173,3 +173,31 @@ def test_stop_hands_over_to_a_standby_and_a_lone_standby_leads(fq: Queue) -> Non
     lone = rf"queue {q.name} (started at http://\S+|standby started at \S+ .*; leader: none yet)"
     assert re.search(lone, out.stdout), out.stdout
     wait_until(lambda: q.ncmgr("status", "--queue", q.name).returncode == 0)
+
+
+def test_status_rides_out_a_kill9_takeover(fq: Queue) -> None:
+    """``crq status`` (a workflow engine's poll) started while the leader is dead answers
+    once the standby has taken over: no error for a failover."""
+    q = fq
+    url = start_standby(q)
+    gate = q.root / "status-gate"
+    job = q.submit("--", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done")
+    wait_until(lambda: q.job(job)["state"] == "running")
+    os.kill(q.server_pid(), signal.SIGKILL)
+    plain = q.spawn("cli", "status", str(job))
+    snake = q.spawn("cli", "status", "--format", "snakemake", str(job))
+    try:
+        out, err = plain.communicate(timeout=240)
+        assert (plain.returncode, out) == (0, f"{job} running\n".encode()), err
+        out, err = snake.communicate(timeout=240)
+        assert (snake.returncode, out) == (0, b"running\n"), err
+    finally:
+        for proc in (plain, snake):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert json.loads((q.swd / "server.json").read_text())["url"] == url
+    gate.touch()
+    wait_until(lambda: q.job(job)["state"] == "done")
+    out = q.crq("status", "--format", "snakemake", str(job))
+    assert (out.returncode, out.stdout) == (0, "success\n"), out.stderr

@@ -147,6 +147,9 @@ class Queue:
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
+    """JSON lines, or one JSON array (``crq list --json``)."""
+    if text.lstrip().startswith("["):
+        return list(json.loads(text))
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -490,5 +493,5 @@ def test_clean_stop_and_restart(q: Queue) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"crq: queue {q.name} started at {q.url}")
     after = q.crq("list", "--json")
-    ids = [json.loads(line)["id"] for line in before.stdout.splitlines()]
-    assert [json.loads(line)["id"] for line in after.stdout.splitlines()] == ids
+    ids = [job["id"] for job in json_lines(before.stdout)]
+    assert [job["id"] for job in json_lines(after.stdout)] == ids

@@ -231,6 +231,24 @@ def test_crash_recovery_banner(page: Page, tmp_path: Path) -> None:
     assert srv.proc is not None and srv.proc.returncode == 0
 
 
+def test_job_panel_shows_the_tail_of_the_log(
+    page: Page, server: CrqServer, crq_tasker: Any, tmp_path: Path
+) -> None:
+    crq_tasker("tk1", "--swd", str(server.swd), "--slots", "2")
+    short = submit(server, user="root", command="echo hello-ui; echo second", cwd=str(tmp_path))
+    long = submit(server, user="root", command="seq 1 20000", cwd=str(tmp_path))  # 108,894 B
+    for job in (short, long):
+        server.wait(job)
+    page.goto(f"{server.url}/#token={server.admin_token}")
+    row(page, short).click()
+    expect(page.locator("#d-log")).to_have_text("hello-ui\nsecond\n")
+    expect(page.locator("#d-log-note")).to_have_text("(16 bytes)")
+    row(page, long).click()
+    expect(page.locator("#d-log-note")).to_have_text("(last 16 KiB of 108894 bytes)")
+    text = page.locator("#d-log").text_content() or ""
+    assert text.endswith("19999\n20000\n") and len(text) == 16384
+
+
 def test_user_sees_no_admin_controls_and_no_buttons_on_others_jobs(
     page: Page, server: CrqServer
 ) -> None:
@@ -253,6 +271,9 @@ def test_user_sees_no_admin_controls_and_no_buttons_on_others_jobs(
     for button in ("#d-stop", "#d-rerun", "#d-forget"):
         expect(page.locator(button)).to_be_hidden()
     expect(page.locator("#d-notyours")).to_contain_text("job of bob")
+    expect(page.locator("#d-log-note")).to_contain_text(
+        f"alice (role user) may not read the log of job {theirs} of bob"
+    )
 
     row(page, mine).click()
     expect(page.locator("#d-id")).to_have_text(str(mine))

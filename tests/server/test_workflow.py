@@ -87,6 +87,13 @@ def test_an_array_runs_each_index_within_its_cap(
     assert [json.loads(line)["index"] for line in listed] == list(range(2, 13, 2))
     out = crq(srv, "list", "--array", str(first + 1))
     assert out.returncode != 0 and f"no array {first + 1}" in out.stderr
+    # the elements that did not end done rerun together: none here
+    out = crq(srv, "rerun", "--array", str(first))
+    assert out.returncode == 0 and f"no jobs of array {first} to rerun" in out.stderr
+    again = ok(srv, "rerun", "--array", str(first), "--state", "done", "--yes")
+    assert again.count("requeued") == 6
+    for i in ids:
+        assert srv.wait(i)["state"] == "done"
 
 
 def test_hold_and_release_from_the_command_line(
