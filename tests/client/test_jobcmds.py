@@ -43,10 +43,13 @@ class FakeClient:
         self.jobs = jobs
         self.calls: list[tuple[str | None, str | None]] = []
 
-    def list(self, state: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, state: str | None = None, user: str | None = None, array: int | None = None
+    ) -> list[dict[str, Any]]:
         self.calls.append((state, user))
         return [j for j in self.jobs if (not state or j["state"] == state)
-                and (not user or j["user"] == user)]  # fmt: skip
+                and (not user or j["user"] == user)
+                and (array is None or j.get("array") == array)]  # fmt: skip
 
 
 def test_select_jobs_by_user_states_and_glob() -> None:

@@ -83,8 +83,8 @@ def test_an_array_runs_each_index_within_its_cap(
         assert out == f"{first}:{index}"
         assert int((marks / f"seen.{index}").read_text()) <= 2  # never more than %2 at once
         assert job(srv, first + k)["index"] == index and job(srv, first + k)["array"] == first
-    listed = ok(srv, "list", "--array", str(first), "--json").splitlines()
-    assert [json.loads(line)["index"] for line in listed] == list(range(2, 13, 2))
+    listed = json.loads(ok(srv, "list", "--array", str(first), "--json", "--oldest"))
+    assert [j["index"] for j in listed] == list(range(2, 13, 2))
     out = crq(srv, "list", "--array", str(first + 1))
     assert out.returncode != 0 and f"no array {first + 1}" in out.stderr
     # the elements that did not end done rerun together: none here
