@@ -78,6 +78,8 @@ LEAST: dict[tuple[str, str], str] = {
     ("get", "/api/v1/jobs"): "readonly",
     ("get", "/api/v1/jobs/{job_id}"): "readonly",
     ("get", "/api/v1/jobs/{job_id}/wait"): "readonly",
+    ("get", "/api/v1/jobs/{job_id}/log"): "own",
+    ("get", "/api/v1/history"): "readonly",
     ("get", "/api/v1/queue"): "readonly",
     ("post", "/api/v1/jobs/{job_id}/stop"): "own",
     ("post", "/api/v1/jobs/{job_id}/rerun"): "own",
@@ -94,6 +96,7 @@ LEAST: dict[tuple[str, str], str] = {
     ("post", "/api/v1/cleanup/hosts/{host}"): "operator",
     ("post", "/api/v1/taskers/{name}/register"): "tasker",
     ("post", "/api/v1/taskers/{name}/sync"): "tasker",
+    ("post", "/api/v1/taskers/{name}/logs"): "tasker",
     ("get", "/api/v1/whoami"): "readonly",
     ("post", "/api/v1/tokens"): "readonly",
     ("get", "/api/v1/tokens"): "readonly",
@@ -107,6 +110,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/tokens"): {},
     ("post", "/api/v1/taskers/{name}/register"): {},
     ("post", "/api/v1/taskers/{name}/sync"): {},
+    ("post", "/api/v1/taskers/{name}/logs"): {},
 }
 
 
