@@ -59,6 +59,7 @@ ELECTION_KEY = "/crq/{queue}/leader"  # the etcd key a leader holds
 
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 15, 4
 MAX_ATTEMPTS_DEFAULT = 3
+MAX_ARRAY = 1_000_000  # elements of one array at most (config.toml's max_array may say fewer)
 
 USER_HEADER = "X-Crq-User"
 SESSION_HEADER = "X-Crq-Session"

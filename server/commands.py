@@ -122,7 +122,9 @@ def submit(
     return sub.events(state, now, key)
 
 
-async def submit_sliced(state: State, data: Any, user: str) -> Submission:
+async def submit_sliced(
+    state: State, data: Any, user: str, max_array: int = MAX_ARRAY
+) -> Submission:
     """Validate and check a submit body; a big batch in slices, yielding in between.
 
     In one go, a 100,000-job batch held the event loop for seconds (pydantic, then the
@@ -132,7 +134,7 @@ async def submit_sliced(state: State, data: Any, user: str) -> Submission:
     jobs = data.get("jobs") if isinstance(data, dict) else None
     if not isinstance(jobs, list) or len(jobs) <= SLICE:
         batch = parse_submit(data)
-        sub = Submission(batch.env, user, len(batch.jobs))
+        sub = Submission(batch.env, user, len(batch.jobs), max_array)
         sub.add(state, batch.jobs)
         return sub
     if len(jobs) > MAX_BATCH:  # said before validating millions of jobs only to refuse them
@@ -163,7 +165,14 @@ class Submission:
     envs it refers to exist.
     """
 
-    def __init__(self, batch_env: dict[str, str] | None, user: str, size: int) -> None:
+    def __init__(
+        self,
+        batch_env: dict[str, str] | None,
+        user: str,
+        size: int,
+        max_array: int = MAX_ARRAY,
+    ) -> None:
+        self.max_array = max_array  # config.toml's max_array
         self.batch_env = batch_env
         self.batch_digest = env_digest(batch_env) if batch_env else None
         self.user = user
@@ -280,8 +289,10 @@ class Submission:
         count = gates.array_size(arr.start, arr.stop, arr.step)
         if count < 1:
             raise BadRequest(422, "invalid", f"array: stop {arr.stop} is below start {arr.start}")
-        if count > MAX_ARRAY:
-            raise BadRequest(422, "invalid", f"array: at most {MAX_ARRAY} elements, not {count}")
+        if count > self.max_array:
+            raise BadRequest(
+                422, "invalid", f"array: at most {self.max_array} elements here, not {count}"
+            )
         self.array = (arr.start, count, arr.step, arr.max_running)
 
     def _resolve_after(self, state: State, first: int) -> None:

@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
+from crq.wire import MAX_ARRAY as MAX_ARRAY  # re-exported: commands name it here
 from crq.wire import MAX_ATTEMPTS_DEFAULT, PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 
 MAX_BODY = 64 << 20
@@ -134,7 +135,6 @@ else:
     ArrayIndex = integer(0, 999_999)  # as Slurm's MaxArraySize: indexes below the size
 
 
-MAX_ARRAY = 1_000_000  # elements of one array
 MAX_AFTER = 1000  # dependencies of one job
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from crq.server.identity import check_roles
 
-from crq.wire import DEFAULT_QUEUE, Swd, default_port
+from crq.wire import DEFAULT_QUEUE, MAX_ARRAY, Swd, default_port
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Settings:
     # the accounting history (server/history.py)
     history_days: float = 90.0  # rows are deleted this long after the job left the queue
     history_max_rows: int = 10_000_000  # and the oldest beyond this many
+    max_array: int = MAX_ARRAY  # elements of one array (Slurm's MaxArraySize)
     history_interval: float = 0.2  # seconds between the writer's batches
     history_delay: float = 0.0  # tests only: hold each batch this long before its commit
     # job logs (GET /api/v1/jobs/{id}/log): read here when possible (auto), always through
@@ -71,6 +72,7 @@ TUNABLES = {
     "munge_socket": str,
     "history_days": float,
     "history_max_rows": int,
+    "max_array": int,
     "history_interval": float,
     "history_delay": float,
     "log_via": str,
@@ -162,6 +164,8 @@ def load(argv: list[str] | None = None) -> Settings:
         raise SettingsError(f"fsync must be always or never, not {s.fsync!r}")
     if s.max_connections < 1 or s.idle_timeout <= 0:
         raise SettingsError("max_connections must be at least 1 and idle_timeout above 0")
+    if not 1 <= s.max_array <= MAX_ARRAY:
+        raise SettingsError(f"max_array must be from 1 to {MAX_ARRAY}")
     if not (s.history_days > 0 and s.history_max_rows > 0 and s.history_interval > 0):
         raise SettingsError("history_days, history_max_rows and history_interval must be above 0")
     if not s.idempotency_window > 0:

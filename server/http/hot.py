@@ -117,7 +117,7 @@ class Handlers:
         let other requests through, then applied as one submit event: still all accepted
         or all refused, its ids contiguous."""
         srv, engine = self.srv, self.engine
-        sub = await commands.submit_sliced(srv.state, data, user)
+        sub = await commands.submit_sliced(srv.state, data, user, srv.settings.max_array)
         if len(sub.rows) > commands.SLICE:
             if engine.shutting_down:  # while it was checked
                 raise BadRequest(503, "stopping", "the server is stopping")
