@@ -132,47 +132,48 @@ def tasker_ev(now: float, slots: int) -> Event:
             "resources": "", "boot_id": "b"}  # fmt: skip
 
 
-def chain_release(links: int) -> tuple[list[float], float]:
-    """Seconds per link: the finish of link k and the pass that dispatches link k+1."""
-    state = State()
-    now = 1.0
-    state.apply(tasker_ev(now, 1))
-    rows = [[i, 4, "", "sim", None, True, 3] for i in range(1, links + 1)]
-    after = [[i, [["afterok", i]]] for i in range(1, links)]
-    state.apply({"e": "submit", "t": now, "user": "u", "jobs": rows, "specs": [SPEC] * links,
-                 "after": after})  # fmt: skip
+def finish_ev(job_id: int, attempt: int, now: float) -> Event:
+    return {"e": "finish", "t": now, "job": job_id, "attempt": attempt, "exit_code": 0,
+            "signal": None, "reason": None, "started": now, "ended": now}  # fmt: skip
+
+
+def release_times(state: State, links: int) -> list[float]:
+    """Seconds each: the finish of job k and the dispatch pass after it (one slot, so the
+    pass hands out job k+1); every job must have been dispatched."""
     sent: list[int] = []
 
     def emit(ev: Event) -> None:
         state.apply(ev)
         sent.append(1)
 
-    dispatch_pass(state, emit, now, lambda t: True)
+    dispatch_pass(state, emit, 1.0, lambda t: True)
     times = []
     for job_id in range(1, links):
-        job = state.jobs[job_id]
         t0 = time.perf_counter()
-        state.apply({"e": "finish", "t": now, "job": job_id, "attempt": job.attempt,
-                     "exit_code": 0, "signal": None, "reason": None, "started": now,
-                     "ended": now})  # fmt: skip
-        dispatch_pass(state, emit, now, lambda t: True)
+        state.apply(finish_ev(job_id, state.jobs[job_id].attempt, 1.0))
+        dispatch_pass(state, emit, 1.0, lambda t: True)
         times.append(time.perf_counter() - t0)
     assert len(sent) == links, (len(sent), links)
-    # the floor: the same finish and pass for jobs that wait for nothing
-    plain = State()
-    plain.apply(tasker_ev(now, 1))
-    plain.apply({"e": "submit", "t": now, "user": "u", "jobs": rows, "specs": [SPEC] * links})
-    state = plain
-    dispatch_pass(state, emit, now, lambda t: True)
-    base = []
-    for job_id in range(1, min(links, 5000)):
-        job = state.jobs[job_id]
-        t0 = time.perf_counter()
-        state.apply({"e": "finish", "t": now, "job": job_id, "attempt": job.attempt,
-                     "exit_code": 0, "signal": None, "reason": None, "started": now,
-                     "ended": now})  # fmt: skip
-        dispatch_pass(state, emit, now, lambda t: True)
-        base.append(time.perf_counter() - t0)
+    return times
+
+
+def chain_state(links: int, chained: bool) -> State:
+    """One tasker of one slot and ``links`` jobs, each after the one before if ``chained``."""
+    state = State()
+    state.apply(tasker_ev(1.0, 1))
+    rows = [[i, 4, "", "sim", None, True, 3] for i in range(1, links + 1)]
+    ev: Event = {"e": "submit", "t": 1.0, "user": "u", "jobs": rows, "specs": [SPEC] * links}
+    if chained:
+        ev["after"] = [[i, [["afterok", i]]] for i in range(1, links)]
+    state.apply(ev)
+    return state
+
+
+def chain_release(links: int) -> tuple[list[float], float]:
+    """Seconds per link of a chain, and the median of the same for jobs that wait for
+    nothing (the floor)."""
+    times = release_times(chain_state(links, True), links)
+    base = release_times(chain_state(min(links, 5000), False), min(links, 5000))
     return times, pct(base, 50)
 
 
@@ -239,9 +240,7 @@ def time_passes(state: State, first: int, rounds: int = 200) -> float:
         dispatch_pass(state, state.apply, now, lambda t: True)
         times.append(time.perf_counter() - t0)
         for i in ids:
-            state.apply({"e": "finish", "t": now, "job": i, "attempt": state.jobs[i].attempt,
-                         "exit_code": 0, "signal": None, "reason": None, "started": now,
-                         "ended": now})  # fmt: skip
+            state.apply(finish_ev(i, state.jobs[i].attempt, now))
     return pct(times, 50)
 
 
