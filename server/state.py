@@ -428,12 +428,13 @@ class State:
         jobs, dependents = self.jobs, self.dependents
         for kind, parent_id in after:
             parent = jobs.get(parent_id)
-            ok = gates.met(kind, parent.state if parent is not None else gates.FORGOTTEN)
+            if parent is None:  # forgotten since (a rerun's parent: a submit refuses one)
+                continue  # it gates no more, as commands.rerun checks
+            ok = gates.met(kind, parent.state)
             if ok is None:
                 w.pending += 1
                 dependents.setdefault(parent_id, []).append((job.id, kind))
             elif not ok:
-                assert parent is not None
                 self._stop_waiting(job, gates.broken_reason(kind, parent_id, parent.state), t)
                 return
         self._unblock(job, w)

@@ -158,6 +158,16 @@ def test_rerun_waits_again_for_parents_and_refuses_a_broken_one(core: Core) -> N
     assert states(core, b) == ["queued"]
 
 
+def test_a_rerun_after_its_parent_was_forgotten_is_not_held_by_it(core: Core) -> None:
+    (a,) = core.submit()
+    (b,) = core.submit(after=[{"job": a}])
+    run_one(core, a)
+    run_one(core, b)
+    core.emit(cmd.forget(core.state, a, core.tick()))  # as autoforget does
+    core.emit(cmd.rerun(core.state, b, core.tick()))
+    assert states(core, b) == ["queued"]
+
+
 def test_a_long_chain_broken_at_its_head_does_not_recurse(core: Core) -> None:
     specs = [{}] + [{"after": [{"index": i}]} for i in range(20_000)]
     ids = core.submit_specs(specs)
