@@ -1,7 +1,8 @@
 """Real unix users and a group for the identity tests, made with useradd and groupadd.
 
 ``crqtalice`` and ``crqtbob`` are plain users; ``crqtcarol`` is in the group ``crqtops``
-(config.toml maps ``@crqtops`` to operator in the tests). Each gets a home under a directory
+(config.toml maps ``@crqtops`` to operator in the tests); under pytest-xdist each name ends in
+the worker's id (``crqtalicegw0``). Each gets a home under a directory
 everyone may traverse (pytest's own tmp is root's 0700), so that a job running as the user
 can enter its cwd and write its log there. Users this fixture made are removed at the end of
 the session; users already there (a rerun after a crash) are reused. Root only (CI runs as
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import pytest
 
-ALICE, BOB, CAROL = "crqtalice", "crqtbob", "crqtcarol"
-OPS = "crqtops"
+# Each pytest-xdist worker has users of its own: one worker's session end removes the users it
+# made while another worker's tests still run as theirs.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+ALICE, BOB, CAROL = f"crqtalice{_WORKER}", f"crqtbob{_WORKER}", f"crqtcarol{_WORKER}"
+OPS = f"crqtops{_WORKER}"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.rigs import CrqServer, Tasker
-from tests.users import ALICE, BOB, CAROL, Users
+from tests.users import ALICE, BOB, CAROL, OPS, Users
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -27,7 +27,7 @@ def rig(
         pytest.skip("a tasker runs jobs as their owners only as root")
     srv = crq_server("--heartbeat", "2", start=False)
     srv.swd.mkdir(parents=True)
-    (srv.swd / "config.toml").write_text('[roles]\n"@crqtops" = "operator"\n')
+    (srv.swd / "config.toml").write_text(f'[roles]\n"@{OPS}" = "operator"\n')
     srv.start()
     crq_tasker("tk1", "--swd", str(srv.swd), "--slots", "4")
     return srv, unix_users

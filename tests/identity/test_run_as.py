@@ -101,8 +101,8 @@ def test_a_log_its_owner_cannot_write_fails_the_attempt(rig: tuple[CrqServer, Us
     srv, users = rig
     cwd = str(users.home(ALICE))
     for log, why in (
-        ("/etc/crq-test-owner.log", "/etc is not writable by crqtalice"),
-        (str(users.home(BOB) / "x.log"), f"{users.home(BOB)} is not searchable by crqtalice"),
+        ("/etc/crq-test-owner.log", f"/etc is not writable by {ALICE}"),
+        (str(users.home(BOB) / "x.log"), f"{users.home(BOB)} is not searchable by {ALICE}"),
     ):
         j = _run(srv, ALICE, command="echo ran", cwd=cwd, log=log, max_attempts=1)
         assert j["state"] == "failed", j
@@ -112,7 +112,7 @@ def test_a_log_its_owner_cannot_write_fails_the_attempt(rig: tuple[CrqServer, Us
     # a cwd the owner cannot enter
     j = _run(srv, ALICE, command="echo ran", cwd=str(users.home(BOB)), max_attempts=1)
     assert j["state"] == "failed"
-    assert "not searchable by crqtalice" in str(j["attempts"][-1].get("reason")), j
+    assert f"not searchable by {ALICE}" in str(j["attempts"][-1].get("reason")), j
 
 
 def test_an_owner_unknown_on_the_host_fails_the_attempt(rig: tuple[CrqServer, Users]) -> None:
