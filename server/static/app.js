@@ -832,7 +832,8 @@ function init() {
     b.addEventListener("click", () => showView(b.dataset.view));
   }
   $("f-all").addEventListener("change", (ev) => {
-    for (const j of ui.failed) check(j.id, ev.target.checked);
+    const on = ev.target.checked; // check() below sets the box as it goes
+    for (const j of ui.failed) check(j.id, on);
   });
   $("f-rerun").addEventListener("click", rerunChecked);
   $("range").addEventListener("change", () => {
