@@ -7,6 +7,7 @@ recovery and from a standby.
 A screenshot of each view goes to the directory ``CRQ_SCREENSHOTS`` names, when set.
 """
 
+# ruff: noqa: F811 - the fixtures of test_ui.py (browser, page) are imported, then named
 from __future__ import annotations
 
 import os
