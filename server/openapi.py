@@ -684,6 +684,13 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
         for param in item.get("parameters", []):
             if path == "/api/v1/jobs" and param["name"] == "state":
                 param["schema"] = {"type": "string", "enum": list(JOB_STATES)}
+            elif path == "/api/v1/dash/jobs" and param["name"] == "state":
+                one = "|".join(JOB_STATES)
+                param["schema"] = {
+                    "type": "string",
+                    "pattern": f"^(({one})(,({one}))*)?$",
+                    "description": "job states, comma-separated (failed,lost)",
+                }
             elif path == "/api/v1/history" and param["name"] in HISTORY_PARAMS:
                 param["schema"] = HISTORY_PARAMS[param["name"]]
             elif param.get("in") == "query" and "anyOf" in param.get("schema", {}):
