@@ -476,7 +476,7 @@ function drawChart(fig, title, unit, series, t0, t1, interval) {
   for (let i = 0; i <= 4; i++) {
     const v = (max * i) / 4;
     g.append(svg("line", { class: i ? "grid" : "axis", x1: L, x2: W - R, y1: y(v), y2: y(v) }));
-    const label = Number.isInteger(v) ? v : v.toFixed(v < 10 ? 2 : 1);
+    const label = Number.isInteger(v) ? v : v < 1 ? Number(v.toPrecision(2)) : v.toFixed(1);
     g.append(svg("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end" }, label));
   }
   for (let i = 0; i <= 4; i++) {
