@@ -6,7 +6,7 @@ leaves the process before the events it reflects are durable (invariant 1).
 
 from __future__ import annotations
 
-from crq.server.http import admin, errors, history, jobs, logs, taskers, tokens, ui
+from crq.server.http import admin, dash, errors, history, jobs, logs, taskers, tokens, ui
 from crq.server.http.bodylimit import BodyLimit
 from crq.server.http.hot import Hot
 from crq.server.http.views import error, job_json
@@ -39,6 +39,7 @@ def create_app(srv: Service) -> FastAPI:
     routes = [*jobs.routes(srv), *taskers.routes(srv), *admin.routes(srv), *tokens.routes(srv)]
     routes += history.routes(srv)
     routes += logs.routes(srv)
+    routes += dash.routes(srv)
     routes += ui.routes(srv)
     app = FastAPI(
         title="crq",

@@ -70,6 +70,7 @@ CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user, id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (ended);
 CREATE INDEX IF NOT EXISTS jobs_forgotten ON jobs (forgotten);
+CREATE TABLE IF NOT EXISTS samples (t REAL PRIMARY KEY, data TEXT NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('schema', '{SCHEMA_VERSION}');
 """
 INSERT = f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -165,6 +166,8 @@ class History:
         self.through = 0  # every forget up to this seq is committed
         self.written = 0  # rows committed since the start
         self.failures = 0
+        self._samples: deque[tuple[Any, ...]] = deque()  # the dashboard's (server/samples.py)
+        self.sample_keep = 2 * 86400.0  # samples older than this are deleted as new ones come
 
     # -- the hook (the loop, or the replay's thread) ------------------------------------
 
@@ -204,6 +207,7 @@ class History:
                 break
             try:
                 self.flush(self._durable())
+                self.write_samples()
                 backoff = self.interval
             except Exception as e:  # noqa: BLE001 - the thread must live: retried, counted
                 self.failures += 1
@@ -291,9 +295,46 @@ class History:
             self._thread.join()
         try:
             self.flush(1 << 62)
+            self.write_samples()
         finally:
             with self._lock:
                 self._con.close()
+
+    # -- the dashboard's samples (server/samples.py) -------------------------------------
+
+    def queue_sample(self, sample: tuple[Any, ...]) -> None:
+        """Written by the writer thread with its next batch: no SQLite on the loop."""
+        self._samples.append(sample)
+
+    def write_samples(self) -> int:
+        """Commit the queued samples, and drop those past ``sample_keep``."""
+        if not self._samples:
+            return 0
+        with self._lock:
+            if self.guard is not None and not self.guard():
+                self._samples.clear()  # deposed: the new leader samples
+                return 0
+            taken = list(self._samples)
+            rows = [(s[0], orjson.dumps(s).decode()) for s in taken]
+            con = self._con
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?)", rows)
+                con.execute("DELETE FROM samples WHERE t < ?", (taken[-1][0] - self.sample_keep,))
+                con.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("ROLLBACK")
+                raise
+            for _ in taken:
+                self._samples.popleft()
+            return len(rows)
+
+    def load_samples(self, since: float) -> list[tuple[Any, ...]]:
+        """The samples stored since ``since``, oldest first (a thread: it reads the file)."""
+        with self._lock:
+            cur = self._con.execute("SELECT data FROM samples WHERE t >= ? ORDER BY t", (since,))
+            return [tuple(orjson.loads(d)) for (d,) in cur]
 
     # -- retention ------------------------------------------------------------------------
 

@@ -147,6 +147,30 @@ ANSWERS: dict[str, Schema] = {
         ),
         "description": "A job as it was when it left the queue (the accounting history).",
     },
+    "DashJobs": _obj(
+        ["jobs", "next", "users"],
+        jobs={"type": "array", "items": _ref("JobSummary")},
+        next={**_nullable("integer"), "description": "give it as `before` for the next page"},
+        users={"type": "array", "items": STR, "description": "users of the jobs looked at"},
+    ),
+    "Why": _obj(
+        ["id", "state", "reasons"],
+        id=INT,
+        state=STR,
+        reasons={"type": "array", "items": STR, "description": "each finding in one line"},
+        held=BOOL,
+        dependencies={"type": "array", "items": {"type": "object"}},
+        array={"type": "object"},
+        globals={"type": "array", "items": {"type": "object"}},
+        taskers={"type": "array", "items": {"type": "object"}},
+        ahead=INT,
+    ),
+    "Series": _obj(
+        ["fields", "interval", "samples"],
+        fields={"type": "array", "items": STR},
+        interval=NUM,
+        samples={"type": "array", "items": {"type": "array"}},
+    ),
     "Taskers": _obj(
         ["taskers"],
         taskers={
@@ -368,6 +392,28 @@ OPS: dict[tuple[str, str], Op] = {
         True,
     ),
     ("get", "/api/v1/taskers"): ("Taskers", 200, "Taskers", CLIENT, True),
+    # the dashboard's reads (server/http/dash.py)
+    ("get", "/api/v1/dash/jobs"): (
+        "Jobs newest first, filtered by states, user and a search of id, name and command",
+        200,
+        "DashJobs",
+        CLIENT + (400, 422),
+        True,
+    ),
+    ("get", "/api/v1/jobs/{job_id}/why"): (
+        "Why a job waits or stays queued: hold, dependencies, array cap, resources, taskers",
+        200,
+        "Why",
+        CLIENT + JOB_ID,
+        True,
+    ),
+    ("get", "/api/v1/stats/series"): (
+        "The dashboard's samples (queue depth, running, throughput, wait) since `since`",
+        200,
+        "Series",
+        CLIENT + (422,),
+        True,
+    ),
     ("get", "/api/v1/server"): (
         "Server state (admin or tasker token)",
         200,
@@ -638,6 +684,13 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
         for param in item.get("parameters", []):
             if path == "/api/v1/jobs" and param["name"] == "state":
                 param["schema"] = {"type": "string", "enum": list(JOB_STATES)}
+            elif path == "/api/v1/dash/jobs" and param["name"] == "state":
+                one = "|".join(JOB_STATES)
+                param["schema"] = {
+                    "type": "string",
+                    "pattern": f"^(({one})(,({one}))*)?$",
+                    "description": "job states, comma-separated (failed,lost)",
+                }
             elif path == "/api/v1/history" and param["name"] in HISTORY_PARAMS:
                 param["schema"] = HISTORY_PARAMS[param["name"]]
             elif param.get("in") == "query" and "anyOf" in param.get("schema", {}):

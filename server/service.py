@@ -24,6 +24,7 @@ from crq.server.engine import Engine
 from crq.server.exits import StartError, StopError
 from crq.server.history import History
 from crq.server.models import Register
+from crq.server.samples import Sampler
 from crq.server.settings import Settings
 from crq.server.state import State
 
@@ -82,6 +83,7 @@ class Service:
     step_down: Callable[[str], None] | None = None  # lost the lease: stop acting, now
     handover: dict[str, Any] | None = None  # ncmgr failover: set when the stop hands over
     history: History | None = None  # the accounting database's writer (server/history.py)
+    samples: Sampler | None = None  # the dashboard's time series (server/samples.py)
 
     @property
     def state(self) -> State:

@@ -48,6 +48,9 @@ class Settings:
     # the job's tasker (tasker), or never through it (server); a tasker's answer within
     log_via: str = "auto"
     log_timeout: float = 15.0
+    # the dashboard's charts (server/samples.py): a sample this often, kept this long
+    sample_interval: float = 10.0
+    sample_keep: float = 86400.0
 
     @property
     def paths(self) -> Swd:
@@ -77,6 +80,8 @@ TUNABLES = {
     "history_delay": float,
     "log_via": str,
     "log_timeout": float,
+    "sample_interval": float,
+    "sample_keep": float,
 }
 
 
@@ -168,6 +173,8 @@ def load(argv: list[str] | None = None) -> Settings:
         raise SettingsError(f"max_array must be from 1 to {MAX_ARRAY}")
     if not (s.history_days > 0 and s.history_max_rows > 0 and s.history_interval > 0):
         raise SettingsError("history_days, history_max_rows and history_interval must be above 0")
+    if not (s.sample_interval > 0 and s.sample_keep > 0):
+        raise SettingsError("sample_interval and sample_keep must be above 0")
     if not s.idempotency_window > 0:
         raise SettingsError(f"idempotency_window must be above 0, not {s.idempotency_window}")
     return s

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import orjson
 from crq.server.asgi import ASGIApp, Receive, Scope, Send, encode_headers, headers_of, send_json
 from crq.server.election import Busy, Election, read_json
+from crq.server.pages import recovery_page, standby_page, wants_html
 from crq.server.settings import Settings
 
 from crq.durable import write_atomic
@@ -165,6 +166,18 @@ async def _answer(send: Send, data: dict[str, Any], status: int = 200, **headers
     await send_json(send, status, orjson.dumps(data), encode_headers(headers))
 
 
+async def _html(send: Send, body: bytes) -> None:
+    """A page for a browser (server/pages.py): a 503, as the JSON answer would be."""
+    headers = [
+        (b"content-length", b"%d" % len(body)),
+        (b"content-type", b"text/html; charset=utf-8"),
+        (b"retry-after", b"1"),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def app(cand: Candidate, admin_token: Callable[[], bytes | None], switch: Switch) -> ASGIApp:
     """What a standby serves, and a leader while it loads the state (``cand.loading``).
     ``admin_token`` reads the swd's token (made by the leader)."""
@@ -209,6 +222,8 @@ def app(cand: Candidate, admin_token: Callable[[], bytes | None], switch: Switch
         ):
             cand.request_stop()
             await _answer(send, {"stopping": True, "freeze": False})
+        elif path == "/" and method == "GET" and wants_html(headers_of(scope).get("accept", "")):
+            await _html(send, standby_page(queue, url))
         else:
             where = f"the leader is at {url}" if url else "no leader is serving yet"
             refusal = {
@@ -231,6 +246,8 @@ def app(cand: Candidate, admin_token: Callable[[], bytes | None], switch: Switch
         ):
             await switch.swapped.wait()
             await switch.app(scope, receive, send)
+        elif path == "/" and method == "GET" and wants_html(headers_of(scope).get("accept", "")):
+            await _html(send, recovery_page(cand.settings.queue, {"phase": "loading"}))
         else:
             await _answer(send, loading_reply(cand.settings.queue), 503, **{"Retry-After": "1"})
 

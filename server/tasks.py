@@ -16,6 +16,7 @@ from typing import Any
 
 from crq.server.commands import expire_keys, lose_tasker, prune_tokens
 from crq.server.monitor import silent
+from crq.server.samples import Sampler
 from crq.server.service import Service
 
 from crq.wire import DONE, FINAL_STATES, MODE_NORMAL
@@ -26,7 +27,7 @@ monitor_log = logging.getLogger("crq.monitor")
 
 def background(srv: Service) -> list[Coroutine[Any, Any, None]]:
     loops = [_checkpoints(srv), _marks(srv), _autoforget(srv), _expire_keys(srv), watch(srv)]
-    return [*loops, _history_retention(srv)]
+    return [*loops, _history_retention(srv), _sampling(srv)]
 
 
 async def _checkpoints(srv: Service) -> None:
@@ -100,6 +101,24 @@ async def _history_retention(srv: Service, period: float = 3600.0) -> None:
             continue
         if gone:
             log.info("history: %d rows past retention deleted", gone)
+
+
+async def _sampling(srv: Service) -> None:
+    """The dashboard's samples (server/samples.py): the stored ones first, then one every
+    ``sample_interval``, each handed to the history's writer thread."""
+    s, history = srv.settings, srv.history
+    sampler = srv.samples = Sampler(s.sample_interval, s.sample_keep)
+    sampler.attach(srv.state)
+    if history is not None:
+        history.sample_keep = max(history.sample_keep, s.sample_keep)
+        try:
+            sampler.load(await asyncio.to_thread(history.load_samples, time.time() - s.sample_keep))
+        except (sqlite3.Error, OSError, ValueError) as e:
+            log.error("dashboard samples not loaded: %s", e)
+        sampler.store = history.queue_sample
+    while True:
+        await asyncio.sleep(s.sample_interval)
+        sampler.take(srv.state)
 
 
 async def _expire_keys(srv: Service) -> None:

@@ -7,9 +7,11 @@ from pathlib import Path
 from crq.server.http.views import JSON, error
 from crq.server.metrics import render
 from crq.server.models import BadRequest
+from crq.server.pages import recovery_page, wants_html
 from crq.server.service import Service
 from fastapi import APIRouter
-from starlette.responses import FileResponse, Response
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute
 
 from crq.wire import MODE_NORMAL, MODE_RECOVERING
@@ -39,8 +41,12 @@ def routes(srv: Service) -> list[BaseRoute]:
         return Response(body, media_type=content_type)
 
     @router.get("/")
-    async def index() -> Response:
+    async def index(request: Request) -> Response:
         if engine.mode == MODE_RECOVERING:
+            if wants_html(request.headers.get("accept", "")):
+                page = recovery_page(srv.settings.queue, srv.progress())
+                headers = {"Retry-After": "1", "Cache-Control": "no-store"}
+                return HTMLResponse(page, 503, headers)
             return error(
                 503,
                 "crash_recovery",

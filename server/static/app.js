@@ -12,13 +12,22 @@ const TAIL = 16384; // bytes of a job's log the detail panel shows (its end)
 const STATES = ["queued", "waiting", "running", "done", "failed", "stopped", "lost"];
 const $ = (id) => document.getElementById(id);
 
+const CHARTS_EVERY = 10000; // ms between the charts' fetches (the server samples every 10 s)
+
 const ui = {
   token: "",
   me: null, // GET /whoami's answer for ui.token (null: not asked yet)
-  after: 0, // the `after=` of the jobs page shown
+  view: "jobs", // the tab shown: jobs, failed, taskers, charts
+  after: 0, // the `before=` of the jobs page shown (0: the newest)
   next: null, // the `next` the server gave for that page
   selected: null, // job id shown in the detail panel
-  back: [], // the `after=` of the pages before, for « prev
+  back: [], // the `before=` of the pages before, for « newer
+  page: [], // the jobs of the page shown, as the server sent them (newest first)
+  sort: { key: "id", desc: true }, // the jobs table's order (of the page shown)
+  users: [], // the users the server saw, for the user filter
+  failed: [], // the failed view's jobs
+  checked: new Set(), // ids ticked in the failed view
+  chartsAt: 0, // when the charts were last fetched (ms)
   busy: false,
   again: false, // a refresh was asked for while one was running
   timer: null,
@@ -167,6 +176,7 @@ function renderMe() {
     el("span", { class: "muted", title: (me.groups || []).join(" ") }, `via ${how}`),
   );
   $("submit-card").hidden = !may("submit");
+  renderChecked();
   $("admin").hidden = !may("control_all");
   $("a-stop").hidden = !may("admin");
 }
@@ -215,9 +225,51 @@ function renderRecovery(rec) {
   $("recovery-bar").style.width = `${pct}%`;
 }
 
+function sortValue(j, key) {
+  const v = j[key];
+  if (key === "exit_code") return v ?? (j.signal ? 1000 + j.signal : -1);
+  if (key === "state") return STATES.indexOf(v);
+  if (v === null || v === undefined) return "";
+  return typeof v === "string" ? v.toLowerCase() : v;
+}
+
+function sorted(jobs) {
+  const { key, desc } = ui.sort;
+  const out = [...jobs];
+  out.sort((a, b) => {
+    const x = sortValue(a, key);
+    const y = sortValue(b, key);
+    const c = x < y ? -1 : x > y ? 1 : b.id - a.id; // ties: newest first
+    return desc ? -c : c;
+  });
+  return out;
+}
+
+function setSort(key) {
+  ui.sort = { key, desc: ui.sort.key === key ? !ui.sort.desc : key === "id" || key === "submitted" };
+  renderJobs({ jobs: ui.page, next: ui.next, users: ui.users });
+}
+
+function renderUsers(users) {
+  const sel = $("user-filter");
+  const want = sel.value;
+  const all = [...new Set([...(users || []), ...(want ? [want] : [])])].sort();
+  if (all.join("\n") === ui.users.join("\n")) return;
+  ui.users = all;
+  sel.replaceChildren(el("option", { value: "" }, "all"),
+    ...all.map((u) => el("option", { value: u }, u)));
+  sel.value = want;
+}
+
 function renderJobs(page) {
   ui.next = page.next;
-  const rows = page.jobs.map((j) =>
+  ui.page = page.jobs;
+  renderUsers(page.users);
+  for (const th of $("jobs").tHead.rows[0].cells) {
+    th.classList.toggle("asc", th.dataset.sort === ui.sort.key && !ui.sort.desc);
+    th.classList.toggle("desc", th.dataset.sort === ui.sort.key && ui.sort.desc);
+  }
+  const rows = sorted(page.jobs).map((j) =>
     el("tr", { class: j.id === ui.selected ? "sel" : "", "data-id": j.id,
       onclick: () => select(j.id) },
     el("td", {}, j.id), el("td", {}, stateTag(j.state)), el("td", {}, j.priority),
@@ -227,15 +279,99 @@ function renderJobs(page) {
   fill($("jobs").tBodies[0], rows, "jobs-empty");
   $("next").disabled = page.next === null;
   $("prev").disabled = ui.back.length === 0;
+  const ids = page.jobs.map((j) => j.id);
+  $("jobs-range").textContent = ids.length
+    ? `${ids.length} job(s), ids ${Math.min(...ids)}–${Math.max(...ids)}` : "";
+}
+
+function resourceCells(t) {
+  const cap = t.capacity || {};
+  const free = t.free || {};
+  const words = Object.keys(cap).sort().map((k) =>
+    el("span", { class: `res ${(free[k] ?? 0) <= 0 ? "short" : ""}` }, `${k} ${free[k] ?? 0}/${cap[k]}`));
+  for (const a of t.attributes || []) words.push(el("span", { class: "res muted" }, a));
+  return words;
 }
 
 function renderTaskers(list) {
-  const rows = list.map((t) =>
-    el("tr", {},
+  const rows = list.map((t) => {
+    const used = t.slots - t.free_slots;
+    const pct = t.slots ? Math.round((100 * used) / t.slots) : 0;
+    const jobs = t.running.slice(0, 12).map((id) =>
+      el("a", { class: "job", href: "#", "data-job": id,
+        onclick: (ev) => { ev.preventDefault(); showView("jobs"); select(id); } }, id));
+    if (t.running.length > 12) jobs.push(el("span", { class: "muted" }, `+${t.running.length - 12}`));
+    return el("tr", { "data-name": t.name },
       el("td", {}, t.name), el("td", {}, t.host), el("td", {}, stateTag(t.state)),
-      el("td", {}, t.slots), el("td", {}, t.free_slots), el("td", {}, t.running.length),
-      el("td", { title: stamp(t.last_contact) }, t.last_contact ? age(t.last_contact) : "never")));
+      el("td", { class: "load-cell", title: `${used} of ${t.slots} slots in use` },
+        el("span", { class: "load" }, Object.assign(el("div", {}), { style: `width:${pct}%` })),
+        `${pct}%`),
+      el("td", {}, `${used}/${t.slots}`), el("td", {}, ...resourceCells(t)),
+      el("td", { class: "running" }, ...(jobs.length ? jobs : ["—"])),
+      el("td", { title: stamp(t.last_contact) }, t.last_contact ? age(t.last_contact) : "never"));
+  });
   fill($("taskers").tBodies[0], rows, "taskers-empty");
+}
+
+// ---- failed-job triage ----------------------------------------------------------------
+
+function renderFailed(page) {
+  ui.failed = page.jobs;
+  const ids = new Set(page.jobs.map((j) => j.id));
+  for (const id of [...ui.checked]) if (!ids.has(id)) ui.checked.delete(id);
+  const rows = page.jobs.map((j) => {
+    const box = el("input", { type: "checkbox", class: "pick", "data-id": j.id,
+      onclick: (ev) => { ev.stopPropagation(); check(j.id, ev.target.checked); } });
+    box.checked = ui.checked.has(j.id);
+    return el("tr", { "data-id": j.id, class: ui.checked.has(j.id) ? "checked" : "",
+      onclick: () => select(j.id) },
+    el("td", {}, box), el("td", {}, j.id), el("td", {}, stateTag(j.state)), el("td", {}, j.user),
+    el("td", {}, j.name || ""), el("td", {}, j.exit_code ?? (j.signal ? `sig ${j.signal}` : "")),
+    el("td", { class: "reason" }, j.reason || ""), el("td", {}, j.tasker || ""),
+    el("td", { title: stamp(j.ended) }, age(j.ended)));
+  });
+  fill($("failed").tBodies[0], rows, "failed-empty");
+  renderChecked();
+}
+
+function check(id, on) {
+  if (on) ui.checked.add(id);
+  else ui.checked.delete(id);
+  for (const tr of $("failed").tBodies[0].rows) {
+    if (Number(tr.dataset.id) === id) tr.classList.toggle("checked", on);
+  }
+  renderChecked();
+}
+
+function renderChecked() {
+  const n = ui.checked.size;
+  const b = $("f-rerun");
+  b.disabled = n === 0 || !may("submit");
+  b.textContent = n ? `Rerun selected (${n})` : "Rerun selected";
+  $("f-all").checked = n > 0 && n === ui.failed.length;
+}
+
+async function rerunChecked() {
+  const ids = [...ui.checked].sort((a, b) => a - b);
+  if (!ids.length) return;
+  let ok = 0;
+  const refused = [];
+  for (const id of ids) { // one request each: each job's own rights and answer
+    try {
+      await call("POST", `/jobs/${id}/rerun`);
+      ok += 1;
+      ui.checked.delete(id);
+    } catch (err) {
+      if (err.status === 401 || err.status === 0) {
+        handle(err);
+        return;
+      }
+      refused.push(`${id} (${err.message})`);
+    }
+  }
+  showMsg(`reran ${ok} job(s)` + (refused.length ? `; refused: ${refused.join(", ")}` : ""),
+    refused.length ? "error" : "info");
+  refresh();
 }
 
 function renderDetail(j) {
@@ -276,15 +412,151 @@ function renderDetail(j) {
   $("d-release").hidden = !j.held;
   $("d-rerun").disabled = live;
   $("d-forget").disabled = j.state === "running";
+  if (j.state !== "queued" && j.state !== "waiting") $("d-why").hidden = true;
+}
+
+function renderWhy(w) {
+  const box = $("d-why");
+  box.hidden = !(w.state === "queued" || w.state === "waiting");
+  if (box.hidden) return;
+  $("d-why-reasons").replaceChildren(...w.reasons.map((r) => el("li", {}, r)));
+  const deps = w.dependencies || [];
+  $("d-deps").hidden = deps.length === 0;
+  $("d-deps").tBodies[0].replaceChildren(...deps.map((d) =>
+    el("tr", { "data-job": d.job },
+      el("td", {}, d.type), el("td", {}, el("a", { class: "job", href: "#",
+        onclick: (ev) => { ev.preventDefault(); select(d.job); } }, d.job)),
+      el("td", {}, stateTag(d.state)),
+      el("td", { class: d.met ? "yes" : d.met === false ? "no" : "muted" },
+        d.met ? "met" : d.met === false ? "never met" : "not yet"))));
+  const taskers = w.taskers || [];
+  $("d-why-taskers").hidden = taskers.length === 0;
+  $("d-why-taskers").tBodies[0].replaceChildren(...taskers.map((t) =>
+    el("tr", { "data-name": t.name },
+      el("td", {}, t.name),
+      el("td", { class: t.could ? "yes" : "no" }, t.now ? "yes, now" : t.could ? "yes, when free" : "no"),
+      el("td", {}, t.why_not.join("; ") || "—"))));
+}
+
+// ---- charts (inline SVG, drawn here) ----------------------------------------------------
+
+const SVGNS = "http://www.w3.org/2000/svg";
+const COLORS = ["#2f6fd0", "#b59a5b", "#2e8b57", "#c0392b", "#7d3c98"];
+
+function svg(tag, attrs, ...children) {
+  const e = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const c of children) e.append(c instanceof Node ? c : String(c));
+  return e;
+}
+
+function clock(t) {
+  const d = new Date(t * 1000);
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+}
+
+function niceMax(v) {
+  if (!(v > 0)) return 1;
+  const p = 10 ** Math.floor(Math.log10(v));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+// One chart: series = [{label, points: [[t, v|null], …]}], over [t0, t1]; a gap of more than
+// three sampling intervals (the server was down) breaks the line.
+function drawChart(fig, title, unit, series, t0, t1, interval) {
+  const W = 520, H = 180, L = 44, R = 8, T = 8, B = 22;
+  let max = 0;
+  for (const s of series) for (const [, v] of s.points) if (v !== null && v > max) max = v;
+  max = niceMax(max);
+  const x = (t) => L + ((t - t0) / Math.max(1, t1 - t0)) * (W - L - R);
+  const y = (v) => T + (1 - v / max) * (H - T - B);
+  const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
+    "aria-label": title });
+  for (let i = 0; i <= 4; i++) {
+    const v = (max * i) / 4;
+    g.append(svg("line", { class: i ? "grid" : "axis", x1: L, x2: W - R, y1: y(v), y2: y(v) }));
+    const label = Number.isInteger(v) ? v : v < 1 ? Number(v.toPrecision(2)) : v.toFixed(1);
+    g.append(svg("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end" }, label));
+  }
+  for (let i = 0; i <= 4; i++) {
+    const t = t0 + ((t1 - t0) * i) / 4;
+    g.append(svg("text", { x: x(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" },
+      clock(t)));
+  }
+  let drawn = 0;
+  series.forEach((s, k) => {
+    const color = COLORS[k % COLORS.length];
+    let seg = [];
+    let last = null;
+    const flush = () => {
+      if (seg.length === 1) seg.push([seg[0][0] + 0.5, seg[0][1]]);
+      if (seg.length > 1) {
+        g.append(svg("polyline", { class: "line", stroke: color, "data-series": s.label,
+          points: seg.map(([a, b]) => `${a.toFixed(1)},${b.toFixed(1)}`).join(" ") }));
+        drawn += 1;
+      }
+      seg = [];
+    };
+    for (const [t, v] of s.points) {
+      if (v === null || (last !== null && t - last > 3 * interval)) flush();
+      if (v !== null) seg.push([x(t), y(v)]);
+      last = t;
+    }
+    flush();
+  });
+  const legend = el("div", { class: "legend" }, ...series.map((s, k) => {
+    const now = [...s.points].reverse().find(([, v]) => v !== null);
+    const i = el("i", {});
+    i.style.background = COLORS[k % COLORS.length];
+    return el("span", {}, i, `${s.label}: ${now ? fmt(now[1]) : "—"}${unit}`);
+  }));
+  fig.replaceChildren(el("figcaption", {}, title), g, legend);
+  fig.dataset.lines = String(drawn);
+}
+
+function fmt(v) {
+  return Number.isInteger(v) ? String(v) : v.toFixed(v < 10 ? 2 : 1);
+}
+
+async function loadCharts() {
+  const span = Number($("range").value);
+  const out = await call("GET", `/stats/series?since=${-span}`);
+  ui.chartsAt = Date.now();
+  const f = Object.fromEntries(out.fields.map((name, i) => [name, i]));
+  const rows = out.samples;
+  const now = Date.now() / 1000;
+  const t0 = rows.length ? Math.max(now - span, rows[0][f.t] - out.interval) : now - span;
+  const pick = (name, scale) => rows.map((r) => [r[f.t], r[f[name]] === null ? null : r[f[name]] * (scale || 1)]);
+  // throughput as jobs a minute: each sample counts the jobs ended since the one before
+  const perMin = 60 / out.interval;
+  const ended = rows.map((r) => [r[f.t], (r[f.done] + r[f.failed] + r[f.stopped]) * perMin]);
+  const iv = out.interval;
+  drawChart($("chart-depth"), "Queue depth", "", [
+    { label: "queued", points: pick("queued") }, { label: "waiting", points: pick("waiting") },
+  ], t0, now, iv);
+  drawChart($("chart-running"), "Running jobs", "", [
+    { label: "running", points: pick("running") }, { label: "slots", points: pick("slots") },
+  ], t0, now, iv);
+  drawChart($("chart-throughput"), "Throughput (jobs ended a minute)", "/min", [
+    { label: "ended", points: ended }, { label: "failed", points: pick("failed", perMin) },
+  ], t0, now, iv);
+  drawChart($("chart-wait"), "Wait, submit to start (jobs ended)", " s", [
+    { label: "mean", points: pick("wait_mean") }, { label: "max", points: pick("wait_max") },
+  ], t0, now, iv);
+  $("charts-note").textContent =
+    `${rows.length} sample(s), one every ${out.interval} s` + (rows.length ? "" : ": none yet");
 }
 
 // ---- refresh loop -------------------------------------------------------------------
 
-function jobsQuery(after, limit) {
+function jobsQuery(before, limit) {
   const q = new URLSearchParams({ limit });
-  if (after) q.set("after", after);
+  if (before) q.set("before", before);
   if ($("filter").value) q.set("state", $("filter").value);
-  return `/jobs?${q}`;
+  if ($("user-filter").value) q.set("user", $("user-filter").value);
+  if ($("search").value.trim()) q.set("q", $("search").value.trim());
+  return `/dash/jobs?${q}`;
 }
 
 // The server examines a bounded number of ids per request, so a sparse filter over a big
@@ -293,14 +565,16 @@ async function fetchJobs() {
   const jobs = [];
   let after = ui.after;
   let next = null;
+  let users = [];
   for (let hop = 0; hop < 20; hop++) {
     const page = await call("GET", jobsQuery(after, PAGE - jobs.length));
     jobs.push(...page.jobs);
+    users = [...new Set([...users, ...(page.users || [])])];
     next = page.next;
     if (next === null || jobs.length >= PAGE) break;
     after = next;
   }
-  return { jobs, next };
+  return { jobs, next, users };
 }
 
 async function refresh() {
@@ -320,9 +594,14 @@ async function refresh() {
     renderServer(info);
     showLoggedIn(true);
     if (info.mode === "recovering") return; // every other client call would be a 503
-    const [page, taskers] = await Promise.all([fetchJobs(), call("GET", "/taskers")]);
-    renderJobs(page);
+    const failed = call("GET", "/dash/jobs?state=failed,lost&limit=500");
+    const [page, taskers, bad] = await Promise.all([
+      ui.view === "jobs" ? fetchJobs() : null, call("GET", "/taskers"), failed]);
+    if (page) renderJobs(page);
     renderTaskers(taskers.taskers);
+    renderFailed(bad);
+    $("failed-count").textContent = bad.jobs.length ? String(bad.jobs.length) : "";
+    if (ui.view === "charts" && Date.now() - ui.chartsAt > CHARTS_EVERY) await loadCharts();
     if (ui.selected !== null) await loadDetail();
   } catch (err) {
     handle(err);
@@ -392,6 +671,10 @@ async function loadDetail() {
     const j = await call("GET", `/jobs/${ui.selected}`);
     if (ui.selected !== j.id) return;
     renderDetail(j);
+    if (j.state === "queued" || j.state === "waiting") {
+      const w = await call("GET", `/jobs/${j.id}/why`);
+      if (ui.selected === j.id) renderWhy(w);
+    }
     await loadLog(j);
   } catch (err) {
     if (err.status !== 404) throw err;
@@ -411,6 +694,7 @@ function select(id) {
   if (ui.selected !== id) {
     $("d-log").textContent = "";
     $("d-log-note").textContent = "";
+    $("d-why").hidden = true;
   }
   ui.selected = id;
   for (const tr of $("jobs").tBodies[0].rows) tr.classList.toggle("sel", tr.dataset.id == id);
@@ -423,7 +707,16 @@ function closeDetail() {
   for (const tr of $("jobs").tBodies[0].rows) tr.classList.remove("sel");
 }
 
+function showView(view) {
+  ui.view = view;
+  for (const b of $("tabs").querySelectorAll("button")) b.classList.toggle("on", b.dataset.view === view);
+  for (const v of ["jobs", "failed", "taskers", "charts"]) $(`view-${v}`).hidden = v !== view;
+  if (view === "charts") ui.chartsAt = 0; // fetch now
+  refresh();
+}
+
 function setFilter(state) {
+  if (ui.view !== "jobs") showView("jobs");
   $("filter").value = state;
   ui.after = 0;
   ui.back = [];
@@ -526,6 +819,27 @@ function init() {
   $("a-stop").addEventListener("click", stopServer);
   $("auto").addEventListener("change", restartTimer);
   $("filter").addEventListener("change", () => setFilter($("filter").value));
+  $("user-filter").addEventListener("change", () => setFilter($("filter").value));
+  let typing = null;
+  $("search").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => setFilter($("filter").value), 250);
+  });
+  for (const th of $("jobs").tHead.rows[0].cells) {
+    th.addEventListener("click", () => setSort(th.dataset.sort));
+  }
+  for (const b of $("tabs").querySelectorAll("button")) {
+    b.addEventListener("click", () => showView(b.dataset.view));
+  }
+  $("f-all").addEventListener("change", (ev) => {
+    const on = ev.target.checked; // check() below sets the box as it goes
+    for (const j of ui.failed) check(j.id, on);
+  });
+  $("f-rerun").addEventListener("click", rerunChecked);
+  $("range").addEventListener("change", () => {
+    ui.chartsAt = 0;
+    loadCharts().catch(handle);
+  });
   $("prev").addEventListener("click", () => {
     ui.after = ui.back.pop() ?? 0;
     refresh();
