@@ -36,7 +36,7 @@ FAILED = frozenset({wire.FAILED, wire.STOPPED, wire.LOST})
 
 
 @dataclass
-class ExecutorSettings(ExecutorSettingsBase):
+class ExecutorSettings(ExecutorSettingsBase):  # type: ignore[misc]  # untyped interface
     # Optional[...], not X | None: Snakemake reads the field types at run time for argparse
     server: Optional[str] = field(  # noqa: UP045
         default=None,
@@ -69,7 +69,7 @@ common_settings = CommonSettings(
 )
 
 
-class Executor(RemoteExecutor):
+class Executor(RemoteExecutor):  # type: ignore[misc]  # untyped interface
     def __post_init__(self) -> None:
         settings: ExecutorSettings | None = self.workflow.executor_settings
         self.settings = settings or ExecutorSettings()
@@ -92,9 +92,9 @@ class Executor(RemoteExecutor):
     # -- submit -------------------------------------------------------------------------
 
     def _log_path(self, job: JobExecutorInterface) -> Path:
-        wildcards = job.format_wildcards("{wildcards}") if not job.is_group() else ""
+        wildcards = str(job.format_wildcards("{wildcards}")) if not job.is_group() else ""
         name = "_".join(part for part in (str(job.jobid), wildcards) if part).replace("/", "_")
-        return self.log_dir / job.name / f"{name}.{job.attempt}.log"
+        return self.log_dir / str(job.name) / f"{name}.{job.attempt}.log"
 
     def _spec(self, job: JobExecutorInterface, log: Path) -> dict[str, Any]:
         try:
