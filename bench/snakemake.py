@@ -54,6 +54,7 @@ def main() -> None:
         local_s = run(local, "--cores", str(args.jobs))
 
         srv = Server(root / "q.swd").start()
+        srv.wait_normal()
         Tasker(srv.swd, "tk1", args.jobs, root / "tk1.state").start()
         wait_taskers(srv, ["tk1"])
         remote = root / "crq"

@@ -26,7 +26,7 @@ rule mid:
     input: "out/start.txt"
     output: "out/mid/{{i}}.txt"
     threads: 1
-    resources: mem_mb=10, runtime=5
+    resources: {resources}
     shell: "sleep {{SLEEP}}; echo mid {{wildcards.i}} >> runs/mid.txt; echo ok > {{output}}"
 
 rule leaf:
@@ -41,11 +41,12 @@ rule gather:
 """
 
 
-def write(work: Path, width: int, sleep: float) -> int:
-    """The workflow in ``work``; the number of jobs it runs (``all`` aside)."""
+def write(work: Path, width: int, sleep: float, resources: str = "runtime=5") -> int:
+    """The workflow in ``work`` (``resources``: the ``mid`` rule's); the number of jobs it
+    runs (``all`` aside)."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "runs").mkdir(exist_ok=True)
-    (work / "Snakefile").write_text(SNAKEFILE.format(width=width, sleep=sleep))
+    (work / "Snakefile").write_text(SNAKEFILE.format(width=width, sleep=sleep, resources=resources))
     return 2 * width + 2
 
 

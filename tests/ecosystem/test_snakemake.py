@@ -19,6 +19,7 @@ pytest.importorskip("snakemake_executor_plugin_crq")
 
 WIDTH = 49  # 2 * 49 + 2 = 100 jobs
 SLEEP = 0.1
+RESOURCES = "mem_mb=10, runtime=5"  # RAM/10: the test tasker offers RAM
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_dag_succeeds(
     workflow: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
     work = tmp_path / "work"
-    jobs = dag.write(work, WIDTH, SLEEP)
+    jobs = dag.write(work, WIDTH, SLEEP, RESOURCES)
     srv = start_queue(crq_server, crq_tasker)
     finished(workflow(srv), work)
     assert_once(work, jobs)
@@ -88,7 +89,7 @@ def test_dag_survives_server_kill(
     workflow: Callable[..., subprocess.Popen[bytes]],
 ) -> None:
     work = tmp_path / "work"
-    jobs = dag.write(work, WIDTH, SLEEP)
+    jobs = dag.write(work, WIDTH, SLEEP, RESOURCES)
     srv = start_queue(crq_server, crq_tasker)
     p = workflow(srv)
     wait_until(lambda: sum(dag.runs(work).values()) >= jobs // 4 or p.poll() is not None)
