@@ -1,7 +1,8 @@
 """The Snakemake workflow the tests and bench/snakemake.py run: one ``start`` job fans out to
 ``width`` ``mid`` jobs, each followed by a ``leaf``, gathered by one ``gather`` job (2*width + 2
 jobs). Every job writes its output and appends one line to ``runs/<rule>.txt``, so a job that
-ran twice shows as a repeated line."""
+ran twice shows as a repeated line. ``gather`` is ``run:`` code, so the plugin runs it through
+a snakemake process; the others are plain shell rules, run directly."""
 
 from __future__ import annotations
 
@@ -34,10 +35,17 @@ rule leaf:
     output: "out/leaf/{{i}}.txt"
     shell: "sleep {{SLEEP}}; echo leaf {{wildcards.i}} >> runs/leaf.txt; echo ok > {{output}}"
 
+# run: code needs a snakemake process of its own (the plugin's wrapper path)
 rule gather:
     input: expand("out/leaf/{{i}}.txt", i=N)
     output: "out/gather.txt"
-    shell: "sleep {{SLEEP}}; echo gather >> runs/gather.txt; cat {{input}} > {{output}}"
+    run:
+        import time
+        time.sleep(SLEEP)
+        with open("runs/gather.txt", "a") as f:
+            f.write("gather\\n")
+        with open(output[0], "w") as f:
+            f.writelines(open(i).read() for i in input)
 """
 
 

@@ -80,6 +80,10 @@ def test_dag_succeeds(
     page = srv.request("GET", "/jobs", params={"limit": 1000})
     mids = [j for j in page["jobs"] if j["name"].startswith("smk-mid-")]
     assert mids and all("RAM/10" in j["resources"] for j in mids), mids[:1]
+    # a shell rule runs its own command; run: code goes through a snakemake process
+    assert not any("snakemake" in str(j["command"]) for j in mids), mids[:1]
+    gather = [j for j in page["jobs"] if j["name"].startswith("smk-gather-")]
+    assert len(gather) == 1 and "snakemake" in str(gather[0]["command"]), gather
 
 
 def test_dag_survives_server_kill(

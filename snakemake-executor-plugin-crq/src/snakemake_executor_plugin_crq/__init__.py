@@ -8,6 +8,7 @@ failover, an outage) reports its jobs as still running and tries again next roun
 import hashlib
 import os
 import secrets
+import shlex
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,12 @@ class ExecutorSettings(ExecutorSettingsBase):  # type: ignore[misc]  # untyped i
     priority: Optional[int] = field(  # noqa: UP045
         default=None, metadata={"help": "crq priority of the jobs (1-15)", "required": False}
     )
+    wrap: bool = field(
+        default=False,
+        metadata={"help": "run every job through a snakemake process of its own, as the "
+                  "generic cluster executor does (default: a plain shell rule runs its "
+                  "command directly)", "required": False},
+    )  # fmt: skip
 
 
 common_settings = CommonSettings(
@@ -67,6 +74,23 @@ common_settings = CommonSettings(
     auto_deploy_default_storage_provider=False,
     init_seconds_before_status_checks=1,  # the wait thread starts before __post_init__
 )
+
+
+def _plain_shell(job: Any) -> bool:
+    """A ``shell:`` rule with nothing a per-job snakemake would have to set up."""
+    try:
+        return bool(
+            not job.is_group()
+            and job.is_shell
+            and job.shellcmd
+            and not job.conda_env_spec
+            and not job.container_img_url
+            and not job.env_modules
+            and job.rule.shadow_depth is None
+            and not job.benchmark
+        )
+    except Exception:  # an interface of another Snakemake: the wrapper is always right
+        return False
 
 
 class Executor(RemoteExecutor):  # type: ignore[misc]  # untyped interface
@@ -102,7 +126,7 @@ class Executor(RemoteExecutor):  # type: ignore[misc]  # untyped interface
         except ValueError as e:
             raise WorkflowError(f"crq: rule {job.name}: {e}") from e
         spec: dict[str, Any] = {
-            "command": self.format_job_exec(job),
+            "command": self._command(job),
             "cwd": self.workdir,
             "name": f"smk-{job.name}-{job.jobid}",
             "resources": resources,
@@ -114,6 +138,20 @@ class Executor(RemoteExecutor):  # type: ignore[misc]  # untyped interface
         if self.settings.priority is not None:
             spec["priority"] = self.settings.priority
         return spec
+
+    def _command(self, job: JobExecutorInterface) -> str:
+        """A plain shell rule's own command, else a snakemake process for the job.
+
+        A snakemake process per job costs a Python start-up and the workflow's parse (1-2 s
+        of CPU) for a job that may run 1 s; the command Snakemake itself would run for a
+        ``shell:`` rule costs a bash. What that process does besides (conda, containers,
+        modules, shadow dirs, benchmarks, ``run:``/``script:`` code) keeps the wrapper; the
+        outputs are checked by this snakemake either way."""
+        if self.settings.wrap or not _plain_shell(job):
+            return str(self.format_job_exec(job))
+        dirs = {os.path.dirname(str(f)) for f in [*job.output, *job.log]} - {""}
+        mkdir = f"mkdir -p {' '.join(map(shlex.quote, sorted(dirs)))}; " if dirs else ""
+        return "bash -c " + shlex.quote(f"set -euo pipefail; {mkdir}{job.shellcmd}")
 
     def _key(self, jobs: list[JobExecutorInterface]) -> str:
         """The batch's idempotency key, from the run and its jobs (id and attempt): a retried
