@@ -20,12 +20,14 @@ from typing import Any, NamedTuple, TypedDict, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 from crq.client import credentials, registry
+from crq.client.environ import job_env
 from crq.client.errors import CrashRecovery, CrqError, NotSent, Standby
+from crq.client.job import Job, as_job, unknown
 from crq.client.leader import Leader
 
 from crq import __version__, http11, wire
 
-__all__ = ["Client", "CrqError", "CrashRecovery", "login"]
+__all__ = ["Client", "CrqError", "CrashRecovery", "Ended", "Job", "login"]
 
 VERSION = __version__
 #: Longest single long poll we ask for; the server caps it at 300 s.
@@ -47,9 +49,6 @@ PROBE_TIMEOUT = 3.0
 #: The longest a connection may take to be made, whatever the request's timeout.
 CONNECT_TIMEOUT = 5.0
 
-#: A job's JSON (SPEC section 4): ``id``, ``state``, ``command``… (``env``/``attempts`` from
-#: ``get``); kept a plain dict so new server fields pass through.
-Job = dict[str, Any]
 #: A tasker's JSON: ``name``, ``host``, ``state``, ``slots``, ``free_slots``, ``running``…
 Tasker = dict[str, Any]
 #: ``GET /server``: ``mode``, ``queue``, ``pid``, ``counts``, ``recovery``, ``journal``…
@@ -58,6 +57,15 @@ Progress = Callable[[int, int, int], None]
 #: Makes the connection to a URL with the given headers (tests put a fake server behind it).
 Opener = Callable[[str, dict[str, str]], http11.Connection]
 T = TypeVar("T")
+
+
+class Ended(NamedTuple):
+    """``POST /jobs/ended``: the asked jobs that have ended, the ids the server does not hold,
+    and how many of the asked ones have not ended yet."""
+
+    jobs: list[Job]
+    unknown: list[int]
+    pending: int
 
 
 class Forgotten(TypedDict):
@@ -138,6 +146,8 @@ class Client:
         self.user: str = user or login()
         self.timeout = timeout
         self._reached = False
+        #: Requests sent (each retry counts): what a caller can check its request load by.
+        self.requests_sent = 0
         #: Called with one line when a call rides out a recovery, an outage or a standby's
         #: answer (the CLI prints it).
         self.notify: Callable[[str], None] | None = None
@@ -325,6 +335,7 @@ class Client:
         target = path if path.startswith("/") else f"{wire.API}/{path}"
         body = content
         extra = self._signed(headers)
+        self.requests_sent += 1
         if json is not None and content is None:
             body = http11.dumps(json)
             extra.setdefault("Content-Type", "application/json")
@@ -548,15 +559,27 @@ class Client:
         *,
         idempotency_key: str | None = None,
         retry_for: float = SUBMIT_RETRY_FOR,
+        export_env: str | bool = False,
         **fields: Any,
     ) -> int:
         """Submit one job (spec dict and/or keyword fields); return its id once durable.
 
-        ``cwd`` defaults to this process's cwd; ``env`` is sent only if given. Retried as
-        :meth:`submit_many` is.
+        ``cwd`` defaults to this process's cwd; ``env`` is sent only if given, or with
+        ``export_env``: True or ``"all"`` sends this process's environment as ``crq submit``
+        does (without tokens; ``env`` entries win), ``"VAR,VAR"`` those variables.
+        Retried as :meth:`submit_many` is.
         """
         body = self._spec(spec, fields)
+        if export_env:
+            body["env"] = self._export(export_env, body.get("env"), str(body["cwd"]))
         return self._submit(body, idempotency_key, retry_for)[0]
+
+    @staticmethod
+    def _export(mode: str | bool, given: dict[str, str] | None, cwd: str) -> dict[str, str]:
+        """``export_env``'s environment: this process's (``True``/``all``), or the named
+        variables, under the ``given`` entries."""
+        how = "all" if mode is True else str(mode)
+        return job_env(how, (given or {}).items(), cwd)
 
     def submit_many(
         self,
@@ -565,9 +588,11 @@ class Client:
         *,
         idempotency_key: str | None = None,
         retry_for: float = SUBMIT_RETRY_FOR,
+        export_env: str | bool = False,
     ) -> list[int]:
         """Submit a batch in one request: all accepted or none. ``env`` is the batch's default
-        environment, sent once instead of with every job.
+        environment, sent once instead of with every job; ``export_env`` adds this process's
+        environment under it, as :meth:`submit` says.
 
         The request carries an Idempotency-Key (``idempotency_key``, else a new random one),
         so it is retried as it is, and queued once, through crash recovery, a standby's
@@ -578,6 +603,8 @@ class Client:
         if not jobs:
             return []
         body: dict[str, Any] = {"jobs": jobs}
+        if export_env:
+            env = self._export(export_env, env, os.getcwd())
         if env is not None:
             body["env"] = env
         return self._submit(body, idempotency_key, retry_for)
@@ -596,24 +623,24 @@ class Client:
         return [int(i) for i in answer["ids"]]
 
     def get(self, job_id: int) -> Job:
-        return self._object("GET", f"jobs/{int(job_id)}")
+        return as_job(self._object("GET", f"jobs/{int(job_id)}"))
 
     def queue(self) -> list[int]:
         """Ids of the queued jobs, in dispatch order."""
         return [int(i) for i in self._object("GET", "queue")["ids"]]
 
     def stop(self, job_id: int) -> Job:
-        return self._object("POST", f"jobs/{int(job_id)}/stop")
+        return as_job(self._object("POST", f"jobs/{int(job_id)}/stop"))
 
     def rerun(self, job_id: int) -> Job:
-        return self._object("POST", f"jobs/{int(job_id)}/rerun")
+        return as_job(self._object("POST", f"jobs/{int(job_id)}/rerun"))
 
     def hold(self, job_id: int) -> Job:
         """Keep a queued or waiting job from dispatch, at its place in the queue."""
-        return self._object("POST", f"jobs/{int(job_id)}/hold")
+        return as_job(self._object("POST", f"jobs/{int(job_id)}/hold"))
 
     def release(self, job_id: int) -> Job:
-        return self._object("POST", f"jobs/{int(job_id)}/release")
+        return as_job(self._object("POST", f"jobs/{int(job_id)}/release"))
 
     def forget(self, job_id: int) -> Forgotten:
         return cast(Forgotten, self._object("DELETE", f"jobs/{int(job_id)}"))
@@ -644,11 +671,37 @@ class Client:
 
     def _wait_once(self, job_id: int, seconds: float) -> Job:
         poll = round(max(0.05, min(float(LONG_POLL_MAX), seconds)), 2)
-        return self._object(
+        answer = self._object(
             "GET",
             f"jobs/{int(job_id)}/wait",
             params={"timeout": poll},
             timeout=poll + max(10.0, self.timeout),
+        )
+        return as_job(answer)
+
+    def ended(
+        self, ids: Iterable[int], timeout: float = 0.0, newer_than: int | None = None
+    ) -> Ended:
+        """Which of ``ids`` have ended: at once if any has (or the server does not hold
+        one), else after a long poll of up to ``timeout`` seconds (60 at most a request)
+        that also returns when any job above ``newer_than`` ends. One request for any
+        number of jobs: what :class:`crq.client.Executor` watches its futures with. Not
+        retried: wrap it as the caller needs (:meth:`wait_all` rides out outages)."""
+        poll = round(max(0.0, min(float(LONG_POLL_MAX), timeout)), 2)
+        body: dict[str, Any] = {"ids": [int(i) for i in ids]}
+        if newer_than is not None:
+            body["newer_than"] = int(newer_than)
+        answer = self._object(
+            "POST",
+            "jobs/ended",
+            json=body,
+            params={"timeout": poll},
+            timeout=poll + max(10.0, self.timeout),
+        )
+        return Ended(
+            jobs=[as_job(j) for j in answer.get("jobs") or []],
+            unknown=[int(i) for i in answer.get("unknown") or []],
+            pending=int(answer.get("pending") or 0),
         )
 
     def wait(self, job_id: int, timeout: float | None = None) -> Job:
@@ -659,7 +712,7 @@ class Client:
         while True:
             left = LONG_POLL_MAX if deadline is None else deadline - time.monotonic()
             job = self._riding_out(deadline, self._wait_once, job_id, left)
-            if job.get("state") in wire.FINAL_STATES:
+            if job.state in wire.FINAL_STATES:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 return job
@@ -699,7 +752,7 @@ class Client:
                 for job in jobs:
                     jid = int(job["id"])
                     if jid in want:
-                        results[jid] = job
+                        results[jid] = as_job(job)
                         seen.add(jid)
                 nxt = page.get("next")
                 if nxt is None:
@@ -714,7 +767,7 @@ class Client:
             except CrqError as e:
                 if e.status != 404:
                     raise
-                results[jid] = {"id": jid, "state": "unknown", "reason": "not found"}
+                results[jid] = unknown(jid, "not found")
 
     def states(self, ids: Iterable[int]) -> dict[int, str]:
         """The state of each of ``ids`` the server holds (a forgotten id is left out), in one
@@ -830,7 +883,7 @@ class Client:
             params |= {"name": name, "limit": size, "after": after}
             page = self.request("GET", "history", params=params)
             for job in page.get("jobs") or []:
-                yield job
+                yield as_job(job)
                 count += 1
                 if limit is not None and count >= limit:
                     return
@@ -869,7 +922,7 @@ class Client:
                 },
             )
             for job in page.get("jobs") or []:
-                yield job
+                yield as_job(job)
                 count += 1
                 if limit is not None and count >= limit:
                     return
@@ -915,7 +968,7 @@ class _BatchWait:
                 break
             if not self.block_on_newest():
                 break
-        return {i: self.results.get(i, {"id": i, "state": "unknown"}) for i in self.wanted}
+        return {i: self.results.get(i) or unknown(i) for i in self.wanted}
 
     def record(self, job: Job) -> bool:
         """Store a job; count it the first time it is final; True if it is final."""
@@ -963,7 +1016,7 @@ class _BatchWait:
                 if e.code == "timeout" and self.deadline is not None:
                     return False
                 raise
-            job = {"id": target, "state": "unknown", "reason": "not found"}
+            job = unknown(target, "not found")
         if self.record(job):
             self.pending.pop()
             self.next_refresh = 0.0

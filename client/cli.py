@@ -31,6 +31,7 @@ from crq.client.clitools import (
     run,
     seconds,
 )
+from crq.client.environ import job_env
 from crq.client.errors import CrqError
 from crq.client.selection import CONFIRM_OVER
 from crq.client.table import format_table
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
 PROGRESS_FROM = 10
 #: The server's limit on a stored script (server/models.py): refused here before sending.
 MAX_SCRIPT = 1 << 20
-#: Never copied into a job's environment: the job would carry the submitter's admin token.
-PRIVATE_ENV = frozenset({"CRQ_TOKEN", "CRQ_TASKER_TOKEN"})
 
 
 # -- argument parsing ---------------------------------------------------------------------
@@ -419,25 +418,6 @@ def command_of(words: Sequence[str]) -> str | list[str]:
     if len(words) == 1 and shlex.quote(words[0]) != words[0]:
         return words[0]
     return list(words)
-
-
-def job_env(
-    mode: str, assignments: Iterable[tuple[str, str]], cwd: str, base: dict[str, str] | None = None
-) -> dict[str, str]:
-    """The environment to export: ``all`` (minus tokens), ``none``, or the listed variables;
-    ``-e`` assignments win. With ``all`` PWD follows the job's directory."""
-    source = dict(os.environ if base is None else base)
-    if mode == "all":
-        env = {k: v for k, v in source.items() if k not in PRIVATE_ENV}
-        if "PWD" in env:
-            env["PWD"] = cwd
-        env.pop("OLDPWD", None)
-    elif mode == "none":
-        env = {}
-    else:
-        env = {k: source[k] for k in mode.split(",") if k in source}
-    env.update(dict(assignments))
-    return env
 
 
 def read_commands(path: str) -> list[str]:

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from crq.client.clitools import fail
@@ -183,7 +183,7 @@ def format_jobs(jobs: Iterable[dict[str, Any]], fields: Sequence[str], header: b
     return text if header else "\n".join(text.splitlines()[1:])
 
 
-def print_json(jobs: list[dict[str, Any]]) -> None:
+def print_json(jobs: Sequence[Mapping[str, Any]]) -> None:
     """``--json``: one JSON array of the jobs (as the server sends them)."""
     print(json.dumps(jobs, sort_keys=True))
 

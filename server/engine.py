@@ -67,6 +67,8 @@ class Engine:
         self.shutting_down = False
         self.freeze = False
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        # watchers of "any job above this id": (id, woken) (POST /api/v1/jobs/ended)
+        self._newer: list[tuple[int, asyncio.Future[None]]] = []
         self._pass_scheduled = False
         self.dispatched = 0
         self.fresh_within = 30.0  # seconds of silence after which no new work is sent
@@ -231,6 +233,34 @@ class Engine:
         for fut in self._waiters.pop(job.id, ()):
             if not fut.done():
                 fut.set_result(None)
+        if self._newer:
+            for above, fut in self._newer:
+                if job.id > above and not fut.done():
+                    fut.set_result(None)
+
+    async def wait_any(self, ids: Iterable[int], newer_than: int | None, timeout: float) -> None:
+        """Return when one of ``ids`` ends, or any job above ``newer_than`` does, or after
+        ``timeout``: one future for the lot, so a watcher of many jobs costs one request."""
+        fut = asyncio.get_running_loop().create_future()
+        watched = list(ids)
+        for job_id in watched:
+            self._waiters.setdefault(job_id, []).append(fut)
+        entry = None if newer_than is None else (newer_than, fut)
+        if entry is not None:
+            self._newer.append(entry)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if entry is not None:
+                self._newer.remove(entry)
+            for job_id in watched:
+                waiters = self._waiters.get(job_id)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[job_id]
 
     async def wait_final(self, job_id: int, timeout: float) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -254,3 +284,6 @@ class Engine:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+        for _, fut in self._newer:
+            if not fut.done():
+                fut.set_result(None)

@@ -249,6 +249,15 @@ class Sync(BaseModel):
     wait: Annotated[float, Field(ge=0, le=300)] = 0.0
 
 
+class Ended(BaseModel):
+    """``POST /api/v1/jobs/ended``: the jobs one watcher waits for (server/http/jobs.py)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=100_000)] = []
+    newer_than: Annotated[int, Field(ge=0)] | None = None
+
+
 class StopServer(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 

@@ -20,6 +20,7 @@ from crq.server.models import (
     NO_NUL,
     SHELL_LINE,
     Batch,
+    Ended,
     JobSpec,
     Register,
     StopServer,
@@ -110,6 +111,12 @@ ANSWERS: dict[str, Schema] = {
         ["jobs", "next"],
         jobs={"type": "array", "items": _ref("JobSummary")},
         next={**_nullable("integer"), "description": "give it as `after` for the next page"},
+    ),
+    "EndedJobs": _obj(
+        ["jobs", "unknown", "pending"],
+        jobs={"type": "array", "items": _ref("JobSummary")},
+        unknown={**INTS, "description": "ids the server does not hold"},
+        pending={**INT, "description": "how many of the ids have not ended"},
     ),
     "Forgotten": _obj(["id", "forgotten"], id=INT, forgotten=BOOL),
     "HistoryPage": _obj(
@@ -338,6 +345,14 @@ OPS: dict[tuple[str, str], Op] = {
         CLIENT + JOB_ID,
         True,
     ),
+    ("post", "/api/v1/jobs/ended"): (
+        "Which of `ids` have ended: at once if any has, else a long poll until one of them, "
+        "or any job above `newer_than`, ends (at most `timeout` s, 300 at most)",
+        200,
+        "EndedJobs",
+        CLIENT + BODY,
+        True,
+    ),
     ("get", "/api/v1/jobs/{job_id}/log"): (
         "A chunk of the job's log (owner, operator, admin): bytes from `offset`, at most "
         "`max` (1 MiB at most); headers X-Crq-Log-Offset (ask next), X-Crq-Log-Size, "
@@ -518,6 +533,7 @@ BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
     ("post", "/api/v1/jobs"): (("JobSpec", "Batch"), True),
     ("post", "/api/v1/taskers/{name}/register"): (("Register",), True),
     ("post", "/api/v1/taskers/{name}/sync"): (("Sync",), True),
+    ("post", "/api/v1/jobs/ended"): (("Ended",), False),
     ("post", "/api/v1/taskers/{name}/logs"): (("LogChunk",), True),
     ("post", "/api/v1/server/stop"): (("StopServer",), False),
     ("post", "/api/v1/server/failover"): (("Failover",), False),
@@ -646,7 +662,7 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
     added, every answer and error described, the bearer token declared."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        (m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer, LogChunk)
+        (m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer, LogChunk, Ended)
     ]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     _doc_forms(defs)

@@ -12,7 +12,7 @@ from crq.server.http import auth
 from crq.server.http.adapt import endpoint
 from crq.server.http.hot import Call, Handlers
 from crq.server.http.views import API, JSON, job_json
-from crq.server.models import BadRequest
+from crq.server.models import BadRequest, Ended, parse_json, validate
 from crq.server.service import Service
 from crq.server.state import Job, State
 from fastapi import APIRouter, Request
@@ -102,6 +102,40 @@ def routes(srv: Service) -> list[BaseRoute]:
         await engine.durable()
         job = srv.state.jobs.get(job_id, job)
         return JSON(job_json(srv.state, job))
+
+    @router.post(API + "/jobs/ended")
+    async def ended_jobs(request: Request, timeout: float = 30.0) -> Response:
+        """The jobs of ``ids`` that have ended, at once when there are any; else a long poll
+        until one does, or any job above ``newer_than`` does (a job whose id the watcher
+        does not know yet: its submit's answer may still be on the way), at most ``timeout``
+        s. One request watches many jobs (crq.client.Executor). A read: nothing journaled.
+        Ids the server does not hold come back in ``unknown``; ``pending`` counts the rest."""
+        await auth.client(srv, request)
+        body = await request.body()
+        want = validate(Ended, parse_json(body) if body else {})
+        timeout = max(0.0, min(timeout, 300.0))
+        st = srv.state
+
+        def answer() -> tuple[list[dict[str, Any]], list[int], list[int]]:
+            ended: list[dict[str, Any]] = []
+            unknown: list[int] = []
+            pending: list[int] = []
+            for job_id in want.ids:
+                job = st.jobs.get(job_id)
+                if job is None:
+                    unknown.append(job_id)
+                elif job.state in (QUEUED, WAITING, RUNNING):
+                    pending.append(job_id)
+                else:
+                    ended.append(job_json(st, job, full=False))
+            return ended, unknown, pending
+
+        ended, unknown, pending = answer()
+        if not ended and not unknown and (pending or want.newer_than is not None):
+            await engine.wait_any(pending, want.newer_than, timeout)
+            ended, unknown, pending = answer()
+        await engine.durable()
+        return JSON({"jobs": ended, "unknown": unknown, "pending": len(pending)})
 
     @router.get(API + "/queue")
     async def queue(request: Request) -> Response:
