@@ -20,6 +20,7 @@ from crq.server.events import Event, encode
 from crq.server.journal import Deposed, Journal
 from crq.server.marks import Marker
 from crq.server.models import AttemptRef
+from crq.server.observe import Observed
 from crq.server.scheduler import dispatch_pass
 from crq.server.state import Job, State, Tasker
 
@@ -71,6 +72,7 @@ class Engine:
         self._newer: list[tuple[int, asyncio.Future[None]]] = []
         self._pass_scheduled = False
         self.dispatched = 0
+        self.observed = Observed()  # for /metrics (server/observe.py): live events only
         self.fresh_within = 30.0  # seconds of silence after which no new work is sent
         self.marker: Marker | None = None  # keeps trace.db/durable.json (server/marks.py)
         # still the leader? (an etcd lease: server/election.py; None: nothing can depose us)
@@ -82,15 +84,28 @@ class Engine:
     def emit(self, events: list[Event]) -> None:
         """Apply and journal, in order. Wakes dispatch and the taskers concerned; a tasker
         declared lost loses its link (it must register again)."""
-        state, links = self.state, self.links
+        state, links, seen = self.state, self.links, self.observed
         apply_and_append(state, self.journal, events)
         wake_dispatch = False
         for ev in events:
             # compared on ev["e"] itself, so that mypy narrows the event to its kind
             if ev["e"] == "dispatch":
                 self.dispatched += 1
+                if ev["attempt"] == 1 and (job := state.jobs.get(ev["job"])) is not None:
+                    seen.dispatch.observe(ev["t"] - job.submitted)
                 if (link := links.get(ev["tasker"])) is not None:
                     link.wake.set()
+            # a first attempt's wait is seen once: at its start when that names a pid, else
+            # at its finish (reported ended with no start before it, or a start without pid)
+            elif ev["e"] == "start":
+                if ev["attempt"] == 1 and ev["pid"] is not None:
+                    if (job := state.jobs.get(ev["job"])) is not None:
+                        seen.wait.observe(ev["started"] - job.submitted)
+            elif ev["e"] == "finish":
+                wake_dispatch = True
+                if ev["attempt"] == 1 and (job := state.jobs.get(ev["job"])) is not None:
+                    if job.pid is None:
+                        seen.wait.observe(ev["started"] - job.submitted)
             elif ev["e"] == "stop":
                 job = state.jobs.get(ev["job"])
                 if job is not None and job.tasker and (link := links.get(job.tasker)) is not None:
@@ -230,6 +245,7 @@ class Engine:
     # -- waiting for jobs -----------------------------------------------------------------
 
     def _job_final(self, job: Job) -> None:
+        self.observed.finished[job.state] += 1
         for fut in self._waiters.pop(job.id, ()):
             if not fut.done():
                 fut.set_result(None)

@@ -95,6 +95,12 @@ class Fences:
         """A newer leader has taken over from ``epoch``."""
         return self.highest > epoch
 
+    def moves(self) -> int:
+        """Takeovers by a server at another URL than the leader before (failovers; a
+        restart in place is none). Fences from before URLs were kept do not count."""
+        urls = [f.url for f in self.fences]
+        return sum(1 for a, b in zip(urls, urls[1:], strict=False) if a and b and a != b)
+
     def with_fence(self, fence: Fence) -> Fences:
         return Fences([*self.fences, fence])
 

@@ -78,6 +78,15 @@ def compile_bytecode() -> None:
                 compileall.compile_dir(folder, quiet=2, workers=1)
 
 
+def count_reports(swd: Path) -> int:
+    """The crash recoveries this swd has seen, by their reports: a count that survives the
+    server's own crash (server/observe.py)."""
+    try:
+        return sum(1 for _ in swd.glob("crash_recovery_report_*.json"))
+    except OSError:
+        return 0
+
+
 def ensure_token(path: Path) -> str:
     if not path.exists():
         write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
@@ -130,8 +139,9 @@ def lead(cand: Candidate) -> tuple[Service, replay.Replayed, bool, Event]:
     )
     me = {**cand.me(), "election": cand.election.name}
     prev = {"epoch": st.epoch, **st.leader} if st.epoch or st.leader else {}
+    fences = loaded.fences.with_fence(fence.new_fence(epoch, st.seq, me))
     try:  # the fence first: from here on, what the previous leader writes does not count
-        fence.write(paths.trace, loaded.fences.with_fence(fence.new_fence(epoch, st.seq, me)))
+        fence.write(paths.trace, fences)
     except OSError as e:
         raise StartError(f"cannot write {paths.trace / fence.EPOCHS}: {e.strerror or e}") from None
     if clean:
@@ -147,6 +157,8 @@ def lead(cand: Candidate) -> tuple[Service, replay.Replayed, bool, Event]:
     )
     engine = Engine(st, journal)
     engine.guard = guard
+    engine.observed.recoveries = count_reports(paths.root)
+    engine.observed.failovers = fences.moves()
     history.start(lambda: journal.durable_seq, guard)
     engine.marker = start_marks(paths, settings.queue, loaded, journal)  # before any event
     engine.fresh_within = 3 * settings.heartbeat + 1  # a long poll lasts at most 3 heartbeats

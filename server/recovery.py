@@ -115,6 +115,7 @@ class Recovery:
         await engine.durable()
         self.ended_at = time.time()
         self.write_report(result)
+        engine.observed.recoveries += 1
         srv.settings.paths.recovery_lock.unlink(missing_ok=True)
         srv.recovery = None
         engine.open()

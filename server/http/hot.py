@@ -85,6 +85,7 @@ class Handlers:
     # -- jobs -----------------------------------------------------------------------------
 
     async def submit(self, call: Call) -> Answer:
+        began = time.perf_counter()
         srv, engine = self.srv, self.engine
         who = await auth.submitter(srv, call)
         user = who.user
@@ -104,6 +105,7 @@ class Handlers:
                     ids = await self._submit(parse_json(body), user, keyed)
         # also for a repeat: the first answer may not be durable yet when the repeat comes
         await engine.durable()
+        engine.observed.submit.observe(time.perf_counter() - began)
         return 201, {"ids": ids}, None
 
     def _repeated(self, user: str, keyed: tuple[str, str] | None) -> list[int] | None:
