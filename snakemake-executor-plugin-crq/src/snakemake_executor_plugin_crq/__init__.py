@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from crq.client import Client, CrqError
-from crq.client.cli import PRIVATE_ENV
+from crq.client.environ import PRIVATE_ENV
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
