@@ -60,7 +60,7 @@ T = TypeVar("T")
 
 
 class Ended(NamedTuple):
-    """``POST /jobs/ended``: the asked jobs that have ended, the ids the server does not hold,
+    """``POST /ended``: the asked jobs that have ended, the ids the server does not hold,
     and how many of the asked ones have not ended yet."""
 
     jobs: list[Job]
@@ -693,7 +693,7 @@ class Client:
             body["newer_than"] = int(newer_than)
         answer = self._object(
             "POST",
-            "jobs/ended",
+            "ended",
             json=body,
             params={"timeout": poll},
             timeout=poll + max(10.0, self.timeout),

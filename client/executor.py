@@ -11,7 +11,7 @@ What it promises, and why:
 - ``submit(cmd, **fields)`` returns at once; the submits of one burst go to the server as one
   batch (:meth:`Client.submit_many`, up to ``max_batch`` a request) with one idempotency key,
   retried as it is through crash recovery, a failover and outages: a job is queued once.
-- Every pending future is watched by ONE long poll (``POST /api/v1/jobs/ended``) that
+- Every pending future is watched by ONE long poll (``POST /api/v1/ended``) that
   returns as soon as any of them ends, whatever their number; it rides out a server restart,
   crash recovery and failover like :meth:`Client.wait` does.
 - A future's result is the ended :class:`~crq.client.job.Job`. A job that does not end

@@ -68,7 +68,7 @@ class Engine:
         self.shutting_down = False
         self.freeze = False
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
-        # watchers of "any job above this id": (id, woken) (POST /api/v1/jobs/ended)
+        # watchers of "any job above this id": (id, woken) (POST /api/v1/ended)
         self._newer: list[tuple[int, asyncio.Future[None]]] = []
         self._pass_scheduled = False
         self.dispatched = 0

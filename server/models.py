@@ -250,12 +250,12 @@ class Sync(BaseModel):
 
 
 class Ended(BaseModel):
-    """``POST /api/v1/jobs/ended``: the jobs one watcher waits for (server/http/jobs.py)."""
+    """``POST /api/v1/ended``: the jobs one watcher waits for (server/http/jobs.py)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=100_000)] = []
-    newer_than: Annotated[int, Field(ge=0)] | None = None
+    ids: Annotated[list[Index], Field(max_length=100_000)] = []
+    newer_than: Index | None = None
 
 
 class StopServer(BaseModel):

@@ -345,7 +345,7 @@ OPS: dict[tuple[str, str], Op] = {
         CLIENT + JOB_ID,
         True,
     ),
-    ("post", "/api/v1/jobs/ended"): (
+    ("post", "/api/v1/ended"): (
         "Which of `ids` have ended: at once if any has, else a long poll until one of them, "
         "or any job above `newer_than`, ends (at most `timeout` s, 300 at most)",
         200,
@@ -533,7 +533,7 @@ BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
     ("post", "/api/v1/jobs"): (("JobSpec", "Batch"), True),
     ("post", "/api/v1/taskers/{name}/register"): (("Register",), True),
     ("post", "/api/v1/taskers/{name}/sync"): (("Sync",), True),
-    ("post", "/api/v1/jobs/ended"): (("Ended",), False),
+    ("post", "/api/v1/ended"): (("Ended",), False),
     ("post", "/api/v1/taskers/{name}/logs"): (("LogChunk",), True),
     ("post", "/api/v1/server/stop"): (("StopServer",), False),
     ("post", "/api/v1/server/failover"): (("Failover",), False),

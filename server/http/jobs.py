@@ -103,7 +103,7 @@ def routes(srv: Service) -> list[BaseRoute]:
         job = srv.state.jobs.get(job_id, job)
         return JSON(job_json(srv.state, job))
 
-    @router.post(API + "/jobs/ended")
+    @router.post(API + "/ended")
     async def ended_jobs(request: Request, timeout: float = 30.0) -> Response:
         """The jobs of ``ids`` that have ended, at once when there are any; else a long poll
         until one does, or any job above ``newer_than`` does (a job whose id the watcher

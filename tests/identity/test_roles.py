@@ -89,6 +89,7 @@ LEAST: dict[tuple[str, str], str] = {
     ("get", "/api/v1/taskers"): "readonly",
     ("get", "/api/v1/dash/jobs"): "readonly",
     ("get", "/api/v1/jobs/{job_id}/why"): "readonly",
+    ("post", "/api/v1/ended"): "readonly",
     ("get", "/api/v1/stats/series"): "readonly",
     ("get", "/api/v1/server"): "readonly",
     ("post", "/api/v1/server/stop"): "admin",
