@@ -38,6 +38,7 @@ from typing import Any
 
 import orjson
 from crq.server.events import Forget
+from crq.server.gates import expand_log
 from crq.server.state import Job, State
 
 log = logging.getLogger("crq.history")
@@ -75,8 +76,10 @@ INSERT OR IGNORE INTO meta VALUES ('schema', '{SCHEMA_VERSION}');
 """
 INSERT = f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(COLUMNS))})"
 
-# (seq, epoch, job, its controls, forget time, who forgot it)
-Item = tuple[int, int, Job, list[tuple[float, str, str]] | None, float, str | None]
+# (seq, epoch, job, its controls, forget time, who forgot it, (array id, index) of an element)
+Item = tuple[
+    int, int, Job, list[tuple[float, str, str]] | None, float, str | None, tuple[int, int] | None
+]
 
 
 class HistoryError(Exception):
@@ -89,7 +92,7 @@ def db_path(swd: Path) -> Path:
 
 def row_of(item: Item) -> tuple[Any, ...]:
     """A job's row: what sacct shows, from the job as it was when it was forgotten."""
-    seq, epoch, job, controls, t, by = item
+    seq, epoch, job, controls, t, by, at = item
     spec = orjson.loads(job.spec)
     attempts = job.attempts or []
     last = attempts[-1] if attempts else None
@@ -104,7 +107,7 @@ def row_of(item: Item) -> tuple[Any, ...]:
     return (
         job.id, job.user, job.name, job.state, job.priority, job.need.resources,
         orjson.dumps(spec.get("command")).decode(), spec.get("cwd") or "",
-        spec.get("log") or os.path.join(spec.get("cwd") or "", f"crq.{job.id}.log"),
+        _log_of(job.id, spec, at),
         job.submitted, started, ended, wait, run,
         last.host if last else None, last.tasker if last else job.tasker,
         job.exit_code, job.signal, job.reason, job.tries,
@@ -113,13 +116,21 @@ def row_of(item: Item) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def _log_of(job_id: int, spec: dict[str, Any], at: tuple[int, int] | None) -> str:
+    """The log as the job saw it: ``%j``, ``%A``, ``%a`` expanded (the array is gone by the
+    time the row is written, so the element's place comes with the item)."""
+    if not spec.get("log"):
+        return os.path.join(spec.get("cwd") or "", f"crq.{job_id}.log")
+    return expand_log(spec["log"], job_id, *(at or (None, None)))
+
+
 def _safe_row(item: Item) -> tuple[Any, ...]:
     """row_of, or what is sure of the job if its row cannot be made (a spec of a form this
     code does not know): one such job must never hold every later row, and checkpoints, back."""
     try:
         return row_of(item)
     except Exception as e:  # noqa: BLE001 - logged; the row says so
-        seq, epoch, job, _, t, by = item
+        seq, epoch, job, _, t, by, _ = item
         log.exception("job %d: history row incomplete", job.id)
         return (
             job.id, job.user, job.name, job.state, job.priority, "", "null", "", "",
@@ -180,8 +191,10 @@ class History:
         st = self._state
         assert st is not None
         # the event's seq: apply() sets state.seq after the handler, and seqs are contiguous
+        arr = st.array_of(job.id) if st.array_firsts else None
+        at = (arr.first, arr.index(job.id)) if arr is not None else None
         self._pending.append(
-            (st.seq + 1, st.epoch, job, st.controls.get(job.id), ev["t"], ev.get("by"))
+            (st.seq + 1, st.epoch, job, st.controls.get(job.id), ev["t"], ev.get("by"), at)
         )
         if len(self._pending) == BATCH:
             self._wake.set()

@@ -42,7 +42,7 @@ from crq.server.asgi import (
     send_json,
 )
 from crq.server.http import auth, errors
-from crq.server.http.views import API, dispatch_json, job_json
+from crq.server.http.views import API, dispatch_json, job_json, may_see_private
 from crq.server.identity import Identity
 from crq.server.models import MAX_BODY, BadRequest, Register, Sync, parse_json, validate
 from crq.server.service import Service
@@ -135,13 +135,13 @@ class Handlers:
         return ids
 
     async def get_job(self, call: Call) -> Answer:
-        await auth.client(self.srv, call)
+        who = await auth.client(self.srv, call)
         job_id = int(call.params["job_id"])
         job = self.srv.state.jobs.get(job_id)
         if job is None:
             raise BadRequest(404, "not_found", f"no job {job_id}")
         await self.engine.durable()
-        return 200, job_json(self.srv.state, job), None
+        return 200, job_json(self.srv.state, job, private=may_see_private(who, job)), None
 
     async def server_info(self, call: Call) -> Answer:
         srv, engine = self.srv, self.engine

@@ -11,7 +11,7 @@ from crq.server.events import Event
 from crq.server.http import auth
 from crq.server.http.adapt import endpoint
 from crq.server.http.hot import Call, Handlers
-from crq.server.http.views import API, JSON, job_json
+from crq.server.http.views import API, JSON, job_json, may_see_private
 from crq.server.models import BadRequest, Ended, parse_json, validate
 from crq.server.service import Service
 from crq.server.state import Job, State
@@ -95,13 +95,13 @@ def routes(srv: Service) -> list[BaseRoute]:
 
     @router.get(API + "/jobs/{job_id}/wait")
     async def wait_job(request: Request, job_id: int, timeout: float = 30.0) -> Response:
-        await auth.client(srv, request)
+        who = await auth.client(srv, request)
         job = _get_job(job_id)
         if job.state in (QUEUED, WAITING, RUNNING):
             await engine.wait_final(job_id, max(0.0, min(timeout, 300.0)))
         await engine.durable()
         job = srv.state.jobs.get(job_id, job)
-        return JSON(job_json(srv.state, job))
+        return JSON(job_json(srv.state, job, private=may_see_private(who, job)))
 
     @router.post(API + "/ended")
     async def ended_jobs(request: Request, timeout: float = 30.0) -> Response:

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 from crq.server.gates import Array, expand_log
+from crq.server.identity import OPERATOR, Identity
 from crq.server.service import Service
 from crq.server.state import TASKER_LOST, Job, State
 from starlette.responses import Response
@@ -26,7 +27,10 @@ def error(status: int, code: str, message: str, **extra: Any) -> JSON:
     return JSON({"error": code, "message": message, **extra}, status_code=status)
 
 
-def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
+def job_json(state: State, job: Job, full: bool = True, private: bool = True) -> dict[str, Any]:
+    """The job as the API shows it. Without ``private`` (a caller who is neither its owner nor
+    an operator) its environment and stored script, which may hold secrets, are left out:
+    ``env`` is null and ``script`` absent."""
     spec = orjson.loads(job.spec)
     cur = job.current()
     arr = state.array_of(job.id)
@@ -61,15 +65,21 @@ def job_json(state: State, job: Job, full: bool = True) -> dict[str, Any]:
     for key in LIMIT_KEYS:  # only in the spec of a job that has them
         if key in spec:
             out[key] = spec[key]
-    if full and "script" in spec:
+    if full and private and "script" in spec:
         out["script"] = spec["script"]
     if full:
-        out["env"] = state.env_of(job)
+        out["env"] = state.env_of(job) if private else None
         out["attempts"] = [a.to_dict() for a in job.attempts or ()]
         out["history"] = [
             {"t": t, "action": action, "by": by} for t, action, by in state.controls.get(job.id, ())
         ]
     return out
+
+
+def may_see_private(who: Identity, job: Job) -> bool:
+    """Env and script: the owner's, and an operator's or admin's (as ``scontrol`` shows a
+    batch script to its owner and to operators only)."""
+    return who.user == job.user or who.at_least(OPERATOR)
 
 
 def log_path(job_id: int, spec: dict[str, Any], arr: Array | None = None) -> str:

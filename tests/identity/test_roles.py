@@ -209,6 +209,26 @@ def test_users_control_only_their_own_jobs(
     ]
 
 
+def test_env_and_script_are_the_owners_and_operators_only(
+    crq_server: Callable[..., CrqServer], tmp_path: Path
+) -> None:
+    """A job's environment and stored script may hold secrets: another user sees the job,
+    not them."""
+    srv = _server(crq_server, tmp_path)
+    alice, bob, op = _issue(srv, ALICE), _issue(srv, BOB), _issue(srv, "crqtop")
+    spec = {**QUEUED, "env": {"API_KEY": "s3cret"}, "script": "#!/bin/sh\necho s3cret\n"}
+    [job] = _as(srv, bob, "POST", "/jobs", json=spec).json()["ids"]
+    for token in (bob, op):
+        seen = _as(srv, token, "GET", f"/jobs/{job}").json()
+        assert seen["env"]["API_KEY"] == "s3cret" and "s3cret" in seen["script"]
+    other = _as(srv, alice, "GET", f"/jobs/{job}")
+    assert other.status_code == 200 and other.json()["user"] == BOB
+    assert other.json()["env"] is None and "script" not in other.json()
+    assert "s3cret" not in other.text
+    waited = _as(srv, alice, "GET", f"/jobs/{job}/wait", params={"timeout": 0})
+    assert waited.status_code == 200 and "s3cret" not in waited.text
+
+
 def test_a_readonly_user_lists_but_does_not_submit(
     crq_server: Callable[..., CrqServer], tmp_path: Path
 ) -> None:

@@ -84,6 +84,22 @@ def test_a_row_holds_what_sacct_shows(core: Core, hist: History, tmp_path: Path)
     assert "epoch" not in ok and "seq" not in ok
 
 
+def test_a_row_keeps_the_log_name_the_job_wrote(core: Core, hist: History, tmp_path: Path) -> None:
+    """``%A``, ``%a`` and ``%j`` expanded as for the running job, though the array is gone."""
+    hist.attach(core.state)
+    first, second = core.submit(1, array={"start": 3, "stop": 4}, log="/tmp/o.%A_%a.%j.log")
+    [plain] = core.submit(1, log="/tmp/p.%A_%a.%j.log")
+    for jid in (first, second, plain):
+        core.emit(commands.stop(core.state, jid, core.tick(), "alice"))
+        core.emit(commands.forget(core.state, jid, core.tick(), "alice"))
+    assert not core.state.arrays
+    hist.flush(core.state.seq)
+    logs = {r["id"]: r["log"] for r in _rows(db_path(tmp_path))}
+    assert logs[first] == f"/tmp/o.{first}_3.{first}.log"
+    assert logs[second] == f"/tmp/o.{first}_4.{second}.log"
+    assert logs[plain] == f"/tmp/p.{plain}_0.{plain}.log"
+
+
 def test_filters_and_paging(core: Core, hist: History, tmp_path: Path) -> None:
     hist.attach(core.state)
     ids = _workload(core)
