@@ -902,25 +902,27 @@ class Client:
         after: int | None = None,
         page_size: int = 1000,
         array: int | None = None,
+        newest_first: bool = False,
     ) -> Iterator[Job]:
-        """Every matching job (without env/attempts), oldest first, fetching page after page;
-        ``limit`` caps the total; ``array``: the elements of that array only."""
+        """Every matching job (without env/attempts), oldest first (or ``newest_first``),
+        fetching page after page; ``limit`` caps the total, so ``crq list -n 20`` costs one
+        page however many jobs there are; ``array``: the elements of that array only."""
         count = 0
+        before: int | None = None
         while True:
             size = page_size if limit is None else min(page_size, limit - count)
             if size <= 0:
                 return
-            page = self.request(
-                "GET",
-                "jobs",
-                params={
-                    "state": state,
-                    "user": user,
-                    "limit": size,
-                    "after": after,
-                    "array": array,
-                },
-            )
+            params: dict[str, Any] = {
+                "state": state,
+                "user": user,
+                "limit": size,
+                "after": after,
+                "array": array,
+            }
+            if newest_first:
+                params.update(order="desc", before=before)
+            page = self.request("GET", "jobs", params=params)
             for job in page.get("jobs") or []:
                 yield as_job(job)
                 count += 1
@@ -929,7 +931,10 @@ class Client:
             nxt = page.get("next")
             if nxt is None:  # a short or empty page with a next: the server paused its scan
                 return
-            after = int(nxt)
+            if newest_first:
+                before = int(nxt)
+            else:
+                after = int(nxt)
 
 
 def _final(job: Job | None) -> bool:

@@ -14,7 +14,6 @@ import re
 import shlex
 import sys
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -612,9 +611,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             jobs = list(
                 client.list(state=args.state, user=args.user, limit=args.limit, array=args.array)
             )
-        else:  # newest first: the server pages oldest first, so keep the last ``limit``
-            every = client.list(state=args.state, user=args.user, array=args.array)
-            jobs = list(reversed(deque(every, maxlen=args.limit)))
+        else:
+            jobs = list(
+                client.list(
+                    state=args.state,
+                    user=args.user,
+                    limit=args.limit,
+                    array=args.array,
+                    newest_first=True,
+                )
+            )
     if args.json:
         jobcmds.print_json(jobs)
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from crq.server import commands, identity
 from crq.server.events import Event
@@ -43,7 +43,12 @@ def routes(srv: Service) -> list[BaseRoute]:
         limit: int = 1000,
         after: int = 0,
         array: int | None = None,
+        order: Literal["asc", "desc"] = "asc",
+        before: int = 0,
     ) -> Response:
+        """Oldest first from ``after``; with ``order=desc`` newest first, from below ``before``
+        (0: the newest) down to ``after``. Either way ``next`` is where the next page starts:
+        give it as ``after`` (asc) or ``before`` (desc)."""
         await auth.client(srv, request)
         if state is not None and state not in JOB_STATES:
             raise BadRequest(400, "invalid", f"state: must be one of {', '.join(JOB_STATES)}")
@@ -51,17 +56,25 @@ def routes(srv: Service) -> list[BaseRoute]:
         out: list[dict[str, Any]] = []
         nxt = None
         st = srv.state
-        # ids are monotonic: a page after N starts at N+1 instead of rescanning from the first
-        ids: Iterable[int] = st.jobs.keys() if after <= 0 else range(after + 1, st.next_id)
+        low, high = max(after, 0) + 1, st.next_id  # the ids to look at: low <= id < high
         if array is not None:  # the elements of one array: its range of ids
             arr = st.arrays.get(array)
             if arr is None:
                 raise BadRequest(404, "not_found", f"no array {array}")
-            ids = range(max(arr.first, after + 1), arr.first + arr.count)
+            low, high = max(arr.first, low), arr.first + arr.count
+        ids: Iterable[int]
+        if order == "desc":
+            if before > 0:
+                high = min(high, before)
+            ids, last = range(high - 1, low - 1, -1), high
+        else:
+            # ids are monotonic: a page after N starts at N+1 instead of from the first
+            ids = st.jobs.keys() if after <= 0 and array is None else range(low, high)
+            last = after
         # A sparse filter (a few running jobs among a million) would walk every id in one
         # go and stall the event loop: stop after SCAN_BUDGET ids and give ``next`` so the
         # client goes on from there. A page may then be short, even empty, with a ``next``.
-        budget, last = SCAN_BUDGET, after
+        budget = SCAN_BUDGET
         for job_id in ids:
             if budget == 0:
                 nxt = last

@@ -37,8 +37,24 @@ async def scenario(tmp: Path) -> dict[str, Any]:
                     return got
                 after = page["next"]
 
+        async def newest(**params: Any) -> list[tuple[list[int], int | None]]:
+            got, before = [], 0
+            while True:
+                r = await c.get(
+                    "/api/v1/jobs", params={**params, "order": "desc", "before": before}
+                )
+                page = r.json()
+                got.append(([j["id"] for j in page["jobs"]], page["next"]))
+                if page["next"] is None:
+                    return got
+                before = page["next"]
+
         out["stopped"] = await pages(state="stopped", limit=1000)
         out["queued"] = await pages(state="queued", limit=120)
+        out["stopped_desc"] = await newest(state="stopped", limit=1000)
+        out["desc"] = await newest(limit=120)
+        r = await c.get("/api/v1/jobs", params={"order": "desc", "limit": 2, "after": 297})
+        out["desc_after"] = r.json()
     return out
 
 
@@ -52,3 +68,16 @@ def test_a_sparse_filter_pages_through_in_bounded_steps(
     ids = [i for page, _ in out["queued"] for i in page]
     assert ids == [i for i in range(1, 301) if i not in (5, 150, 299)]
     assert all(len(page) <= 100 for page, _ in out["queued"])
+
+
+def test_newest_first_pages_down_from_the_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``order=desc``: what ``crq list -n N`` asks for, one page however many jobs."""
+    monkeypatch.setattr(app_module, "SCAN_BUDGET", 100)
+    out = asyncio.run(scenario(tmp_path))
+    assert out["stopped_desc"] == [([299], 201), ([150], 101), ([5], None)]
+    ids = [i for page, _ in out["desc"] for i in page]
+    assert ids == list(range(300, 0, -1))
+    assert [j["id"] for j in out["desc_after"]["jobs"]] == [300, 299]
+    assert out["desc_after"]["next"] == 299
