@@ -760,6 +760,8 @@ def cmd_control(args: argparse.Namespace) -> int:
         }[args.action]
         if not ids:  # crq stop --user/--state/--name
             ids = jobcmds.bulk_ids(client, args, args.action) or []
+        if len(ids) > 1:  # one request per 10,000 jobs, not one per job
+            return _control_many(client, args.action, ids)
         for jid in ids:
             try:
                 answer = action(jid)
@@ -774,6 +776,23 @@ def cmd_control(args: argparse.Namespace) -> int:
                 status = fail(_job_error(jid, e))
                 continue
             print(_control_line(args.action, jid, answer), flush=True)
+    return status
+
+
+def _control_many(client: Client, action: str, ids: list[int]) -> int:
+    """What the loop above prints, from the bulk route's answer per id."""
+    status = 0
+    for r in client.control(action, ids):
+        jid = int(r["id"])
+        if r.get("status") == 200:
+            print(_control_line(action, jid, r), flush=True)
+            continue
+        e = CrqError(str(r.get("message")), status=r.get("status"), code=str(r.get("error")))
+        if action == "stop" and jobcmds.already_ended(e):
+            print(f"crq: {_job_error(jid, e).replace(' is already ', ' already ')}",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        status = fail(_job_error(jid, e))
     return status
 
 

@@ -249,6 +249,18 @@ class Sync(BaseModel):
     wait: Annotated[float, Field(ge=0, le=300)] = 0.0
 
 
+MAX_CONTROL = 10_000  # ids of one POST /api/v1/control
+
+
+class BulkControl(BaseModel):
+    """``POST /api/v1/control``: one action on many jobs (server/http/jobs.py)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    action: Literal["stop", "rerun", "hold", "release", "forget"]
+    ids: Annotated[list[Index], Field(min_length=1, max_length=MAX_CONTROL)]
+
+
 class Ended(BaseModel):
     """``POST /api/v1/ended``: the jobs one watcher waits for (server/http/jobs.py)."""
 

@@ -20,6 +20,7 @@ from crq.server.models import (
     NO_NUL,
     SHELL_LINE,
     Batch,
+    BulkControl,
     Ended,
     JobSpec,
     Register,
@@ -110,7 +111,10 @@ ANSWERS: dict[str, Schema] = {
     "JobPage": _obj(
         ["jobs", "next"],
         jobs={"type": "array", "items": _ref("JobSummary")},
-        next={**_nullable("integer"), "description": "give it as `after` for the next page"},
+        next={
+            **_nullable("integer"),
+            "description": "give it as `after` (or with order=desc as `before`) for the next page",
+        },
     ),
     "EndedJobs": _obj(
         ["jobs", "unknown", "pending"],
@@ -119,6 +123,26 @@ ANSWERS: dict[str, Schema] = {
         pending={**INT, "description": "how many of the ids have not ended"},
     ),
     "Forgotten": _obj(["id", "forgotten"], id=INT, forgotten=BOOL),
+    "Controlled": _obj(
+        ["results", "ok", "failed"],
+        results={
+            "type": "array",
+            "items": _obj(
+                ["id", "status"],
+                id=INT,
+                status={**INT, "description": "what this id's own route would have answered"},
+                state=STR,
+                tasker=_nullable("string"),
+                reason=_nullable("string"),
+                forgotten=BOOL,
+                error=STR,
+                message=STR,
+                rule=STR,
+            ),
+        },
+        ok=INT,
+        failed=INT,
+    ),
     "HistoryPage": _obj(
         ["jobs", "next"],
         jobs={"type": "array", "items": _ref("HistoryRow")},
@@ -399,6 +423,14 @@ OPS: dict[tuple[str, str], Op] = {
         CLIENT + JOB_ID + (409,),
         True,
     ),
+    ("post", "/api/v1/control"): (
+        "One action (stop, rerun, hold, release, forget) on up to 10,000 jobs: each id "
+        "checked and applied as its own route would, one durable wait for all",
+        200,
+        "Controlled",
+        CLIENT + BODY,
+        True,
+    ),
     ("delete", "/api/v1/jobs/{job_id}"): (
         "Forget an ended job",
         200,
@@ -534,6 +566,7 @@ BODIES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
     ("post", "/api/v1/taskers/{name}/register"): (("Register",), True),
     ("post", "/api/v1/taskers/{name}/sync"): (("Sync",), True),
     ("post", "/api/v1/ended"): (("Ended",), False),
+    ("post", "/api/v1/control"): (("BulkControl",), True),
     ("post", "/api/v1/taskers/{name}/logs"): (("LogChunk",), True),
     ("post", "/api/v1/server/stop"): (("StopServer",), False),
     ("post", "/api/v1/server/failover"): (("Failover",), False),
@@ -662,7 +695,8 @@ def build(app: FastAPI, known: Iterable[str] = ()) -> dict[str, Any]:
     added, every answer and error described, the bearer token declared."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        (m, "validation") for m in (JobSpec, Batch, Register, Sync, StopServer, LogChunk, Ended)
+        (m, "validation")
+        for m in (JobSpec, Batch, Register, Sync, StopServer, LogChunk, Ended, BulkControl)
     ]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     _doc_forms(defs)

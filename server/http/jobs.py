@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from crq.server.http import auth
 from crq.server.http.adapt import endpoint
 from crq.server.http.hot import Call, Handlers
 from crq.server.http.views import API, JSON, job_json, may_see_private
-from crq.server.models import BadRequest, Ended, parse_json, validate
+from crq.server.models import BadRequest, BulkControl, Ended, parse_json, validate
 from crq.server.service import Service
 from crq.server.state import Job, State
 from fastapi import APIRouter, Request
@@ -27,6 +28,7 @@ from crq.wire import (
 )
 
 SCAN_BUDGET = 100_000  # ids one page request may examine
+CONTROL_SLICE = 500  # ids of a bulk control between two turns of the event loop
 Control = Callable[[State, int, float, str | None], list[Event]]
 
 
@@ -168,6 +170,53 @@ def routes(srv: Service) -> list[BaseRoute]:
         engine.emit(command(srv.state, job_id, time.time(), by))
         await engine.durable()
         return JSON(job_json(srv.state, _get_job(job_id)))
+
+    commands_of: dict[str, Control] = {
+        "stop": commands.stop,
+        "rerun": commands.rerun,
+        "hold": commands.hold,
+        "release": commands.release,
+        "forget": commands.forget,
+    }
+
+    @router.post(API + "/control")
+    async def control_many(request: Request) -> Response:
+        """One action on many jobs (``crq stop --user U``, the UI's bulk rerun): each id is
+        checked and applied as its own route would, in order, and one durable wait answers
+        them all. Per id: 200 with the job's state, or the status and error its route gives."""
+        who = await auth.client(srv, request, auth.USER, "control jobs")
+        want = validate(BulkControl, parse_json(await request.body()))
+        command = commands_of[want.action]
+        results: list[dict[str, Any]] = []
+        for n, job_id in enumerate(want.ids):
+            if n and n % CONTROL_SLICE == 0:
+                await asyncio.sleep(0)  # a long list lets other requests through
+            try:
+                identity.control(who, want.action, job_id, _get_job(job_id).user)
+                engine.emit(command(srv.state, job_id, time.time(), who.user))
+            except BadRequest as e:
+                results.append(
+                    {"id": job_id, "status": e.status, "error": e.code, "message": e.message}
+                    | e.extra
+                )
+                continue
+            results.append({"id": job_id, "status": 200})
+        await engine.durable()
+        st = srv.state
+        for r in results:
+            if r["status"] != 200:
+                continue
+            if want.action == "forget":
+                r["forgotten"] = True
+            elif (job := st.jobs.get(r["id"])) is not None:
+                w = st.waits.get(job.id)
+                r.update(
+                    state=job.state,
+                    tasker=job.tasker,
+                    reason=w.reason() if w is not None else job.reason,
+                )
+        failed = sum(r["status"] != 200 for r in results)
+        return JSON({"results": results, "ok": len(results) - failed, "failed": failed})
 
     @router.post(API + "/jobs/{job_id}/stop")
     async def stop_job(request: Request, job_id: int) -> Response:

@@ -90,6 +90,7 @@ LEAST: dict[tuple[str, str], str] = {
     ("get", "/api/v1/dash/jobs"): "readonly",
     ("get", "/api/v1/jobs/{job_id}/why"): "readonly",
     ("post", "/api/v1/ended"): "readonly",
+    ("post", "/api/v1/control"): "user",
     ("get", "/api/v1/stats/series"): "readonly",
     ("get", "/api/v1/server"): "readonly",
     ("post", "/api/v1/server/stop"): "admin",
@@ -115,6 +116,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/api/v1/taskers/{name}/register"): {},
     ("post", "/api/v1/taskers/{name}/sync"): {},
     ("post", "/api/v1/taskers/{name}/logs"): {},
+    ("post", "/api/v1/control"): {"action": "hold", "ids": [1]},
 }
 
 
@@ -207,6 +209,40 @@ def test_users_control_only_their_own_jobs(
         ("stop", "crqtop"),
         ("rerun", BOB),
     ]
+
+
+def test_bulk_control_checks_each_job_as_its_own_route(
+    crq_server: Callable[..., CrqServer], tmp_path: Path
+) -> None:
+    """``POST /control``: alice's jobs held, bob's refused with the rule, an unknown id 404,
+    in order; a readonly caller is refused as a whole; an operator holds bob's."""
+    srv = _server(crq_server, tmp_path)
+    alice, bob, op, ro = (_issue(srv, u) for u in (ALICE, BOB, "crqtop", "crqtro"))
+    mine = _as(srv, alice, "POST", "/jobs", json={"jobs": [QUEUED, QUEUED]}).json()["ids"]
+    [theirs] = _as(srv, bob, "POST", "/jobs", json=QUEUED).json()["ids"]
+    ids = [mine[0], theirs, 999_999, mine[1]]
+    r = _as(srv, alice, "POST", "/control", json={"action": "hold", "ids": ids})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert (got["ok"], got["failed"]) == (2, 2)
+    assert [x["id"] for x in got["results"]] == ids
+    assert [x["status"] for x in got["results"]] == [200, 403, 404, 200]
+    assert got["results"][0]["state"] == "waiting" and got["results"][0]["reason"]
+    assert got["results"][1]["rule"] == "own-jobs" and got["results"][1]["error"] == "forbidden"
+    assert srv.request("GET", f"/jobs/{theirs}")["state"] == "queued"  # refused: unchanged
+    refused = _as(srv, ro, "POST", "/control", json={"action": "stop", "ids": mine})
+    assert refused.status_code == 403 and refused.json()["rule"] == "readonly"
+    for bad in ({"action": "explode", "ids": mine}, {"action": "stop", "ids": []}, {}):
+        assert _as(srv, alice, "POST", "/control", json=bad).status_code == 422
+    r = _as(srv, op, "POST", "/control", json={"action": "stop", "ids": [theirs, *mine]})
+    assert [x["state"] for x in r.json()["results"]] == ["stopped"] * 3
+    history = srv.request("GET", f"/jobs/{theirs}")["history"]
+    assert [(h["action"], h["by"]) for h in history] == [("stop", "crqtop")]
+    again = _as(srv, alice, "POST", "/control", json={"action": "stop", "ids": mine}).json()
+    assert [x["status"] for x in again["results"]] == [409, 409]  # already ended
+    assert " is already " in again["results"][0]["message"]
+    gone = _as(srv, alice, "POST", "/control", json={"action": "forget", "ids": mine}).json()
+    assert [x.get("forgotten") for x in gone["results"]] == [True, True]
 
 
 def test_env_and_script_are_the_owners_and_operators_only(
