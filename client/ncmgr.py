@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from crq.client import systemd
 from crq.client.clitools import as_typed, duration, fail, positive_int, run, say, seconds
 from crq.client.errors import CrqError, Standby
 from crq.client.place import (
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(q)
     q.add_argument("token_id", metavar="ID")
     p.set_defaults(func=cmd_token)
+
+    systemd.add_parser(sub)
     return parser
 
 
