@@ -73,6 +73,7 @@ class Engine:
         self._pass_scheduled = False
         self.dispatched = 0
         self.observed = Observed()  # for /metrics (server/observe.py): live events only
+        self.on_wait: Callable[[float], None] | None = None  # server/samples.py
         self.fresh_within = 30.0  # seconds of silence after which no new work is sent
         self.marker: Marker | None = None  # keeps trace.db/durable.json (server/marks.py)
         # still the leader? (an etcd lease: server/election.py; None: nothing can depose us)
@@ -100,12 +101,12 @@ class Engine:
             elif ev["e"] == "start":
                 if ev["attempt"] == 1 and ev["pid"] is not None:
                     if (job := state.jobs.get(ev["job"])) is not None:
-                        seen.wait.observe(ev["started"] - job.submitted)
+                        self.waited(ev["started"] - job.submitted)
             elif ev["e"] == "finish":
                 wake_dispatch = True
                 if ev["attempt"] == 1 and (job := state.jobs.get(ev["job"])) is not None:
                     if job.pid is None:
-                        seen.wait.observe(ev["started"] - job.submitted)
+                        self.waited(ev["started"] - job.submitted)
             elif ev["e"] == "stop":
                 job = state.jobs.get(ev["job"])
                 if job is not None and job.tasker and (link := links.get(job.tasker)) is not None:
@@ -116,6 +117,13 @@ class Engine:
                 wake_dispatch = True
         if wake_dispatch:
             self.schedule_dispatch()
+
+    def waited(self, seconds: float) -> None:
+        """A first attempt's queue wait, seen as it starts: the histogram, and the hook (the
+        dashboard's samples: server/samples.py)."""
+        self.observed.wait.observe(seconds)
+        if self.on_wait is not None:
+            self.on_wait(seconds)
 
     def durable(self) -> Awaitable[None]:
         """Resolves once everything emitted so far is durable.

@@ -1,10 +1,11 @@
 """The dashboard's time series: queue depth, running jobs, throughput and wait time.
 
 Every ``sample_interval`` seconds (10 s) the server notes a handful of numbers it already
-keeps (the state's counts, the taskers' slots) plus what the job-end hook counted since the
-last sample (jobs ended by outcome, their wait from submit to start). Nothing runs per
-request or per dispatch beyond two additions in that hook, so the hot path does not pay for
-it. The last ``sample_keep`` seconds stay in memory; each sample is also handed to the
+keeps (the state's counts, the taskers' slots) plus what two hooks counted since the last
+sample: jobs ended by outcome (the job-end hook) and the queue wait of first attempts as
+they start (the engine's, beside the wait histogram). Nothing runs per request or per
+dispatch beyond a few additions in those hooks, so the hot path does not pay for it. The
+last ``sample_keep`` seconds stay in memory; each sample is also handed to the
 accounting database's writer thread (server/history.py), so a restart loads them back.
 
 Not events: the series describe the server's life (a crash shows as a gap), not queue
@@ -32,7 +33,7 @@ FIELDS = (
     "done",  # jobs that ended done since the sample before
     "failed",  # failed or lost since the sample before
     "stopped",
-    "wait_mean",  # seconds from submit to start, of the jobs that ended since (None: none)
+    "wait_mean",  # seconds from submit to start, of the jobs that started since (None: none)
     "wait_max",
     "slots",  # slots of the taskers not lost
     "busy",  # of them, in use
@@ -68,12 +69,15 @@ class Sampler:
         outcome = FAILED if job.state == LOST else job.state
         if outcome in self._ended:
             self._ended[outcome] += 1
-        started = job.started
-        if started is not None:
-            wait = max(0.0, started - job.submitted)
-            self._wait_sum += wait
-            self._wait_n += 1
-            self._wait_max = max(self._wait_max, wait)
+
+    def waited(self, seconds: float) -> None:
+        """A first attempt started after ``seconds`` in the queue (the engine's hook, where
+        the queue-wait histogram is observed): counted when the wait ends, not when the
+        job does, so a long job's wait is not charted hours late."""
+        wait = max(0.0, seconds)
+        self._wait_sum += wait
+        self._wait_n += 1
+        self._wait_max = max(self._wait_max, wait)
 
     def take(self, state: State, now: float | None = None) -> Sample:
         """One sample now; the counters start again."""

@@ -109,6 +109,7 @@ async def _sampling(srv: Service) -> None:
     s, history = srv.settings, srv.history
     sampler = srv.samples = Sampler(s.sample_interval, s.sample_keep)
     sampler.attach(srv.state)
+    srv.engine.on_wait = sampler.waited
     if history is not None:
         history.sample_keep = max(history.sample_keep, s.sample_keep)
         try:
